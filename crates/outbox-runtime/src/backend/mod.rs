@@ -1,0 +1,421 @@
+//! The outbox repository: one contract ([`Backend`]), one module per database, each
+//! behind its cargo feature (`postgres`, `mysql`, `sqlite`).
+//!
+//! The state machine lives in Rust ([`crate::retry`], the relay and the consumer); a
+//! backend only applies decisions with SQL. Every statement filters by `service`, so
+//! services sharing one table (the legacy shared table during a migration) never touch
+//! each other's rows. Every time comes from the database clock: the app passes
+//! *delays*, never instants.
+//!
+//! ## Row life cycle
+//!
+//! ```text
+//!   publish ──► pending ──claim (lease token)──► produce ──mark_published──► published
+//!                  ▲  │                                                        │
+//!                  │  └─ release (broker down: backoff, no attempt counted) ◄──┤(relay)
+//!                  │                                                        handler
+//!   retry_later ◄──┴──── transient failure (attempts+1, backoff) ◄────────────┤
+//!   mark_dead ◄───────── permanent / undecodable / unknown / attempts used up ┤
+//!                                                                   consumed ◄┘
+//! ```
+//!
+//! `consumed` and `dead` are terminal: every transition filters on the current status,
+//! so repeating one is a no-op. Transitions other than the relay's own claim reset
+//! `lease_token` to 0, which fences any relay still holding the old lease.
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{Pool, Transaction};
+use uuid::Uuid;
+
+#[cfg(feature = "mysql")]
+pub mod mysql;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+/// The status column's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Waiting to be published (due at `next_attempt_at`).
+    Pending = 0,
+    /// In the broker, not yet consumed.
+    Published = 1,
+    /// Handled; terminal.
+    Consumed = 2,
+    /// Given up, with `last_error` as the reason; terminal.
+    Dead = 3,
+}
+
+impl Status {
+    /// The column value.
+    pub fn as_i16(self) -> i16 {
+        self as i16
+    }
+
+    /// From the column value.
+    pub fn from_i16(v: i16) -> Option<Status> {
+        Some(match v {
+            0 => Status::Pending,
+            1 => Status::Published,
+            2 => Status::Consumed,
+            3 => Status::Dead,
+            _ => return None,
+        })
+    }
+
+    /// Whether no transition leaves this status.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Consumed | Status::Dead)
+    }
+}
+
+/// A row to insert at publish time.
+#[derive(Debug, Clone)]
+pub struct NewRow<'a> {
+    /// The event id (unique).
+    pub event_id: Uuid,
+    /// The owning service.
+    pub service: &'a str,
+    /// The event type name.
+    pub event_type: &'a str,
+    /// The schema version.
+    pub version: i32,
+    /// The ordering key.
+    pub key: Option<&'a str>,
+    /// The JSON payload.
+    pub payload: &'a str,
+    /// Retries before the event goes dead.
+    pub max_retries: i32,
+}
+
+/// A row claimed by a relay: everything needed to produce it.
+#[derive(Debug, Clone)]
+pub struct ClaimedRow {
+    /// The row id (orders events of one key).
+    pub id: i64,
+    /// The event id.
+    pub event_id: Uuid,
+    /// The event type name.
+    pub event_type: String,
+    /// The schema version.
+    pub version: i32,
+    /// The ordering key.
+    pub key: Option<String>,
+    /// The JSON payload.
+    pub payload: String,
+    /// Failures so far.
+    pub attempts: i32,
+    /// When the event was published (database clock).
+    pub created_at: DateTime<Utc>,
+}
+
+/// The consumer's view of a row, read under a row lock inside its transaction.
+#[derive(Debug, Clone)]
+pub struct RowState {
+    /// The row id.
+    pub id: i64,
+    /// The current status.
+    pub status: Status,
+    /// Failures so far.
+    pub attempts: i32,
+    /// Retries before the event goes dead.
+    pub max_retries: i32,
+    /// The ordering key.
+    pub key: Option<String>,
+}
+
+/// A whole row, for operators and tests.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OutboxRow {
+    /// The row id.
+    pub id: i64,
+    /// The event id.
+    pub event_id: Uuid,
+    /// The owning service.
+    pub service: String,
+    /// The event type name.
+    pub event_type: String,
+    /// The schema version.
+    pub version: i32,
+    /// The ordering key.
+    pub key: Option<String>,
+    /// The JSON payload.
+    pub payload: String,
+    /// The current status.
+    pub status: Status,
+    /// Failures so far.
+    pub attempts: i32,
+    /// Retries before the event goes dead.
+    pub max_retries: i32,
+    /// When the row is next due (database clock).
+    pub next_attempt_at: DateTime<Utc>,
+    /// The last failure, truncated; the reason for `dead`.
+    pub last_error: Option<String>,
+    /// Insert time (database clock).
+    pub created_at: DateTime<Utc>,
+    /// Last transition (database clock).
+    pub updated_at: DateTime<Utc>,
+    /// When the broker acknowledged it.
+    pub published_at: Option<DateTime<Utc>>,
+    /// When its handler's transaction committed.
+    pub consumed_at: Option<DateTime<Utc>>,
+    /// When it went dead.
+    pub dead_at: Option<DateTime<Utc>>,
+}
+
+/// Rows of one service by status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StatusCounts {
+    /// Waiting to be published.
+    pub pending: u64,
+    /// In the broker.
+    pub published: u64,
+    /// Handled.
+    pub consumed: u64,
+    /// Given up.
+    pub dead: u64,
+}
+
+/// What a consumer-side failure transition is fenced by: the attempts count it read
+/// under its row lock, and a non-terminal status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptsFence(pub i32);
+
+/// Longest `last_error` kept, in bytes (truncated on a character boundary).
+pub const MAX_ERROR_LEN: usize = 2000;
+
+/// Truncates an error message to [`MAX_ERROR_LEN`] bytes on a char boundary.
+pub fn truncate_error(msg: &str) -> &str {
+    if msg.len() <= MAX_ERROR_LEN {
+        return msg;
+    }
+    let mut end = MAX_ERROR_LEN;
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    &msg[..end]
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+#[allow(unused_imports)]
+pub(crate) use sealed::Sealed;
+
+/// A database the outbox runs on: `sqlx::Postgres`, `sqlx::MySql` or `sqlx::Sqlite`.
+///
+/// Sealed: the three implementations live in this module's submodules and share the
+/// state machine; they differ only in SQL. `table` arguments have been checked against
+/// [`crate::names`] before they reach a backend, so splicing them into SQL is safe.
+/// Errors are raw `sqlx::Error`s; callers add context.
+pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
+    /// `"postgres"`, `"mysql"` or `"sqlite"`.
+    const BACKEND_NAME: &'static str;
+    /// `&[BACKEND_NAME]`, for messages that list backends.
+    const BACKEND_NAMES: &'static [&'static str];
+    /// Whether LISTEN/NOTIFY wake-ups exist (PostgreSQL).
+    const HAS_NOTIFY: bool;
+    /// Whether several relays may claim concurrently (row locks with SKIP LOCKED).
+    /// SQLite has none: there, one relay per service holds a lease.
+    const CONCURRENT_RELAYS: bool;
+
+    /// Begins a write transaction the right way for this database: READ COMMITTED on
+    /// MySQL/MariaDB, `BEGIN IMMEDIATE` on SQLite (so no writer ever sees SQLITE_BUSY
+    /// on lock upgrade), plain `BEGIN` on PostgreSQL.
+    fn begin(
+        pool: &Pool<Self>,
+    ) -> impl Future<Output = Result<Transaction<'static, Self>, sqlx::Error>> + Send;
+
+    /// Creates the outbox table and its indexes if missing. Idempotent and safe to run
+    /// from several processes at once.
+    fn migrate(
+        pool: &Pool<Self>,
+        table: &str,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// The DDL that [`migrate`](Self::migrate) runs, for users' own migration tools.
+    fn migration_sql(table: &str) -> String;
+
+    /// Inserts one pending row, due now, on the caller's connection (its transaction).
+    fn insert<'c>(
+        conn: &'c mut Self::Connection,
+        table: &'c str,
+        row: &'c NewRow<'c>,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
+
+    /// Claims up to `limit` due rows of `service` in one short transaction: status
+    /// pending, `next_attempt_at <= now`, lease free or expired, and no older pending
+    /// row with the same key (head of key, so per-key order survives many relays and a
+    /// failing head parks only its own key). Sets `lease_token = token` and
+    /// `locked_until = now + lease`. Rows come back in id order.
+    fn claim<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        limit: u32,
+        lease: Duration,
+        token: i64,
+    ) -> impl Future<Output = Result<Vec<ClaimedRow>, sqlx::Error>> + Send + 'p;
+
+    /// Marks claimed rows published, fenced by the lease: only rows still pending with
+    /// `lease_token = token` change. Returns how many did.
+    fn mark_published<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        ids: &'p [i64],
+        token: i64,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'p;
+
+    /// Gives claimed rows back after a transient broker failure, fenced by the lease:
+    /// due again after `delay`, `last_error = error`, attempts unchanged (a broker outage
+    /// is not the event's fault and never makes it dead). Returns how many changed.
+    fn release<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        ids: &'p [i64],
+        token: i64,
+        delay: Duration,
+        error: &'p str,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'p;
+
+    /// Marks a claimed row dead (relay side: permanent produce error), fenced by the
+    /// lease. Returns whether it changed.
+    fn mark_dead_leased<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        id: i64,
+        token: i64,
+        reason: &'p str,
+    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send + 'p;
+
+    /// Consumer side, in its transaction: finds the row of `event_id` for `service` and
+    /// locks it (`FOR UPDATE`; SQLite's `BEGIN IMMEDIATE` already holds the write lock).
+    fn lock_for_consume<'c>(
+        conn: &'c mut Self::Connection,
+        table: &'c str,
+        service: &'c str,
+        event_id: Uuid,
+    ) -> impl Future<Output = Result<Option<RowState>, sqlx::Error>> + Send + 'c;
+
+    /// Consumer side: whether an older row of the same service and key is still
+    /// pending or published (so this one must wait to keep per-key order).
+    fn has_open_predecessor<'c>(
+        conn: &'c mut Self::Connection,
+        table: &'c str,
+        service: &'c str,
+        key: &'c str,
+        id: i64,
+    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send + 'c;
+
+    /// Consumer side, in the handler's transaction: marks the row consumed (from pending
+    /// or published; `lease_token = 0`).
+    fn mark_consumed<'c>(
+        conn: &'c mut Self::Connection,
+        table: &'c str,
+        id: i64,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
+
+    /// Consumer side: puts a row whose predecessor is still open back to pending, due
+    /// now, attempts unchanged, `lease_token = 0`; the relay re-publishes it once the
+    /// predecessor is done.
+    fn defer<'c>(
+        conn: &'c mut Self::Connection,
+        table: &'c str,
+        id: i64,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
+
+    /// Consumer side, after a transient handler failure: pending again, attempts + 1,
+    /// due after `delay`, `last_error = error`, `lease_token = 0`; fenced by the
+    /// attempts count read under the lock and a non-terminal status.
+    fn retry_later<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        id: i64,
+        fence: AttemptsFence,
+        delay: Duration,
+        error: &'p str,
+    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send + 'p;
+
+    /// Consumer side: dead with `reason` (attempts + 1, `lease_token = 0`), fenced like
+    /// [`retry_later`](Self::retry_later).
+    fn mark_dead<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        id: i64,
+        fence: AttemptsFence,
+        reason: &'p str,
+    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send + 'p;
+
+    /// One row by event id, for operators and tests.
+    fn fetch<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        event_id: Uuid,
+    ) -> impl Future<Output = Result<Option<OutboxRow>, sqlx::Error>> + Send + 'p;
+
+    /// All rows of a service in id order, for operators and tests.
+    fn fetch_all<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+    ) -> impl Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send + 'p;
+
+    /// Rows of a service by status.
+    fn counts<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+    ) -> impl Future<Output = Result<StatusCounts, sqlx::Error>> + Send + 'p;
+
+    /// The database clock.
+    fn now<'p>(
+        pool: &'p Pool<Self>,
+    ) -> impl Future<Output = Result<DateTime<Utc>, sqlx::Error>> + Send + 'p;
+
+    /// Sends a wake-up hint on `channel`, in its own statement (PostgreSQL `pg_notify`,
+    /// never inside a business transaction). The default, for databases without
+    /// LISTEN/NOTIFY, does nothing: relays fall back to polling.
+    fn notify<'p>(
+        pool: &'p Pool<Self>,
+        channel: &'p str,
+        payload: &'p str,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'p {
+        let _ = (pool, channel, payload);
+        async { Ok(()) }
+    }
+
+    /// Listens on `channel`: a stream of hint payloads, or `None` where the database has
+    /// no LISTEN (the default).
+    fn listen<'p>(
+        pool: &'p Pool<Self>,
+        channel: &'p str,
+    ) -> impl Future<Output = Result<Option<WakeStream>, sqlx::Error>> + Send + 'p {
+        let _ = (pool, channel);
+        async { Ok(None) }
+    }
+}
+
+/// Wake-up hints from [`Backend::listen`]. The stream reconnects by itself; a lost hint
+/// only costs latency, since relays also poll.
+pub type WakeStream = futures::stream::BoxStream<'static, Result<String, sqlx::Error>>;
+
+/// Folds `(status, count)` pairs into [`StatusCounts`] (shared by the backends).
+pub(crate) fn counts_from(rows: impl IntoIterator<Item = (i16, i64)>) -> StatusCounts {
+    let mut c = StatusCounts::default();
+    for (status, n) in rows {
+        let n = n.max(0) as u64;
+        match Status::from_i16(status) {
+            Some(Status::Pending) => c.pending += n,
+            Some(Status::Published) => c.published += n,
+            Some(Status::Consumed) => c.consumed += n,
+            Some(Status::Dead) => c.dead += n,
+            None => {}
+        }
+    }
+    c
+}

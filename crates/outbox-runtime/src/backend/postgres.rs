@@ -1,0 +1,409 @@
+//! PostgreSQL: row locks with `FOR NO KEY UPDATE SKIP LOCKED`, claims in one statement
+//! (`UPDATE … FROM (SELECT … SKIP LOCKED) RETURNING`), times from `now()`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Pool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::{
+    AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, RowState, Status, StatusCounts,
+    WakeStream,
+};
+
+const MIGRATION: &str = include_str!("../../../../migrations/postgres/outbox_table.sql");
+
+/// Serialises concurrent `migrate` calls (CREATE … IF NOT EXISTS races on the catalog).
+const MIGRATE_LOCK: i64 = 0x6f7574626f78; // "outbox"
+
+impl super::sealed::Sealed for Postgres {}
+
+fn status(v: i16) -> Result<Status, sqlx::Error> {
+    Status::from_i16(v)
+        .ok_or_else(|| sqlx::Error::Decode(format!("unknown outbox status {v}").into()))
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+const ROW_COLUMNS: &str =
+    "id, event_id, service, event_type, event_version, event_key, payload, status, \
+     attempts, max_retries, next_attempt_at, last_error, created_at, updated_at, published_at, \
+     consumed_at, dead_at";
+
+fn outbox_row(r: &PgRow) -> Result<OutboxRow, sqlx::Error> {
+    Ok(OutboxRow {
+        id: r.try_get("id")?,
+        event_id: r.try_get("event_id")?,
+        service: r.try_get("service")?,
+        event_type: r.try_get("event_type")?,
+        version: r.try_get("event_version")?,
+        key: r.try_get("event_key")?,
+        payload: r.try_get("payload")?,
+        status: status(r.try_get("status")?)?,
+        attempts: r.try_get("attempts")?,
+        max_retries: r.try_get("max_retries")?,
+        next_attempt_at: r.try_get("next_attempt_at")?,
+        last_error: r.try_get("last_error")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+        published_at: r.try_get("published_at")?,
+        consumed_at: r.try_get("consumed_at")?,
+        dead_at: r.try_get("dead_at")?,
+    })
+}
+
+impl Backend for Postgres {
+    const BACKEND_NAME: &'static str = "postgres";
+    const BACKEND_NAMES: &'static [&'static str] = &["postgres"];
+    const HAS_NOTIFY: bool = true;
+    const CONCURRENT_RELAYS: bool = true;
+
+    async fn begin(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error> {
+        pool.begin().await
+    }
+
+    async fn migrate(pool: &Pool<Self>, table: &str) -> Result<(), sqlx::Error> {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATE_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let sql = Self::migration_sql(table);
+        sqlx::Executor::execute(&mut *tx, sql.as_str()).await?;
+        tx.commit().await
+    }
+
+    fn migration_sql(table: &str) -> String {
+        MIGRATION.replace("{table}", table)
+    }
+
+    async fn insert<'c>(
+        conn: &'c mut PgConnection,
+        table: &'c str,
+        row: &'c NewRow<'c>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "INSERT INTO {table} (event_id, service, event_type, event_version, event_key, payload, max_retries) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        ))
+        .bind(row.event_id)
+        .bind(row.service)
+        .bind(row.event_type)
+        .bind(row.version)
+        .bind(row.key)
+        .bind(row.payload)
+        .bind(row.max_retries)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn claim<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        limit: u32,
+        lease: Duration,
+        token: i64,
+    ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
+        let rows = sqlx::query(&format!(
+            "UPDATE {table} AS t \
+                SET lease_token = $3, locked_until = now() + make_interval(secs => $4), updated_at = now() \
+               FROM (SELECT o.id FROM {table} o \
+                      WHERE o.service = $1 AND o.status = 0 AND o.next_attempt_at <= now() \
+                        AND (o.locked_until IS NULL OR o.locked_until <= now()) \
+                        AND (o.event_key IS NULL OR NOT EXISTS ( \
+                              SELECT 1 FROM {table} p \
+                               WHERE p.service = o.service AND p.event_key = o.event_key \
+                                 AND p.status = 0 AND p.id < o.id)) \
+                      ORDER BY o.id \
+                      LIMIT $2 \
+                      FOR NO KEY UPDATE SKIP LOCKED) AS due \
+              WHERE t.id = due.id \
+             RETURNING t.id, t.event_id, t.event_type, t.event_version, t.event_key, t.payload, t.attempts, t.created_at"
+        ))
+        .bind(service)
+        .bind(i64::from(limit))
+        .bind(token)
+        .bind(secs(lease))
+        .fetch_all(pool)
+        .await?;
+        let mut claimed = rows
+            .iter()
+            .map(|r| {
+                Ok(ClaimedRow {
+                    id: r.try_get("id")?,
+                    event_id: r.try_get("event_id")?,
+                    event_type: r.try_get("event_type")?,
+                    version: r.try_get("event_version")?,
+                    key: r.try_get("event_key")?,
+                    payload: r.try_get("payload")?,
+                    attempts: r.try_get("attempts")?,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        claimed.sort_by_key(|r| r.id);
+        Ok(claimed)
+    }
+
+    async fn mark_published<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        ids: &'p [i64],
+        token: i64,
+    ) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(&format!(
+            "UPDATE {table} SET status = 1, published_at = now(), locked_until = NULL, updated_at = now() \
+              WHERE id = ANY($1) AND lease_token = $2 AND status = 0"
+        ))
+        .bind(ids)
+        .bind(token)
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn release<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        ids: &'p [i64],
+        token: i64,
+        delay: Duration,
+        error: &'p str,
+    ) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(&format!(
+            "UPDATE {table} SET next_attempt_at = now() + make_interval(secs => $3), locked_until = NULL, \
+                    lease_token = 0, last_error = $4, updated_at = now() \
+              WHERE id = ANY($1) AND lease_token = $2 AND status = 0"
+        ))
+        .bind(ids)
+        .bind(token)
+        .bind(secs(delay))
+        .bind(super::truncate_error(error))
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn mark_dead_leased<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        id: i64,
+        token: i64,
+        reason: &'p str,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(&format!(
+            "UPDATE {table} SET status = 3, attempts = attempts + 1, last_error = $3, dead_at = now(), \
+                    locked_until = NULL, lease_token = 0, updated_at = now() \
+              WHERE id = $1 AND lease_token = $2 AND status = 0"
+        ))
+        .bind(id)
+        .bind(token)
+        .bind(super::truncate_error(reason))
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn lock_for_consume<'c>(
+        conn: &'c mut PgConnection,
+        table: &'c str,
+        service: &'c str,
+        event_id: Uuid,
+    ) -> Result<Option<RowState>, sqlx::Error> {
+        let row = sqlx::query(&format!(
+            "SELECT id, status, attempts, max_retries, event_key FROM {table} \
+              WHERE event_id = $1 AND service = $2 FOR UPDATE"
+        ))
+        .bind(event_id)
+        .bind(service)
+        .fetch_optional(conn)
+        .await?;
+        row.map(|r| {
+            Ok(RowState {
+                id: r.try_get("id")?,
+                status: status(r.try_get("status")?)?,
+                attempts: r.try_get("attempts")?,
+                max_retries: r.try_get("max_retries")?,
+                key: r.try_get("event_key")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn has_open_predecessor<'c>(
+        conn: &'c mut PgConnection,
+        table: &'c str,
+        service: &'c str,
+        key: &'c str,
+        id: i64,
+    ) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {table} \
+              WHERE service = $1 AND event_key = $2 AND id < $3 AND status IN (0, 1))"
+        ))
+        .bind(service)
+        .bind(key)
+        .bind(id)
+        .fetch_one(conn)
+        .await
+    }
+
+    async fn mark_consumed<'c>(
+        conn: &'c mut PgConnection,
+        table: &'c str,
+        id: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "UPDATE {table} SET status = 2, consumed_at = now(), locked_until = NULL, lease_token = 0, \
+                    updated_at = now() \
+              WHERE id = $1 AND status IN (0, 1)"
+        ))
+        .bind(id)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn defer<'c>(
+        conn: &'c mut PgConnection,
+        table: &'c str,
+        id: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "UPDATE {table} SET status = 0, next_attempt_at = now(), locked_until = NULL, lease_token = 0, \
+                    updated_at = now() \
+              WHERE id = $1 AND status IN (0, 1)"
+        ))
+        .bind(id)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn retry_later<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        id: i64,
+        fence: AttemptsFence,
+        delay: Duration,
+        error: &'p str,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(&format!(
+            "UPDATE {table} SET status = 0, attempts = attempts + 1, \
+                    next_attempt_at = now() + make_interval(secs => $3), last_error = $4, \
+                    locked_until = NULL, lease_token = 0, updated_at = now() \
+              WHERE id = $1 AND attempts = $2 AND status IN (0, 1)"
+        ))
+        .bind(id)
+        .bind(fence.0)
+        .bind(secs(delay))
+        .bind(super::truncate_error(error))
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn mark_dead<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        id: i64,
+        fence: AttemptsFence,
+        reason: &'p str,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(&format!(
+            "UPDATE {table} SET status = 3, attempts = attempts + 1, last_error = $3, dead_at = now(), \
+                    locked_until = NULL, lease_token = 0, updated_at = now() \
+              WHERE id = $1 AND attempts = $2 AND status IN (0, 1)"
+        ))
+        .bind(id)
+        .bind(fence.0)
+        .bind(super::truncate_error(reason))
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn fetch<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        event_id: Uuid,
+    ) -> Result<Option<OutboxRow>, sqlx::Error> {
+        sqlx::query(&format!(
+            "SELECT {ROW_COLUMNS} FROM {table} WHERE event_id = $1"
+        ))
+        .bind(event_id)
+        .fetch_optional(pool)
+        .await?
+        .as_ref()
+        .map(outbox_row)
+        .transpose()
+    }
+
+    async fn fetch_all<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        sqlx::query(&format!(
+            "SELECT {ROW_COLUMNS} FROM {table} WHERE service = $1 ORDER BY id"
+        ))
+        .bind(service)
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(outbox_row)
+        .collect()
+    }
+
+    async fn counts<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+    ) -> Result<StatusCounts, sqlx::Error> {
+        let rows: Vec<(i16, i64)> = sqlx::query_as(&format!(
+            "SELECT status, count(*) FROM {table} WHERE service = $1 GROUP BY status"
+        ))
+        .bind(service)
+        .fetch_all(pool)
+        .await?;
+        Ok(super::counts_from(rows))
+    }
+
+    async fn now<'p>(pool: &'p Pool<Self>) -> Result<DateTime<Utc>, sqlx::Error> {
+        sqlx::query_scalar("SELECT now()").fetch_one(pool).await
+    }
+
+    async fn notify<'p>(
+        pool: &'p Pool<Self>,
+        channel: &'p str,
+        payload: &'p str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(payload)
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn listen<'p>(
+        pool: &'p Pool<Self>,
+        channel: &'p str,
+    ) -> Result<Option<WakeStream>, sqlx::Error> {
+        use futures::StreamExt;
+        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+        listener.listen(channel).await?;
+        Ok(Some(
+            listener
+                .into_stream()
+                .map(|n| n.map(|n| n.payload().to_owned()))
+                .boxed(),
+        ))
+    }
+}

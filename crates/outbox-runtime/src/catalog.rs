@@ -1,0 +1,475 @@
+//! The route catalog: `event type -> service -> table / topic / consumer group`, and
+//! which handler each consumer runs.
+//!
+//! Built once from what `#[outbox_service]`, `#[outbox_event]` and `#[outbox_handler]`
+//! registered at compile time (through `inventory`), plus runtime overrides, and
+//! validated as a whole: what only linking reveals (two crates declaring the same event
+//! type name, an event whose service has no route, two handlers for one event) fails at
+//! startup with ONE error that lists every problem.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use serde::Serialize;
+
+use crate::event::{Event, EventRegistration};
+use crate::handler::HandlerRegistration;
+use crate::names::{check_name, NameKind};
+use crate::service::{Service, ServiceRegistration};
+
+/// Where one service's events go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Route {
+    /// The service name.
+    pub service: String,
+    /// Its outbox table.
+    pub table: String,
+    /// Its Kafka topic.
+    pub topic: String,
+    /// Its consumer group.
+    pub group: String,
+    /// Where the service is declared.
+    pub rust_type: String,
+}
+
+/// One event type in the catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EventInfo {
+    /// The event type name.
+    pub event_type: String,
+    /// The schema version.
+    pub version: u32,
+    /// The owning service.
+    pub service: String,
+    /// The event type's retry override.
+    pub max_retries: Option<u32>,
+    /// The key field.
+    pub key_field: Option<String>,
+    /// Where the type is declared.
+    pub rust_type: String,
+}
+
+/// One handler in the catalog.
+#[derive(Debug, Clone, Serialize)]
+pub struct HandlerInfo {
+    /// The service whose consumer runs it.
+    pub service: String,
+    /// The event type it handles.
+    pub event_type: String,
+    /// Its path.
+    pub name: String,
+    /// The backends it runs on (`any` for generic handlers).
+    pub backends: Vec<String>,
+    #[serde(skip)]
+    registration: Option<&'static HandlerRegistration>,
+}
+
+/// Every problem found while building the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogError {
+    /// One line per problem, sorted.
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for CatalogError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "the outbox route catalog has {} problem(s):",
+            self.problems.len()
+        )?;
+        for p in &self.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for CatalogError {}
+
+/// The validated route catalog. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    routes: BTreeMap<String, Route>,
+    events: BTreeMap<String, EventInfo>,
+    handlers: BTreeMap<(String, String), HandlerInfo>,
+}
+
+impl Catalog {
+    /// The catalog of everything registered in this binary, without overrides; built
+    /// and validated once.
+    pub fn global() -> Result<Catalog, CatalogError> {
+        static GLOBAL: OnceLock<Result<Catalog, CatalogError>> = OnceLock::new();
+        GLOBAL.get_or_init(|| Catalog::builder().build()).clone()
+    }
+
+    /// A builder over everything registered in this binary, for overrides.
+    pub fn builder() -> CatalogBuilder {
+        CatalogBuilder::default()
+    }
+
+    /// The route of a service by name (consumer and operator side).
+    pub fn route(&self, service: &str) -> Option<&Route> {
+        self.inner.routes.get(service)
+    }
+
+    /// The route of service `S` (the typed publish side: no strings).
+    pub fn route_of<S: Service>(&self) -> Result<&Route, crate::Error> {
+        self.route(S::NAME)
+            .ok_or_else(|| crate::Error::UnknownService(S::NAME.to_owned()))
+    }
+
+    /// All routes, by service name.
+    pub fn routes(&self) -> impl Iterator<Item = &Route> {
+        self.inner.routes.values()
+    }
+
+    /// The distinct outbox tables (services may share one).
+    pub fn tables(&self) -> BTreeSet<&str> {
+        self.inner
+            .routes
+            .values()
+            .map(|r| r.table.as_str())
+            .collect()
+    }
+
+    /// An event type by name (consumer side).
+    pub fn event(&self, event_type: &str) -> Option<&EventInfo> {
+        self.inner.events.get(event_type)
+    }
+
+    /// The catalog entry of event `E`.
+    pub fn event_of<E: Event>(&self) -> Option<&EventInfo> {
+        self.event(E::EVENT_TYPE)
+    }
+
+    /// All event types, by name.
+    pub fn events(&self) -> impl Iterator<Item = &EventInfo> {
+        self.inner.events.values()
+    }
+
+    /// The event types owned by a service.
+    pub fn events_of_service<'a>(
+        &'a self,
+        service: &'a str,
+    ) -> impl Iterator<Item = &'a EventInfo> + 'a {
+        self.inner
+            .events
+            .values()
+            .filter(move |e| e.service == service)
+    }
+
+    /// The handlers a service's consumer runs.
+    pub fn handlers_of<'a>(
+        &'a self,
+        service: &'a str,
+    ) -> impl Iterator<Item = &'a HandlerInfo> + 'a {
+        self.inner
+            .handlers
+            .values()
+            .filter(move |h| h.service == service)
+    }
+
+    /// The registration behind a handler of `(service, event_type)`.
+    pub(crate) fn handler_registration(
+        &self,
+        service: &str,
+        event_type: &str,
+    ) -> Option<&'static HandlerRegistration> {
+        self.inner
+            .handlers
+            .get(&(service.to_owned(), event_type.to_owned()))
+            .and_then(|h| h.registration)
+    }
+
+    /// The whole catalog as JSON (for docs and CI diffs): services with their table,
+    /// topic and group; events with version, key and owner; handlers.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "services": self.inner.routes.values().collect::<Vec<_>>(),
+            "events": self.inner.events.values().collect::<Vec<_>>(),
+            "handlers": self.inner.handlers.values().collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Runtime overrides on top of the compile-time registry.
+#[derive(Debug, Clone, Default)]
+pub struct CatalogBuilder {
+    topic_prefix: String,
+    group_prefix: String,
+    tables: BTreeMap<String, String>,
+    topics: BTreeMap<String, String>,
+    groups: BTreeMap<String, String>,
+}
+
+impl CatalogBuilder {
+    /// Prefixes every topic (e.g. per environment: `staging.`).
+    pub fn topic_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.topic_prefix = prefix.into();
+        self
+    }
+
+    /// Prefixes every consumer group.
+    pub fn group_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.group_prefix = prefix.into();
+        self
+    }
+
+    /// Overrides a service's table.
+    pub fn table(mut self, service: &str, table: impl Into<String>) -> Self {
+        self.tables.insert(service.to_owned(), table.into());
+        self
+    }
+
+    /// Overrides a service's topic (the prefix still applies).
+    pub fn topic(mut self, service: &str, topic: impl Into<String>) -> Self {
+        self.topics.insert(service.to_owned(), topic.into());
+        self
+    }
+
+    /// Overrides a service's consumer group (the prefix still applies).
+    pub fn group(mut self, service: &str, group: impl Into<String>) -> Self {
+        self.groups.insert(service.to_owned(), group.into());
+        self
+    }
+
+    /// Reads overrides from the environment: `OUTBOX_TOPIC_PREFIX`,
+    /// `OUTBOX_GROUP_PREFIX`, and per service `OUTBOX_<SERVICE>_TABLE`, `_TOPIC`,
+    /// `_GROUP` (service name upper-cased, `-` as `_`: `OUTBOX_ACTIVE_SCHEDULER_TOPIC`).
+    pub fn from_env(mut self) -> Self {
+        if let Ok(p) = std::env::var("OUTBOX_TOPIC_PREFIX") {
+            self.topic_prefix = p;
+        }
+        if let Ok(p) = std::env::var("OUTBOX_GROUP_PREFIX") {
+            self.group_prefix = p;
+        }
+        for s in inventory::iter::<ServiceRegistration> {
+            let var = |what: &str| {
+                std::env::var(format!(
+                    "OUTBOX_{}_{}",
+                    s.name.replace('-', "_").to_uppercase(),
+                    what
+                ))
+                .ok()
+            };
+            if let Some(t) = var("TABLE") {
+                self.tables.insert(s.name.into(), t);
+            }
+            if let Some(t) = var("TOPIC") {
+                self.topics.insert(s.name.into(), t);
+            }
+            if let Some(g) = var("GROUP") {
+                self.groups.insert(s.name.into(), g);
+            }
+        }
+        self
+    }
+
+    /// Builds and validates the catalog from everything registered in this binary.
+    pub fn build(self) -> Result<Catalog, CatalogError> {
+        let services: Vec<ServiceRegistration> = inventory::iter::<ServiceRegistration>
+            .into_iter()
+            .copied()
+            .collect();
+        let events: Vec<EventRegistration> = inventory::iter::<EventRegistration>
+            .into_iter()
+            .copied()
+            .collect();
+        let handlers: Vec<&'static HandlerRegistration> =
+            inventory::iter::<HandlerRegistration>.into_iter().collect();
+        self.build_from(&services, &events, &handlers)
+    }
+
+    /// Builds and validates a catalog from explicit registrations (what
+    /// [`build`](Self::build) does with the registry; public for tools and tests).
+    pub fn build_from(
+        self,
+        services: &[ServiceRegistration],
+        events: &[EventRegistration],
+        handlers: &[&'static HandlerRegistration],
+    ) -> Result<Catalog, CatalogError> {
+        let mut problems = BTreeSet::new();
+
+        // Services and their routes.
+        let mut routes: BTreeMap<String, Route> = BTreeMap::new();
+        for s in services {
+            if let Some(existing) = routes.get(s.name) {
+                problems.insert(format!(
+                    "service `{}` is declared twice: by `{}` and by `{}`",
+                    s.name, existing.rust_type, s.rust_type
+                ));
+                continue;
+            }
+            let table = self
+                .tables
+                .get(s.name)
+                .map(String::as_str)
+                .unwrap_or(s.table);
+            let topic = format!(
+                "{}{}",
+                self.topic_prefix,
+                self.topics
+                    .get(s.name)
+                    .map(String::as_str)
+                    .unwrap_or(s.topic)
+            );
+            let group = format!(
+                "{}{}",
+                self.group_prefix,
+                self.groups
+                    .get(s.name)
+                    .map(String::as_str)
+                    .unwrap_or(s.group)
+            );
+            for (kind, name) in [
+                (NameKind::Service, s.name),
+                (NameKind::Table, table),
+                (NameKind::Topic, topic.as_str()),
+                (NameKind::Group, group.as_str()),
+            ] {
+                if let Err(why) = check_name(kind, name) {
+                    problems.insert(format!("service `{}`: {}", s.name, why));
+                }
+            }
+            routes.insert(
+                s.name.to_owned(),
+                Route {
+                    service: s.name.to_owned(),
+                    table: table.to_owned(),
+                    topic,
+                    group,
+                    rust_type: s.rust_type.to_owned(),
+                },
+            );
+        }
+        for overridden in self
+            .tables
+            .keys()
+            .chain(self.topics.keys())
+            .chain(self.groups.keys())
+        {
+            if !routes.contains_key(overridden) {
+                problems.insert(format!(
+                    "an override names service `{overridden}`, which is not declared"
+                ));
+            }
+        }
+        let mut by_topic: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut by_group: BTreeMap<&str, &str> = BTreeMap::new();
+        for r in routes.values() {
+            if let Some(other) = by_topic.insert(&r.topic, &r.service) {
+                problems.insert(format!(
+                    "services `{}` and `{}` share topic `{}`; each service needs its own",
+                    other, r.service, r.topic
+                ));
+            }
+            if let Some(other) = by_group.insert(&r.group, &r.service) {
+                problems.insert(format!(
+                    "services `{}` and `{}` share consumer group `{}`; each service needs its own",
+                    other, r.service, r.group
+                ));
+            }
+        }
+
+        // Events.
+        let mut event_map: BTreeMap<String, EventInfo> = BTreeMap::new();
+        for e in events {
+            if let Some(existing) = event_map.get(e.event_type) {
+                problems.insert(format!(
+                    "event type `{}` is declared twice: by `{}` and by `{}`; rename one with #[outbox_event(name = \"...\")]",
+                    e.event_type, existing.rust_type, e.rust_type
+                ));
+                continue;
+            }
+            if let Err(why) = check_name(NameKind::EventType, e.event_type) {
+                problems.insert(format!("event `{}`: {}", e.rust_type, why));
+            }
+            match routes.get(e.service) {
+                None => {
+                    problems.insert(format!(
+                        "event `{}` (`{}`) belongs to service `{}`, which has no route (no table, topic or group); declare it with #[outbox_service]",
+                        e.event_type, e.rust_type, e.service
+                    ));
+                }
+                Some(r) if r.table.is_empty() => {
+                    problems.insert(format!("service `{}` has no table", e.service));
+                }
+                Some(_) => {}
+            }
+            event_map.insert(
+                e.event_type.to_owned(),
+                EventInfo {
+                    event_type: e.event_type.to_owned(),
+                    version: e.version,
+                    service: e.service.to_owned(),
+                    max_retries: e.max_retries,
+                    key_field: e.key_field.map(str::to_owned),
+                    rust_type: e.rust_type.to_owned(),
+                },
+            );
+        }
+
+        // Handlers.
+        let mut handler_map: BTreeMap<(String, String), HandlerInfo> = BTreeMap::new();
+        for h in handlers {
+            let key = (h.service.to_owned(), h.event_type.to_owned());
+            if let Some(existing) = handler_map.get(&key) {
+                problems.insert(format!(
+                    "event type `{}` has two handlers in service `{}`: `{}` and `{}`; keep one",
+                    h.event_type, h.service, existing.name, h.name
+                ));
+                continue;
+            }
+            match event_map.get(h.event_type) {
+                None => {
+                    problems.insert(format!(
+                        "handler `{}` handles event type `{}`, which is not registered",
+                        h.name, h.event_type
+                    ));
+                }
+                Some(e) if e.service != h.service => {
+                    problems.insert(format!(
+                        "handler `{}` is attached to service `{}`, but event `{}` belongs to `{}`",
+                        h.name, h.service, h.event_type, e.service
+                    ));
+                }
+                Some(_) => {}
+            }
+            handler_map.insert(
+                key,
+                HandlerInfo {
+                    service: h.service.to_owned(),
+                    event_type: h.event_type.to_owned(),
+                    name: h.name.to_owned(),
+                    backends: h
+                        .factory
+                        .backends()
+                        .iter()
+                        .map(|b| (*b).to_owned())
+                        .collect(),
+                    registration: Some(h),
+                },
+            );
+        }
+
+        if !problems.is_empty() {
+            return Err(CatalogError {
+                problems: problems.into_iter().collect(),
+            });
+        }
+        Ok(Catalog {
+            inner: Arc::new(Inner {
+                routes,
+                events: event_map,
+                handlers: handler_map,
+            }),
+        })
+    }
+}

@@ -1,0 +1,451 @@
+//! Typed consumer dispatch: one consumer per service, in the service's consumer group.
+//!
+//! For each record, in partition order ([`Consumer::process`]):
+//! 1. read the event id from the envelope (no readable id: skipped with the reason,
+//!    logged and counted; there is no row to mark);
+//! 2. open a database transaction and lock the event's outbox row; a consumed or dead
+//!    row means a duplicate delivery: a no-op;
+//! 3. if an older event of the same key is still open, defer this one (it goes back
+//!    to pending and the relay re-publishes it after its predecessor), so handlers see
+//!    each key's events in order even across retries;
+//! 4. find the handler by event type and run it inside the transaction; on success mark
+//!    the row consumed and commit, handler effects and mark together;
+//! 5. on a handler error roll back, then record the failure: transient → pending again
+//!    with exponential backoff (the relay re-delivers it), dead after max retries;
+//!    permanent, undecodable payload, unknown event type, no handler, unreadable
+//!    envelope → dead at once with the reason. A panicking handler counts as a
+//!    transient failure and does not stop the consumer.
+//!
+//! The record's offset is stored only after its transaction's outcome is known. When
+//! the database itself fails (even at COMMIT, where the outcome is ambiguous) the same
+//! record is processed again after a backoff: the row lock and status check make that
+//! safe, so an ambiguous commit is retried and de-duplicated, never dead-lettered.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures::FutureExt;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use sqlx::Pool;
+
+use crate::backend::{AttemptsFence, Backend, RowState};
+use crate::catalog::{Catalog, Route};
+use crate::config::OutboxConfig;
+use crate::envelope::Envelope;
+use crate::error::{Error, Result};
+use crate::handler::{EventMeta, FailureKind, HandlerContext, HandlerFn};
+use crate::kafka::KafkaConfig;
+use crate::relay::ShutdownSignal;
+use crate::retry::{decide, Decision};
+
+/// Counters of one consumer.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    /// Records whose handler committed.
+    pub handled: AtomicU64,
+    /// Records whose row was already consumed or dead (duplicate deliveries).
+    pub duplicates: AtomicU64,
+    /// Records deferred behind an open predecessor of the same key.
+    pub deferred: AtomicU64,
+    /// Handler failures scheduled for retry.
+    pub retried: AtomicU64,
+    /// Events made dead.
+    pub dead: AtomicU64,
+    /// Records that could not be tied to an outbox row (no readable event id, or no
+    /// row for it): skipped with a logged reason.
+    pub skipped: AtomicU64,
+    /// Database failures retried in place.
+    pub db_retries: AtomicU64,
+}
+
+/// What processing one record did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The handler ran and its transaction committed with the consumed mark.
+    Handled,
+    /// The row was already consumed or dead.
+    Duplicate,
+    /// An older event of the same key is still open; this one goes back to pending.
+    Deferred,
+    /// The handler failed; the event is due again later.
+    Retry {
+        /// Why.
+        error: String,
+    },
+    /// The event is dead.
+    Dead {
+        /// Why.
+        reason: String,
+    },
+    /// The record has no outbox row to act on.
+    Skipped {
+        /// Why.
+        reason: String,
+    },
+}
+
+struct Handler<DB: Backend> {
+    call: HandlerFn<DB>,
+    version: u32,
+}
+
+/// The consumer of one service.
+pub struct Consumer<DB: Backend> {
+    pool: Pool<DB>,
+    route: Route,
+    catalog: Catalog,
+    handlers: HashMap<String, Handler<DB>>,
+    config: Arc<OutboxConfig>,
+    stats: Arc<ConsumerStats>,
+}
+
+impl<DB: Backend> Consumer<DB> {
+    /// The consumer of `service`, with the handlers the catalog lists for it. Fails if a
+    /// handler was written for another backend.
+    pub fn new(
+        pool: Pool<DB>,
+        catalog: &Catalog,
+        service: &str,
+        config: Arc<OutboxConfig>,
+    ) -> Result<Self> {
+        let route = catalog
+            .route(service)
+            .ok_or_else(|| Error::UnknownService(service.to_owned()))?
+            .clone();
+        let mut handlers = HashMap::new();
+        let mut problems = Vec::new();
+        for info in catalog.handlers_of(service) {
+            let Some(reg) = catalog.handler_registration(service, &info.event_type) else {
+                continue;
+            };
+            match reg.for_backend::<DB>() {
+                Some(call) => {
+                    handlers.insert(
+                        info.event_type.clone(),
+                        Handler {
+                            call,
+                            version: reg.event_version,
+                        },
+                    );
+                }
+                None => problems.push(format!(
+                    "handler `{}` runs on {:?}, but the consumer of service `{}` runs on {}",
+                    reg.name,
+                    reg.factory.backends(),
+                    service,
+                    DB::BACKEND_NAME
+                )),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::Config(problems.join("; ")));
+        }
+        Ok(Consumer {
+            pool,
+            route,
+            catalog: catalog.clone(),
+            handlers,
+            config,
+            stats: Arc::new(ConsumerStats::default()),
+        })
+    }
+
+    /// The consumer's counters.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        self.stats.clone()
+    }
+
+    /// The service's route.
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+
+    /// Subscribes to the service's topic in its group and processes records until
+    /// `shutdown` turns true.
+    ///
+    /// # Cancel safety
+    ///
+    /// Shutdown is checked between records: the record in progress is settled and its
+    /// offset stored, then stored offsets are committed synchronously. Dropping the
+    /// future instead is safe (nothing is lost: an offset is stored only after its
+    /// record's transaction settled) but records after the last commit are delivered
+    /// again, and found to be duplicates.
+    pub async fn run(self, kafka: &KafkaConfig, mut shutdown: ShutdownSignal) -> Result<()> {
+        let consumer: StreamConsumer =
+            kafka
+                .consumer_config(&self.route.group)
+                .create()
+                .map_err(|e| {
+                    Error::kafka(
+                        format!("creating the consumer of service {}", self.route.service),
+                        e,
+                    )
+                })?;
+        consumer
+            .subscribe(&[&self.route.topic])
+            .map_err(|e| Error::kafka(format!("subscribing to {}", self.route.topic), e))?;
+        let mut recv_errors = 0u32;
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let msg = tokio::select! {
+                _ = shutdown.changed() => break,
+                msg = consumer.recv() => msg,
+            };
+            let msg = match msg {
+                Ok(m) => {
+                    recv_errors = 0;
+                    m
+                }
+                Err(e) => {
+                    recv_errors += 1;
+                    let delay = self.config.consumer_failure_backoff.delay(recv_errors);
+                    tracing::warn!(service = %self.route.service, error = %e, ?delay, "consumer receive failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    continue;
+                }
+            };
+            if self.settle(&msg, &mut shutdown).await.is_none() {
+                break; // shut down while the database was failing: offset not stored
+            }
+            if let Err(e) = consumer.store_offset_from_message(&msg) {
+                // Stale after a rebalance; the new owner re-reads the record and finds it
+                // settled.
+                tracing::debug!(error = %e, "storing the offset failed");
+            }
+        }
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(())
+            | Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )) => {}
+            Err(e) => {
+                tracing::warn!(service = %self.route.service, error = %e, "final offset commit failed")
+            }
+        }
+        Ok(())
+    }
+
+    /// Processes `msg` until its outcome is settled in the database, retrying database
+    /// failures in place. `None` if shutdown came first.
+    async fn settle(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        shutdown: &mut ShutdownSignal,
+    ) -> Option<Outcome> {
+        let mut failures = 0u32;
+        loop {
+            match self.process(msg).await {
+                Ok(outcome) => return Some(outcome),
+                Err(e) => {
+                    failures += 1;
+                    self.stats.db_retries.fetch_add(1, Ordering::Relaxed);
+                    let delay = self.config.consumer_failure_backoff.delay(failures);
+                    tracing::warn!(service = %self.route.service, offset = msg.offset(), error = %e, ?delay,
+                        "processing failed on the database; retrying the same record");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    if *shutdown.borrow() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Processes one record (any `rdkafka` message). `Err` only for database failures,
+    /// after which the same record must be processed again.
+    pub async fn process<M: Message>(&self, msg: &M) -> Result<Outcome> {
+        let route = &self.route;
+        let Some(event_id) = Envelope::event_id_of(msg) else {
+            let reason = match Envelope::decode(msg) {
+                Err(e) => format!(
+                    "record at {}:{}@{} is not an outbox envelope: {e}",
+                    msg.topic(),
+                    msg.partition(),
+                    msg.offset()
+                ),
+                Ok(_) => "record has no readable event id".to_owned(),
+            };
+            return Ok(self.skipped(reason));
+        };
+        let envelope = Envelope::decode(msg);
+
+        let ctx = |what: &str| {
+            format!(
+                "{what} event {event_id} of service {} in {}",
+                route.service, route.table
+            )
+        };
+        let mut tx = DB::begin(&self.pool)
+            .await
+            .map_err(|e| Error::db(ctx("beginning to consume"), e))?;
+        let row = DB::lock_for_consume(&mut tx, &route.table, &route.service, event_id.0)
+            .await
+            .map_err(|e| Error::db(ctx("locking"), e))?;
+        let Some(row) = row else {
+            let _ = tx.rollback().await;
+            return Ok(self.skipped(format!(
+                "no outbox row for event {event_id} in service {} (table {})",
+                route.service, route.table
+            )));
+        };
+        if row.status.is_terminal() {
+            let _ = tx.rollback().await;
+            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Ok(Outcome::Duplicate);
+        }
+        let envelope = match envelope {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return self.dead(&row, format!("unreadable envelope: {e}")).await;
+            }
+        };
+        if let Some(key) = &row.key {
+            let open = DB::has_open_predecessor(&mut tx, &route.table, &route.service, key, row.id)
+                .await
+                .map_err(|e| Error::db(ctx("checking the predecessors of"), e))?;
+            if open {
+                DB::defer(&mut tx, &route.table, row.id)
+                    .await
+                    .map_err(|e| Error::db(ctx("deferring"), e))?;
+                tx.commit()
+                    .await
+                    .map_err(|e| Error::db(ctx("committing the deferral of"), e))?;
+                self.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                return Ok(Outcome::Deferred);
+            }
+        }
+        let Some(handler) = self.handlers.get(&envelope.event_type) else {
+            let _ = tx.rollback().await;
+            let reason = if self.catalog.event(&envelope.event_type).is_none() {
+                format!("unknown event type `{}`", envelope.event_type)
+            } else {
+                format!(
+                    "no handler for event type `{}` in service `{}`",
+                    envelope.event_type, route.service
+                )
+            };
+            return self.dead(&row, reason).await;
+        };
+        if envelope.version > handler.version {
+            let _ = tx.rollback().await;
+            return self
+                .dead(
+                    &row,
+                    format!(
+                        "event `{}` has schema version {}, newer than the handler's {}",
+                        envelope.event_type, envelope.version, handler.version
+                    ),
+                )
+                .await;
+        }
+
+        let meta = EventMeta {
+            event_id,
+            event_type: envelope.event_type.clone(),
+            version: envelope.version,
+            service: route.service.clone(),
+            key: row.key.clone(),
+            attempt: u32::try_from(row.attempts).unwrap_or(0) + 1,
+        };
+        let mut hctx = HandlerContext::new(tx, meta);
+        let result = AssertUnwindSafe((handler.call)(&mut hctx, &envelope.payload))
+            .catch_unwind()
+            .await;
+        let failure = match result {
+            Ok(Ok(())) => {
+                let mut tx = hctx.into_transaction();
+                DB::mark_consumed(&mut tx, &route.table, row.id)
+                    .await
+                    .map_err(|e| Error::db(ctx("marking consumed"), e))?;
+                tx.commit()
+                    .await
+                    .map_err(|e| Error::db(ctx("committing the handler of"), e))?;
+                self.stats.handled.fetch_add(1, Ordering::Relaxed);
+                return Ok(Outcome::Handled);
+            }
+            Ok(Err(e)) => (e.kind(), e.message().to_owned()),
+            Err(panic) => (
+                FailureKind::Transient,
+                format!("handler panicked: {}", panic_message(&panic)),
+            ),
+        };
+        let _ = hctx.into_transaction().rollback().await;
+        match failure {
+            (FailureKind::Transient, error) => {
+                match decide(row.attempts, row.max_retries, &self.config.backoff) {
+                    Decision::RetryAfter(delay) => {
+                        DB::retry_later(
+                            &self.pool,
+                            &route.table,
+                            row.id,
+                            AttemptsFence(row.attempts),
+                            delay,
+                            &error,
+                        )
+                        .await
+                        .map_err(|e| Error::db(ctx("scheduling a retry of"), e))?;
+                        self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(service = %route.service, event = %event_id, ?delay, %error, "handler failed; retrying later");
+                        Ok(Outcome::Retry { error })
+                    }
+                    Decision::Dead => {
+                        self.dead(
+                            &row,
+                            format!(
+                                "failed {} times, retries exhausted; last error: {error}",
+                                row.attempts + 1
+                            ),
+                        )
+                        .await
+                    }
+                }
+            }
+            (_, error) => self.dead(&row, error).await,
+        }
+    }
+
+    async fn dead(&self, row: &RowState, reason: String) -> Result<Outcome> {
+        let route = &self.route;
+        DB::mark_dead(
+            &self.pool,
+            &route.table,
+            row.id,
+            AttemptsFence(row.attempts),
+            &reason,
+        )
+        .await
+        .map_err(|e| Error::db(format!("marking row {} of {} dead", row.id, route.table), e))?;
+        self.stats.dead.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(service = %route.service, row = row.id, %reason, "outbox event is dead");
+        Ok(Outcome::Dead { reason })
+    }
+
+    fn skipped(&self, reason: String) -> Outcome {
+        self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(service = %self.route.service, %reason, "record skipped");
+        Outcome::Skipped { reason }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}

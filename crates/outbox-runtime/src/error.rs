@@ -1,0 +1,89 @@
+//! The one error type of the runtime.
+
+use crate::catalog::CatalogError;
+
+/// Everything the runtime can fail with. Each variant carries what was being done, so a
+/// log line alone says where to look.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A database statement failed.
+    #[error("database error while {context}: {source}")]
+    Database {
+        /// What was being done (`claiming due rows of service task from task_outbox`).
+        context: String,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A Kafka client call failed.
+    #[error("kafka error while {context}: {source}")]
+    Kafka {
+        /// What was being done.
+        context: String,
+        /// The client's error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// An event could not be serialized.
+    #[error("cannot serialize event `{event_type}`: {source}")]
+    Serialize {
+        /// The event type.
+        event_type: String,
+        /// serde's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An event is larger than the configured limit; refused inside the business
+    /// transaction, before it could poison the relay.
+    #[error("event `{event_type}` is {size} bytes; the limit is {limit} bytes (OutboxConfig::max_payload_bytes)")]
+    PayloadTooLarge {
+        /// The event type.
+        event_type: String,
+        /// The serialized size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The route catalog is invalid; lists every problem at once.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// A service is not in the catalog.
+    #[error("service `{0}` is not in the route catalog; declare it with #[outbox_service]")]
+    UnknownService(String),
+    /// A name failed the grammar of [`crate::names`].
+    #[error("invalid name: {0}")]
+    InvalidName(String),
+    /// Invalid configuration.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The backend cannot do what was asked.
+    #[error("the {backend} backend does not support {what}")]
+    Unsupported {
+        /// The backend name.
+        backend: &'static str,
+        /// What it cannot do.
+        what: String,
+    },
+}
+
+impl Error {
+    /// A database error with context.
+    pub fn db(context: impl Into<String>, source: sqlx::Error) -> Self {
+        Error::Database {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// A Kafka error with context.
+    pub fn kafka(context: impl Into<String>, source: rdkafka::error::KafkaError) -> Self {
+        Error::Kafka {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// `Result` with the runtime's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,60 @@
+//! # outbox-runtime
+//!
+//! A typed transactional outbox for services that publish events to Kafka in the same
+//! database transaction as their business writes, and handle them exactly once in
+//! effect.
+//!
+//! - [`outbox_service`], [`outbox_event`], [`outbox_handler`] declare services, events
+//!   and handlers; misroutes are compile errors.
+//! - [`catalog`]: the route catalog (`event type -> service -> table / topic / group`),
+//!   built once from the compile-time registry and validated at startup.
+//! - [`outbox`]: `publish` inside the caller's transaction.
+//! - [`backend`]: the outbox repository and its state machine, per database.
+//! - [`relay`]: claims due rows with a lease, produces to Kafka, marks them published.
+//! - [`consumer`]: typed dispatch to handlers inside a database transaction.
+//! - [`runtime`]: runs relays and consumers for any subset of services.
+//! - [`envelope`]: the wire format.
+//!
+//! See `ARCHITECTURE.md` in the repository for how one event flows end to end.
+
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod catalog;
+pub mod config;
+pub mod consumer;
+pub mod envelope;
+pub mod error;
+pub mod event;
+pub mod handler;
+pub mod kafka;
+pub mod names;
+pub mod outbox;
+pub mod relay;
+pub mod retry;
+pub mod runtime;
+pub mod service;
+mod wakeup;
+
+#[doc(hidden)]
+pub mod __private;
+
+pub use backend::{Backend, OutboxRow, Status, StatusCounts};
+pub use catalog::{Catalog, CatalogBuilder, CatalogError};
+pub use config::OutboxConfig;
+pub use error::{Error, Result};
+pub use event::{Event, EventId, EventKey};
+pub use handler::{EventMeta, FailureKind, HandlerContext, HandlerError};
+pub use kafka::KafkaConfig;
+pub use outbox::{Outbox, OutboxTx, PublishOptions, RawEvent};
+pub use outbox_macros::{outbox_event, outbox_handler, outbox_service};
+pub use runtime::{OutboxRuntime, RuntimeHandle};
+pub use service::Service;
+
+/// The database types, re-exported so handler signatures need no direct sqlx import.
+#[cfg(feature = "mysql")]
+pub use sqlx::MySql;
+#[cfg(feature = "postgres")]
+pub use sqlx::Postgres;
+#[cfg(feature = "sqlite")]
+pub use sqlx::Sqlite;

@@ -1,0 +1,329 @@
+//! Publishing: write an event into the service's outbox table inside the caller's own
+//! transaction.
+//!
+//! ```ignore
+//! let outbox = Outbox::<Task, Postgres>::new(pool.clone(), &catalog)?;
+//!
+//! // Either with your own sqlx transaction ...
+//! let mut tx = pool.begin().await?;
+//! sqlx::query("UPDATE tasks SET done = true WHERE id = $1").bind(id).execute(&mut *tx).await?;
+//! outbox.publish(&mut tx, &TaskCompleted { task_id: id }).await?;
+//! tx.commit().await?;
+//! outbox.notify_committed(); // optional: wake relays now instead of at their next poll
+//!
+//! // ... or with an OutboxTx, which wakes the relays itself after commit.
+//! let mut tx = outbox.begin().await?;
+//! sqlx::query("UPDATE tasks SET done = true WHERE id = $1").bind(id).execute(&mut *tx).await?;
+//! tx.publish(&TaskCompleted { task_id: id }).await?;
+//! tx.commit().await?;
+//! ```
+//!
+//! The row commits or rolls back with the business write; a rolled-back event never
+//! exists, so it is never delivered. The type system routes: `Outbox<Task, _>` accepts
+//! only events owned by `Task`.
+
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use sqlx::{Pool, Transaction};
+
+use crate::backend::{Backend, NewRow};
+use crate::catalog::{Catalog, Route};
+use crate::config::OutboxConfig;
+use crate::error::{Error, Result};
+use crate::event::{Event, EventId, PublishedThrough};
+use crate::names::{check_name, NameKind};
+use crate::service::Service;
+use crate::wakeup::{self, Notifier};
+
+/// Per-publish overrides.
+#[derive(Debug, Clone, Default)]
+pub struct PublishOptions {
+    /// Retries before the event goes dead (overrides the event type and the config).
+    pub max_retries: Option<u32>,
+    /// The ordering key (overrides the event's `key = field`).
+    pub key: Option<String>,
+    /// The event id (default: a fresh UUIDv7). Set it to make a retried business call
+    /// idempotent: publishing the same id twice fails with a unique violation.
+    pub event_id: Option<EventId>,
+}
+
+/// An untyped event, for the compatibility route (rows written as the legacy system
+/// wrote them). The consumer dead-letters unknown types with a reason.
+#[derive(Debug, Clone)]
+pub struct RawEvent {
+    /// The event type name (checked against the grammar).
+    pub event_type: String,
+    /// The schema version.
+    pub version: u32,
+    /// The ordering key.
+    pub key: Option<String>,
+    /// The payload; should be JSON, is not checked (so a poison payload can be stored
+    /// and handled as the consumer handles any undecodable payload).
+    pub payload: String,
+    /// Retries before dead (default: the config's).
+    pub max_retries: Option<u32>,
+}
+
+/// The outbox of service `S` on database `DB`. Cheap to clone.
+pub struct Outbox<S: Service, DB: Backend> {
+    pool: Pool<DB>,
+    route: Arc<Route>,
+    config: Arc<OutboxConfig>,
+    notifier: Notifier,
+    _service: PhantomData<fn() -> S>,
+}
+
+impl<S: Service, DB: Backend> Clone for Outbox<S, DB> {
+    fn clone(&self) -> Self {
+        Outbox {
+            pool: self.pool.clone(),
+            route: self.route.clone(),
+            config: self.config.clone(),
+            notifier: self.notifier.clone(),
+            _service: PhantomData,
+        }
+    }
+}
+
+impl<S: Service, DB: Backend> Outbox<S, DB> {
+    /// The outbox of `S`, routed by `catalog`, with the default config.
+    pub fn new(pool: Pool<DB>, catalog: &Catalog) -> Result<Self> {
+        Self::with_config(pool, catalog, OutboxConfig::default())
+    }
+
+    /// The outbox of `S` with explicit settings.
+    pub fn with_config(pool: Pool<DB>, catalog: &Catalog, config: OutboxConfig) -> Result<Self> {
+        let route = catalog.route_of::<S>()?.clone();
+        Ok(Outbox {
+            pool,
+            route: Arc::new(route),
+            config: Arc::new(config),
+            notifier: Notifier::new(),
+            _service: PhantomData,
+        })
+    }
+
+    /// The service's route (table, topic, group).
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Pool<DB> {
+        &self.pool
+    }
+
+    /// Creates the service's outbox table if missing (idempotent).
+    pub async fn migrate(&self) -> Result<()> {
+        DB::migrate(&self.pool, &self.route.table)
+            .await
+            .map_err(|e| Error::db(format!("migrating outbox table {}", self.route.table), e))
+    }
+
+    /// Writes `event` into the outbox on `conn`: pass your transaction (`&mut tx`). The
+    /// event is delivered if and only if that transaction commits. Returns the event id.
+    pub async fn publish<E: PublishedThrough<S>>(
+        &self,
+        conn: &mut DB::Connection,
+        event: &E,
+    ) -> Result<EventId> {
+        self.publish_with(conn, event, PublishOptions::default())
+            .await
+    }
+
+    /// [`publish`](Self::publish) with per-call overrides.
+    pub async fn publish_with<E: PublishedThrough<S>>(
+        &self,
+        conn: &mut DB::Connection,
+        event: &E,
+        options: PublishOptions,
+    ) -> Result<EventId> {
+        let payload = serde_json::to_string(event).map_err(|source| Error::Serialize {
+            event_type: E::EVENT_TYPE.to_owned(),
+            source,
+        })?;
+        let key = options.key.or_else(|| event.key());
+        let max_retries = options
+            .max_retries
+            .or(E::MAX_RETRIES)
+            .unwrap_or(self.config.default_max_retries);
+        self.insert(
+            conn,
+            E::EVENT_TYPE,
+            E::VERSION,
+            key.as_deref(),
+            &payload,
+            max_retries,
+            options.event_id,
+        )
+        .await
+    }
+
+    /// Writes an untyped event (the compatibility route).
+    pub async fn publish_raw(
+        &self,
+        conn: &mut DB::Connection,
+        event: &RawEvent,
+    ) -> Result<EventId> {
+        check_name(NameKind::EventType, &event.event_type).map_err(Error::InvalidName)?;
+        self.insert(
+            conn,
+            &event.event_type,
+            event.version,
+            event.key.as_deref(),
+            &event.payload,
+            event.max_retries.unwrap_or(self.config.default_max_retries),
+            None,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn insert(
+        &self,
+        conn: &mut DB::Connection,
+        event_type: &str,
+        version: u32,
+        key: Option<&str>,
+        payload: &str,
+        max_retries: u32,
+        event_id: Option<EventId>,
+    ) -> Result<EventId> {
+        if payload.len() > self.config.max_payload_bytes {
+            return Err(Error::PayloadTooLarge {
+                event_type: event_type.to_owned(),
+                size: payload.len(),
+                limit: self.config.max_payload_bytes,
+            });
+        }
+        let id = event_id.unwrap_or_default();
+        let row = NewRow {
+            event_id: id.0,
+            service: S::NAME,
+            event_type,
+            version: i32::try_from(version).unwrap_or(i32::MAX),
+            key,
+            payload,
+            max_retries: i32::try_from(max_retries).unwrap_or(i32::MAX),
+        };
+        DB::insert(conn, &self.route.table, &row)
+            .await
+            .map_err(|e| {
+                Error::db(
+                    format!(
+                        "publishing `{event_type}` into {} (service {})",
+                        self.route.table,
+                        S::NAME
+                    ),
+                    e,
+                )
+            })?;
+        Ok(id)
+    }
+
+    /// Wakes the service's relays after you committed a transaction that published:
+    /// in this process at once, and in other processes through LISTEN/NOTIFY on
+    /// PostgreSQL (coalesced, outside your transaction). Optional: relays also poll.
+    pub fn notify_committed(&self) {
+        wakeup::wake_local(&self.route.table, S::NAME);
+        self.notifier.signal(&self.pool, &self.route.table, S::NAME);
+    }
+
+    /// Begins a transaction that publishes through this outbox and wakes the relays
+    /// when it commits.
+    pub async fn begin(&self) -> Result<OutboxTx<'_, S, DB>> {
+        let tx = DB::begin(&self.pool)
+            .await
+            .map_err(|e| Error::db("beginning a transaction", e))?;
+        Ok(OutboxTx {
+            tx,
+            outbox: self,
+            published: 0,
+        })
+    }
+}
+
+/// A business transaction that can publish through one service's outbox. Derefs to the
+/// connection, so `&mut *tx` is an executor for your own queries. Dropped without
+/// [`commit`](Self::commit), it rolls back, events included.
+pub struct OutboxTx<'o, S: Service, DB: Backend> {
+    tx: Transaction<'static, DB>,
+    outbox: &'o Outbox<S, DB>,
+    published: usize,
+}
+
+impl<S: Service, DB: Backend> OutboxTx<'_, S, DB> {
+    /// Publishes `event` in this transaction.
+    pub async fn publish<E: PublishedThrough<S>>(&mut self, event: &E) -> Result<EventId> {
+        let id = self.outbox.publish(&mut self.tx, event).await?;
+        self.published += 1;
+        Ok(id)
+    }
+
+    /// Publishes with per-call overrides.
+    pub async fn publish_with<E: PublishedThrough<S>>(
+        &mut self,
+        event: &E,
+        options: PublishOptions,
+    ) -> Result<EventId> {
+        let id = self
+            .outbox
+            .publish_with(&mut self.tx, event, options)
+            .await?;
+        self.published += 1;
+        Ok(id)
+    }
+
+    /// Publishes an untyped event in this transaction.
+    pub async fn publish_raw(&mut self, event: &RawEvent) -> Result<EventId> {
+        let id = self.outbox.publish_raw(&mut self.tx, event).await?;
+        self.published += 1;
+        Ok(id)
+    }
+
+    /// The underlying sqlx transaction.
+    pub fn transaction(&mut self) -> &mut Transaction<'static, DB> {
+        &mut self.tx
+    }
+
+    /// Commits, then wakes the relays if anything was published. An error here can be
+    /// ambiguous (the commit may have happened): the event ids returned by `publish`
+    /// let the caller check.
+    pub async fn commit(self) -> Result<()> {
+        self.tx
+            .commit()
+            .await
+            .map_err(|e| Error::db("committing a transaction that published events", e))?;
+        if self.published > 0 {
+            self.outbox.notify_committed();
+        }
+        Ok(())
+    }
+
+    /// Rolls back; the events published in it never exist.
+    pub async fn rollback(self) -> Result<()> {
+        self.tx
+            .rollback()
+            .await
+            .map_err(|e| Error::db("rolling back a transaction", e))
+    }
+}
+
+impl<S: Service, DB: Backend> Deref for OutboxTx<'_, S, DB> {
+    type Target = DB::Connection;
+    fn deref(&self) -> &DB::Connection {
+        &self.tx
+    }
+}
+
+impl<S: Service, DB: Backend> DerefMut for OutboxTx<'_, S, DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        &mut self.tx
+    }
+}
+
+// `Event` is used in docs and bounds of the public API.
+#[allow(unused)]
+fn _assert_event_bound<E: Event>() {}

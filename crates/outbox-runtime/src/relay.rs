@@ -1,0 +1,387 @@
+//! The relay: moves one service's committed rows from its outbox table to its topic.
+//!
+//! One round ([`Relay::relay_once`]):
+//! 1. **claim** due rows in one short statement (status + due time, `SKIP LOCKED`,
+//!    head of key only), leasing them under a fresh random token; no transaction stays
+//!    open after it;
+//! 2. **produce** them with the idempotent producer, key = the event key, headers =
+//!    the [`crate::envelope`], and wait for every delivery report;
+//! 3. **mark** the acknowledged rows published in one statement fenced by the token
+//!    (a relay that lost its lease changes nothing); give transiently failed rows
+//!    back with a backoff (a broker outage never makes an event dead); mark rows the
+//!    broker can never take (too large, invalid) dead with the reason.
+//!
+//! A relay never holds a database transaction across a Kafka round-trip, never
+//! reads by id cursor (ids commit out of order), and never marks a row published
+//! before the broker acknowledged it.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use sqlx::Pool;
+use tokio::sync::watch;
+
+use crate::backend::{Backend, ClaimedRow};
+use crate::catalog::Route;
+use crate::config::OutboxConfig;
+use crate::envelope::Envelope;
+use crate::error::{Error, Result};
+use crate::event::EventId;
+use crate::kafka::KafkaConfig;
+use crate::wakeup;
+
+/// Counters of one relay, for tests, examples and metrics.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Rows marked published.
+    pub published: AtomicU64,
+    /// Rows given back after a transient broker failure.
+    pub released: AtomicU64,
+    /// Rows made dead by a permanent broker error.
+    pub dead: AtomicU64,
+    /// Rows whose mark found the lease gone (another relay or a consumer got there
+    /// first); nothing was overwritten.
+    pub fenced: AtomicU64,
+    /// Claim rounds that found rows.
+    pub rounds: AtomicU64,
+    /// Rounds that failed on the database or the broker.
+    pub errors: AtomicU64,
+}
+
+/// What one round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoundReport {
+    /// Rows claimed.
+    pub claimed: usize,
+    /// Rows marked published.
+    pub published: u64,
+    /// Rows given back for later.
+    pub released: u64,
+    /// Rows made dead.
+    pub dead: u64,
+}
+
+/// A shutdown signal for long-running loops: `true` once shutdown was requested.
+pub type ShutdownSignal = watch::Receiver<bool>;
+
+/// The relay of one service.
+pub struct Relay<DB: Backend> {
+    pool: Pool<DB>,
+    route: Route,
+    producer: FutureProducer,
+    config: Arc<OutboxConfig>,
+    stats: Arc<RelayStats>,
+    consecutive_failures: AtomicU32,
+}
+
+impl<DB: Backend> Relay<DB> {
+    /// A relay for `route`, with its own producer.
+    pub fn new(
+        pool: Pool<DB>,
+        route: Route,
+        kafka: &KafkaConfig,
+        config: Arc<OutboxConfig>,
+    ) -> Result<Self> {
+        let producer = create_producer(kafka)?;
+        Ok(Self::with_producer(pool, route, producer, config))
+    }
+
+    /// A relay for `route` sharing `producer` with other relays of this process.
+    pub fn with_producer(
+        pool: Pool<DB>,
+        route: Route,
+        producer: FutureProducer,
+        config: Arc<OutboxConfig>,
+    ) -> Self {
+        Relay {
+            pool,
+            route,
+            producer,
+            config,
+            stats: Arc::new(RelayStats::default()),
+            consecutive_failures: AtomicU32::new(0),
+        }
+    }
+
+    /// The relay's counters.
+    pub fn stats(&self) -> Arc<RelayStats> {
+        self.stats.clone()
+    }
+
+    /// One claim → produce → mark round. Returns what it did; `claimed == 0` means
+    /// nothing was due.
+    pub async fn relay_once(&self) -> Result<RoundReport> {
+        let route = &self.route;
+        let token = lease_token();
+        let rows = DB::claim(
+            &self.pool,
+            &route.table,
+            &route.service,
+            self.config.relay_batch_size,
+            self.config.relay_lease,
+            token,
+        )
+        .await
+        .map_err(|e| {
+            Error::db(
+                format!(
+                    "claiming due rows of service {} from {}",
+                    route.service, route.table
+                ),
+                e,
+            )
+        })?;
+        if rows.is_empty() {
+            return Ok(RoundReport::default());
+        }
+        self.stats.rounds.fetch_add(1, Ordering::Relaxed);
+
+        let outcomes = self.produce(&rows).await;
+
+        let mut acked = Vec::with_capacity(rows.len());
+        let mut retry: Vec<i64> = Vec::new();
+        let mut retry_error = String::new();
+        let mut dead: Vec<(i64, String)> = Vec::new();
+        for (row, outcome) in rows.iter().zip(outcomes) {
+            match outcome {
+                Produced::Acked => acked.push(row.id),
+                Produced::Transient(e) => {
+                    retry.push(row.id);
+                    retry_error = e;
+                }
+                Produced::Permanent(e) => dead.push((row.id, e)),
+            }
+        }
+
+        let mut report = RoundReport {
+            claimed: rows.len(),
+            ..Default::default()
+        };
+        if !acked.is_empty() {
+            let marked = DB::mark_published(&self.pool, &route.table, &acked, token)
+                .await
+                .map_err(|e| {
+                    Error::db(
+                        format!("marking {} rows of {} published", acked.len(), route.table),
+                        e,
+                    )
+                })?;
+            report.published = marked;
+            self.stats.published.fetch_add(marked, Ordering::Relaxed);
+            self.stats.fenced.fetch_add(
+                acked.len() as u64 - marked.min(acked.len() as u64),
+                Ordering::Relaxed,
+            );
+        }
+        for (id, reason) in &dead {
+            let changed = DB::mark_dead_leased(&self.pool, &route.table, *id, token, reason)
+                .await
+                .map_err(|e| Error::db(format!("marking row {id} of {} dead", route.table), e))?;
+            if changed {
+                report.dead += 1;
+                self.stats.dead.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(service = %route.service, row = id, %reason, "outbox event is dead: the broker refuses it");
+            }
+        }
+        if retry.is_empty() {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        } else {
+            let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            let delay = self.config.relay_failure_backoff.delay(failures);
+            let released =
+                DB::release(&self.pool, &route.table, &retry, token, delay, &retry_error)
+                    .await
+                    .map_err(|e| {
+                        Error::db(
+                            format!("giving back {} rows of {}", retry.len(), route.table),
+                            e,
+                        )
+                    })?;
+            report.released = released;
+            self.stats.released.fetch_add(released, Ordering::Relaxed);
+            tracing::warn!(service = %route.service, rows = retry.len(), ?delay, error = %retry_error,
+                "broker failed to take events; they are due again after the delay");
+        }
+        Ok(report)
+    }
+
+    /// Enqueues every row in id order, then waits for all delivery reports.
+    async fn produce(&self, rows: &[ClaimedRow]) -> Vec<Produced> {
+        let mut pending = Vec::with_capacity(rows.len());
+        for row in rows {
+            let envelope = Envelope {
+                event_id: EventId(row.event_id),
+                service: self.route.service.clone(),
+                event_type: row.event_type.clone(),
+                version: u32::try_from(row.version).unwrap_or(0),
+                key: row.key.clone(),
+                time: row.created_at,
+                payload: Vec::new(),
+            };
+            let mut record = FutureRecord::to(&self.route.topic)
+                .payload(row.payload.as_bytes())
+                .headers(envelope.headers());
+            if let Some(key) = &row.key {
+                record = record.key(key.as_bytes());
+            }
+            // Enqueue strictly in order: on a full queue, wait and retry the SAME record,
+            // so no later record overtakes it.
+            let enqueued = loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => break Ok(delivery),
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        self.producer.poll(Duration::from_millis(5));
+                        tokio::task::yield_now().await;
+                    }
+                    Err((e, _)) => break Err(e),
+                }
+            };
+            pending.push(enqueued);
+        }
+        let mut outcomes = Vec::with_capacity(pending.len());
+        for p in pending {
+            outcomes.push(match p {
+                Err(e) => classify(&e),
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(_)) => Produced::Acked,
+                    Ok(Err((e, _))) => classify(&e),
+                    Err(_canceled) => {
+                        Produced::Transient("producer dropped before the delivery report".into())
+                    }
+                },
+            });
+        }
+        outcomes
+    }
+
+    /// Runs until `shutdown` turns true: relays due rows, sleeps until a wake-up (a
+    /// local commit, a NOTIFY on PostgreSQL) or the poll interval, backs off on errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// Shutdown is checked between rounds only: a round in progress finishes (its
+    /// delivery reports arrive or time out after `message.timeout.ms`, and its rows are
+    /// marked or given back), so shutting down loses and duplicates nothing. Dropping
+    /// the future instead (cancelling it) is safe too but may leave a round's rows
+    /// leased: they are relayed again after the lease, possibly a second time.
+    pub async fn run(self, mut shutdown: ShutdownSignal) -> Result<()> {
+        let route = self.route.clone();
+        let waker = wakeup::local_waker(&route.table, &route.service);
+        let mut hints = match DB::listen(&self.pool, wakeup::CHANNEL).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(service = %route.service, error = %e, "LISTEN failed; relying on polling");
+                None
+            }
+        };
+        let my_hint = wakeup::hint(&route.table, &route.service);
+        let mut error_streak = 0u32;
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            match self.relay_once().await {
+                Ok(report) if report.claimed > 0 && report.released == 0 => {
+                    error_streak = 0;
+                    continue;
+                }
+                Ok(_) => error_streak = 0,
+                Err(e) => {
+                    error_streak += 1;
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    let delay = self.config.relay_failure_backoff.delay(error_streak);
+                    tracing::warn!(service = %route.service, error = %e, ?delay, "relay round failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    continue;
+                }
+            }
+            // Idle: wait for a wake-up, the poll interval or shutdown.
+            let poll = tokio::time::sleep(self.config.relay_poll_interval);
+            tokio::pin!(poll);
+            loop {
+                tokio::select! {
+                    _ = &mut poll => break,
+                    _ = waker.notified() => break,
+                    _ = shutdown.changed() => break,
+                    hint = next_hint(&mut hints) => match hint {
+                        Some(Ok(h)) if h == my_hint => break,
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => {
+                            tracing::debug!(error = %e, "LISTEN connection failed; it reconnects");
+                            continue;
+                        }
+                        None => {
+                            hints = None;
+                            continue;
+                        }
+                    },
+                }
+            }
+        }
+        // Deliver what is already enqueued before returning.
+        let _ = self.producer.flush(Duration::from_secs(5));
+        Ok(())
+    }
+}
+
+async fn next_hint(
+    hints: &mut Option<crate::backend::WakeStream>,
+) -> Option<Result<String, sqlx::Error>> {
+    match hints {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The outcome of producing one row.
+enum Produced {
+    Acked,
+    Transient(String),
+    Permanent(String),
+}
+
+/// Permanent: the broker will never accept this record. Everything else (timeouts,
+/// brokers down, unknown topic while it is being created, ...) is transient.
+fn classify(e: &KafkaError) -> Produced {
+    let code = match e {
+        KafkaError::MessageProduction(code) => Some(*code),
+        other => other.rdkafka_error_code(),
+    };
+    match code {
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::MessageBatchTooLarge,
+        ) => Produced::Permanent(format!("the broker refuses the record: {e}")),
+        _ => Produced::Transient(format!("produce failed: {e}")),
+    }
+}
+
+/// A fresh non-zero lease token (0 means "no lease").
+fn lease_token() -> i64 {
+    loop {
+        let t: i64 = rand::random();
+        if t != 0 {
+            return t;
+        }
+    }
+}
+
+/// The relay's producer: the framework's fixed settings (idempotence on) plus the
+/// user's.
+pub fn create_producer(kafka: &KafkaConfig) -> Result<FutureProducer> {
+    kafka
+        .producer_config()
+        .create()
+        .map_err(|e| Error::kafka("creating the relay's producer", e))
+}

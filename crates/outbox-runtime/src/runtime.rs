@@ -1,0 +1,236 @@
+//! Running relays and consumers: any subset of services in one process.
+//!
+//! ```ignore
+//! let handle = OutboxRuntime::new(catalog, pool, KafkaConfig::new(brokers))
+//!     .services(["task", "memory"])   // default: every service in the catalog
+//!     .start()
+//!     .await?;
+//! // ...
+//! handle.shutdown().await?;            // finishes in-flight work, commits offsets
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use sqlx::Pool;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::backend::Backend;
+use crate::catalog::Catalog;
+use crate::config::OutboxConfig;
+use crate::consumer::{Consumer, ConsumerStats};
+use crate::error::{Error, Result};
+use crate::kafka::KafkaConfig;
+use crate::relay::{create_producer, Relay, RelayStats};
+
+/// What to run, and where.
+pub struct OutboxRuntime<DB: Backend> {
+    catalog: Catalog,
+    pool: Pool<DB>,
+    kafka: KafkaConfig,
+    config: OutboxConfig,
+    services: Option<Vec<String>>,
+    relays_per_service: usize,
+    run_relays: bool,
+    run_consumers: bool,
+    migrate: bool,
+}
+
+impl<DB: Backend> OutboxRuntime<DB> {
+    /// Relays and consumers for every service in `catalog`, one relay each.
+    pub fn new(catalog: Catalog, pool: Pool<DB>, kafka: KafkaConfig) -> Self {
+        OutboxRuntime {
+            catalog,
+            pool,
+            kafka,
+            config: OutboxConfig::default(),
+            services: None,
+            relays_per_service: 1,
+            run_relays: true,
+            run_consumers: true,
+            migrate: true,
+        }
+    }
+
+    /// Settings.
+    pub fn config(mut self, config: OutboxConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Runs only these services.
+    pub fn services<I: IntoIterator<Item = S>, S: Into<String>>(mut self, services: I) -> Self {
+        self.services = Some(services.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Relay instances per service in this process (default 1). More than one needs a
+    /// backend with row locks (not SQLite).
+    pub fn relays_per_service(mut self, n: usize) -> Self {
+        self.relays_per_service = n;
+        self
+    }
+
+    /// Whether to run relays (default true).
+    pub fn relays(mut self, on: bool) -> Self {
+        self.run_relays = on;
+        self
+    }
+
+    /// Whether to run consumers (default true).
+    pub fn consumers(mut self, on: bool) -> Self {
+        self.run_consumers = on;
+        self
+    }
+
+    /// Whether `start` creates missing outbox tables first (default true).
+    pub fn migrate(mut self, on: bool) -> Self {
+        self.migrate = on;
+        self
+    }
+
+    /// Validates the selection, creates missing tables, and spawns the relays and
+    /// consumers.
+    pub async fn start(self) -> Result<RuntimeHandle> {
+        let services: Vec<String> = match &self.services {
+            Some(s) => s.clone(),
+            None => self.catalog.routes().map(|r| r.service.clone()).collect(),
+        };
+        for s in &services {
+            if self.catalog.route(s).is_none() {
+                return Err(Error::UnknownService(s.clone()));
+            }
+        }
+        if self.relays_per_service > 1 && !DB::CONCURRENT_RELAYS {
+            return Err(Error::Unsupported {
+                backend: DB::BACKEND_NAME,
+                what: format!(
+                    "{} relays per service in one process (no row locks: claims serialise, so more relays add nothing)",
+                    self.relays_per_service
+                ),
+            });
+        }
+        if self.migrate {
+            migrate(
+                &self.pool,
+                &self.catalog,
+                services.iter().map(String::as_str),
+            )
+            .await?;
+        }
+
+        let config = Arc::new(self.config);
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks: Vec<(String, JoinHandle<Result<()>>)> = Vec::new();
+        let mut relay_stats = BTreeMap::new();
+        let mut consumer_stats = BTreeMap::new();
+        let producer = if self.run_relays && !services.is_empty() {
+            Some(create_producer(&self.kafka)?)
+        } else {
+            None
+        };
+        for s in &services {
+            let route = self
+                .catalog
+                .route(s)
+                .cloned()
+                .ok_or_else(|| Error::UnknownService(s.clone()))?;
+            if self.run_consumers {
+                let consumer = Consumer::new(self.pool.clone(), &self.catalog, s, config.clone())?;
+                consumer_stats.insert(s.clone(), consumer.stats());
+                let kafka = self.kafka.clone();
+                let rx = stop_rx.clone();
+                tasks.push((
+                    format!("consumer {s}"),
+                    tokio::spawn(async move { consumer.run(&kafka, rx).await }),
+                ));
+            }
+            if let Some(producer) = &producer {
+                let mut stats = Vec::new();
+                for _ in 0..self.relays_per_service {
+                    let relay = Relay::with_producer(
+                        self.pool.clone(),
+                        route.clone(),
+                        producer.clone(),
+                        config.clone(),
+                    );
+                    stats.push(relay.stats());
+                    let rx = stop_rx.clone();
+                    tasks.push((format!("relay {s}"), tokio::spawn(relay.run(rx))));
+                }
+                relay_stats.insert(s.clone(), stats);
+            }
+        }
+        Ok(RuntimeHandle {
+            stop,
+            tasks,
+            relay_stats,
+            consumer_stats,
+        })
+    }
+}
+
+/// Creates the outbox tables of `services` if missing (each distinct table once).
+pub async fn migrate<'a, DB: Backend>(
+    pool: &Pool<DB>,
+    catalog: &Catalog,
+    services: impl IntoIterator<Item = &'a str>,
+) -> Result<()> {
+    let mut tables = std::collections::BTreeSet::new();
+    for s in services {
+        let route = catalog
+            .route(s)
+            .ok_or_else(|| Error::UnknownService(s.to_owned()))?;
+        tables.insert(route.table.clone());
+    }
+    for t in tables {
+        DB::migrate(pool, &t)
+            .await
+            .map_err(|e| Error::db(format!("migrating outbox table {t}"), e))?;
+    }
+    Ok(())
+}
+
+/// Running relays and consumers.
+pub struct RuntimeHandle {
+    stop: watch::Sender<bool>,
+    tasks: Vec<(String, JoinHandle<Result<()>>)>,
+    relay_stats: BTreeMap<String, Vec<Arc<RelayStats>>>,
+    consumer_stats: BTreeMap<String, Arc<ConsumerStats>>,
+}
+
+impl RuntimeHandle {
+    /// The counters of a service's relays.
+    pub fn relay_stats(&self, service: &str) -> &[Arc<RelayStats>] {
+        self.relay_stats
+            .get(service)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// The counters of a service's consumer.
+    pub fn consumer_stats(&self, service: &str) -> Option<&Arc<ConsumerStats>> {
+        self.consumer_stats.get(service)
+    }
+
+    /// Asks every relay and consumer to stop after its current round or record, and
+    /// waits for them. Returns the first error any of them ended with.
+    pub async fn shutdown(self) -> Result<()> {
+        let _ = self.stop.send(true);
+        let mut first = None;
+        for (name, task) in self.tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(task = %name, error = %e, "outbox task failed");
+                    first.get_or_insert(e);
+                }
+                Err(join) => {
+                    first.get_or_insert(Error::Config(format!("{name} panicked: {join}")));
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}

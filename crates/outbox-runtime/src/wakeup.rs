@@ -1,0 +1,119 @@
+//! Waking relays when rows are committed, without ever signalling inside the business
+//! transaction.
+//!
+//! Two paths, both after commit:
+//! - in-process: [`wake_local`] wakes the relays of that table and service running in
+//!   this process (a `tokio::sync::Notify`; a wake with no waiter is kept as a permit,
+//!   so coalesced wakes cost one claim);
+//! - cross-process (PostgreSQL): [`Notifier`] sends `pg_notify('outbox_wakeup',
+//!   '<table>:<service>')` on its own connection, coalescing every commit that happened
+//!   while the previous NOTIFY was in flight into one. The payload is a hint only: the
+//!   relay re-reads the table. NOTIFY is never sent inside the business transaction:
+//!   PostgreSQL takes a global lock at commit for every transaction that notified,
+//!   which would serialise all writers.
+//!
+//! Relays also poll ([`crate::OutboxConfig::relay_poll_interval`]) so a lost wake-up
+//! delays a row, never strands it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use sqlx::Pool;
+use tokio::sync::Notify;
+
+use crate::backend::Backend;
+
+/// The LISTEN/NOTIFY channel; payload `<table>:<service>`.
+pub(crate) const CHANNEL: &str = "outbox_wakeup";
+
+type Key = (String, String);
+
+fn registry() -> &'static Mutex<HashMap<Key, Arc<Notify>>> {
+    static REG: OnceLock<Mutex<HashMap<Key, Arc<Notify>>>> = OnceLock::new();
+    REG.get_or_init(Default::default)
+}
+
+/// The wake-up of the relays of `(table, service)` in this process.
+pub(crate) fn local_waker(table: &str, service: &str) -> Arc<Notify> {
+    let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+    reg.entry((table.to_owned(), service.to_owned()))
+        .or_insert_with(|| Arc::new(Notify::new()))
+        .clone()
+}
+
+/// Wakes the relays of `(table, service)` in this process.
+pub(crate) fn wake_local(table: &str, service: &str) {
+    let n = local_waker(table, service);
+    n.notify_waiters();
+    n.notify_one();
+}
+
+/// The hint payload for a table and service.
+pub(crate) fn hint(table: &str, service: &str) -> String {
+    format!("{table}:{service}")
+}
+
+/// Sends coalesced cross-process wake-ups after commits (PostgreSQL only; a no-op
+/// elsewhere).
+#[derive(Clone)]
+pub(crate) struct Notifier {
+    shared: Arc<NotifierShared>,
+}
+
+struct NotifierShared {
+    pending: Mutex<BTreeSet<String>>,
+    kick: Notify,
+    started: OnceLock<()>,
+}
+
+impl Notifier {
+    pub(crate) fn new() -> Self {
+        Notifier {
+            shared: Arc::new(NotifierShared {
+                pending: Mutex::new(BTreeSet::new()),
+                kick: Notify::new(),
+                started: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Queues a wake-up for `(table, service)`; sends it soon, on its own connection.
+    pub(crate) fn signal<DB: Backend>(&self, pool: &Pool<DB>, table: &str, service: &str) {
+        if !DB::HAS_NOTIFY {
+            return;
+        }
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hint(table, service));
+        self.shared.started.get_or_init(|| {
+            let shared = Arc::downgrade(&self.shared);
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Some(s) = shared.upgrade() else { return };
+                    let batch: Vec<String> = {
+                        let mut p = s.pending.lock().unwrap_or_else(|p| p.into_inner());
+                        std::mem::take(&mut *p).into_iter().collect()
+                    };
+                    if batch.is_empty() {
+                        // Wait for the next signal without keeping the notifier alive.
+                        let weak = Arc::downgrade(&s);
+                        drop(s);
+                        let Some(s) = weak.upgrade() else { return };
+                        s.kick.notified().await;
+                        continue;
+                    }
+                    for h in &batch {
+                        if let Err(e) = DB::notify(&pool, CHANNEL, h).await {
+                            // Relays poll as a fallback; a lost hint only costs latency.
+                            tracing::debug!(error = %e, "outbox wake-up NOTIFY failed");
+                        }
+                    }
+                }
+            });
+        });
+        self.shared.kick.notify_one();
+    }
+}

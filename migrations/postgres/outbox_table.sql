@@ -1,0 +1,32 @@
+-- One outbox table (PostgreSQL). `{table}` is replaced by the service's table name,
+-- checked against the name grammar first. Idempotent: safe to run again.
+-- Used by outbox_runtime's migrate call; usable as-is by your own migration tool after
+-- the replacement (see `Backend::migration_sql`).
+CREATE TABLE IF NOT EXISTS {table} (
+    id              BIGSERIAL PRIMARY KEY,
+    event_id        UUID        NOT NULL UNIQUE,
+    service         TEXT        NOT NULL,
+    event_type      TEXT        NOT NULL,
+    event_version   INTEGER     NOT NULL,
+    event_key       TEXT        NULL,
+    payload         TEXT        NOT NULL,
+    status          SMALLINT    NOT NULL DEFAULT 0,  -- 0 pending, 1 published, 2 consumed, 3 dead
+    attempts        INTEGER     NOT NULL DEFAULT 0,  -- failures so far
+    max_retries     INTEGER     NOT NULL,
+    next_attempt_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    lease_token     BIGINT      NOT NULL DEFAULT 0,  -- fences relays; 0 = no lease
+    locked_until    TIMESTAMPTZ NULL,
+    last_error      TEXT        NULL,
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    published_at    TIMESTAMPTZ NULL,
+    consumed_at     TIMESTAMPTZ NULL,
+    dead_at         TIMESTAMPTZ NULL
+);
+-- The claim query walks pending rows of one service in id order.
+CREATE INDEX IF NOT EXISTS {table}_pending_idx ON {table} (service, id) WHERE status = 0;
+-- Head-of-key (relay) and open-predecessor (consumer) checks.
+CREATE INDEX IF NOT EXISTS {table}_open_key_idx ON {table} (service, event_key, id)
+    WHERE status IN (0, 1) AND event_key IS NOT NULL;
+-- A queue table churns: vacuum it early.
+ALTER TABLE {table} SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);
