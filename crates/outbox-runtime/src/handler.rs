@@ -27,7 +27,7 @@ use std::marker::PhantomData;
 
 use futures::future::BoxFuture;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, SqlValue};
 use crate::event::{Event, EventId};
 
 /// What a handler knows about the event it is handling.
@@ -88,6 +88,14 @@ impl<DB: Backend> HandlerContext<DB> {
     /// Which delivery attempt this is (1 the first time).
     pub fn attempt(&self) -> u32 {
         self.meta.attempt
+    }
+
+    /// Runs one statement in the transaction with `?` placeholders, on any backend: for
+    /// handlers generic over the backend. Returns rows affected.
+    pub async fn execute(&mut self, sql: &str, args: &[SqlValue]) -> Result<u64, HandlerError> {
+        DB::execute_portable(&mut self.tx, sql, args)
+            .await
+            .map_err(HandlerError::from)
     }
 }
 

@@ -39,7 +39,7 @@ mod wakeup;
 #[doc(hidden)]
 pub mod __private;
 
-pub use backend::{Backend, OutboxRow, Status, StatusCounts};
+pub use backend::{Backend, OutboxRow, SqlValue, Status, StatusCounts};
 pub use catalog::{Catalog, CatalogBuilder, CatalogError};
 pub use config::OutboxConfig;
 pub use error::{Error, Result};

@@ -389,6 +389,15 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         async { Ok(()) }
     }
 
+    /// Runs one statement with `?` placeholders on any backend (PostgreSQL's are
+    /// rewritten to `$n`; a `?` must not appear inside a literal). Returns rows
+    /// affected. For handlers generic over the backend.
+    fn execute_portable<'c>(
+        conn: &'c mut Self::Connection,
+        sql: &'c str,
+        args: &'c [SqlValue],
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'c;
+
     /// Listens on `channel`: a stream of hint payloads, or `None` where the database has
     /// no LISTEN (the default).
     fn listen<'p>(
@@ -397,6 +406,49 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     ) -> impl Future<Output = Result<Option<WakeStream>, sqlx::Error>> + Send + 'p {
         let _ = (pool, channel);
         async { Ok(None) }
+    }
+}
+
+/// A bind value for portable statements ([`crate::HandlerContext::execute`]).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum SqlValue {
+    /// SQL NULL.
+    Null,
+    /// An integer.
+    Int(i64),
+    /// Text.
+    Text(String),
+}
+
+impl From<i64> for SqlValue {
+    fn from(v: i64) -> Self {
+        SqlValue::Int(v)
+    }
+}
+impl From<i32> for SqlValue {
+    fn from(v: i32) -> Self {
+        SqlValue::Int(v.into())
+    }
+}
+impl From<u32> for SqlValue {
+    fn from(v: u32) -> Self {
+        SqlValue::Int(v.into())
+    }
+}
+impl From<String> for SqlValue {
+    fn from(v: String) -> Self {
+        SqlValue::Text(v)
+    }
+}
+impl From<&str> for SqlValue {
+    fn from(v: &str) -> Self {
+        SqlValue::Text(v.to_owned())
+    }
+}
+impl<T: Into<SqlValue>> From<Option<T>> for SqlValue {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(SqlValue::Null, Into::into)
     }
 }
 

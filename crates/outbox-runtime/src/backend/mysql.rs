@@ -26,7 +26,7 @@ use sqlx::{MySql, MySqlConnection, Pool, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, RowState, Status, StatusCounts,
+    AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, RowState, SqlValue, Status, StatusCounts,
 };
 
 const MIGRATION: &str = include_str!("../../../../migrations/mysql/outbox_table.sql");
@@ -230,21 +230,22 @@ async fn claim_once(
         return Ok(Vec::new());
     }
     let list = placeholders(ids.len());
-    let mut update = sqlx::query(&format!(
+    let update_sql = format!(
         "UPDATE {table} \
             SET lease_token = ?, locked_until = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, \
                 updated_at = UTC_TIMESTAMP(6) \
           WHERE id IN ({list}) AND status = 0"
-    ))
+    );
+    let mut update = sqlx::query(&update_sql)
     .bind(token)
     .bind(lease_us);
     for id in &ids {
         update = update.bind(*id);
     }
     update.execute(&mut *tx).await?;
-    let mut select = sqlx::query(&format!(
-        "SELECT {CLAIMED_COLUMNS} FROM {table} WHERE id IN ({list}) AND lease_token = ? ORDER BY id"
-    ));
+    let select_sql =
+        format!("SELECT {CLAIMED_COLUMNS} FROM {table} WHERE id IN ({list}) AND lease_token = ? ORDER BY id");
+    let mut select = sqlx::query(&select_sql);
     for id in &ids {
         select = select.bind(*id);
     }
@@ -302,8 +303,8 @@ async fn update_ids(
 }
 
 impl Backend for MySql {
-    const NAME: &'static str = "mysql";
-    const NAMES: &'static [&'static str] = &["mysql"];
+    const BACKEND_NAME: &'static str = "mysql";
+    const BACKEND_NAMES: &'static [&'static str] = &["mysql"];
     const HAS_NOTIFY: bool = false;
     const CONCURRENT_RELAYS: bool = true;
 
@@ -327,7 +328,8 @@ impl Backend for MySql {
                  (another process is migrating `{table}`)"
             )));
         }
-        let ddl = sqlx::raw_sql(&sql).execute(&mut *conn).await;
+        // Text protocol: DDL, and the template may hold several statements.
+        let ddl = sqlx::Executor::execute(&mut *conn, sql.as_str()).await;
         let released = sqlx::query_scalar::<_, Option<i64>>("SELECT RELEASE_LOCK(?)")
             .bind(&lock)
             .fetch_one(&mut *conn)
@@ -633,5 +635,17 @@ impl Backend for MySql {
         sqlx::query_scalar("SELECT UTC_TIMESTAMP(6)")
             .fetch_one(pool)
             .await
+    }
+
+    async fn execute_portable<'c>(conn: &'c mut MySqlConnection, sql: &'c str, args: &'c [SqlValue]) -> Result<u64, sqlx::Error> {
+        let mut q = sqlx::query(sql);
+        for a in args {
+            q = match a {
+                SqlValue::Null => q.bind(None::<String>),
+                SqlValue::Int(i) => q.bind(*i),
+                SqlValue::Text(t) => q.bind(t.as_str()),
+            };
+        }
+        Ok(q.execute(conn).await?.rows_affected())
     }
 }

@@ -9,6 +9,7 @@ use sqlx::{PgConnection, Pool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
+    SqlValue,
     AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, RowState, Status, StatusCounts,
     WakeStream,
 };
@@ -377,6 +378,29 @@ impl Backend for Postgres {
 
     async fn now<'p>(pool: &'p Pool<Self>) -> Result<DateTime<Utc>, sqlx::Error> {
         sqlx::query_scalar("SELECT now()").fetch_one(pool).await
+    }
+
+    async fn execute_portable<'c>(conn: &'c mut PgConnection, sql: &'c str, args: &'c [SqlValue]) -> Result<u64, sqlx::Error> {
+        let mut numbered = String::with_capacity(sql.len() + 8);
+        let mut n = 0;
+        for c in sql.chars() {
+            if c == '?' {
+                n += 1;
+                numbered.push('$');
+                numbered.push_str(&n.to_string());
+            } else {
+                numbered.push(c);
+            }
+        }
+        let mut q = sqlx::query(&numbered);
+        for a in args {
+            q = match a {
+                SqlValue::Null => q.bind(None::<String>),
+                SqlValue::Int(i) => q.bind(*i),
+                SqlValue::Text(t) => q.bind(t.as_str()),
+            };
+        }
+        Ok(q.execute(conn).await?.rows_affected())
     }
 
     async fn notify<'p>(

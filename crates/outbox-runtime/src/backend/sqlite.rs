@@ -26,7 +26,7 @@ use sqlx::{Pool, Row, Sqlite, SqliteConnection, Transaction};
 use uuid::Uuid;
 
 use super::{
-    AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, RowState, Status, StatusCounts,
+    AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, RowState, SqlValue, Status, StatusCounts,
 };
 
 const MIGRATION: &str = include_str!("../../../../migrations/sqlite/outbox_table.sql");
@@ -154,8 +154,8 @@ fn outbox_row(r: &SqliteRow) -> Result<OutboxRow, sqlx::Error> {
 }
 
 impl Backend for Sqlite {
-    const NAME: &'static str = "sqlite";
-    const NAMES: &'static [&'static str] = &["sqlite"];
+    const BACKEND_NAME: &'static str = "sqlite";
+    const BACKEND_NAMES: &'static [&'static str] = &["sqlite"];
     const HAS_NOTIFY: bool = false;
     const CONCURRENT_RELAYS: bool = false;
 
@@ -167,9 +167,9 @@ impl Backend for Sqlite {
         // One write transaction: concurrent migrations queue on the write lock, and the
         // second one finds everything in place.
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::raw_sql(&Self::migration_sql(table))
-            .execute(&mut *tx)
-            .await?;
+        let sql = Self::migration_sql(table);
+        // sqlx runs every statement of a multi-statement string, in order.
+        sqlx::query(&sql).execute(&mut *tx).await?;
         tx.commit().await
     }
 
@@ -489,5 +489,17 @@ impl Backend for Sqlite {
             .fetch_one(pool)
             .await?;
         from_micros("now", us)
+    }
+
+    async fn execute_portable<'c>(conn: &'c mut SqliteConnection, sql: &'c str, args: &'c [SqlValue]) -> Result<u64, sqlx::Error> {
+        let mut q = sqlx::query(sql);
+        for a in args {
+            q = match a {
+                SqlValue::Null => q.bind(None::<String>),
+                SqlValue::Int(i) => q.bind(*i),
+                SqlValue::Text(t) => q.bind(t.as_str()),
+            };
+        }
+        Ok(q.execute(conn).await?.rows_affected())
     }
 }
