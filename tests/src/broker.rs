@@ -1,0 +1,282 @@
+//! Kafka brokers for tests, in two tiers.
+//!
+//! * [`TestBroker::mock`] / [`TestBroker::mock_with_brokers`]: librdkafka's in-process
+//!   mock cluster. Always available, fast, supports fault injection
+//!   ([`TestBroker::mock_cluster`]) and is the place for rebalance storms.
+//! * [`TestBroker::tansu`]: a real Kafka-protocol broker (tansu 0.6.0, memory storage)
+//!   whose address comes from `OUTBOX_TEST_KAFKA_BROKERS`. `scripts/test.sh` starts
+//!   one and also sets `OUTBOX_TEST_REQUIRE_KAFKA=1`, which turns a missing broker
+//!   into a test failure instead of a skip.
+//!
+//! Known limits of tansu 0.6.0 with memory storage: high-watermark / lag answers are
+//! wrong (never assert on them), and when several group members leave at once a new
+//! member can wait forever (keep rebalance storms on the mock tier).
+//!
+//! Every test should use fresh names from [`unique_name`] / [`unique_suffix`]: the
+//! tansu broker is shared by all tests of a run.
+
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::RDKafkaErrorCode;
+
+/// Environment variable with the bootstrap servers of the real broker (tansu).
+pub const BROKERS_ENV: &str = "OUTBOX_TEST_KAFKA_BROKERS";
+/// When `1`, [`TestBroker::tansu`] panics instead of returning `None` if
+/// [`BROKERS_ENV`] is unset.
+pub const REQUIRE_ENV: &str = "OUTBOX_TEST_REQUIRE_KAFKA";
+
+/// Default deadline for broker-side set-up steps (topic creation, metadata).
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A Kafka broker for one test.
+pub enum TestBroker {
+    /// librdkafka's in-process mock cluster, dropped (shut down) with this value.
+    Mock(MockBroker),
+    /// An external real broker, shared by all tests of the run.
+    Tansu { bootstrap: String },
+}
+
+/// Owner of a librdkafka mock cluster.
+///
+/// Derefs to [`MockCluster`] for fault injection (`broker_down`, `request_errors`, ...).
+pub struct MockBroker {
+    cluster: MockCluster<'static, DefaultProducerContext>,
+    brokers: i32,
+}
+
+// SAFETY: `MockCluster` is `!Send`/`!Sync` only because it holds a raw
+// `rd_kafka_mock_cluster_t*`. The owned client is `Send + Sync`, and librdkafka's
+// `rd_kafka_mock_*` functions are thread-safe: they either take the cluster lock or
+// post an op to the mock cluster's own thread and wait for the reply, and the
+// bootstrap string is immutable after creation. Destruction happens once, in `Drop`.
+unsafe impl Send for MockBroker {}
+unsafe impl Sync for MockBroker {}
+
+impl MockBroker {
+    /// Number of brokers in the mock cluster.
+    pub fn broker_count(&self) -> i32 {
+        self.brokers
+    }
+}
+
+impl Deref for MockBroker {
+    type Target = MockCluster<'static, DefaultProducerContext>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.cluster
+    }
+}
+
+impl std::fmt::Debug for TestBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TestBroker::Mock(m) => f
+                .debug_struct("Mock")
+                .field("brokers", &m.brokers)
+                .field("bootstrap", &m.cluster.bootstrap_servers())
+                .finish(),
+            TestBroker::Tansu { bootstrap } => f
+                .debug_struct("Tansu")
+                .field("bootstrap", bootstrap)
+                .finish(),
+        }
+    }
+}
+
+impl TestBroker {
+    /// A fresh single-broker mock cluster.
+    pub async fn mock() -> TestBroker {
+        Self::mock_with_brokers(1).await
+    }
+
+    /// A fresh mock cluster with `brokers` brokers (use 3 for replication / leader moves).
+    pub async fn mock_with_brokers(brokers: i32) -> TestBroker {
+        assert!(brokers >= 1, "a mock cluster needs at least one broker");
+        let cluster = MockCluster::new(brokers).unwrap_or_else(|e| {
+            panic!("creating a librdkafka mock cluster ({brokers} brokers): {e}")
+        });
+        TestBroker::Mock(MockBroker { cluster, brokers })
+    }
+
+    /// The real broker named by `OUTBOX_TEST_KAFKA_BROKERS`, or `None` (test should
+    /// skip) when it is unset. Panics when it is unset and `OUTBOX_TEST_REQUIRE_KAFKA=1`.
+    pub fn tansu() -> Option<TestBroker> {
+        match std::env::var(BROKERS_ENV) {
+            Ok(v) if !v.trim().is_empty() => Some(TestBroker::Tansu {
+                bootstrap: v.trim().to_string(),
+            }),
+            _ => {
+                if require_kafka() {
+                    panic!(
+                        "{REQUIRE_ENV}=1 but {BROKERS_ENV} is not set: run the tests through \
+                         `scripts/test.sh` (it installs and starts tansu), or start a broker with \
+                         `scripts/tansu.sh start` and export {BROKERS_ENV}=<host:port>"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// Like [`TestBroker::tansu`], but prints a skip notice naming `test` when there is
+    /// no broker. Use as `let Some(broker) = TestBroker::tansu_or_skip("name") else { return };`.
+    pub fn tansu_or_skip(test: &str) -> Option<TestBroker> {
+        let broker = Self::tansu();
+        if broker.is_none() {
+            eprintln!(
+                "SKIPPED {test}: {BROKERS_ENV} is not set (set {REQUIRE_ENV}=1 to make this a failure)"
+            );
+        }
+        broker
+    }
+
+    /// `"mock"` or `"tansu"`, for messages.
+    pub fn tier(&self) -> &'static str {
+        match self {
+            TestBroker::Mock(_) => "mock",
+            TestBroker::Tansu { .. } => "tansu",
+        }
+    }
+
+    pub fn is_mock(&self) -> bool {
+        matches!(self, TestBroker::Mock(_))
+    }
+
+    /// The mock cluster, for fault injection; `None` on the real broker.
+    pub fn mock_cluster(&self) -> Option<&MockCluster<'static, DefaultProducerContext>> {
+        match self {
+            TestBroker::Mock(m) => Some(&m.cluster),
+            TestBroker::Tansu { .. } => None,
+        }
+    }
+
+    /// The `bootstrap.servers` value for clients.
+    pub fn bootstrap_servers(&self) -> String {
+        match self {
+            TestBroker::Mock(m) => m.cluster.bootstrap_servers(),
+            TestBroker::Tansu { bootstrap } => bootstrap.clone(),
+        }
+    }
+
+    /// A client config with `bootstrap.servers` set (and nothing else).
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", self.bootstrap_servers());
+        config
+    }
+
+    /// Creates `name` with `partitions` partitions (an existing topic is accepted) and
+    /// waits until its metadata shows every partition with a leader. Panics on failure.
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        assert!(partitions >= 1, "a topic needs at least one partition");
+        match self {
+            TestBroker::Mock(m) => {
+                // The mock broker has no CreateTopics API; this creates it directly.
+                m.cluster
+                    .create_topic(name, partitions, m.brokers.min(3))
+                    .unwrap_or_else(|e| panic!("mock: creating topic {name:?}: {e}"));
+            }
+            TestBroker::Tansu { bootstrap } => {
+                let admin: AdminClient<DefaultClientContext> = self
+                    .client_config()
+                    .create()
+                    .unwrap_or_else(|e| panic!("tansu ({bootstrap}): creating admin client: {e}"));
+                let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+                let opts = AdminOptions::new()
+                    .request_timeout(Some(SETUP_TIMEOUT))
+                    .operation_timeout(Some(SETUP_TIMEOUT));
+                let results = admin
+                    .create_topics([&topic], &opts)
+                    .await
+                    .unwrap_or_else(|e| panic!("tansu ({bootstrap}): CreateTopics {name:?}: {e}"));
+                for result in results {
+                    match result {
+                        Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                        Err((topic, code)) => {
+                            panic!("tansu ({bootstrap}): CreateTopics {topic:?} failed: {code:?} ({code})")
+                        }
+                    }
+                }
+            }
+        }
+        self.wait_for_topic(name, partitions, SETUP_TIMEOUT).await;
+    }
+
+    /// Polls metadata until `name` exists with at least `partitions` partitions, each
+    /// with a leader. Panics with the last observation when `timeout` passes.
+    pub async fn wait_for_topic(&self, name: &str, partitions: i32, timeout: Duration) {
+        // A consumer-type client: it never asks the broker to auto-create the topic.
+        let client: BaseConsumer = self
+            .client_config()
+            .set("allow.auto.create.topics", "false")
+            .create()
+            .unwrap_or_else(|e| panic!("{}: creating metadata client: {e}", self.tier()));
+        let name_owned = name.to_string();
+        let deadline = Instant::now() + timeout;
+        let tier = self.tier();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut last;
+            loop {
+                last = match client.fetch_metadata(Some(&name_owned), Duration::from_secs(5)) {
+                    Err(e) => format!("metadata request failed: {e}"),
+                    Ok(md) => match md.topics().iter().find(|t| t.name() == name_owned) {
+                        None => "topic not in metadata".to_string(),
+                        Some(t) if t.error().is_some() => {
+                            format!(
+                                "topic error {:?}",
+                                RDKafkaErrorCode::from(t.error().unwrap())
+                            )
+                        }
+                        Some(t) if (t.partitions().len() as i32) < partitions => {
+                            format!("{} of {partitions} partitions", t.partitions().len())
+                        }
+                        Some(t) if t.partitions().iter().any(|p| p.leader() < 0) => {
+                            "a partition has no leader yet".to_string()
+                        }
+                        Some(_) => return Ok(()),
+                    },
+                };
+                if Instant::now() >= deadline {
+                    return Err(last);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+        .await
+        .expect("metadata polling task panicked");
+        if let Err(last) = result {
+            panic!("{tier}: topic {name:?} not usable after {timeout:?}: {last}");
+        }
+    }
+}
+
+/// `true` when `OUTBOX_TEST_REQUIRE_KAFKA=1`.
+pub fn require_kafka() -> bool {
+    std::env::var(REQUIRE_ENV).is_ok_and(|v| v.trim() == "1")
+}
+
+/// A suffix unique across tests, processes and runs, usable in topic and group
+/// names (`[a-z0-9-]`).
+pub fn unique_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{}-{:x}-{}-{}", std::process::id(), nanos, n, &random[..8])
+}
+
+/// `prefix` followed by [`unique_suffix`].
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{}", unique_suffix())
+}

@@ -1,0 +1,81 @@
+//! The route catalog of the five services: derived names, lookups by Rust type, by
+//! event type name and by service, overrides, and the JSON export.
+
+use outbox_runtime::{Catalog, Event};
+use outbox_tests::services::{ActiveScheduler, Agent, JobScheduled, Memory, Task, TaskCreated};
+
+#[test]
+fn routes_follow_the_documented_rule_and_agent_keeps_the_legacy_table() {
+    let catalog = Catalog::global().expect("valid catalog");
+    let task = catalog.route_of::<Task>().unwrap();
+    assert_eq!(
+        (task.table.as_str(), task.topic.as_str(), task.group.as_str()),
+        ("task_outbox", "outbox.task", "outbox.task.consumer")
+    );
+    let sched = catalog.route_of::<ActiveScheduler>().unwrap();
+    assert_eq!(sched.table, "active_scheduler_outbox");
+    assert_eq!(sched.topic, "outbox.active-scheduler");
+    assert_eq!(catalog.route_of::<Agent>().unwrap().table, "outbox_events");
+    assert_eq!(catalog.route_of::<Memory>().unwrap().table, "outbox_events");
+    assert_eq!(catalog.tables().len(), 4, "agent and memory share one table");
+}
+
+#[test]
+fn events_are_found_by_type_and_by_name() {
+    let catalog = Catalog::global().unwrap();
+    let job = catalog.event_of::<JobScheduled>().unwrap();
+    assert_eq!(job.event_type, "scheduler.JobScheduled");
+    assert_eq!(job.version, 2);
+    assert_eq!(job.service, "active-scheduler");
+    assert_eq!(job.key_field.as_deref(), Some("job_id"));
+    assert_eq!(catalog.event("TaskCreated").unwrap().service, "task");
+    assert_eq!(<TaskCreated as Event>::EVENT_TYPE, "TaskCreated");
+    let task_events: Vec<_> = catalog.events_of_service("task").map(|e| e.event_type.as_str()).collect();
+    assert_eq!(task_events, ["TaskCreated"]);
+    let handlers: Vec<_> = catalog.handlers_of("task").map(|h| h.name.as_str()).collect();
+    assert_eq!(handlers, ["outbox_tests::services::on_task_created"]);
+}
+
+#[test]
+fn overrides_apply_and_are_validated() {
+    let catalog = Catalog::builder()
+        .topic_prefix("staging.")
+        .group_prefix("staging.")
+        .table("notification", "notification_outbox_v2")
+        .topic("task", "tasks.v2")
+        .build()
+        .unwrap();
+    assert_eq!(catalog.route("task").unwrap().topic, "staging.tasks.v2");
+    assert_eq!(catalog.route("notification").unwrap().table, "notification_outbox_v2");
+    assert_eq!(catalog.route("agent").unwrap().group, "staging.outbox.agent.consumer");
+
+    let err = Catalog::builder()
+        .table("task", "task; DROP TABLE users")
+        .group("memory", "outbox.agent.consumer")
+        .build()
+        .unwrap_err();
+    assert_eq!(err.problems.len(), 2, "{err}");
+    assert!(err.to_string().contains("table name `task; DROP TABLE users`"), "{err}");
+    assert!(err.to_string().contains("share consumer group `outbox.agent.consumer`"), "{err}");
+}
+
+#[test]
+fn exports_as_json() {
+    let json = Catalog::global().unwrap().to_json();
+    let services: Vec<&str> = json["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["service"].as_str().unwrap())
+        .collect();
+    assert_eq!(services, ["active-scheduler", "agent", "memory", "notification", "task"]);
+    assert_eq!(json["events"].as_array().unwrap().len(), 5);
+    assert_eq!(json["handlers"].as_array().unwrap().len(), 5);
+    let job = json["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event_type"] == "scheduler.JobScheduled")
+        .unwrap();
+    assert_eq!(job["rust_type"], "outbox_tests::services::JobScheduled");
+}
