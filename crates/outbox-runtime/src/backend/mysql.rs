@@ -236,9 +236,7 @@ async fn claim_once(
                 updated_at = UTC_TIMESTAMP(6) \
           WHERE id IN ({list}) AND status = 0"
     );
-    let mut update = sqlx::query(&update_sql)
-    .bind(token)
-    .bind(lease_us);
+    let mut update = sqlx::query(&update_sql).bind(token).bind(lease_us);
     for id in &ids {
         update = update.bind(*id);
     }
@@ -323,9 +321,12 @@ impl Backend for MySql {
             .fetch_one(&mut *conn)
             .await?;
         if got != Some(1) {
-            return Err(sqlx::Error::Protocol(format!(
-                "timed out after {MIGRATE_LOCK_WAIT_SECS} s waiting for the migration lock `{lock}` \
-                 (another process is migrating `{table}`)"
+            return Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "timed out after {MIGRATE_LOCK_WAIT_SECS} s waiting for the migration lock \
+                     `{lock}` (another process is migrating `{table}`)"
+                ),
             )));
         }
         // Text protocol: DDL, and the template may hold several statements.
@@ -631,13 +632,17 @@ impl Backend for MySql {
         Ok(super::counts_from(rows))
     }
 
-    async fn now<'p>(pool: &'p Pool<Self>) -> Result<DateTime<Utc>, sqlx::Error> {
+    async fn now(pool: &Pool<Self>) -> Result<DateTime<Utc>, sqlx::Error> {
         sqlx::query_scalar("SELECT UTC_TIMESTAMP(6)")
             .fetch_one(pool)
             .await
     }
 
-    async fn execute_portable<'c>(conn: &'c mut MySqlConnection, sql: &'c str, args: &'c [SqlValue]) -> Result<u64, sqlx::Error> {
+    async fn execute_portable<'c>(
+        conn: &'c mut MySqlConnection,
+        sql: &'c str,
+        args: &'c [SqlValue],
+    ) -> Result<u64, sqlx::Error> {
         let mut q = sqlx::query(sql);
         for a in args {
             q = match a {
@@ -647,5 +652,40 @@ impl Backend for MySql {
             };
         }
         Ok(q.execute(conn).await?.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholder_lists() {
+        assert_eq!(placeholders(0), "");
+        assert_eq!(placeholders(1), "?");
+        assert_eq!(placeholders(3), "?, ?, ?");
+    }
+
+    #[test]
+    fn delays_are_clamped() {
+        assert_eq!(micros(Duration::from_millis(1500)), 1_500_000);
+        assert_eq!(micros(Duration::MAX), MAX_DELAY_MICROS);
+    }
+
+    #[test]
+    fn lock_names_fit_get_lock() {
+        let long = "t".repeat(63);
+        assert!(migrate_lock_name(&long).len() <= LOCK_NAME_MAX);
+        assert_eq!(
+            migrate_lock_name("orders_outbox"),
+            "outbox_migrate:orders_outbox"
+        );
+    }
+
+    #[test]
+    fn migration_sql_names_the_table() {
+        let sql = <MySql as Backend>::migration_sql("orders_outbox");
+        assert!(sql.contains("CREATE TABLE IF NOT EXISTS orders_outbox ("));
+        assert!(!sql.contains("{table}"));
     }
 }

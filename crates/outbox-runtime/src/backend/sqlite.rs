@@ -484,14 +484,18 @@ impl Backend for Sqlite {
         Ok(super::counts_from(rows))
     }
 
-    async fn now<'p>(pool: &'p Pool<Self>) -> Result<DateTime<Utc>, sqlx::Error> {
+    async fn now(pool: &Pool<Self>) -> Result<DateTime<Utc>, sqlx::Error> {
         let us: i64 = sqlx::query_scalar(&format!("SELECT {NOW}"))
             .fetch_one(pool)
             .await?;
         from_micros("now", us)
     }
 
-    async fn execute_portable<'c>(conn: &'c mut SqliteConnection, sql: &'c str, args: &'c [SqlValue]) -> Result<u64, sqlx::Error> {
+    async fn execute_portable<'c>(
+        conn: &'c mut SqliteConnection,
+        sql: &'c str,
+        args: &'c [SqlValue],
+    ) -> Result<u64, sqlx::Error> {
         let mut q = sqlx::query(sql);
         for a in args {
             q = match a {
@@ -501,5 +505,48 @@ impl Backend for Sqlite {
             };
         }
         Ok(q.execute(conn).await?.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn id_lists_are_json() {
+        assert_eq!(json_ids(&[]), "[]");
+        assert_eq!(json_ids(&[1, -2, i64::MAX]), format!("[1,-2,{}]", i64::MAX));
+    }
+
+    #[test]
+    fn delays_are_clamped() {
+        assert_eq!(micros(Duration::from_millis(1500)), 1_500_000);
+        assert_eq!(micros(Duration::MAX), MAX_DELAY_MICROS);
+    }
+
+    #[test]
+    fn connect_options_from_path_or_url() {
+        assert_eq!(
+            sqlite_connect_options("data/app.db").get_filename(),
+            Path::new("data/app.db")
+        );
+        assert_eq!(
+            sqlite_connect_options("sqlite://data/app.db").get_filename(),
+            Path::new("data/app.db")
+        );
+        assert_eq!(
+            sqlite_connect_options("sqlite:data/app.db?mode=bogus").get_filename(),
+            Path::new("data/app.db"),
+            "an unparsable URL falls back to its path"
+        );
+    }
+
+    #[test]
+    fn migration_sql_names_the_table() {
+        let sql = <Sqlite as Backend>::migration_sql("orders_outbox");
+        assert!(sql.contains("CREATE TABLE IF NOT EXISTS orders_outbox ("));
+        assert!(sql.contains("orders_outbox_claim_idx"));
+        assert!(!sql.contains("{table}"));
     }
 }

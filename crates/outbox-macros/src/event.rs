@@ -1,0 +1,376 @@
+//! `#[outbox_event]`: validate the type and its options, then implement `Event`, the
+//! routing proofs `PublishedThrough` / `HandledBy` for the owning service, and register
+//! the event.
+
+use proc_macro2::TokenStream;
+use quote::{quote, quote_spanned};
+use syn::ext::IdentExt;
+use syn::spanned::Spanned;
+use syn::{Fields, Ident, Item, LitStr, Type};
+
+use crate::attr::{self, Ctxt, ServiceRef};
+use crate::names::{self, NameKind};
+use crate::service::item_keyword_span;
+
+const MACRO: &str = "outbox_event";
+const KEYS: &[&str] = &["service", "name", "version", "key", "max_retries"];
+
+/// A validated event declaration.
+struct Event<'a> {
+    ident: &'a Ident,
+    service: ServiceRef,
+    name: String,
+    version: u32,
+    max_retries: Option<u32>,
+    key: Option<(Ident, &'a Type)>,
+}
+
+pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
+    let item = match syn::parse2::<Item>(input.clone()) {
+        Ok(item) => item,
+        Err(err) => return attr::with_errors(input, err),
+    };
+    let cx = Ctxt::new();
+    let event = validate(&cx, args, &item);
+    match (cx.check(), event) {
+        (Ok(()), Some(event)) => {
+            let generated = generate(&event);
+            let mut out = input;
+            out.extend(generated);
+            out
+        }
+        (Err(err), event) => {
+            // Still implement the traits when the type and its service are known, so
+            // code using the event (publishers, handlers) does not fail too: the
+            // mistake is reported once, here.
+            let fallback = event.map(|e| impl_event(&e)).unwrap_or_default();
+            let mut out = attr::with_errors(input, err);
+            out.extend(quote!(const _: () = { #fallback };));
+            out
+        }
+        (Ok(()), None) => unreachable!("validation failed without an error"),
+    }
+}
+
+/// The event, if the type and its service could be read; on other errors, with the
+/// defaults in place of the values that failed.
+fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Event<'a>> {
+    let target = match item {
+        Item::Struct(s) => Some((&s.ident, &s.generics, Some(&s.fields))),
+        Item::Enum(e) => Some((&e.ident, &e.generics, None)),
+        _ => None,
+    };
+    let mut service = None;
+    let mut service_given = false;
+    let mut name = None;
+    let mut version = None;
+    let mut max_retries = None;
+    let mut key = None;
+    let args = attr::parse_args(cx, MACRO, args, KEYS, |arg| {
+        let (k, v) = (&arg.key, &arg.value);
+        match k.to_string().as_str() {
+            "service" => {
+                service_given = true;
+                service = attr::get_service(cx, k, v);
+            }
+            "name" => {
+                name = attr::get_lit_str(cx, k, v, "\"TaskCreated\"")
+                    .and_then(|lit| event_name(cx, &lit));
+            }
+            "version" => version = attr::get_u32(cx, k, v, 1),
+            "max_retries" => max_retries = attr::get_u32(cx, k, v, 0),
+            "key" => {
+                if let (Some(field), Some((ident, _, fields))) =
+                    (attr::get_ident(cx, k, v, "task_id"), target)
+                {
+                    key = key_field(cx, ident, fields, field);
+                }
+            }
+            _ => unreachable!("parse_args only returns valid keys"),
+        }
+    });
+    if !service_given {
+        cx.error_at(
+            proc_macro2::Span::call_site(),
+            format!(
+                "missing `service = ...` in `#[outbox_event]`: name the service that owns the \
+                 event, e.g. `#[outbox_event(service = Task)]`; the valid keys are {}",
+                attr::list(KEYS)
+            ),
+        );
+    }
+
+    let (ident, generics, _) = match (item, target) {
+        (_, Some(target)) => target,
+        (Item::Union(u), _) => {
+            cx.error_spanned_by(
+                u.union_token,
+                "an outbox event is a struct or an enum that derives `Serialize` and \
+                 `Deserialize`; unions are not supported",
+            );
+            return None;
+        }
+        (other, _) => {
+            cx.error_at(
+                item_keyword_span(other),
+                "`#[outbox_event]` goes on a struct or an enum that derives `Serialize` and \
+                 `Deserialize`",
+            );
+            return None;
+        }
+    };
+    if !generics.params.is_empty() || generics.where_clause.is_some() {
+        let found = if generics.params.is_empty() {
+            attr::pretty(&generics.where_clause)
+        } else {
+            attr::pretty(generics)
+        };
+        cx.error_spanned_by(
+            generics,
+            format!(
+                "outbox events must be 'static and non-generic, found `{found}`: every event \
+                 type is one entry of the catalog; use a concrete struct per event"
+            ),
+        );
+        return None;
+    }
+    let given = |key: &str| args.iter().any(|a| a.key == key);
+    let name = match name {
+        Some(name) => name,
+        None if given("name") => String::new(),
+        None => {
+            let derived = ident.unraw().to_string();
+            if let Err(why) = names::check_name(NameKind::EventType, &derived) {
+                cx.error_spanned_by(
+                    ident,
+                    format!(
+                        "{why}; the event type name defaults to the type name: give one with \
+                         `name = \"...\"`"
+                    ),
+                );
+            }
+            derived
+        }
+    };
+    Some(Event {
+        ident,
+        service: service?,
+        name,
+        version: version.unwrap_or(1),
+        max_retries,
+        key,
+    })
+}
+
+fn event_name(cx: &Ctxt, lit: &LitStr) -> Option<String> {
+    let value = lit.value();
+    match names::check_name(NameKind::EventType, &value) {
+        Ok(()) => Some(value),
+        Err(why) => {
+            cx.error_spanned_by(lit, why);
+            None
+        }
+    }
+}
+
+/// `key = field`: the field and its type, or an error naming the available fields.
+fn key_field<'a>(
+    cx: &Ctxt,
+    ident: &Ident,
+    fields: Option<&'a Fields>,
+    field: Ident,
+) -> Option<(Ident, &'a Type)> {
+    let named = match fields {
+        Some(Fields::Named(named)) => named,
+        Some(_) => {
+            cx.error_spanned_by(
+                &field,
+                format!(
+                    "`key` names a field, but `{ident}` has no named fields; use a struct \
+                     with named fields, or drop `key`"
+                ),
+            );
+            return None;
+        }
+        None => {
+            cx.error_spanned_by(
+                &field,
+                format!(
+                    "`key` is only supported on structs with named fields; `{ident}` is an \
+                     enum: drop `key`, or publish it with an explicit key"
+                ),
+            );
+            return None;
+        }
+    };
+    let wanted = field.unraw().to_string();
+    let mut available = Vec::new();
+    for f in &named.named {
+        let Some(name) = &f.ident else { continue };
+        let name_str = name.unraw().to_string();
+        if name_str == wanted {
+            return Some((name.clone(), &f.ty));
+        }
+        available.push(name_str);
+    }
+    let suggestion = attr::did_you_mean(&wanted, available.iter().map(String::as_str))
+        .map(|s| format!("did you mean `{s}`? "))
+        .unwrap_or_default();
+    let fields = if available.is_empty() {
+        "it has no fields".to_owned()
+    } else {
+        format!("the fields are {}", attr::list(&available))
+    };
+    cx.error_spanned_by(
+        &field,
+        format!("no field `{wanted}` in `{ident}` to use as the key; {suggestion}{fields}"),
+    );
+    None
+}
+
+/// The trait impls: `Event`, `PublishedThrough<S>` and `HandledBy<S>`.
+///
+/// They are guarded by where clauses that hold exactly when the event is well formed
+/// (`for<'__guard>` keeps rustc from rejecting them as trivially false), so a missing
+/// serde derive or a type that is not a service is reported once, by the assertions
+/// and the registration in [`generate`], and not again by every impl.
+fn impl_event(event: &Event) -> TokenStream {
+    let Event {
+        ident,
+        service,
+        name,
+        version,
+        max_retries,
+        key,
+    } = event;
+    let private = quote!(::outbox_runtime::__private);
+    let serde = quote!(#private::serde);
+    let service_ty = &service.ty;
+    let max_retries = option_u32(*max_retries);
+    let key_body = match key {
+        Some((field, ty)) => {
+            // Spanned at the field's type: a type that cannot be a key fails there, with
+            // the message of `EventKey`'s `on_unimplemented`.
+            let check = quote_spanned! {attr::at(ty.span())=>
+                __outbox_key::<#ty>
+            };
+            quote! {
+                fn __outbox_key<K: ?::core::marker::Sized + #private::EventKey>(
+                    key: &K,
+                ) -> ::core::option::Option<::std::string::String> {
+                    #private::EventKey::to_key(key)
+                }
+                #check(&self.#field)
+            }
+        }
+        None => quote!(::core::option::Option::None),
+    };
+    let guard_service = quote!(for<'__guard> #service_ty: #private::Service);
+    quote! {
+        #[automatically_derived]
+        impl #private::Event for #ident
+        where
+            for<'__guard> #ident: #serde::Serialize + #serde::de::DeserializeOwned,
+            #guard_service,
+        {
+            type Service = #service_ty;
+            const EVENT_TYPE: &'static str = #name;
+            const VERSION: u32 = #version;
+            const MAX_RETRIES: ::core::option::Option<u32> = #max_retries;
+            fn key(&self) -> ::core::option::Option<::std::string::String> {
+                #key_body
+            }
+        }
+
+        #[automatically_derived]
+        impl #private::PublishedThrough<#service_ty> for #ident
+        where
+            for<'__guard> #ident: #private::Event,
+            #guard_service,
+        {
+        }
+
+        #[automatically_derived]
+        impl #private::HandledBy<#service_ty> for #ident
+        where
+            for<'__guard> #ident: #private::Event,
+            #guard_service,
+        {
+        }
+    }
+}
+
+fn option_u32(value: Option<u32>) -> TokenStream {
+    match value {
+        Some(n) => quote!(::core::option::Option::Some(#n)),
+        None => quote!(::core::option::Option::None),
+    }
+}
+
+/// The impls, the assertions and the registration.
+fn generate(event: &Event) -> TokenStream {
+    let Event {
+        ident,
+        service,
+        name,
+        version,
+        max_retries,
+        key,
+    } = event;
+    let private = quote!(::outbox_runtime::__private);
+    let serde = quote!(#private::serde);
+    let service_ty = &service.ty;
+    let rust_type = ident.unraw().to_string();
+    let max_retries = option_u32(*max_retries);
+    let key_field = match key {
+        Some((field, _)) => {
+            let field_name = field.unraw().to_string();
+            quote!(::core::option::Option::Some(#field_name))
+        }
+        None => quote!(::core::option::Option::None),
+    };
+    // Spanned at the type name: a type without the serde derives fails there, with
+    // serde's own hint (`for<'de> Deserialize<'de>` rather than `DeserializeOwned`, whose
+    // error lacks the hint).
+    let assert_serde = quote_spanned! {attr::at(ident.span())=>
+        const _: () = __outbox_event_derives_serde::<#ident>();
+    };
+    let name_assertion = attr::service_name_assertion(service);
+    // Spanned at the service: a type that is not a service fails there, once, with the
+    // message of `Service`'s `on_unimplemented` (the impls above are guarded).
+    let service_name = quote_spanned! {attr::at(service_ty.span())=>
+        <#service_ty as ::outbox_runtime::__private::Service>::NAME
+    };
+    let service_table = quote_spanned! {attr::at(service_ty.span())=>
+        <#service_ty as ::outbox_runtime::__private::Service>::TABLE
+    };
+    let impls = impl_event(event);
+    quote! {
+        #[doc(hidden)]
+        const _: () = {
+            const fn __outbox_event_derives_serde<T>()
+            where
+                T: #serde::Serialize + for<'de> #serde::Deserialize<'de>,
+            {
+            }
+            #assert_serde
+            #name_assertion
+
+            #impls
+
+            // Written out rather than `EventRegistration::of::<T>()`, which would
+            // require `T: Event` and repeat the errors of the assertions above.
+            #private::inventory::submit! {
+                #private::EventRegistration {
+                    event_type: #name,
+                    version: #version,
+                    service: #service_name,
+                    service_table: #service_table,
+                    max_retries: #max_retries,
+                    key_field: #key_field,
+                    rust_type: ::core::concat!(::core::module_path!(), "::", #rust_type),
+                }
+            }
+        };
+    }
+}

@@ -1,0 +1,421 @@
+//! `#[outbox_handler]`: validate the shape of the async fn, then generate the
+//! type-erased glue the consumer calls and register the handler.
+
+use proc_macro2::TokenStream;
+use quote::{quote, quote_spanned, ToTokens};
+use syn::ext::IdentExt;
+use syn::spanned::Spanned;
+use syn::{
+    FnArg, GenericArgument, GenericParam, Ident, Item, ItemFn, PathArguments, ReturnType, Type,
+    TypeParamBound, WherePredicate,
+};
+
+use crate::attr::{self, Ctxt, ServiceRef};
+use crate::service::item_keyword_span;
+
+const MACRO: &str = "outbox_handler";
+const KEYS: &[&str] = &["service"];
+
+const CONTEXT_MESSAGE: &str = "handlers must take `&mut HandlerContext<Db>` as their first \
+     argument so your writes and the consumed mark commit in one transaction";
+
+/// The database a handler runs on.
+enum Db<'a> {
+    /// One backend type: `&mut HandlerContext<Sqlite>`.
+    Concrete(&'a Type),
+    /// The fn's type parameter: `async fn h<DB: Backend>(ctx: &mut HandlerContext<DB>, ..)`.
+    Generic(&'a Ident),
+}
+
+/// A validated handler.
+struct Handler<'a> {
+    func: &'a ItemFn,
+    db: Db<'a>,
+    event: &'a Type,
+    output: &'a Type,
+    service: Option<ServiceRef>,
+}
+
+pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
+    let item = match syn::parse2::<Item>(input.clone()) {
+        Ok(item) => item,
+        Err(err) => return attr::with_errors(input, err),
+    };
+    let cx = Ctxt::new();
+    let handler = validate(&cx, args, &item);
+    match (cx.check(), handler) {
+        (Ok(()), Some(handler)) => {
+            let generated = generate(&handler);
+            let mut out = input;
+            out.extend(generated);
+            out
+        }
+        (Err(err), _) => attr::with_errors(input, err),
+        (Ok(()), None) => unreachable!("validation failed without an error"),
+    }
+}
+
+fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Handler<'a>> {
+    let mut service = None;
+    let mut service_ok = true;
+    attr::parse_args(cx, MACRO, args, KEYS, |arg| {
+        service = attr::get_service(cx, &arg.key, &arg.value);
+        service_ok = service.is_some();
+    });
+
+    let Item::Fn(func) = item else {
+        cx.error_at(
+            item_keyword_span(item),
+            "`#[outbox_handler]` goes on an async fn: \
+             `async fn on_event(ctx: &mut HandlerContext<Db>, event: YourEvent) -> Result<(), HandlerError>`",
+        );
+        return None;
+    };
+    let sig = &func.sig;
+    let name = &sig.ident;
+    let mut ok = service_ok;
+
+    if sig.asyncness.is_none() {
+        cx.error_spanned_by(
+            sig.fn_token,
+            format!("an outbox handler must be an `async fn`: write `async fn {name}(...)`"),
+        );
+        ok = false;
+    }
+    if let Some(unsafety) = &sig.unsafety {
+        cx.error_spanned_by(unsafety, "an outbox handler cannot be `unsafe`");
+        ok = false;
+    }
+    if let Some(abi) = &sig.abi {
+        cx.error_spanned_by(abi, "an outbox handler cannot have an `extern` ABI");
+        ok = false;
+    }
+    if let Some(variadic) = &sig.variadic {
+        cx.error_spanned_by(variadic, "an outbox handler cannot be variadic");
+        ok = false;
+    }
+
+    let backend_param = backend_param(cx, func, &mut ok);
+
+    // The parameters: `(ctx: &mut HandlerContext<Db>, event: E)`.
+    if let Some(FnArg::Receiver(receiver)) = sig.inputs.first() {
+        cx.error_spanned_by(
+            receiver,
+            "an outbox handler is a free async fn, not a method: move it out of the `impl` \
+             block and drop `self`",
+        );
+        return None;
+    }
+    let typed: Vec<&syn::PatType> = sig
+        .inputs
+        .iter()
+        .filter_map(|arg| match arg {
+            FnArg::Typed(pat) => Some(pat),
+            FnArg::Receiver(_) => None,
+        })
+        .collect();
+    if typed.len() != sig.inputs.len() {
+        let receiver = sig.inputs.iter().find(|a| matches!(a, FnArg::Receiver(_)));
+        cx.error_spanned_by(receiver, "an outbox handler takes no `self`");
+        return None;
+    }
+    if typed.len() != 2 {
+        let found = match typed.len() {
+            0 => "none".to_owned(),
+            n => n.to_string(),
+        };
+        let span = if sig.inputs.is_empty() {
+            sig.paren_token.span.join()
+        } else {
+            sig.inputs.span()
+        };
+        cx.error_at(
+            span,
+            format!(
+                "an outbox handler takes exactly two arguments, \
+                 `(ctx: &mut HandlerContext<Db>, event: YourEvent)`; found {found}"
+            ),
+        );
+        return None;
+    }
+
+    let db_ty = context_db(cx, &typed[0].ty)?;
+    let db = match backend_param {
+        Some(param) => match db_ty {
+            Type::Path(p) if p.qself.is_none() && p.path.is_ident(param) => Db::Generic(param),
+            other => {
+                cx.error_spanned_by(
+                    other,
+                    format!(
+                        "a generic handler's type parameter is the backend: write \
+                         `ctx: &mut HandlerContext<{param}>`"
+                    ),
+                );
+                return None;
+            }
+        },
+        None => Db::Concrete(db_ty),
+    };
+
+    let event = &*typed[1].ty;
+    match event {
+        Type::Reference(r) => {
+            let inner = &r.elem;
+            cx.error_spanned_by(
+                event,
+                format!(
+                    "take the event by value, `event: {}`: the handler owns the event decoded \
+                     for it",
+                    attr::pretty(inner)
+                ),
+            );
+            ok = false;
+        }
+        Type::ImplTrait(_) | Type::Infer(_) => {
+            cx.error_spanned_by(
+                event,
+                "the second argument is the event: name its type, e.g. `event: TaskCreated`",
+            );
+            ok = false;
+        }
+        _ => {}
+    }
+
+    let output = match &sig.output {
+        ReturnType::Type(_, ty) => Some(&**ty),
+        ReturnType::Default => {
+            cx.error_at(
+                sig.paren_token.span.close(),
+                "an outbox handler must return `Result<(), E>` where `E` converts into \
+                 `HandlerError`: add `-> Result<(), HandlerError>` and use `?`; returning \
+                 `()` would hide failures",
+            );
+            None
+        }
+    };
+
+    if !ok {
+        return None;
+    }
+    Some(Handler {
+        func,
+        db,
+        event,
+        output: output?,
+        service,
+    })
+}
+
+/// The fn's single type parameter, the backend, if it has one; every other generic
+/// parameter is an error.
+fn backend_param<'a>(cx: &Ctxt, func: &'a ItemFn, ok: &mut bool) -> Option<&'a Ident> {
+    let generics = &func.sig.generics;
+    let mut backend = None;
+    for param in &generics.params {
+        match param {
+            GenericParam::Type(ty) if backend.is_none() => {
+                for bound in &ty.bounds {
+                    check_backend_bound(cx, &ty.ident, bound, ok);
+                }
+                backend = Some(&ty.ident);
+            }
+            other => {
+                cx.error_spanned_by(
+                    other,
+                    "an outbox handler can only be generic over its backend, with one type \
+                     parameter: `async fn h<DB: Backend>(ctx: &mut HandlerContext<DB>, ..)`",
+                );
+                *ok = false;
+            }
+        }
+    }
+    if let Some(where_clause) = &generics.where_clause {
+        for predicate in &where_clause.predicates {
+            let allowed = match (predicate, backend) {
+                (WherePredicate::Type(pt), Some(param)) => {
+                    matches!(&pt.bounded_ty, Type::Path(p) if p.qself.is_none() && p.path.is_ident(param))
+                        && pt.lifetimes.is_none()
+                }
+                _ => false,
+            };
+            if allowed {
+                if let WherePredicate::Type(pt) = predicate {
+                    for bound in &pt.bounds {
+                        check_backend_bound(cx, backend.unwrap(), bound, ok);
+                    }
+                }
+            } else {
+                cx.error_spanned_by(
+                    predicate,
+                    "an outbox handler cannot have where clauses beyond `DB: Backend`: the \
+                     consumer runs it for every backend compiled in",
+                );
+                *ok = false;
+            }
+        }
+    }
+    backend
+}
+
+/// A generic handler runs on every backend, so its parameter can only require what
+/// every backend has.
+fn check_backend_bound(cx: &Ctxt, param: &Ident, bound: &TypeParamBound, ok: &mut bool) {
+    let allowed = match bound {
+        TypeParamBound::Trait(t) => t.path.segments.last().is_some_and(|s| {
+            matches!(
+                s.ident.to_string().as_str(),
+                "Backend" | "Send" | "Sync" | "Sized" | "Unpin"
+            ) && s.arguments.is_empty()
+        }),
+        TypeParamBound::Lifetime(l) => l.ident == "static",
+        _ => false,
+    };
+    if !allowed {
+        cx.error_spanned_by(
+            bound,
+            format!(
+                "a generic handler can only require `{param}: Backend`: the consumer runs it \
+                 for every backend compiled in"
+            ),
+        );
+        *ok = false;
+    }
+}
+
+/// The `Db` of `&mut HandlerContext<Db>`, or the error that says the first argument must
+/// be the handler's transaction.
+fn context_db<'a>(cx: &Ctxt, ty: &'a Type) -> Option<&'a Type> {
+    let found = || attr::pretty(ty);
+    let db = match ty {
+        Type::Reference(r) => match &*r.elem {
+            Type::Path(p) if p.qself.is_none() => {
+                let last = p.path.segments.last()?;
+                match (&last.arguments, r.mutability.is_some(), last.ident == "HandlerContext") {
+                    (PathArguments::AngleBracketed(args), true, true) if args.args.len() == 1 => {
+                        match args.args.first() {
+                            Some(GenericArgument::Type(db)) => Some(db),
+                            _ => None,
+                        }
+                    }
+                    (_, false, true) => {
+                        cx.error_spanned_by(
+                            ty,
+                            format!("{CONTEXT_MESSAGE}; it must be `&mut`, found `{}`", found()),
+                        );
+                        return None;
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    if db.is_none() {
+        cx.error_spanned_by(ty, format!("{CONTEXT_MESSAGE}; found `{}`", found()));
+    }
+    db
+}
+
+fn generate(handler: &Handler) -> TokenStream {
+    let Handler {
+        func,
+        db,
+        event,
+        output,
+        service,
+    } = handler;
+    let private = quote!(::outbox_runtime::__private);
+    let fn_ident = &func.sig.ident;
+    let fn_name = fn_ident.unraw().to_string();
+
+    // Spanned at the fn name: a future that is not `Send` fails at the handler.
+    let span = attr::at(fn_ident.span());
+    let user_call = match db {
+        Db::Concrete(_) => quote_spanned!(span=> #fn_ident(ctx, event)),
+        Db::Generic(param) => quote_spanned!(span=> #fn_ident::<#param>(ctx, event)),
+    };
+    let user_call = quote_spanned! {span=>
+        ::outbox_runtime::__private::assert_send(#user_call)
+    };
+    // Spanned at the return type: a return type that is not a `Result<(), E>` fails
+    // there, with the message of `HandlerResult`'s `on_unimplemented`.
+    let into_result = quote_spanned! {attr::at(output.span())=>
+        <#output as ::outbox_runtime::__private::HandlerResult>::into_handler_result(result)
+    };
+    let body = quote! {
+        ::std::boxed::Box::pin(async move {
+            let event = match #private::decode_payload::<#event>(payload) {
+                ::core::result::Result::Ok(event) => event,
+                ::core::result::Result::Err(err) => return ::core::result::Result::Err(err),
+            };
+            let result = #user_call.await;
+            #into_result
+        })
+    };
+    let ret = quote! {
+        #private::BoxFuture<'a, ::core::result::Result<(), #private::HandlerError>>
+    };
+
+    let factory = match db {
+        Db::Concrete(db) => quote! {
+            fn __outbox_glue<'a>(
+                ctx: &'a mut #private::HandlerContext<#db>,
+                payload: &'a [u8],
+            ) -> #ret {
+                #body
+            }
+            static __OUTBOX_FACTORY: #private::ConcreteHandler<#db> =
+                #private::ConcreteHandler(__outbox_glue);
+        },
+        Db::Generic(param) => quote! {
+            struct __OutboxHandler;
+            #[automatically_derived]
+            impl #private::GenericHandler for __OutboxHandler {
+                fn call<'a, #param: ::outbox_runtime::Backend>(
+                    ctx: &'a mut #private::HandlerContext<#param>,
+                    payload: &'a [u8],
+                ) -> #ret {
+                    #body
+                }
+            }
+            static __OUTBOX_FACTORY: #private::GenericHandlerFactory<__OutboxHandler> =
+                #private::GenericHandlerFactory::new();
+        },
+    };
+
+    let service_check = service.as_ref().map(|service| {
+        let ty = &service.ty;
+        // Located at the service: an event owned by another service fails there, with
+        // the message of `HandledBy`'s `on_unimplemented`.
+        let event_at_service = attr::located_at(event.to_token_stream(), ty.span());
+        let check = quote_spanned! {attr::at(ty.span())=>
+            const _: () = __outbox_handled_by::<#ty, #event_at_service>();
+        };
+        let name_assertion = attr::service_name_assertion(service);
+        quote! {
+            const fn __outbox_handled_by<S, E>()
+            where
+                S: #private::Service,
+                E: ?::core::marker::Sized + #private::HandledBy<S>,
+            {
+            }
+            #check
+            #name_assertion
+        }
+    });
+
+    quote! {
+        #[doc(hidden)]
+        const _: () = {
+            #service_check
+            #factory
+            #private::inventory::submit! {
+                #private::HandlerRegistration::of::<#event>(
+                    ::core::concat!(::core::module_path!(), "::", #fn_name),
+                    &__OUTBOX_FACTORY,
+                )
+            }
+        };
+    }
+}

@@ -1,0 +1,21 @@
+use outbox_runtime::{outbox_event, outbox_handler, outbox_service, HandlerContext, HandlerError};
+use serde::{Deserialize, Serialize};
+
+#[outbox_service]
+pub struct Task;
+
+#[outbox_event(service = Task, key = task_id)]
+#[derive(Serialize, Deserialize)]
+pub struct TaskCreated {
+    pub task_id: String,
+}
+
+#[outbox_handler]
+async fn on_task_created<DB: outbox_runtime::Backend, T>(
+    _ctx: &mut HandlerContext<DB>,
+    _event: TaskCreated,
+) -> Result<(), HandlerError> {
+    Ok(())
+}
+
+fn main() {}

@@ -1,0 +1,1340 @@
+//! The outbox store contract ([`Backend`]): one generic body per behaviour, run on every
+//! backend (PostgreSQL, MySQL/MariaDB, SQLite), each on a fresh database.
+//!
+//! Waiting is always polling against a deadline, never a sleep used as
+//! synchronisation.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use outbox_runtime::backend::{AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, Status};
+use outbox_tests::db::TestDatabase;
+use sqlx::types::chrono::{DateTime, Utc};
+use sqlx::Pool;
+use uuid::Uuid;
+
+const TABLE: &str = "outbox_events";
+const SVC: &str = "orders";
+const OTHER_SVC: &str = "billing";
+/// A lease that outlives every test.
+const LONG: Duration = Duration::from_secs(600);
+/// Deadline of every poll.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A fresh random non-zero lease token.
+fn token() -> i64 {
+    loop {
+        let t: i64 = rand::random();
+        if t != 0 {
+            return t;
+        }
+    }
+}
+
+/// A fresh database with the outbox table.
+async fn setup<T: TestDatabase>() -> T {
+    let db = T::create().await;
+    T::DB::migrate(db.pool(), TABLE).await.expect("migrate");
+    db
+}
+
+/// Inserts one row in its own transaction, the way `publish` does; returns its event id.
+async fn publish_to<DB: Backend>(
+    pool: &Pool<DB>,
+    table: &str,
+    service: &str,
+    key: Option<&str>,
+) -> Uuid {
+    let event_id = Uuid::now_v7();
+    let payload = format!(r#"{{"event":"{event_id}"}}"#);
+    let row = NewRow {
+        event_id,
+        service,
+        event_type: "OrderPlaced",
+        version: 2,
+        key,
+        payload: &payload,
+        max_retries: 3,
+    };
+    let mut tx = DB::begin(pool).await.expect("begin");
+    DB::insert(&mut *tx, table, &row).await.expect("insert");
+    tx.commit().await.expect("commit");
+    event_id
+}
+
+async fn publish<DB: Backend>(pool: &Pool<DB>, service: &str, key: Option<&str>) -> Uuid {
+    publish_to(pool, TABLE, service, key).await
+}
+
+async fn fetch<DB: Backend>(pool: &Pool<DB>, event_id: Uuid) -> OutboxRow {
+    DB::fetch(pool, TABLE, event_id)
+        .await
+        .expect("fetch")
+        .unwrap_or_else(|| panic!("row {event_id} exists"))
+}
+
+async fn claim<DB: Backend>(
+    pool: &Pool<DB>,
+    service: &str,
+    limit: u32,
+    lease: Duration,
+    token: i64,
+) -> Vec<ClaimedRow> {
+    DB::claim(pool, TABLE, service, limit, lease, token)
+        .await
+        .expect("claim")
+}
+
+fn event_ids(rows: &[ClaimedRow]) -> Vec<Uuid> {
+    rows.iter().map(|r| r.event_id).collect()
+}
+
+fn row_ids(rows: &[ClaimedRow]) -> Vec<i64> {
+    rows.iter().map(|r| r.id).collect()
+}
+
+/// Polls `f` until it yields a value, failing after [`DEADLINE`].
+async fn poll_until<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Claims until `event_id` comes back (with a fresh token each time).
+async fn claim_until<DB: Backend>(pool: &Pool<DB>, event_id: Uuid) -> (ClaimedRow, i64) {
+    poll_until("the row to become claimable", || async move {
+        let t = token();
+        let rows = claim(pool, SVC, 10, LONG, t).await;
+        rows.into_iter()
+            .find(|r| r.event_id == event_id)
+            .map(|r| (r, t))
+    })
+    .await
+}
+
+/// `b - a` in microseconds.
+fn micros_between(a: DateTime<Utc>, b: DateTime<Utc>) -> i64 {
+    (b - a).num_microseconds().expect("small interval")
+}
+
+/// Asserts `next_attempt_at - updated_at` is `delay` (±1 ms): both come from one
+/// statement on the database clock.
+fn assert_due_after(row: &OutboxRow, delay: Duration) {
+    let got = micros_between(row.updated_at, row.next_attempt_at);
+    let want = delay.as_micros() as i64;
+    assert!(
+        (got - want).abs() <= 1_000,
+        "next_attempt_at - updated_at = {got} µs, want {want} µs ({row:?})"
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// The contract, one generic body per behaviour.
+// ---------------------------------------------------------------------------------
+
+/// `migrate` creates the table and indexes; running it again (also concurrently) is a
+/// no-op that keeps the data.
+async fn migrate_is_idempotent<T: TestDatabase>() {
+    let db = T::create().await;
+    let pool = db.pool();
+    let sql = T::DB::migration_sql(TABLE);
+    assert!(sql.contains(TABLE), "{sql}");
+    assert!(!sql.contains("{table}"), "{sql}");
+
+    T::DB::migrate(pool, TABLE).await.expect("first migrate");
+    let e = publish(pool, SVC, None).await;
+    T::DB::migrate(pool, TABLE).await.expect("second migrate");
+    assert_eq!(
+        fetch(pool, e).await.status,
+        Status::Pending,
+        "data survives a second migrate"
+    );
+    assert_eq!(
+        T::DB::fetch_all(pool, TABLE, SVC)
+            .await
+            .expect("fetch_all")
+            .len(),
+        1
+    );
+
+    // Several processes migrating one fresh table at once.
+    let other = "outbox_concurrent";
+    let runs = (0..4).map(|_| T::DB::migrate(pool, other));
+    for r in futures::future::join_all(runs).await {
+        r.expect("concurrent migrate");
+    }
+    let e = publish_to(pool, other, SVC, Some("k")).await;
+    assert!(T::DB::fetch(pool, other, e).await.expect("fetch").is_some());
+    db.cleanup().await;
+}
+
+/// Insert, claim with a token, the lease keeps others off until it expires, and marks
+/// are fenced by the token.
+async fn claim_lease_and_fencing<T: TestDatabase>() {
+    let db = setup::<T>().await;
+    let pool = db.pool();
+
+    let e1 = publish(pool, SVC, None).await;
+    let e2 = publish(pool, SVC, Some("k")).await;
+    let before = fetch(pool, e1).await;
+
+    let t1 = token();
+    let claimed = claim(pool, SVC, 10, LONG, t1).await;
+    assert_eq!(
+        event_ids(&claimed),
+        vec![e1, e2],
+        "claims come back in id order"
+    );
+    let c1 = &claimed[0];
+    assert_eq!(c1.id, before.id);
+    assert_eq!(c1.event_type, "OrderPlaced");
+    assert_eq!(c1.version, 2);
+    assert_eq!(c1.key, None);
+    assert_eq!(c1.payload, format!(r#"{{"event":"{e1}"}}"#));
+    assert_eq!(c1.attempts, 0);
+    assert_eq!(c1.created_at, before.created_at);
+    assert_eq!(claimed[1].key.as_deref(), Some("k"));
+
+    // Leased rows are not claimable again.
+    assert!(claim(pool, SVC, 10, LONG, token()).await.is_empty());
+    assert!(
+        claim(pool, SVC, 0, LONG, token()).await.is_empty(),
+        "limit 0 claims nothing"
+    );
+
+    // Marks are fenced by the token.
+    let ids = row_ids(&claimed);
+    assert_eq!(
+        T::DB::mark_published(pool, TABLE, &ids, token())
+            .await
+            .expect("mark"),
+        0
+    );
+    assert_eq!(fetch(pool, e1).await.status, Status::Pending);
+    assert_eq!(
+        T::DB::mark_published(pool, TABLE, &ids[..1], t1)
+            .await
+            .expect("mark"),
+        1
+    );
+    let r1 = fetch(pool, e1).await;
+    assert_eq!(r1.status, Status::Published);
+    assert!(r1.published_at.is_some());
+    assert_eq!(
+        T::DB::mark_published(pool, TABLE, &ids[..1], t1)
+            .await
+            .expect("mark"),
+        0,
+        "once only"
+    );
+    assert_eq!(
+        T::DB::mark_published(pool, TABLE, &[], t1)
+            .await
+            .expect("mark"),
+        0
+    );
+
+    // A relay's permanent failure: dead, fenced by the lease.
+    assert!(!T::DB::mark_dead_leased(pool, TABLE, ids[1], token(), "x")
+        .await
+        .expect("dead"));
+    assert!(
+        T::DB::mark_dead_leased(pool, TABLE, ids[1], t1, "message too large")
+            .await
+            .expect("dead")
+    );
+    let r2 = fetch(pool, e2).await;
+    assert_eq!(r2.status, Status::Dead);
+    assert_eq!(r2.last_error.as_deref(), Some("message too large"));
+    assert!(r2.dead_at.is_some());
+    assert_eq!(r2.attempts, 1);
+    assert!(!T::DB::mark_dead_leased(pool, TABLE, ids[1], t1, "again")
+        .await
+        .expect("dead"));
+
+    // An expired lease can be taken over; the old holder is then fenced.
+    let e3 = publish(pool, SVC, None).await;
+    let t_old = token();
+    let lease = Duration::from_millis(400);
+    let started = Instant::now();
+    assert_eq!(
+        event_ids(&claim(pool, SVC, 10, lease, t_old).await),
+        vec![e3]
+    );
+    assert!(
+        claim(pool, SVC, 10, LONG, token()).await.is_empty(),
+        "live lease"
+    );
+    let (taken, t_new) = claim_until(pool, e3).await;
+    assert!(
+        started.elapsed() >= lease - Duration::from_millis(50),
+        "lease honoured: taken over after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(taken.attempts, 0);
+    assert_eq!(
+        T::DB::mark_published(pool, TABLE, &[taken.id], t_old)
+            .await
+            .expect("mark"),
+        0,
+        "zombie fenced"
+    );
+    assert_eq!(
+        T::DB::mark_published(pool, TABLE, &[taken.id], t_new)
+            .await
+            .expect("mark"),
+        1
+    );
+
+    // event_id is unique.
+    let dup = NewRow {
+        event_id: e3,
+        service: SVC,
+        event_type: "OrderPlaced",
+        version: 1,
+        key: None,
+        payload: "{}",
+        max_retries: 3,
+    };
+    let mut tx = T::DB::begin(pool).await.expect("begin");
+    let err = T::DB::insert(&mut *tx, TABLE, &dup)
+        .await
+        .expect_err("duplicate event id");
+    assert!(
+        err.as_database_error()
+            .is_some_and(|e| e.is_unique_violation()),
+        "unique violation, got {err:?}"
+    );
+    drop(tx);
+    db.cleanup().await;
+}
+
+/// Only the oldest pending row of a key is claimable; other keys and keyless rows are
+/// unaffected; a parked head parks only its key; a dead head unblocks it.
+async fn head_of_key<T: TestDatabase>() {
+    let db = setup::<T>().await;
+    let pool = db.pool();
+
+    let a1 = publish(pool, SVC, Some("a")).await;
+    let b1 = publish(pool, SVC, Some("b")).await;
+    let a2 = publish(pool, SVC, Some("a")).await;
+    let n1 = publish(pool, SVC, None).await;
+    let n2 = publish(pool, SVC, None).await;
+    let b2 = publish(pool, SVC, Some("b")).await;
+
+    let t = token();
+    let first = claim(pool, SVC, 10, LONG, t).await;
+    assert_eq!(event_ids(&first), vec![a1, b1, n1, n2]);
+    assert!(
+        claim(pool, SVC, 10, LONG, token()).await.is_empty(),
+        "a2 and b2 wait for their heads"
+    );
+
+    // a1 published: a2 becomes the head of `a`.
+    let a1_id = first[0].id;
+    assert_eq!(
+        T::DB::mark_published(pool, TABLE, &[a1_id], t)
+            .await
+            .expect("mark"),
+        1
+    );
+    let t2 = token();
+    let second = claim(pool, SVC, 10, LONG, t2).await;
+    assert_eq!(event_ids(&second), vec![a2]);
+
+    // b1 released with a long backoff: it parks `b` only.
+    let b1_id = first[1].id;
+    assert_eq!(
+        T::DB::release(pool, TABLE, &[b1_id], t, LONG, "broker down")
+            .await
+            .expect("release"),
+        1
+    );
+    let c1 = publish(pool, SVC, Some("c")).await;
+    assert_eq!(
+        event_ids(&claim(pool, SVC, 10, LONG, token()).await),
+        vec![c1],
+        "other keys flow"
+    );
+
+    // b1 dead (consumer side): b2 is the head now.
+    assert!(
+        T::DB::mark_dead(pool, TABLE, b1_id, AttemptsFence(0), "poison")
+            .await
+            .expect("dead")
+    );
+    assert_eq!(
+        event_ids(&claim(pool, SVC, 10, LONG, token()).await),
+        vec![b2]
+    );
+
+    // A limit smaller than the due set takes the oldest.
+    let d1 = publish(pool, SVC, None).await;
+    let _d2 = publish(pool, SVC, None).await;
+    assert_eq!(
+        event_ids(&claim(pool, SVC, 1, LONG, token()).await),
+        vec![d1]
+    );
+    db.cleanup().await;
+}
+
+/// `release` gives a claimed row back for later without counting an attempt.
+async fn release_backs_off_without_attempt<T: TestDatabase>() {
+    let db = setup::<T>().await;
+    let pool = db.pool();
+
+    let e = publish(pool, SVC, Some("k")).await;
+    let t = token();
+    let id = claim(pool, SVC, 10, LONG, t).await[0].id;
+
+    assert_eq!(
+        T::DB::release(pool, TABLE, &[id], token(), Duration::ZERO, "x")
+            .await
+            .expect("release"),
+        0
+    );
+    let delay = Duration::from_millis(1500);
+    assert_eq!(
+        T::DB::release(pool, TABLE, &[id], t, delay, "broker down")
+            .await
+            .expect("release"),
+        1
+    );
+    let r = fetch(pool, e).await;
+    assert_eq!(r.status, Status::Pending);
+    assert_eq!(r.attempts, 0, "a broker outage is not the event's fault");
+    assert_eq!(r.last_error.as_deref(), Some("broker down"));
+    assert_due_after(&r, delay);
+    assert_eq!(
+        T::DB::release(pool, TABLE, &[id], t, delay, "again")
+            .await
+            .expect("release"),
+        0,
+        "release ends the lease"
+    );
+    assert!(
+        claim(pool, SVC, 10, LONG, token()).await.is_empty(),
+        "not due yet"
+    );
+
+    let (again, t2) = claim_until(pool, e).await;
+    assert_eq!(again.attempts, 0);
+
+    // Errors are truncated on a character boundary.
+    let long_error = "é".repeat(3000);
+    assert_eq!(
+        T::DB::release(pool, TABLE, &[id], t2, Duration::ZERO, &long_error)
+            .await
+            .expect("release"),
+        1
+    );
+    let r = fetch(pool, e).await;
+    let stored = r.last_error.expect("error kept");
+    assert!(stored.len() <= outbox_runtime::backend::MAX_ERROR_LEN && !stored.is_empty());
+    assert!(long_error.starts_with(&stored));
+    // Released with no delay: due at once.
+    let (_, t3) = claim_until(pool, e).await;
+    assert_eq!(
+        T::DB::mark_published(pool, TABLE, &[id], t3)
+            .await
+            .expect("mark"),
+        1
+    );
+    db.cleanup().await;
+}
+
+/// Consumer-side failures: `retry_later` and `mark_dead` are fenced by the attempts
+/// count read under the lock, and never leave a terminal state.
+async fn consumer_failures_fenced_by_attempts<T: TestDatabase>() {
+    let db = setup::<T>().await;
+    let pool = db.pool();
+
+    let e = publish(pool, SVC, Some("k")).await;
+    let t = token();
+    let id = claim(pool, SVC, 10, LONG, t).await[0].id;
+    assert_eq!(
+        T::DB::mark_published(pool, TABLE, &[id], t)
+            .await
+            .expect("mark"),
+        1
+    );
+
+    let mut tx = T::DB::begin(pool).await.expect("begin");
+    let st = T::DB::lock_for_consume(&mut *tx, TABLE, SVC, e)
+        .await
+        .expect("lock")
+        .expect("row found");
+    assert_eq!(
+        (st.id, st.status, st.attempts, st.max_retries),
+        (id, Status::Published, 0, 3)
+    );
+    assert_eq!(st.key.as_deref(), Some("k"));
+    assert!(T::DB::lock_for_consume(&mut *tx, TABLE, OTHER_SVC, e)
+        .await
+        .expect("lock")
+        .is_none());
+    assert!(
+        T::DB::lock_for_consume(&mut *tx, TABLE, SVC, Uuid::now_v7())
+            .await
+            .expect("lock")
+            .is_none()
+    );
+    tx.commit().await.expect("commit");
+
+    let delay = Duration::from_secs(1);
+    assert!(
+        T::DB::retry_later(pool, TABLE, id, AttemptsFence(0), delay, "handler failed")
+            .await
+            .expect("retry")
+    );
+    let r = fetch(pool, e).await;
+    assert_eq!((r.status, r.attempts), (Status::Pending, 1));
+    assert_eq!(r.last_error.as_deref(), Some("handler failed"));
+    assert_due_after(&r, delay);
+
+    // A second consumer that read attempts = 0 is fenced.
+    assert!(
+        !T::DB::retry_later(pool, TABLE, id, AttemptsFence(0), delay, "x")
+            .await
+            .expect("retry")
+    );
+    assert!(!T::DB::mark_dead(pool, TABLE, id, AttemptsFence(0), "x")
+        .await
+        .expect("dead"));
+    assert_eq!(fetch(pool, e).await.attempts, 1);
+
+    // Due again after the delay: the relay re-publishes it with its attempts count.
+    let (again, t2) = claim_until(pool, e).await;
+    assert_eq!(again.attempts, 1);
+    assert_eq!(
+        T::DB::mark_published(pool, TABLE, &[id], t2)
+            .await
+            .expect("mark"),
+        1
+    );
+
+    assert!(
+        T::DB::mark_dead(pool, TABLE, id, AttemptsFence(1), "undecodable")
+            .await
+            .expect("dead")
+    );
+    let r = fetch(pool, e).await;
+    assert_eq!((r.status, r.attempts), (Status::Dead, 2));
+    assert_eq!(r.last_error.as_deref(), Some("undecodable"));
+    assert!(r.dead_at.is_some());
+
+    // Dead is terminal.
+    assert!(!T::DB::mark_dead(pool, TABLE, id, AttemptsFence(2), "x")
+        .await
+        .expect("dead"));
+    assert!(
+        !T::DB::retry_later(pool, TABLE, id, AttemptsFence(2), Duration::ZERO, "x")
+            .await
+            .expect("retry")
+    );
+    let mut tx = T::DB::begin(pool).await.expect("begin");
+    T::DB::mark_consumed(&mut *tx, TABLE, id)
+        .await
+        .expect("consumed");
+    T::DB::defer(&mut *tx, TABLE, id).await.expect("defer");
+    tx.commit().await.expect("commit");
+    let r2 = fetch(pool, e).await;
+    assert_eq!(
+        (r2.status, r2.attempts, r2.dead_at),
+        (Status::Dead, 2, r.dead_at)
+    );
+    assert!(claim(pool, SVC, 10, LONG, token()).await.is_empty());
+    db.cleanup().await;
+}
+
+/// `consumed` is terminal and every transition repeated is a no-op; `defer` puts a
+/// published row back to pending; a row can be consumed before its mark lands.
+async fn terminal_states_and_defer<T: TestDatabase>() {
+    let db = setup::<T>().await;
+    let pool = db.pool();
+
+    let e = publish(pool, SVC, None).await;
+    let t = token();
+    let id = claim(pool, SVC, 10, LONG, t).await[0].id;
+    assert_eq!(
+        T::DB::mark_published(pool, TABLE, &[id], t)
+            .await
+            .expect("mark"),
+        1
+    );
+
+    let mut tx = T::DB::begin(pool).await.expect("begin");
+    let st = T::DB::lock_for_consume(&mut *tx, TABLE, SVC, e)
+        .await
+        .expect("lock")
+        .expect("found");
+    assert_eq!(st.status, Status::Published);
+    T::DB::mark_consumed(&mut *tx, TABLE, id)
+        .await
+        .expect("consumed");
+    tx.commit().await.expect("commit");
+    let r = fetch(pool, e).await;
+    assert_eq!(r.status, Status::Consumed);
+    let consumed_at = r.consumed_at.expect("consumed_at set");
+
+    // Everything after is a no-op.
+    let mut tx = T::DB::begin(pool).await.expect("begin");
+    T::DB::mark_consumed(&mut *tx, TABLE, id)
+        .await
+        .expect("consumed");
+    T::DB::defer(&mut *tx, TABLE, id).await.expect("defer");
+    tx.commit().await.expect("commit");
+    assert!(
+        !T::DB::retry_later(pool, TABLE, id, AttemptsFence(0), Duration::ZERO, "x")
+            .await
+            .expect("retry")
+    );
+    assert!(!T::DB::mark_dead(pool, TABLE, id, AttemptsFence(0), "x")
+        .await
+        .expect("dead"));
+    assert_eq!(
+        T::DB::mark_published(pool, TABLE, &[id], t)
+            .await
+            .expect("mark"),
+        0
+    );
+    assert_eq!(
+        T::DB::release(pool, TABLE, &[id], t, Duration::ZERO, "x")
+            .await
+            .expect("release"),
+        0
+    );
+    assert!(!T::DB::mark_dead_leased(pool, TABLE, id, t, "x")
+        .await
+        .expect("dead"));
+    let r2 = fetch(pool, e).await;
+    assert_eq!(
+        (r2.status, r2.consumed_at, r2.attempts, r2.last_error),
+        (Status::Consumed, Some(consumed_at), 0, None)
+    );
+
+    // defer: published -> pending, due now, attempts unchanged; the relay picks it up.
+    let f = publish(pool, SVC, Some("k")).await;
+    let t = token();
+    let fid = claim(pool, SVC, 10, LONG, t).await[0].id;
+    assert_eq!(
+        T::DB::mark_published(pool, TABLE, &[fid], t)
+            .await
+            .expect("mark"),
+        1
+    );
+    let mut tx = T::DB::begin(pool).await.expect("begin");
+    T::DB::defer(&mut *tx, TABLE, fid).await.expect("defer");
+    tx.commit().await.expect("commit");
+    let r = fetch(pool, f).await;
+    assert_eq!((r.status, r.attempts), (Status::Pending, 0));
+    assert_due_after(&r, Duration::ZERO);
+    let (again, t2) = claim_until(pool, f).await;
+    assert_eq!(again.id, fid);
+
+    // Consumed while still pending (the consumer beat the relay's mark): the late mark
+    // changes nothing.
+    let mut tx = T::DB::begin(pool).await.expect("begin");
+    T::DB::mark_consumed(&mut *tx, TABLE, fid)
+        .await
+        .expect("consumed");
+    tx.commit().await.expect("commit");
+    assert_eq!(
+        T::DB::mark_published(pool, TABLE, &[fid], t2)
+            .await
+            .expect("mark"),
+        0
+    );
+    assert_eq!(fetch(pool, f).await.status, Status::Consumed);
+
+    let counts = T::DB::counts(pool, TABLE, SVC).await.expect("counts");
+    assert_eq!(
+        (
+            counts.pending,
+            counts.published,
+            counts.consumed,
+            counts.dead
+        ),
+        (0, 0, 2, 0)
+    );
+    db.cleanup().await;
+}
+
+/// The consumer's ordering check: an older row of the same service and key that is
+/// pending or published holds the younger one back; consumed or dead does not.
+async fn open_predecessors<T: TestDatabase>() {
+    let db = setup::<T>().await;
+    let pool = db.pool();
+
+    let k1 = publish(pool, SVC, Some("k")).await;
+    let k2 = publish(pool, SVC, Some("k")).await;
+    let j1 = publish(pool, SVC, Some("j")).await;
+    let (k1_id, k2_id, j1_id) = (
+        fetch(pool, k1).await.id,
+        fetch(pool, k2).await.id,
+        fetch(pool, j1).await.id,
+    );
+
+    let has = |key: &'static str, id: i64| async move {
+        let mut tx = T::DB::begin(pool).await.expect("begin");
+        let v = T::DB::has_open_predecessor(&mut *tx, TABLE, SVC, key, id)
+            .await
+            .expect("predecessor");
+        tx.commit().await.expect("commit");
+        v
+    };
+    assert!(has("k", k2_id).await, "pending predecessor");
+    assert!(!has("k", k1_id).await, "the head has none");
+    assert!(!has("j", j1_id).await, "other keys do not count");
+
+    let t = token();
+    let claimed = claim(pool, SVC, 10, LONG, t).await;
+    assert_eq!(event_ids(&claimed), vec![k1, j1]);
+    assert_eq!(
+        T::DB::mark_published(pool, TABLE, &[k1_id], t)
+            .await
+            .expect("mark"),
+        1
+    );
+    assert!(has("k", k2_id).await, "published predecessor");
+
+    let mut tx = T::DB::begin(pool).await.expect("begin");
+    T::DB::mark_consumed(&mut *tx, TABLE, k1_id)
+        .await
+        .expect("consumed");
+    tx.commit().await.expect("commit");
+    assert!(!has("k", k2_id).await, "consumed predecessor");
+
+    let k3 = publish(pool, SVC, Some("k")).await;
+    let k3_id = fetch(pool, k3).await.id;
+    assert!(has("k", k3_id).await, "k2 pending");
+    assert!(T::DB::mark_dead(pool, TABLE, k2_id, AttemptsFence(0), "x")
+        .await
+        .expect("dead"));
+    assert!(!has("k", k3_id).await, "dead predecessor");
+    db.cleanup().await;
+}
+
+/// Services sharing one table never see each other's rows, keys included.
+async fn services_share_a_table<T: TestDatabase>() {
+    let db = setup::<T>().await;
+    let pool = db.pool();
+
+    let b1 = publish(pool, OTHER_SVC, Some("k")).await;
+    let a1 = publish(pool, SVC, Some("k")).await;
+    let a2 = publish(pool, SVC, Some("k")).await;
+    let (b1_id, a2_id) = (fetch(pool, b1).await.id, fetch(pool, a2).await.id);
+
+    let ta = token();
+    assert_eq!(
+        event_ids(&claim(pool, SVC, 10, LONG, ta).await),
+        vec![a1],
+        "billing's k is another key"
+    );
+    let tb = token();
+    assert_eq!(
+        event_ids(&claim(pool, OTHER_SVC, 10, LONG, tb).await),
+        vec![b1]
+    );
+    assert!(claim(pool, "nobody", 10, LONG, token()).await.is_empty());
+
+    let mine: Vec<Uuid> = T::DB::fetch_all(pool, TABLE, SVC)
+        .await
+        .expect("fetch_all")
+        .iter()
+        .map(|r| {
+            assert_eq!(r.service, SVC);
+            r.event_id
+        })
+        .collect();
+    assert_eq!(mine, vec![a1, a2]);
+    let counts = T::DB::counts(pool, TABLE, SVC).await.expect("counts");
+    assert_eq!((counts.pending, counts.published), (2, 0));
+    let counts = T::DB::counts(pool, TABLE, OTHER_SVC).await.expect("counts");
+    assert_eq!((counts.pending, counts.published), (1, 0));
+
+    let mut tx = T::DB::begin(pool).await.expect("begin");
+    assert!(T::DB::lock_for_consume(&mut *tx, TABLE, OTHER_SVC, a1)
+        .await
+        .expect("lock")
+        .is_none());
+    assert!(T::DB::lock_for_consume(&mut *tx, TABLE, SVC, b1)
+        .await
+        .expect("lock")
+        .is_none());
+    // b1 (billing, key k, older, pending) does not hold back billing's... nor orders' a2
+    // beyond orders' own a1.
+    assert!(
+        !T::DB::has_open_predecessor(&mut *tx, TABLE, OTHER_SVC, "k", b1_id)
+            .await
+            .expect("pred")
+    );
+    tx.commit().await.expect("commit");
+
+    let a1_id = fetch(pool, a1).await.id;
+    assert_eq!(
+        T::DB::mark_published(pool, TABLE, &[a1_id], ta)
+            .await
+            .expect("mark"),
+        1
+    );
+    let mut tx = T::DB::begin(pool).await.expect("begin");
+    T::DB::mark_consumed(&mut *tx, TABLE, a1_id)
+        .await
+        .expect("consumed");
+    let pred = T::DB::has_open_predecessor(&mut *tx, TABLE, SVC, "k", a2_id)
+        .await
+        .expect("pred");
+    tx.commit().await.expect("commit");
+    assert!(!pred, "billing's open b1 is not orders' predecessor");
+    assert_eq!(
+        fetch(pool, b1).await.status,
+        Status::Pending,
+        "billing's row untouched"
+    );
+    db.cleanup().await;
+}
+
+/// Times come from the database clock, in UTC: due times are the database's now plus
+/// the delay the app passed.
+async fn times_from_the_database_clock<T: TestDatabase>() {
+    let db = setup::<T>().await;
+    let pool = db.pool();
+
+    let db_before = T::DB::now(pool).await.expect("now");
+    let e = publish(pool, SVC, None).await;
+    let db_after = T::DB::now(pool).await.expect("now");
+    let r = fetch(pool, e).await;
+    assert!(
+        micros_between(db_before, r.created_at) >= -1_000
+            && micros_between(r.created_at, db_after) >= -1_000,
+        "created_at {} within [{db_before}, {db_after}]",
+        r.created_at
+    );
+    assert_eq!(r.updated_at, r.created_at);
+    assert_eq!(r.next_attempt_at, r.created_at, "due at once");
+    assert_eq!(
+        (r.published_at, r.consumed_at, r.dead_at, r.last_error),
+        (None, None, None, None)
+    );
+    // Stored and read back as UTC (the test runs on the database's host).
+    let skew = micros_between(Utc::now(), db_after).abs();
+    assert!(
+        skew < 60_000_000,
+        "database clock {db_after} vs app clock {}",
+        Utc::now()
+    );
+
+    let t = token();
+    let id = claim(pool, SVC, 10, LONG, t).await[0].id;
+    let ninety = Duration::from_secs(90);
+    assert_eq!(
+        T::DB::release(pool, TABLE, &[id], t, ninety, "x")
+            .await
+            .expect("release"),
+        1
+    );
+    assert_due_after(&fetch(pool, e).await, ninety);
+
+    // Long delays are plain database arithmetic.
+    let t = token();
+    let f = publish(pool, SVC, None).await;
+    let fid = claim(pool, SVC, 10, LONG, t).await[0].id;
+    assert!(T::DB::retry_later(
+        pool,
+        TABLE,
+        fid,
+        AttemptsFence(0),
+        Duration::from_secs(86_400 * 365 * 50),
+        "x"
+    )
+    .await
+    .expect("retry"));
+    let r = fetch(pool, f).await;
+    assert!(micros_between(db_after, r.next_attempt_at) > 49 * 365 * 86_400 * 1_000_000);
+    db.cleanup().await;
+}
+
+/// `(key, id)` of every claimed row, in claim order.
+type ClaimLog = Arc<Mutex<Vec<(Option<String>, i64)>>>;
+
+/// 20 writers insert in their own transactions while claimers claim and mark in a
+/// loop: nothing lost, nothing claimed twice under a live lease, per-key order kept,
+/// no busy/deadlock error surfaced to a writer.
+async fn concurrent_writers_and_claimers<T: TestDatabase>() {
+    const WRITERS: usize = 20;
+    const PER_WRITER: usize = 30;
+    let db = setup::<T>().await;
+    let pool = db.pool().clone();
+    let claimers = if T::DB::CONCURRENT_RELAYS { 2 } else { 1 };
+    let retries_before = outbox_runtime::backend::mysql::mysql_retry_count();
+    let started = Instant::now();
+
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let pool = pool.clone();
+        writers.push(tokio::spawn(async move {
+            // Even writers use one key each (so per-key order is the writer's order);
+            // odd writers write keyless rows.
+            let key = (w % 2 == 0).then(|| format!("w{w}"));
+            let mut written = Vec::with_capacity(PER_WRITER);
+            while written.len() < PER_WRITER {
+                let batch = (1 + written.len() % 3).min(PER_WRITER - written.len());
+                let mut tx = T::DB::begin(&pool).await?;
+                for _ in 0..batch {
+                    let event_id = Uuid::now_v7();
+                    let payload = format!(r#"{{"writer":{w}}}"#);
+                    let row = NewRow {
+                        event_id,
+                        service: SVC,
+                        event_type: "OrderPlaced",
+                        version: 1,
+                        key: key.as_deref(),
+                        payload: &payload,
+                        max_retries: 3,
+                    };
+                    T::DB::insert(&mut *tx, TABLE, &row).await?;
+                    written.push(event_id);
+                }
+                tx.commit().await?;
+            }
+            Ok::<Vec<Uuid>, sqlx::Error>(written)
+        }));
+    }
+
+    let seen: Arc<Mutex<HashMap<Uuid, u32>>> = Arc::default();
+    // (key, id) in the order claims returned, recorded before the rows are marked.
+    let claim_log: ClaimLog = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut relays = Vec::new();
+    for _ in 0..claimers {
+        let (pool, seen, claim_log, stop) =
+            (pool.clone(), seen.clone(), claim_log.clone(), stop.clone());
+        relays.push(tokio::spawn(async move {
+            let mut claims = 0u64;
+            loop {
+                let t = token();
+                let rows = T::DB::claim(&pool, TABLE, SVC, 16, LONG, t).await?;
+                if rows.is_empty() {
+                    if stop.load(Ordering::SeqCst) {
+                        return Ok::<u64, sqlx::Error>(claims);
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                }
+                claims += 1;
+                {
+                    let mut seen = seen.lock().expect("lock");
+                    let mut log = claim_log.lock().expect("lock");
+                    for r in &rows {
+                        *seen.entry(r.event_id).or_default() += 1;
+                        log.push((r.key.clone(), r.id));
+                    }
+                }
+                let ids = row_ids(&rows);
+                let marked = T::DB::mark_published(&pool, TABLE, &ids, t).await?;
+                assert_eq!(
+                    marked as usize,
+                    ids.len(),
+                    "every claimed row is still ours to mark"
+                );
+            }
+        }));
+    }
+
+    let mut written = Vec::new();
+    for w in writers {
+        let ids = w
+            .await
+            .expect("writer task")
+            .unwrap_or_else(|e| panic!("writer saw an error: {e}"));
+        written.extend(ids);
+    }
+    let total = (WRITERS * PER_WRITER) as u64;
+    assert_eq!(written.len() as u64, total);
+    let writes_done = started.elapsed();
+
+    let pool_ref = &pool;
+    poll_until("every row published", || async move {
+        let c = T::DB::counts(pool_ref, TABLE, SVC).await.expect("counts");
+        (c.published == total).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let mut claims = 0;
+    for r in relays {
+        claims += r
+            .await
+            .expect("relay task")
+            .unwrap_or_else(|e| panic!("claimer saw an error: {e}"));
+    }
+    let elapsed = started.elapsed();
+
+    let seen = seen.lock().expect("lock").clone();
+    for e in &written {
+        assert_eq!(
+            seen.get(e).copied(),
+            Some(1),
+            "event {e} claimed exactly once"
+        );
+    }
+    assert_eq!(
+        seen.len(),
+        written.len(),
+        "nothing claimed that was not written"
+    );
+    let counts = T::DB::counts(&pool, TABLE, SVC).await.expect("counts");
+    assert_eq!((counts.pending, counts.published), (0, total));
+
+    // Per key, claims happened in id order (each key has a single sequential writer).
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for (key, id) in claim_log.lock().expect("lock").iter() {
+        if let Some(k) = key {
+            let prev = last.insert(k.clone(), *id);
+            assert!(
+                prev.is_none_or(|p| p < *id),
+                "key {k}: {id} claimed after {prev:?}"
+            );
+        }
+    }
+    let retries = outbox_runtime::backend::mysql::mysql_retry_count() - retries_before;
+    eprintln!(
+        "[{}] {total} rows by {WRITERS} writers in {writes_done:?}; {claimers} claimer(s) drained \
+         them in {claims} claims, {elapsed:?} overall ({:.0} rows/s); mysql retries (process-wide): {retries}",
+        T::LABEL,
+        total as f64 / elapsed.as_secs_f64(),
+    );
+    db.cleanup().await;
+}
+
+/// Not a check: drains a preloaded backlog and prints claim throughput. Run with
+/// `cargo test -p outbox-tests --test store_contract -- --ignored --nocapture`.
+async fn claim_throughput<T: TestDatabase>() {
+    const ROWS: usize = 10_000;
+    const BATCH: u32 = 100;
+    let db = setup::<T>().await;
+    let pool = db.pool().clone();
+    let load = Instant::now();
+    for chunk in 0..ROWS / 500 {
+        let mut tx = T::DB::begin(&pool).await.expect("begin");
+        for i in 0..500 {
+            let n = chunk * 500 + i;
+            // Half keyless, half spread over 1000 keys.
+            let key = (n % 2 == 0).then(|| format!("k{}", n % 1000));
+            let row = NewRow {
+                event_id: Uuid::now_v7(),
+                service: SVC,
+                event_type: "OrderPlaced",
+                version: 1,
+                key: key.as_deref(),
+                payload: r#"{"some":"payload","with":["a","few","fields"]}"#,
+                max_retries: 3,
+            };
+            T::DB::insert(&mut *tx, TABLE, &row).await.expect("insert");
+        }
+        tx.commit().await.expect("commit");
+    }
+    let load = load.elapsed();
+    let claimers = if T::DB::CONCURRENT_RELAYS { 4 } else { 1 };
+    let retries_before = outbox_runtime::backend::mysql::mysql_retry_count();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..claimers {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut rows, mut claims, mut claim_time) = (0usize, 0u32, Duration::ZERO);
+            loop {
+                let t = token();
+                let started = Instant::now();
+                let got = T::DB::claim(&pool, TABLE, SVC, BATCH, LONG, t)
+                    .await
+                    .expect("claim");
+                claim_time += started.elapsed();
+                if got.is_empty() {
+                    let c = T::DB::counts(&pool, TABLE, SVC).await.expect("counts");
+                    if c.pending == 0 {
+                        return (rows, claims, claim_time);
+                    }
+                    continue;
+                }
+                claims += 1;
+                rows += got.len();
+                let ids = row_ids(&got);
+                T::DB::mark_published(&pool, TABLE, &ids, t)
+                    .await
+                    .expect("mark");
+            }
+        }));
+    }
+    let (mut rows, mut claims, mut claim_time) = (0, 0, Duration::ZERO);
+    for t in tasks {
+        let (r, c, ct) = t.await.expect("task");
+        rows += r;
+        claims += c;
+        claim_time += ct;
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(rows, ROWS);
+    eprintln!(
+        "[{}] loaded {ROWS} rows in {load:?} ({:.0}/s); {claimers} claimer(s), batch {BATCH}: drained in \
+         {elapsed:?} = {:.0} rows/s (claim+mark), {claims} claims, mean claim {:?}; mysql retries: {}",
+        T::LABEL,
+        ROWS as f64 / load.as_secs_f64(),
+        rows as f64 / elapsed.as_secs_f64(),
+        claim_time / claims.max(1),
+        outbox_runtime::backend::mysql::mysql_retry_count() - retries_before,
+    );
+    db.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------
+// Every behaviour on every backend.
+// ---------------------------------------------------------------------------------
+
+macro_rules! on_backend {
+    ($module:ident, $db:ty, [$($check:ident),* $(,)?]) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $check() {
+                    super::$check::<$db>().await
+                }
+            )*
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            #[ignore = "benchmark: run with --ignored --nocapture"]
+            async fn claim_throughput() {
+                super::claim_throughput::<$db>().await
+            }
+        }
+    };
+}
+
+macro_rules! contract {
+    ($($check:ident),* $(,)?) => {
+        on_backend!(postgres, outbox_tests::db::TestPg, [$($check),*]);
+        on_backend!(mysql, outbox_tests::db::TestMySql, [$($check),*]);
+        on_backend!(sqlite, outbox_tests::db::TestSqlite, [$($check),*]);
+    };
+}
+
+contract!(
+    migrate_is_idempotent,
+    claim_lease_and_fencing,
+    head_of_key,
+    release_backs_off_without_attempt,
+    consumer_failures_fenced_by_attempts,
+    terminal_states_and_defer,
+    open_predecessors,
+    services_share_a_table,
+    times_from_the_database_clock,
+    concurrent_writers_and_claimers,
+);
+
+// ---------------------------------------------------------------------------------
+// What only one backend has.
+// ---------------------------------------------------------------------------------
+
+mod mysql_specific {
+    use super::*;
+    use outbox_runtime::backend::mysql::mysql_retry_count;
+    use outbox_tests::db::TestMySql;
+    use sqlx::mysql::MySqlPoolOptions;
+    use sqlx::{Executor, MySql};
+
+    /// `begin` gives READ COMMITTED: a second read in the transaction sees another
+    /// transaction's commit (so locking reads take no gap locks).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn begin_is_read_committed() {
+        let db = setup::<TestMySql>().await;
+        let pool = db.pool();
+        let count = format!("SELECT COUNT(*) FROM {TABLE}");
+        let mut tx = MySql::begin(pool).await.expect("begin");
+        let before: i64 = sqlx::query_scalar(&count)
+            .fetch_one(&mut *tx)
+            .await
+            .expect("count");
+        publish(pool, SVC, None).await;
+        let after: i64 = sqlx::query_scalar(&count)
+            .fetch_one(&mut *tx)
+            .await
+            .expect("count");
+        tx.commit().await.expect("commit");
+        assert_eq!(
+            after,
+            before + 1,
+            "READ COMMITTED sees the concurrent commit"
+        );
+        db.cleanup().await;
+    }
+
+    /// The table has the indexes the queries need.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn indexes_exist() {
+        let db = setup::<TestMySql>().await;
+        let mut names: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT CAST(index_name AS CHAR) FROM information_schema.statistics \
+              WHERE table_schema = DATABASE() AND table_name = ?",
+        )
+        .bind(TABLE)
+        .fetch_all(db.pool())
+        .await
+        .expect("statistics");
+        names.sort();
+        assert_eq!(names, vec!["PRIMARY", "ix_claim", "ix_key", "uq_event_id"]);
+        db.cleanup().await;
+    }
+
+    /// A lock-wait timeout (1205) of a pool-level transition is retried, counted, and
+    /// succeeds once the lock is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn lock_wait_timeouts_are_retried() {
+        let db = setup::<TestMySql>().await;
+        let pool = db.pool();
+        let e = publish(pool, SVC, None).await;
+        let t = token();
+        let id = claim(pool, SVC, 10, LONG, t).await[0].id;
+        assert_eq!(
+            MySql::mark_published(pool, TABLE, &[id], t)
+                .await
+                .expect("mark"),
+            1
+        );
+
+        // Sessions that give up on a row lock after one second.
+        let impatient = MySqlPoolOptions::new()
+            .max_connections(2)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute("SET SESSION innodb_lock_wait_timeout = 1")
+                        .await?;
+                    Ok(())
+                })
+            })
+            .connect_with((*pool.connect_options()).clone())
+            .await
+            .expect("pool");
+
+        let before = mysql_retry_count();
+        // A consumer holds the row lock.
+        let mut holder = MySql::begin(pool).await.expect("begin");
+        MySql::lock_for_consume(&mut *holder, TABLE, SVC, e)
+            .await
+            .expect("lock")
+            .expect("row");
+        let waiter = {
+            let impatient = impatient.clone();
+            tokio::spawn(async move {
+                MySql::retry_later(&impatient, TABLE, id, AttemptsFence(0), Duration::ZERO, "x")
+                    .await
+            })
+        };
+        // (The counter is process-wide: another test's retry could end this wait early,
+        // which only makes the test weaker, never wrong.)
+        poll_until("a retry after the lock-wait timeout", || async {
+            (mysql_retry_count() > before).then_some(())
+        })
+        .await;
+        holder.commit().await.expect("commit");
+        let changed = waiter.await.expect("task").expect("retried, not surfaced");
+        assert!(changed);
+        assert_eq!(fetch(pool, e).await.attempts, 1);
+        impatient.close().await;
+        db.cleanup().await;
+    }
+}
+
+mod sqlite_specific {
+    use super::*;
+    use outbox_runtime::backend::sqlite::sqlite_connect_options;
+    use outbox_tests::db::TestSqlite;
+    use sqlx::{ConnectOptions, Connection, Executor, Sqlite};
+
+    /// The connect options: WAL, a busy timeout, synchronous NORMAL, foreign keys.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn connect_options_apply() {
+        let db = setup::<TestSqlite>().await;
+        let pool = db.pool();
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(pool)
+            .await
+            .expect("pragma");
+        assert_eq!(mode, "wal");
+        let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+            .fetch_one(pool)
+            .await
+            .expect("pragma");
+        assert_eq!(busy, 10_000);
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(pool)
+            .await
+            .expect("pragma");
+        assert_eq!(sync, 1, "NORMAL");
+        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(pool)
+            .await
+            .expect("pragma");
+        assert_eq!(fk, 1);
+        db.cleanup().await;
+    }
+
+    /// `begin` is BEGIN IMMEDIATE: it holds the write lock before its first statement,
+    /// so no writer upgrades a read lock (SQLITE_BUSY_SNAPSHOT).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn begin_takes_the_write_lock() {
+        let db = setup::<TestSqlite>().await;
+        let path = db.dir().join("outbox.db");
+        let path = path.to_str().expect("utf-8 path");
+        let mut other = sqlite_connect_options(path)
+            .busy_timeout(Duration::ZERO)
+            .connect()
+            .await
+            .expect("connect");
+
+        let tx = Sqlite::begin(db.pool()).await.expect("begin");
+        let err = other
+            .execute("BEGIN IMMEDIATE")
+            .await
+            .expect_err("write lock is taken");
+        assert!(err.to_string().contains("locked"), "{err}");
+        tx.rollback().await.expect("rollback");
+        other.execute("BEGIN IMMEDIATE").await.expect("free again");
+        other.execute("ROLLBACK").await.expect("rollback");
+        other.close().await.expect("close");
+        db.cleanup().await;
+    }
+
+    /// The migration (several statements) ran completely: both indexes exist.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn indexes_exist() {
+        let db = setup::<TestSqlite>().await;
+        let mut names: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND sql IS NOT NULL",
+        )
+        .bind(TABLE)
+        .fetch_all(db.pool())
+        .await
+        .expect("indexes");
+        names.sort();
+        assert_eq!(
+            names,
+            vec![format!("{TABLE}_claim_idx"), format!("{TABLE}_key_idx")]
+        );
+        db.cleanup().await;
+    }
+}
