@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use outbox_runtime::retry::Backoff;
 use outbox_runtime::{
-    outbox_event, outbox_handler, outbox_service, Backend, Catalog, HandlerContext, HandlerError, KafkaConfig, Outbox,
-    OutboxConfig, OutboxRuntime, RawEvent, SqlValue, Status,
+    outbox_event, outbox_handler, outbox_service, Backend, Catalog, HandlerContext, HandlerError,
+    KafkaConfig, Outbox, OutboxConfig, OutboxRuntime, RawEvent, SqlValue, Status,
 };
 use serde::{Deserialize, Serialize};
 
@@ -44,29 +44,53 @@ pub struct NotifyUser {
 
 /// Runs on every backend: writes the task's read model in the consumer's transaction.
 #[outbox_handler]
-async fn on_task_created<DB: Backend>(ctx: &mut HandlerContext<DB>, event: TaskCreated) -> Result<(), HandlerError> {
+async fn on_task_created<DB: Backend>(
+    ctx: &mut HandlerContext<DB>,
+    event: TaskCreated,
+) -> Result<(), HandlerError> {
     ctx.execute(
         "INSERT INTO task_view (task_id, title) VALUES (?, ?)",
-        &[SqlValue::from(event.task_id.as_str()), SqlValue::from(event.title.as_str())],
+        &[
+            SqlValue::from(event.task_id.as_str()),
+            SqlValue::from(event.title.as_str()),
+        ],
     )
     .await?;
-    println!("  handled TaskCreated {} ({:?}) on attempt {}", event.task_id, event.title, ctx.attempt());
+    println!(
+        "  handled TaskCreated {} ({:?}) on attempt {}",
+        event.task_id,
+        event.title,
+        ctx.attempt()
+    );
     Ok(())
 }
 
 /// Fails the first time (the mail server is "down"), succeeds on the retry.
 #[outbox_handler]
-async fn on_notify_user<DB: Backend>(ctx: &mut HandlerContext<DB>, event: NotifyUser) -> Result<(), HandlerError> {
+async fn on_notify_user<DB: Backend>(
+    ctx: &mut HandlerContext<DB>,
+    event: NotifyUser,
+) -> Result<(), HandlerError> {
     if ctx.attempt() == 1 {
-        println!("  NotifyUser {}: mail server down on attempt 1, will retry", event.user_id);
+        println!(
+            "  NotifyUser {}: mail server down on attempt 1, will retry",
+            event.user_id
+        );
         return Err(HandlerError::transient("mail server unavailable"));
     }
     ctx.execute(
         "INSERT INTO sent_mail (user_id, message) VALUES (?, ?)",
-        &[SqlValue::from(event.user_id.as_str()), SqlValue::from(event.message.as_str())],
+        &[
+            SqlValue::from(event.user_id.as_str()),
+            SqlValue::from(event.message.as_str()),
+        ],
     )
     .await?;
-    println!("  handled NotifyUser {} on attempt {}", event.user_id, ctx.attempt());
+    println!(
+        "  handled NotifyUser {} on attempt {}",
+        event.user_id,
+        ctx.attempt()
+    );
     Ok(())
 }
 
@@ -78,7 +102,10 @@ async fn main() -> Result<(), AnyError> {
     let catalog = Catalog::global()?;
     println!("Route catalog:");
     for r in catalog.routes() {
-        println!("  {:<13} table {:<20} topic {:<21} group {}", r.service, r.table, r.topic, r.group);
+        println!(
+            "  {:<13} table {:<20} topic {:<21} group {}",
+            r.service, r.table, r.topic, r.group
+        );
     }
 
     // A broker: the one named in OUTBOX_KAFKA_BROKERS, or an in-process mock cluster.
@@ -96,16 +123,26 @@ async fn main() -> Result<(), AnyError> {
 
     let url = std::env::var("DATABASE_URL").ok();
     match url.as_deref() {
-        Some(u) if u.starts_with("postgres") => run(sqlx::PgPool::connect(u).await?, &catalog, kafka).await?,
-        Some(u) if u.starts_with("mysql") => run(sqlx::MySqlPool::connect(u).await?, &catalog, kafka).await?,
+        Some(u) if u.starts_with("postgres") => {
+            run(sqlx::PgPool::connect(u).await?, &catalog, kafka).await?
+        }
+        Some(u) if u.starts_with("mysql") => {
+            run(sqlx::MySqlPool::connect(u).await?, &catalog, kafka).await?
+        }
         other => {
             let dir = tempfile::tempdir()?;
             let path = match other {
-                Some(u) => u.trim_start_matches("sqlite://").trim_start_matches("sqlite:").to_owned(),
+                Some(u) => u
+                    .trim_start_matches("sqlite://")
+                    .trim_start_matches("sqlite:")
+                    .to_owned(),
                 None => dir.path().join("quickstart.db").display().to_string(),
             };
             println!("Database: SQLite at {path}");
-            let pool = sqlx::SqlitePool::connect_with(outbox_runtime::backend::sqlite::sqlite_connect_options(&path)).await?;
+            let pool = sqlx::SqlitePool::connect_with(
+                outbox_runtime::backend::sqlite::sqlite_connect_options(&path),
+            )
+            .await?;
             run(pool, &catalog, kafka).await?;
         }
     }
@@ -113,7 +150,11 @@ async fn main() -> Result<(), AnyError> {
     Ok(())
 }
 
-async fn run<DB: Backend>(pool: sqlx::Pool<DB>, catalog: &Catalog, kafka: KafkaConfig) -> Result<(), AnyError> {
+async fn run<DB: Backend>(
+    pool: sqlx::Pool<DB>,
+    catalog: &Catalog,
+    kafka: KafkaConfig,
+) -> Result<(), AnyError> {
     let config = OutboxConfig {
         backoff: Backoff {
             base: Duration::from_millis(500),
@@ -122,7 +163,10 @@ async fn run<DB: Backend>(pool: sqlx::Pool<DB>, catalog: &Catalog, kafka: KafkaC
         relay_poll_interval: Duration::from_millis(100),
         ..OutboxConfig::default()
     };
-    let runtime = OutboxRuntime::new(catalog.clone(), pool.clone(), kafka).config(config.clone()).start().await?;
+    let runtime = OutboxRuntime::new(catalog.clone(), pool.clone(), kafka)
+        .config(config.clone())
+        .start()
+        .await?;
     {
         let mut conn = pool.acquire().await?;
         for ddl in [
@@ -138,17 +182,29 @@ async fn run<DB: Backend>(pool: sqlx::Pool<DB>, catalog: &Catalog, kafka: KafkaC
     println!("Publishing:");
     // 1. A business write and its event, in one transaction.
     let mut tx = tasks.begin().await?;
-    tx.publish(&TaskCreated { task_id: "t-1".into(), title: "write the quickstart".into() }).await?;
+    tx.publish(&TaskCreated {
+        task_id: "t-1".into(),
+        title: "write the quickstart".into(),
+    })
+    .await?;
     tx.commit().await?;
     println!("  committed TaskCreated t-1");
     // 2. A transaction that rolls back: its event never exists, so it is never delivered.
     let mut tx = tasks.begin().await?;
-    tx.publish(&TaskCreated { task_id: "t-2".into(), title: "never happened".into() }).await?;
+    tx.publish(&TaskCreated {
+        task_id: "t-2".into(),
+        title: "never happened".into(),
+    })
+    .await?;
     tx.rollback().await?;
     println!("  rolled back TaskCreated t-2");
     // 3. An event whose handler fails once.
     let mut tx = notifications.begin().await?;
-    tx.publish(&NotifyUser { user_id: "ada".into(), message: "your task is ready".into() }).await?;
+    tx.publish(&NotifyUser {
+        user_id: "ada".into(),
+        message: "your task is ready".into(),
+    })
+    .await?;
     tx.commit().await?;
     println!("  committed NotifyUser ada");
     // 4. A poison event, as a legacy writer might store it: not valid JSON.
@@ -174,14 +230,19 @@ async fn run<DB: Backend>(pool: sqlx::Pool<DB>, catalog: &Catalog, kafka: KafkaC
             break;
         }
         if Instant::now() > deadline {
-            return Err(format!("events did not settle in time: task {t:?}, notification {n:?}").into());
+            return Err(
+                format!("events did not settle in time: task {t:?}, notification {n:?}").into(),
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     runtime.shutdown().await?;
 
     println!("Report:");
-    for (service, table) in [("task", &tasks.route().table), ("notification", &notifications.route().table)] {
+    for (service, table) in [
+        ("task", &tasks.route().table),
+        ("notification", &notifications.route().table),
+    ] {
         for row in DB::fetch_all(&pool, table, service).await? {
             let status = match row.status {
                 Status::Consumed => "consumed".to_owned(),

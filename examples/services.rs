@@ -14,8 +14,8 @@
 use std::time::{Duration, Instant};
 
 use outbox_runtime::{
-    outbox_event, outbox_handler, outbox_service, Catalog, HandlerContext, HandlerError, KafkaConfig, Outbox,
-    OutboxRuntime, Postgres, PublishOptions,
+    outbox_event, outbox_handler, outbox_service, Catalog, HandlerContext, HandlerError,
+    KafkaConfig, Outbox, OutboxRuntime, Postgres, PublishOptions,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -84,22 +84,42 @@ async fn log(ctx: &mut HandlerContext<Postgres>, line: String) -> Result<(), Han
 }
 
 #[outbox_handler]
-async fn on_agent_run(ctx: &mut HandlerContext<Postgres>, e: AgentRunRequested) -> Result<(), HandlerError> {
-    log(ctx, format!("agent run {} started: {:?}", e.run_id, e.prompt)).await
+async fn on_agent_run(
+    ctx: &mut HandlerContext<Postgres>,
+    e: AgentRunRequested,
+) -> Result<(), HandlerError> {
+    log(
+        ctx,
+        format!("agent run {} started: {:?}", e.run_id, e.prompt),
+    )
+    .await
 }
 
 #[outbox_handler]
-async fn on_memory_stored(ctx: &mut HandlerContext<Postgres>, e: MemoryStored) -> Result<(), HandlerError> {
-    log(ctx, format!("memory {} indexed ({} chars)", e.memory_id, e.text.len())).await
+async fn on_memory_stored(
+    ctx: &mut HandlerContext<Postgres>,
+    e: MemoryStored,
+) -> Result<(), HandlerError> {
+    log(
+        ctx,
+        format!("memory {} indexed ({} chars)", e.memory_id, e.text.len()),
+    )
+    .await
 }
 
 #[outbox_handler]
-async fn on_notification(ctx: &mut HandlerContext<Postgres>, e: NotificationRequested) -> Result<(), HandlerError> {
+async fn on_notification(
+    ctx: &mut HandlerContext<Postgres>,
+    e: NotificationRequested,
+) -> Result<(), HandlerError> {
     log(ctx, format!("sent to {}: {}", e.user_id, e.message)).await
 }
 
 #[outbox_handler]
-async fn on_task_event(ctx: &mut HandlerContext<Postgres>, e: TaskEvent) -> Result<(), HandlerError> {
+async fn on_task_event(
+    ctx: &mut HandlerContext<Postgres>,
+    e: TaskEvent,
+) -> Result<(), HandlerError> {
     let line = match e {
         TaskEvent::Created { task_id, title } => format!("task {task_id} created: {title}"),
         TaskEvent::Completed { task_id } => format!("task {task_id} completed"),
@@ -108,7 +128,10 @@ async fn on_task_event(ctx: &mut HandlerContext<Postgres>, e: TaskEvent) -> Resu
 }
 
 #[outbox_handler]
-async fn on_job_scheduled(ctx: &mut HandlerContext<Postgres>, e: JobScheduled) -> Result<(), HandlerError> {
+async fn on_job_scheduled(
+    ctx: &mut HandlerContext<Postgres>,
+    e: JobScheduled,
+) -> Result<(), HandlerError> {
     log(ctx, format!("job {} scheduled at {}", e.job_id, e.cron)).await
 }
 
@@ -117,18 +140,26 @@ type AnyError = Box<dyn std::error::Error + Send + Sync>;
 #[tokio::main]
 async fn main() -> Result<(), AnyError> {
     let catalog = Catalog::global()?;
-    println!("{}", serde_json::to_string_pretty(&catalog.to_json()["services"])?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&catalog.to_json()["services"])?
+    );
 
-    let admin_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let admin_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let db = format!("outbox_example_{}", std::process::id());
     let mut admin = PgConnection::connect(&admin_url).await?;
-    sqlx::query(&format!("CREATE DATABASE {db}")).execute(&mut admin).await?;
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&mut admin)
+        .await?;
     let url = match admin_url.rsplit_once('/') {
         Some((base, _)) => format!("{base}/{db}"),
         None => return Err("DATABASE_URL has no database part".into()),
     };
     let result = run(&url, &catalog).await;
-    sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)")).execute(&mut admin).await?;
+    sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await?;
     result
 }
 
@@ -149,7 +180,9 @@ async fn run(url: &str, catalog: &Catalog) -> Result<(), AnyError> {
             KafkaConfig::new(mock.bootstrap_servers())
         }
     };
-    let runtime = OutboxRuntime::new(catalog.clone(), pool.clone(), kafka).start().await?;
+    let runtime = OutboxRuntime::new(catalog.clone(), pool.clone(), kafka)
+        .start()
+        .await?;
 
     let agent = Outbox::<Agent, Postgres>::new(pool.clone(), catalog)?;
     let memory = Outbox::<Memory, Postgres>::new(pool.clone(), catalog)?;
@@ -159,29 +192,65 @@ async fn run(url: &str, catalog: &Catalog) -> Result<(), AnyError> {
 
     println!("Handling:");
     let mut tx = task.begin().await?;
-    let keyed = || PublishOptions { key: Some("t-7".into()), ..PublishOptions::default() };
-    tx.publish_with(&TaskEvent::Created { task_id: "t-7".into(), title: "ship the outbox".into() }, keyed()).await?;
-    tx.publish_with(&TaskEvent::Completed { task_id: "t-7".into() }, keyed()).await?;
+    let keyed = || PublishOptions {
+        key: Some("t-7".into()),
+        ..PublishOptions::default()
+    };
+    tx.publish_with(
+        &TaskEvent::Created {
+            task_id: "t-7".into(),
+            title: "ship the outbox".into(),
+        },
+        keyed(),
+    )
+    .await?;
+    tx.publish_with(
+        &TaskEvent::Completed {
+            task_id: "t-7".into(),
+        },
+        keyed(),
+    )
+    .await?;
     tx.commit().await?;
 
     let mut tx = agent.begin().await?;
-    tx.publish(&AgentRunRequested { run_id: "r-1".into(), prompt: "summarise t-7".into() }).await?;
+    tx.publish(&AgentRunRequested {
+        run_id: "r-1".into(),
+        prompt: "summarise t-7".into(),
+    })
+    .await?;
     tx.commit().await?;
 
     let mut tx = memory.begin().await?;
-    tx.publish(&MemoryStored { memory_id: "m-1".into(), text: "t-7 shipped on a Monday".into() }).await?;
+    tx.publish(&MemoryStored {
+        memory_id: "m-1".into(),
+        text: "t-7 shipped on a Monday".into(),
+    })
+    .await?;
     tx.commit().await?;
 
     let mut tx = notification.begin().await?;
-    tx.publish(&NotificationRequested { user_id: "ada".into(), message: "t-7 is done".into() }).await?;
+    tx.publish(&NotificationRequested {
+        user_id: "ada".into(),
+        message: "t-7 is done".into(),
+    })
+    .await?;
     tx.rollback().await?; // changed our mind: never delivered
 
     let mut tx = scheduler.begin().await?;
-    tx.publish(&JobScheduled { job_id: "digest".into(), cron: "0 9 * * MON".into() }).await?;
+    tx.publish(&JobScheduled {
+        job_id: "digest".into(),
+        cron: "0 9 * * MON".into(),
+    })
+    .await?;
     tx.commit().await?;
 
     let deadline = Instant::now() + Duration::from_secs(30);
-    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM activity").fetch_one(&pool).await? < 5 {
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM activity")
+        .fetch_one(&pool)
+        .await?
+        < 5
+    {
         if Instant::now() > deadline {
             return Err("events were not handled in time".into());
         }
@@ -192,7 +261,10 @@ async fn run(url: &str, catalog: &Catalog) -> Result<(), AnyError> {
     println!("Outbox rows by service (pending/published/consumed/dead):");
     for r in catalog.routes() {
         let c = <Postgres as outbox_runtime::Backend>::counts(&pool, &r.table, &r.service).await?;
-        println!("  {:<17} {:<29} {}/{}/{}/{}", r.service, r.table, c.pending, c.published, c.consumed, c.dead);
+        println!(
+            "  {:<17} {:<29} {}/{}/{}/{}",
+            r.service, r.table, c.pending, c.published, c.consumed, c.dead
+        );
     }
     pool.close().await;
     Ok(())

@@ -9,8 +9,13 @@
 //!   into a test failure instead of a skip.
 //!
 //! Known limits of tansu 0.6.0 with memory storage: high-watermark / lag answers are
-//! wrong (never assert on them), and when several group members leave at once a new
-//! member can wait forever (keep rebalance storms on the mock tier).
+//! wrong (never assert on them); when several group members leave at once a new
+//! member can wait forever (keep rebalance storms on the mock tier); it enforces no
+//! broker- or topic-level message size limit (a topic created with
+//! `max.message.bytes=10000` accepted 50 kB, and 2 MB records are accepted), so only
+//! librdkafka's client-side `message.max.bytes` check produces `MessageSizeTooLarge`.
+//! Checked to work (`tests/tests/broker_smoke.rs`): CreateTopics, the idempotent
+//! producer (InitProducerId), consumer groups with OffsetCommit/OffsetFetch, headers.
 //!
 //! Every test should use fresh names from [`unique_name`] / [`unique_suffix`]: the
 //! tansu broker is shared by all tests of a run.

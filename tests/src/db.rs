@@ -122,8 +122,9 @@ where
     }
 }
 
-/// Creates database `name` through `admin`, retrying briefly (PostgreSQL refuses
-/// concurrent copies of `template1` now and then).
+/// Runs `sql` (a `CREATE DATABASE`) on the server at `admin`, retrying briefly
+/// (PostgreSQL refuses concurrent copies of `template1` now and then); panics when it
+/// keeps failing.
 async fn create_database<DB: Database>(admin: &AdminOptions<DB>, url: &str, sql: String)
 where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,

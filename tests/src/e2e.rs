@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use outbox_runtime::catalog::Catalog;
 use outbox_runtime::retry::Backoff;
 use outbox_runtime::{
-    Backend, EventId, KafkaConfig, Outbox, OutboxConfig, OutboxRow, OutboxRuntime, PublishOptions, RawEvent, Status,
+    Backend, EventId, KafkaConfig, Outbox, OutboxConfig, OutboxRow, OutboxRuntime, PublishOptions,
+    RawEvent, Status,
 };
 use sqlx::Pool;
 
@@ -119,16 +120,25 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// Every row of every service, by event id.
-pub async fn all_rows<DB: Backend>(pool: &Pool<DB>, catalog: &Catalog) -> BTreeMap<EventId, OutboxRow> {
+pub async fn all_rows<DB: Backend>(
+    pool: &Pool<DB>,
+    catalog: &Catalog,
+) -> BTreeMap<EventId, OutboxRow> {
     let mut rows = BTreeMap::new();
     for route in catalog.routes() {
-        for row in DB::fetch_all(pool, &route.table, &route.service).await.expect("fetch_all") {
+        for row in DB::fetch_all(pool, &route.table, &route.service)
+            .await
+            .expect("fetch_all")
+        {
             rows.insert(EventId(row.event_id), row);
         }
     }
@@ -145,18 +155,27 @@ struct Published {
 /// recorded, so the test can prove it never shows up).
 macro_rules! publish_series {
     ($pool:expr, $catalog:expr, $config:expr, $out:expr, $svc:ty, $name:literal, $ev:ident, $key:ident, $keys:expr, $per_key:expr) => {{
-        let outbox = Outbox::<$svc, DB>::with_config($pool.clone(), $catalog, $config.clone()).expect("outbox");
+        let outbox = Outbox::<$svc, DB>::with_config($pool.clone(), $catalog, $config.clone())
+            .expect("outbox");
         let mut n = 0u32;
         for k in 0..$keys {
             let key = format!("{}-{k}", $name);
             for seq in 0..$per_key {
                 n += 1;
                 let mut tx = outbox.begin().await.expect("begin");
-                let event = $ev { $key: key.clone(), seq, script: Script::default() };
+                let event = $ev {
+                    $key: key.clone(),
+                    seq,
+                    script: Script::default(),
+                };
                 let id = tx.publish(&event).await.expect("publish");
                 if n % 4 == 0 {
                     // A rolled-back business transaction: its event must never exist.
-                    let ghost = $ev { $key: key.clone(), seq: 999, script: Script::default() };
+                    let ghost = $ev {
+                        $key: key.clone(),
+                        seq: 999,
+                        script: Script::default(),
+                    };
                     let ghost_id = tx.publish(&ghost).await.expect("publish ghost");
                     tx.rollback().await.expect("rollback");
                     $out.rolled_back.insert(id);
@@ -180,28 +199,89 @@ macro_rules! publish_series {
 pub async fn full_flow<DB: TestBackend>(pool: Pool<DB>, broker: &TestBroker) {
     let catalog = fresh_catalog(broker).await;
     let config = test_config();
-    outbox_runtime::runtime::migrate(&pool, &catalog, catalog.routes().map(|r| r.service.as_str()))
-        .await
-        .expect("migrate");
+    outbox_runtime::runtime::migrate(
+        &pool,
+        &catalog,
+        catalog.routes().map(|r| r.service.as_str()),
+    )
+    .await
+    .expect("migrate");
     create_effects(&pool).await;
 
-    let runtime = OutboxRuntime::new(catalog.clone(), pool.clone(), KafkaConfig::new(broker.bootstrap_servers()))
-        .config(config.clone())
-        .start()
-        .await
-        .expect("runtime starts");
+    let runtime = OutboxRuntime::new(
+        catalog.clone(),
+        pool.clone(),
+        KafkaConfig::new(broker.bootstrap_servers()),
+    )
+    .config(config.clone())
+    .start()
+    .await
+    .expect("runtime starts");
 
     let mut out = Published {
         committed: BTreeMap::new(),
         rolled_back: BTreeSet::new(),
     };
-    let agent = publish_series!(pool, &catalog, config, out, Agent, "agent", AgentRunRequested, run_id, 3, 4);
-    let memory = publish_series!(pool, &catalog, config, out, Memory, "memory", MemoryStored, memory_id, 3, 4);
-    let notification =
-        publish_series!(pool, &catalog, config, out, Notification, "notification", NotificationRequested, user_id, 3, 4);
-    let task = publish_series!(pool, &catalog, config, out, Task, "task", TaskCreated, task_id, 3, 4);
-    let scheduler =
-        publish_series!(pool, &catalog, config, out, ActiveScheduler, "active-scheduler", JobScheduled, job_id, 3, 4);
+    let agent = publish_series!(
+        pool,
+        &catalog,
+        config,
+        out,
+        Agent,
+        "agent",
+        AgentRunRequested,
+        run_id,
+        3,
+        4
+    );
+    let memory = publish_series!(
+        pool,
+        &catalog,
+        config,
+        out,
+        Memory,
+        "memory",
+        MemoryStored,
+        memory_id,
+        3,
+        4
+    );
+    let notification = publish_series!(
+        pool,
+        &catalog,
+        config,
+        out,
+        Notification,
+        "notification",
+        NotificationRequested,
+        user_id,
+        3,
+        4
+    );
+    let task = publish_series!(
+        pool,
+        &catalog,
+        config,
+        out,
+        Task,
+        "task",
+        TaskCreated,
+        task_id,
+        3,
+        4
+    );
+    let scheduler = publish_series!(
+        pool,
+        &catalog,
+        config,
+        out,
+        ActiveScheduler,
+        "active-scheduler",
+        JobScheduled,
+        job_id,
+        3,
+        4
+    );
 
     // The special cases.
     let mut conn = pool.acquire().await.expect("conn");
@@ -296,11 +376,15 @@ pub async fn full_flow<DB: TestBackend>(pool: Pool<DB>, broker: &TestBroker) {
 
     let expected_dead = [poison, unknown, always_fails, permanent];
     let expected_total = out.committed.len() + 2 + expected_dead.len();
-    let rows = eventually("every event to settle (consumed or dead)", Duration::from_secs(90), || async {
-        let rows = all_rows(&pool, &catalog).await;
-        let settled = rows.values().filter(|r| r.status.is_terminal()).count();
-        (rows.len() == expected_total && settled == expected_total).then_some(rows)
-    })
+    let rows = eventually(
+        "every event to settle (consumed or dead)",
+        Duration::from_secs(90),
+        || async {
+            let rows = all_rows(&pool, &catalog).await;
+            let settled = rows.values().filter(|r| r.status.is_terminal()).count();
+            (rows.len() == expected_total && settled == expected_total).then_some(rows)
+        },
+    )
     .await;
     runtime.shutdown().await.expect("clean shutdown");
 
@@ -314,14 +398,25 @@ pub async fn full_flow<DB: TestBackend>(pool: Pool<DB>, broker: &TestBroker) {
         *per_event.entry(e.event_id.as_str()).or_default() += 1;
     }
     for id in &out.rolled_back {
-        assert!(!per_event.contains_key(id.to_string().as_str()), "rolled-back event {id} had an effect");
+        assert!(
+            !per_event.contains_key(id.to_string().as_str()),
+            "rolled-back event {id} had an effect"
+        );
     }
 
     // Committed: consumed, exactly one effect each.
     for (id, (service, key, seq)) in &out.committed {
         let row = &rows[id];
-        assert_eq!(row.status, Status::Consumed, "{service} {key}#{seq}: {row:?}");
-        assert_eq!(per_event.get(id.to_string().as_str()), Some(&1), "{service} {key}#{seq} effects");
+        assert_eq!(
+            row.status,
+            Status::Consumed,
+            "{service} {key}#{seq}: {row:?}"
+        );
+        assert_eq!(
+            per_event.get(id.to_string().as_str()),
+            Some(&1),
+            "{service} {key}#{seq} effects"
+        );
     }
     for id in [flaky, panics] {
         assert_eq!(rows[&id].status, Status::Consumed, "{:?}", rows[&id]);
@@ -333,7 +428,14 @@ pub async fn full_flow<DB: TestBackend>(pool: Pool<DB>, broker: &TestBroker) {
     for e in &effects {
         let prev = last_seq.insert((&e.service, &e.event_key), e.seq);
         if let Some(prev) = prev {
-            assert!(prev < e.seq, "key {}/{} applied {} after {}", e.service, e.event_key, e.seq, prev);
+            assert!(
+                prev < e.seq,
+                "key {}/{} applied {} after {}",
+                e.service,
+                e.event_key,
+                e.seq,
+                prev
+            );
         }
     }
 
@@ -342,12 +444,31 @@ pub async fn full_flow<DB: TestBackend>(pool: Pool<DB>, broker: &TestBroker) {
     for id in &expected_dead {
         assert_eq!(rows[id].status, Status::Dead, "{:?}", rows[id]);
         assert!(rows[id].dead_at.is_some());
-        assert!(!per_event.contains_key(id.to_string().as_str()), "a dead event had an effect");
+        assert!(
+            !per_event.contains_key(id.to_string().as_str()),
+            "a dead event had an effect"
+        );
     }
-    assert!(reason(&poison).contains("undecodable payload"), "{}", reason(&poison));
-    assert!(reason(&unknown).contains("unknown event type `MemoryForgotten`"), "{}", reason(&unknown));
-    assert!(reason(&permanent).contains("scripted permanent failure"), "{}", reason(&permanent));
-    assert!(reason(&always_fails).contains("retries exhausted"), "{}", reason(&always_fails));
+    assert!(
+        reason(&poison).contains("undecodable payload"),
+        "{}",
+        reason(&poison)
+    );
+    assert!(
+        reason(&unknown).contains("unknown event type `MemoryForgotten`"),
+        "{}",
+        reason(&unknown)
+    );
+    assert!(
+        reason(&permanent).contains("scripted permanent failure"),
+        "{}",
+        reason(&permanent)
+    );
+    assert!(
+        reason(&always_fails).contains("retries exhausted"),
+        "{}",
+        reason(&always_fails)
+    );
     assert_eq!(rows[&always_fails].attempts, 3, "first try + max_retries 2");
     assert_eq!(rows[&poison].attempts, 1, "dead at once");
 
@@ -357,22 +478,43 @@ pub async fn full_flow<DB: TestBackend>(pool: Pool<DB>, broker: &TestBroker) {
         let row = &rows[&id];
         assert_eq!(row.attempts, 1, "{row:?}");
         let consumed = row.consumed_at.expect("consumed_at");
-        assert!(consumed >= row.next_attempt_at, "retried before it was due: {row:?}");
-        let waited = (row.next_attempt_at - row.created_at).to_std().unwrap_or_default();
-        assert!(waited >= backoff, "backoff {waited:?} shorter than {backoff:?}");
-        let effect = effects.iter().find(|e| e.event_id == id.to_string()).expect("effect");
+        assert!(
+            consumed >= row.next_attempt_at,
+            "retried before it was due: {row:?}"
+        );
+        let waited = (row.next_attempt_at - row.created_at)
+            .to_std()
+            .unwrap_or_default();
+        assert!(
+            waited >= backoff,
+            "backoff {waited:?} shorter than {backoff:?}"
+        );
+        let effect = effects
+            .iter()
+            .find(|e| e.event_id == id.to_string())
+            .expect("effect");
         assert_eq!(effect.attempt, 2);
     }
 
     // The shared legacy table: each service sees only its rows.
     for (service, owned) in [("agent", "agent"), ("memory", "memory")] {
-        let rows = DB::fetch_all(&pool, "outbox_events", service).await.expect("fetch");
+        let rows = DB::fetch_all(&pool, "outbox_events", service)
+            .await
+            .expect("fetch");
         assert!(!rows.is_empty());
         assert!(rows.iter().all(|r| r.service == owned));
     }
     let effects_by_service: BTreeSet<&str> = effects.iter().map(|e| e.service.as_str()).collect();
     assert_eq!(
         effects_by_service,
-        ["active-scheduler", "agent", "memory", "notification", "task"].into_iter().collect()
+        [
+            "active-scheduler",
+            "agent",
+            "memory",
+            "notification",
+            "task"
+        ]
+        .into_iter()
+        .collect()
     );
 }

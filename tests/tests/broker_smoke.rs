@@ -3,7 +3,8 @@
 //!
 //! * an idempotent producer (`enable.idempotence=true`, `acks=all`) gets a delivery
 //!   report for every keyed message with headers, and per-partition offsets follow
-//!   the enqueue order even with several requests in flight;
+//!   the enqueue order even with several requests in flight; its statistics show an
+//!   assigned producer id (the broker answered InitProducerId);
 //! * a group consumer with `enable.auto.commit=true` + `enable.auto.offset.store=false`
 //!   receives the messages with headers intact and in per-partition order, and the
 //!   auto-commit commits exactly the offsets stored with `store_offset` (not what was
@@ -12,7 +13,8 @@
 //!   offset;
 //! * a message larger than the producer's `message.max.bytes` is refused **at enqueue**
 //!   (`send_result` returns `Err(MessageProduction(MessageSizeTooLarge))`; librdkafka
-//!   checks the size client-side, so no delivery report is ever produced), and the
+//!   checks the size client-side, so no delivery report is ever produced; through
+//!   `FutureProducer::send` the same error comes back as its `Err`), and the
 //!   idempotent producer keeps working afterwards.
 //!
 //! All waiting is polling against a deadline; nothing sleeps to synchronise.
@@ -380,8 +382,8 @@ async fn wait_committed(
                 recorder.dump()
             );
         }
-        // Let the consumer be polled (auto-commit results are served on its queue).
-        let _ = tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await;
+        // Poll interval. (Not `recv()`: that could swallow a message unstored.)
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -9,7 +9,11 @@ fn routes_follow_the_documented_rule_and_agent_keeps_the_legacy_table() {
     let catalog = Catalog::global().expect("valid catalog");
     let task = catalog.route_of::<Task>().unwrap();
     assert_eq!(
-        (task.table.as_str(), task.topic.as_str(), task.group.as_str()),
+        (
+            task.table.as_str(),
+            task.topic.as_str(),
+            task.group.as_str()
+        ),
         ("task_outbox", "outbox.task", "outbox.task.consumer")
     );
     let sched = catalog.route_of::<ActiveScheduler>().unwrap();
@@ -17,7 +21,11 @@ fn routes_follow_the_documented_rule_and_agent_keeps_the_legacy_table() {
     assert_eq!(sched.topic, "outbox.active-scheduler");
     assert_eq!(catalog.route_of::<Agent>().unwrap().table, "outbox_events");
     assert_eq!(catalog.route_of::<Memory>().unwrap().table, "outbox_events");
-    assert_eq!(catalog.tables().len(), 4, "agent and memory share one table");
+    assert_eq!(
+        catalog.tables().len(),
+        4,
+        "agent and memory share one table"
+    );
 }
 
 #[test]
@@ -30,9 +38,15 @@ fn events_are_found_by_type_and_by_name() {
     assert_eq!(job.key_field.as_deref(), Some("job_id"));
     assert_eq!(catalog.event("TaskCreated").unwrap().service, "task");
     assert_eq!(<TaskCreated as Event>::EVENT_TYPE, "TaskCreated");
-    let task_events: Vec<_> = catalog.events_of_service("task").map(|e| e.event_type.as_str()).collect();
+    let task_events: Vec<_> = catalog
+        .events_of_service("task")
+        .map(|e| e.event_type.as_str())
+        .collect();
     assert_eq!(task_events, ["TaskCreated"]);
-    let handlers: Vec<_> = catalog.handlers_of("task").map(|h| h.name.as_str()).collect();
+    let handlers: Vec<_> = catalog
+        .handlers_of("task")
+        .map(|h| h.name.as_str())
+        .collect();
     assert_eq!(handlers, ["outbox_tests::services::on_task_created"]);
 }
 
@@ -46,8 +60,14 @@ fn overrides_apply_and_are_validated() {
         .build()
         .unwrap();
     assert_eq!(catalog.route("task").unwrap().topic, "staging.tasks.v2");
-    assert_eq!(catalog.route("notification").unwrap().table, "notification_outbox_v2");
-    assert_eq!(catalog.route("agent").unwrap().group, "staging.outbox.agent.consumer");
+    assert_eq!(
+        catalog.route("notification").unwrap().table,
+        "notification_outbox_v2"
+    );
+    assert_eq!(
+        catalog.route("agent").unwrap().group,
+        "staging.outbox.agent.consumer"
+    );
 
     let err = Catalog::builder()
         .table("task", "task; DROP TABLE users")
@@ -55,8 +75,16 @@ fn overrides_apply_and_are_validated() {
         .build()
         .unwrap_err();
     assert_eq!(err.problems.len(), 2, "{err}");
-    assert!(err.to_string().contains("table name `task; DROP TABLE users`"), "{err}");
-    assert!(err.to_string().contains("share consumer group `outbox.agent.consumer`"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("table name `task; DROP TABLE users`"),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("share consumer group `outbox.agent.consumer`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -68,7 +96,16 @@ fn exports_as_json() {
         .iter()
         .map(|s| s["service"].as_str().unwrap())
         .collect();
-    assert_eq!(services, ["active-scheduler", "agent", "memory", "notification", "task"]);
+    assert_eq!(
+        services,
+        [
+            "active-scheduler",
+            "agent",
+            "memory",
+            "notification",
+            "task"
+        ]
+    );
     assert_eq!(json["events"].as_array().unwrap().len(), 5);
     assert_eq!(json["handlers"].as_array().unwrap().len(), 5);
     let job = json["events"]

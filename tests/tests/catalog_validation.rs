@@ -6,7 +6,10 @@
 //! registered), plus bad runtime overrides. (Each test file is its own binary, so
 //! these registrations do not disturb the other tests.)
 
-use outbox_runtime::{outbox_event, outbox_handler, outbox_service, Catalog, HandlerContext, HandlerError, Service, Sqlite};
+use outbox_runtime::{
+    outbox_event, outbox_handler, outbox_service, Catalog, HandlerContext, HandlerError, Service,
+    Sqlite,
+};
 use serde::{Deserialize, Serialize};
 
 #[outbox_service]
@@ -31,7 +34,10 @@ mod crate_a {
     }
 
     #[outbox_handler]
-    async fn on_invoice(_ctx: &mut HandlerContext<Sqlite>, _e: InvoiceIssued) -> Result<(), HandlerError> {
+    async fn on_invoice(
+        _ctx: &mut HandlerContext<Sqlite>,
+        _e: InvoiceIssued,
+    ) -> Result<(), HandlerError> {
         Ok(())
     }
 }
@@ -83,8 +89,14 @@ fn startup_validation_lists_every_problem_at_once() {
     }
     assert_eq!(err.problems.len(), expect.len(), "{text}");
     // Both declarations are named, so the fix is obvious.
-    assert!(text.contains("crate_a::InvoiceIssued") && text.contains("crate_b::Invoice"), "{text}");
-    assert!(text.contains("on_invoice") && text.contains("on_invoice_again"), "{text}");
+    assert!(
+        text.contains("crate_a::InvoiceIssued") && text.contains("crate_b::Invoice"),
+        "{text}"
+    );
+    assert!(
+        text.contains("on_invoice") && text.contains("on_invoice_again"),
+        "{text}"
+    );
     // The global catalog refuses too, with the same problems minus the overrides.
     let global = Catalog::global().expect_err("global catalog is invalid too");
     assert_eq!(global.problems.len(), 3, "{global}");

@@ -10,7 +10,10 @@ use outbox_tests::e2e::full_flow;
 
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("OUTBOX_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("OUTBOX_TEST_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_test_writer()
         .try_init();
 }
@@ -30,7 +33,23 @@ macro_rules! e2e {
 
 e2e!(postgres_mock_broker, TestPg, Some(TestBroker::mock().await));
 e2e!(mysql_mock_broker, TestMySql, Some(TestBroker::mock().await));
-e2e!(sqlite_mock_broker, TestSqlite, Some(TestBroker::mock().await));
-e2e!(postgres_real_broker, TestPg, TestBroker::tansu_or_skip("postgres_real_broker"));
-e2e!(mysql_real_broker, TestMySql, TestBroker::tansu_or_skip("mysql_real_broker"));
-e2e!(sqlite_real_broker, TestSqlite, TestBroker::tansu_or_skip("sqlite_real_broker"));
+e2e!(
+    sqlite_mock_broker,
+    TestSqlite,
+    Some(TestBroker::mock().await)
+);
+e2e!(
+    postgres_real_broker,
+    TestPg,
+    TestBroker::tansu_or_skip("postgres_real_broker")
+);
+e2e!(
+    mysql_real_broker,
+    TestMySql,
+    TestBroker::tansu_or_skip("mysql_real_broker")
+);
+e2e!(
+    sqlite_real_broker,
+    TestSqlite,
+    TestBroker::tansu_or_skip("sqlite_real_broker")
+);

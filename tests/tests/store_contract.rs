@@ -551,7 +551,9 @@ async fn consumer_failures_fenced_by_attempts<T: TestDatabase>() {
     T::DB::mark_consumed(&mut *tx, TABLE, id)
         .await
         .expect("consumed");
-    T::DB::defer(&mut *tx, TABLE, id).await.expect("defer");
+    T::DB::defer(&mut *tx, TABLE, id, Duration::ZERO)
+        .await
+        .expect("defer");
     tx.commit().await.expect("commit");
     let r2 = fetch(pool, e).await;
     assert_eq!(
@@ -597,7 +599,9 @@ async fn terminal_states_and_defer<T: TestDatabase>() {
     T::DB::mark_consumed(&mut *tx, TABLE, id)
         .await
         .expect("consumed");
-    T::DB::defer(&mut *tx, TABLE, id).await.expect("defer");
+    T::DB::defer(&mut *tx, TABLE, id, Duration::ZERO)
+        .await
+        .expect("defer");
     tx.commit().await.expect("commit");
     assert!(
         !T::DB::retry_later(pool, TABLE, id, AttemptsFence(0), Duration::ZERO, "x")
@@ -639,7 +643,9 @@ async fn terminal_states_and_defer<T: TestDatabase>() {
         1
     );
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    T::DB::defer(&mut *tx, TABLE, fid).await.expect("defer");
+    T::DB::defer(&mut *tx, TABLE, fid, Duration::ZERO)
+        .await
+        .expect("defer");
     tx.commit().await.expect("commit");
     let r = fetch(pool, f).await;
     assert_eq!((r.status, r.attempts), (Status::Pending, 0));

@@ -74,6 +74,22 @@ pub fn with_errors(item: TokenStream, err: syn::Error) -> TokenStream {
     out
 }
 
+/// The item's `#[cfg(...)]` attributes, to put on the generated code too: an item
+/// compiled out takes its impls and registration with it.
+pub fn cfgs(item: &syn::Item) -> TokenStream {
+    let attrs: &[syn::Attribute] = match item {
+        syn::Item::Struct(i) => &i.attrs,
+        syn::Item::Enum(i) => &i.attrs,
+        syn::Item::Fn(i) => &i.attrs,
+        _ => &[],
+    };
+    attrs
+        .iter()
+        .filter(|a| a.path().is_ident("cfg"))
+        .map(ToTokens::to_token_stream)
+        .collect()
+}
+
 /// One `key = value` argument.
 pub struct Arg {
     pub key: Ident,
@@ -175,15 +191,17 @@ pub fn list<S: AsRef<str>>(items: &[S]) -> String {
 }
 
 /// The candidate closest to `input`, if it is close enough to be a likely typo.
-pub fn did_you_mean<'a>(input: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    input: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let input_lower = input.to_ascii_lowercase();
     let mut best: Option<(usize, &'a str)> = None;
     for candidate in candidates {
         let distance = levenshtein(&input_lower, candidate);
         let close = distance <= (candidate.len() / 3).max(2)
             || (input_lower.len() >= 3
-                && (candidate.contains(input_lower.as_str())
-                    || input_lower.contains(candidate)));
+                && (candidate.contains(input_lower.as_str()) || input_lower.contains(candidate)));
         if close && best.is_none_or(|(d, _)| distance < d) {
             best = Some((distance, candidate));
         }
@@ -271,7 +289,10 @@ pub fn get_u32(cx: &Ctxt, key: &Ident, value: &Expr, min: u32) -> Option<u32> {
         Expr::Unary(_) => {
             cx.error_spanned_by(
                 value,
-                format!("`{key}` must be an integer from {min} to {}", u32::MAX),
+                format!(
+                    "`{key}` cannot be negative: give an integer from {min} to {}",
+                    u32::MAX
+                ),
             );
             None
         }
@@ -290,6 +311,16 @@ pub fn get_u32(cx: &Ctxt, key: &Ident, value: &Expr, min: u32) -> Option<u32> {
 }
 
 fn parse_u32(cx: &Ctxt, key: &Ident, int: &LitInt, min: u32) -> Option<u32> {
+    if int.base10_digits().starts_with('-') {
+        cx.error_spanned_by(
+            int,
+            format!(
+                "`{key}` cannot be negative: give an integer from {min} to {}",
+                u32::MAX
+            ),
+        );
+        return None;
+    }
     if !matches!(int.suffix(), "" | "u32") {
         cx.error_spanned_by(
             int,
@@ -305,10 +336,7 @@ fn parse_u32(cx: &Ctxt, key: &Ident, int: &LitInt, min: u32) -> Option<u32> {
             } else {
                 format!("the smallest allowed value is {min}")
             };
-            cx.error_spanned_by(
-                int,
-                format!("`{key}` must be at least {min}: {why}"),
-            );
+            cx.error_spanned_by(int, format!("`{key}` must be at least {min}: {why}"));
             None
         }
         Err(_) => {
@@ -455,13 +483,12 @@ pub fn pretty<T: ToTokens>(tokens: T) -> String {
         }
         let prev = if i == 0 { ' ' } else { at(i - 1) };
         let next = at(i + 1);
-        let path_sep_next = next == ':' && at(i + 2) == ':';
+        // `a :: b` and `T : Clone` lose the space before the colon; `a :: b` also the
+        // one after.
         let path_sep_prev = prev == ':' && i >= 2 && at(i - 2) == ':';
         let glue = matches!(prev, '&' | '<' | '(' | '[')
-            || matches!(next, '<' | '>' | ',' | ')' | ']' | ';')
-            || path_sep_next
-            || path_sep_prev
-            || (next == ':' && !path_sep_next);
+            || matches!(next, '<' | '>' | ',' | ')' | ']' | ';' | ':')
+            || path_sep_prev;
         if !glue {
             out.push(' ');
         }
@@ -493,17 +520,32 @@ mod tests {
 
     #[test]
     fn pretty_prints_tokens_as_written() {
-        assert_eq!(pretty(quote!(&HandlerContext<Sqlite>)), "&HandlerContext<Sqlite>");
-        assert_eq!(pretty(quote!(&mut HandlerContext<DB>)), "&mut HandlerContext<DB>");
+        assert_eq!(
+            pretty(quote!(&HandlerContext<Sqlite>)),
+            "&HandlerContext<Sqlite>"
+        );
+        assert_eq!(
+            pretty(quote!(&mut HandlerContext<DB>)),
+            "&mut HandlerContext<DB>"
+        );
         assert_eq!(pretty(quote!(&sqlx::SqlitePool)), "&sqlx::SqlitePool");
-        assert_eq!(pretty(quote!(&::sqlx::Pool<Sqlite>)), "&::sqlx::Pool<Sqlite>");
+        assert_eq!(
+            pretty(quote!(&::sqlx::Pool<Sqlite>)),
+            "&::sqlx::Pool<Sqlite>"
+        );
         assert_eq!(pretty(quote!(<'a>)), "<'a>");
         assert_eq!(pretty(quote!(<T: Clone, U>)), "<T: Clone, U>");
         assert_eq!(pretty(quote!(&'a str)), "&'a str");
-        assert_eq!(pretty(quote!(Result<(), HandlerError>)), "Result<(), HandlerError>");
+        assert_eq!(
+            pretty(quote!(Result<(), HandlerError>)),
+            "Result<(), HandlerError>"
+        );
         assert_eq!(pretty(quote!(Vec<Vec<u8>>)), "Vec<Vec<u8>>");
         assert_eq!(pretty(quote!(where T: Clone)), "where T: Clone");
-        assert_eq!(pretty(quote!(Box<dyn Error + Send>)), "Box<dyn Error + Send>");
+        assert_eq!(
+            pretty(quote!(Box<dyn Error + Send>)),
+            "Box<dyn Error + Send>"
+        );
     }
 
     #[test]
@@ -540,7 +582,10 @@ mod tests {
              The valid keys are `name`, `table`, `topic`"
         );
         let msg = unknown_key_message("outbox_service", "zzz", &["name"]);
-        assert_eq!(msg, "unknown key `zzz` in `#[outbox_service]`; the valid keys are `name`");
+        assert_eq!(
+            msg,
+            "unknown key `zzz` in `#[outbox_service]`; the valid keys are `name`"
+        );
     }
 
     #[test]
@@ -550,7 +595,10 @@ mod tests {
         for ident in ["Task", "ActiveScheduler", "Notification", "ABTest"] {
             let name = crate::names::kebab_from_camel(ident);
             if !name.contains("--") {
-                assert_eq!(crate::names::kebab_from_camel(&camel_from_kebab(&name)), name);
+                assert_eq!(
+                    crate::names::kebab_from_camel(&camel_from_kebab(&name)),
+                    name
+                );
             }
         }
     }
@@ -570,20 +618,27 @@ mod tests {
 
     #[test]
     fn parse_args_collects_every_mistake() {
-        let (keys, err) = parse(quote!(name = "a", name = "b", nmae = "c", table), &[
-            "name", "table",
-        ]);
+        let (keys, err) = parse(
+            quote!(name = "a", name = "b", nmae = "c", table),
+            &["name", "table"],
+        );
         assert_eq!(keys, ["name"]);
         let err = err.unwrap();
         assert!(err.contains("duplicate key `name`"), "{err}");
-        assert!(err.contains("unknown key `nmae` in `#[m]`; did you mean `name`?"), "{err}");
+        assert!(
+            err.contains("unknown key `nmae` in `#[m]`; did you mean `name`?"),
+            "{err}"
+        );
         assert!(err.contains("`table` needs a value"), "{err}");
     }
 
     #[test]
     fn parse_args_accepts_empty_and_trailing_comma() {
         assert_eq!(parse(quote!(), &["name"]), (vec![], None));
-        assert_eq!(parse(quote!(name = "x",), &["name"]), (vec!["name".to_owned()], None));
+        assert_eq!(
+            parse(quote!(name = "x",), &["name"]),
+            (vec!["name".to_owned()], None)
+        );
     }
 
     #[test]
@@ -597,7 +652,12 @@ mod tests {
         assert_eq!(get_u32(&cx, &key, &syn::parse_quote!(4294967296), 1), None);
         let name: Ident = syn::parse_quote!(name);
         assert!(get_lit_str(&cx, &name, &syn::parse_quote!(5), "\"x\"").is_none());
-        let errors: Vec<String> = cx.check().unwrap_err().into_iter().map(|e| e.to_string()).collect();
+        let errors: Vec<String> = cx
+            .check()
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.to_string())
+            .collect();
         assert_eq!(errors.len(), 5, "{errors:?}");
         assert!(errors[0].contains("write `version = 1` without quotes"));
         assert!(errors[1].contains("versions start at 1"));

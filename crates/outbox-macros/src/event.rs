@@ -36,6 +36,7 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
         (Ok(()), Some(event)) => {
             let generated = generate(&event);
             let mut out = input;
+            out.extend(attr::cfgs(&item));
             out.extend(generated);
             out
         }
@@ -44,8 +45,9 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
             // code using the event (publishers, handlers) does not fail too: the
             // mistake is reported once, here.
             let fallback = event.map(|e| impl_event(&e)).unwrap_or_default();
+            let cfgs = attr::cfgs(&item);
             let mut out = attr::with_errors(input, err);
-            out.extend(quote!(const _: () = { #fallback };));
+            out.extend(quote!(#cfgs const _: () = { #fallback };));
             out
         }
         (Ok(()), None) => unreachable!("validation failed without an error"),
@@ -74,8 +76,9 @@ fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Event<'a
                 service = attr::get_service(cx, k, v);
             }
             "name" => {
+                let ident = target.map(|(ident, _, _)| ident);
                 name = attr::get_lit_str(cx, k, v, "\"TaskCreated\"")
-                    .and_then(|lit| event_name(cx, &lit));
+                    .and_then(|lit| event_name(cx, &lit, ident));
             }
             "version" => version = attr::get_u32(cx, k, v, 1),
             "max_retries" => max_retries = attr::get_u32(cx, k, v, 0),
@@ -162,12 +165,18 @@ fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Event<'a
     })
 }
 
-fn event_name(cx: &Ctxt, lit: &LitStr) -> Option<String> {
+fn event_name(cx: &Ctxt, lit: &LitStr, ident: Option<&Ident>) -> Option<String> {
     let value = lit.value();
     match names::check_name(NameKind::EventType, &value) {
         Ok(()) => Some(value),
         Err(why) => {
-            cx.error_spanned_by(lit, why);
+            let default = match ident {
+                Some(ident) => {
+                    format!(" (or drop `name` to use the type name `{}`)", ident.unraw())
+                }
+                None => String::new(),
+            };
+            cx.error_spanned_by(lit, format!("{why}{default}"));
             None
         }
     }
@@ -372,5 +381,100 @@ fn generate(event: &Event) -> TokenStream {
                 }
             }
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quote::quote;
+
+    use super::expand;
+
+    fn normalized(tokens: proc_macro2::TokenStream) -> String {
+        tokens.to_string().split_whitespace().collect()
+    }
+
+    #[test]
+    fn options_reach_the_impl_and_the_registration() {
+        let out = normalized(expand(
+            quote!(
+                service = Task,
+                name = "task.created",
+                version = 2,
+                max_retries = 3,
+                key = id
+            ),
+            quote!(
+                pub struct TaskCreated {
+                    pub id: String,
+                }
+            ),
+        ));
+        assert!(
+            out.contains(r#"constEVENT_TYPE:&'staticstr="task.created";"#),
+            "{out}"
+        );
+        assert!(out.contains("constVERSION:u32=2u32;"), "{out}");
+        assert!(out.contains("Option::Some(3u32)"), "{out}");
+        assert!(
+            out.contains(r#"key_field:::core::option::Option::Some("id")"#),
+            "{out}"
+        );
+        assert!(out.contains("typeService=Task;"), "{out}");
+        assert!(!out.contains("compile_error"), "{out}");
+    }
+
+    #[test]
+    fn the_string_form_names_the_camel_case_type() {
+        let out = normalized(expand(
+            quote!(service = "active-scheduler"),
+            quote!(
+                pub enum SlotChanged {
+                    Freed,
+                }
+            ),
+        ));
+        assert!(out.contains("typeService=ActiveScheduler;"), "{out}");
+        assert!(
+            out.contains(r#"constEVENT_TYPE:&'staticstr="SlotChanged";"#),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn every_mistake_is_reported_and_the_item_kept() {
+        let out = normalized(expand(
+            quote!(
+                service = Task,
+                version = 0,
+                name = 5,
+                key = nope,
+                colour = 1
+            ),
+            quote!(
+                pub struct TaskCreated {
+                    pub id: String,
+                }
+            ),
+        ));
+        assert!(
+            out.starts_with("pubstructTaskCreated{pubid:String"),
+            "{out}"
+        );
+        assert_eq!(out.matches("compile_error").count(), 4, "{out}");
+        assert!(!out.contains("inventory"), "{out}");
+    }
+
+    #[test]
+    fn generic_events_are_rejected() {
+        let out = expand(
+            quote!(service = Task),
+            quote!(
+                pub struct E<T> {
+                    t: T,
+                }
+            ),
+        );
+        assert!(out.to_string().contains("non-generic"), "{out}");
     }
 }

@@ -47,6 +47,7 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
         (Ok(()), Some(handler)) => {
             let generated = generate(&handler);
             let mut out = input;
+            out.extend(attr::cfgs(&item));
             out.extend(generated);
             out
         }
@@ -114,35 +115,27 @@ fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Handler<
             FnArg::Receiver(_) => None,
         })
         .collect();
-    if typed.len() != sig.inputs.len() {
-        let receiver = sig.inputs.iter().find(|a| matches!(a, FnArg::Receiver(_)));
-        cx.error_spanned_by(receiver, "an outbox handler takes no `self`");
-        return None;
-    }
     if typed.len() != 2 {
         let found = match typed.len() {
             0 => "none".to_owned(),
             n => n.to_string(),
         };
-        let span = if sig.inputs.is_empty() {
-            sig.paren_token.span.join()
-        } else {
-            sig.inputs.span()
-        };
-        cx.error_at(
-            span,
-            format!(
-                "an outbox handler takes exactly two arguments, \
-                 `(ctx: &mut HandlerContext<Db>, event: YourEvent)`; found {found}"
-            ),
+        let message = format!(
+            "an outbox handler takes exactly two arguments, \
+             `(ctx: &mut HandlerContext<Db>, event: YourEvent)`; found {found}"
         );
+        if sig.inputs.is_empty() {
+            cx.error_at(sig.paren_token.span.join(), message);
+        } else {
+            cx.error_spanned_by(&sig.inputs, message);
+        }
         return None;
     }
 
-    let db_ty = context_db(cx, &typed[0].ty)?;
-    let db = match backend_param {
+    // Checked on, whatever the first argument, so every mistake shows at once.
+    let db = context_db(cx, &typed[0].ty).and_then(|db_ty| match backend_param {
         Some(param) => match db_ty {
-            Type::Path(p) if p.qself.is_none() && p.path.is_ident(param) => Db::Generic(param),
+            ty if is_param(ty, param) => Some(Db::Generic(param)),
             other => {
                 cx.error_spanned_by(
                     other,
@@ -151,11 +144,11 @@ fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Handler<
                          `ctx: &mut HandlerContext<{param}>`"
                     ),
                 );
-                return None;
+                None
             }
         },
-        None => Db::Concrete(db_ty),
-    };
+        None => Some(Db::Concrete(db_ty)),
+    });
 
     let event = &*typed[1].ty;
     match event {
@@ -199,7 +192,7 @@ fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Handler<
     }
     Some(Handler {
         func,
-        db,
+        db: db?,
         event,
         output: output?,
         service,
@@ -231,30 +224,31 @@ fn backend_param<'a>(cx: &Ctxt, func: &'a ItemFn, ok: &mut bool) -> Option<&'a I
     }
     if let Some(where_clause) = &generics.where_clause {
         for predicate in &where_clause.predicates {
-            let allowed = match (predicate, backend) {
-                (WherePredicate::Type(pt), Some(param)) => {
-                    matches!(&pt.bounded_ty, Type::Path(p) if p.qself.is_none() && p.path.is_ident(param))
-                        && pt.lifetimes.is_none()
-                }
-                _ => false,
-            };
-            if allowed {
-                if let WherePredicate::Type(pt) = predicate {
+            match (predicate, backend) {
+                (WherePredicate::Type(pt), Some(param))
+                    if pt.lifetimes.is_none() && is_param(&pt.bounded_ty, param) =>
+                {
                     for bound in &pt.bounds {
-                        check_backend_bound(cx, backend.unwrap(), bound, ok);
+                        check_backend_bound(cx, param, bound, ok);
                     }
                 }
-            } else {
-                cx.error_spanned_by(
-                    predicate,
-                    "an outbox handler cannot have where clauses beyond `DB: Backend`: the \
-                     consumer runs it for every backend compiled in",
-                );
-                *ok = false;
+                _ => {
+                    cx.error_spanned_by(
+                        predicate,
+                        "an outbox handler cannot have where clauses beyond `DB: Backend`: \
+                         the consumer runs it for every backend compiled in",
+                    );
+                    *ok = false;
+                }
             }
         }
     }
     backend
+}
+
+/// Whether `ty` is exactly the type parameter `param`.
+fn is_param(ty: &Type, param: &Ident) -> bool {
+    matches!(ty, Type::Path(p) if p.qself.is_none() && p.path.is_ident(param))
 }
 
 /// A generic handler runs on every backend, so its parameter can only require what
@@ -290,7 +284,11 @@ fn context_db<'a>(cx: &Ctxt, ty: &'a Type) -> Option<&'a Type> {
         Type::Reference(r) => match &*r.elem {
             Type::Path(p) if p.qself.is_none() => {
                 let last = p.path.segments.last()?;
-                match (&last.arguments, r.mutability.is_some(), last.ident == "HandlerContext") {
+                match (
+                    &last.arguments,
+                    r.mutability.is_some(),
+                    last.ident == "HandlerContext",
+                ) {
                     (PathArguments::AngleBracketed(args), true, true) if args.args.len() == 1 => {
                         match args.args.first() {
                             Some(GenericArgument::Type(db)) => Some(db),
@@ -417,5 +415,61 @@ fn generate(handler: &Handler) -> TokenStream {
                 )
             }
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quote::quote;
+
+    use super::expand;
+
+    fn errors(args: proc_macro2::TokenStream, item: proc_macro2::TokenStream) -> Vec<String> {
+        let out = expand(args, item).to_string();
+        out.split("compile_error !")
+            .skip(1)
+            .map(|e| e.split('"').nth(1).unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_well_formed_handler_has_no_error() {
+        let concrete = quote! {
+            async fn h(ctx: &mut HandlerContext<Sqlite>, e: TaskCreated) -> Result<(), HandlerError> { Ok(()) }
+        };
+        assert_eq!(errors(quote!(), concrete), Vec::<String>::new());
+        let generic = quote! {
+            async fn h<DB: Backend>(ctx: &mut HandlerContext<DB>, e: TaskCreated) -> Result<(), HandlerError> { Ok(()) }
+        };
+        assert_eq!(
+            errors(quote!(service = Task), generic),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn every_shape_mistake_is_reported_at_once() {
+        let item = quote! {
+            fn h<T, U>(pool: &PgPool, e: &TaskCreated) { }
+        };
+        let errors = errors(quote!(), item);
+        assert_eq!(errors.len(), 5, "{errors:#?}");
+        assert!(errors[0].contains("must be an `async fn`"));
+        assert!(errors[1].contains("only be generic over its backend"));
+        assert!(errors[2].contains("`&mut HandlerContext<Db>`"));
+        assert!(errors[2].contains("found `&PgPool`"));
+        assert!(errors[3].contains("take the event by value, `event: TaskCreated`"));
+        assert!(errors[4].contains("must return `Result<(), E>`"));
+    }
+
+    #[test]
+    fn a_generic_parameter_must_be_the_backend() {
+        let item = quote! {
+            async fn h<DB: Backend + Clone>(ctx: &mut HandlerContext<Sqlite>, e: E) -> Result<(), X> { Ok(()) }
+        };
+        let errors = errors(quote!(), item);
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(errors[0].contains("can only require `DB: Backend`"));
+        assert!(errors[1].contains("write `ctx: &mut HandlerContext<DB>`"));
     }
 }

@@ -149,8 +149,17 @@ pub fn outbox_event(args: TokenStream, input: TokenStream) -> TokenStream {
 ///   converts, as a transient failure); an `Err` retries the event with backoff;
 /// - the returned future must be `Send`.
 ///
-/// Option: `service = Type` asserts that the event is owned by that service (handlers
-/// always run in the consumer of the owning service).
+/// Option: `service = Type` (or `service = "name"`, as in [`macro@outbox_event`]) asserts
+/// at compile time that the event is owned by that service. Handlers always run in the
+/// consumer of the service that owns their event; the option only documents and checks
+/// it.
+///
+/// Handlers are free fns (not methods). Mistakes in the shape are errors at the
+/// offending token: a missing `async`, a `self` receiver, a wrong number of arguments,
+/// a first argument that is not `&mut HandlerContext<Db>` (a pool would write outside
+/// the consumer's transaction), an event taken by reference, generic parameters other
+/// than the backend, a missing or non-`Result` return type, a future that is not
+/// `Send`.
 ///
 /// The fn is kept as written and can still be called directly, e.g. in tests.
 #[proc_macro_attribute]

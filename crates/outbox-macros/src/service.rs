@@ -3,8 +3,8 @@
 
 use proc_macro2::{Span, TokenStream};
 use quote::quote;
-use syn::spanned::Spanned;
 use syn::ext::IdentExt;
+use syn::spanned::Spanned;
 use syn::{Fields, Ident, Item, ItemStruct, LitStr};
 
 use crate::attr::{self, Ctxt};
@@ -33,6 +33,7 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
         (Ok(()), Some(service)) => {
             let generated = generate(&service);
             let mut out = input;
+            out.extend(attr::cfgs(&item));
             out.extend(generated);
             out
         }
@@ -40,8 +41,9 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
             // Still implement `Service` (with the names that could be read), so events
             // naming this service do not fail too: the mistake is reported once, here.
             let fallback = service.map(|s| impl_service(&s)).unwrap_or_default();
+            let cfgs = attr::cfgs(&item);
             let mut out = attr::with_errors(input, err);
-            out.extend(quote!(const _: () = { #fallback };));
+            out.extend(quote!(#cfgs const _: () = { #fallback };));
             out
         }
         (Ok(()), None) => unreachable!("validation failed without an error"),
@@ -195,5 +197,76 @@ fn generate(service: &Service) -> TokenStream {
                 )
             }
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quote::quote;
+
+    use super::expand;
+
+    fn normalized(tokens: proc_macro2::TokenStream) -> String {
+        tokens.to_string().split_whitespace().collect()
+    }
+
+    #[test]
+    fn defaults_derive_from_the_type_name() {
+        let out = normalized(expand(
+            quote!(),
+            quote!(
+                pub struct ActiveScheduler;
+            ),
+        ));
+        assert!(
+            out.contains(r#"constNAME:&'staticstr="active-scheduler";"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"constTABLE:&'staticstr="active_scheduler_outbox";"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"constTOPIC:&'staticstr="outbox.active-scheduler";"#),
+            "{out}"
+        );
+        assert!(out.contains("inventory::submit!"), "{out}");
+        assert!(!out.contains("compile_error"), "{out}");
+    }
+
+    #[test]
+    fn overrides_replace_the_defaults() {
+        let out = normalized(expand(
+            quote!(name = "agent", table = "outbox_events"),
+            quote!(
+                pub struct Agent;
+            ),
+        ));
+        assert!(out.contains(r#"constNAME:&'staticstr="agent";"#), "{out}");
+        assert!(
+            out.contains(r#"constTABLE:&'staticstr="outbox_events";"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"constGROUP:&'staticstr="outbox.agent.consumer";"#),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn errors_keep_the_item_and_a_fallback_impl_but_no_registration() {
+        let out = normalized(expand(
+            quote!(table = "task-outbox", topc = "x"),
+            quote!(
+                pub struct Task;
+            ),
+        ));
+        assert!(out.starts_with("pubstructTask;"), "{out}");
+        assert_eq!(out.matches("compile_error").count(), 2, "{out}");
+        assert!(
+            out.contains("impl::outbox_runtime::__private::ServiceforTask"),
+            "{out}"
+        );
+        assert!(!out.contains("inventory"), "{out}");
     }
 }

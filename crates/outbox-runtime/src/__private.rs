@@ -6,6 +6,7 @@ pub use inventory;
 pub use serde;
 pub use serde_json;
 
+pub use crate::backend::Backend;
 pub use crate::event::{Event, EventKey, EventRegistration, HandledBy, PublishedThrough};
 pub use crate::handler::{
     decode_payload, ConcreteHandler, GenericHandler, GenericHandlerFactory, HandlerContext,
@@ -15,7 +16,7 @@ pub use crate::service::{Service, ServiceRegistration};
 
 /// Generated code calls this with the event type to require serde's traits, so a type
 /// that does not derive them fails at its own name, with serde's hint.
-pub const fn assert_serde<T: serde::Serialize + serde::de::DeserializeOwned>() {}
+pub const fn assert_serde<T: serde::Serialize + for<'de> serde::Deserialize<'de>>() {}
 
 /// Generated code calls this with a handler's future to require `Send`, so the error
 /// points at the handler and not deep inside the consumer's `tokio::spawn`.

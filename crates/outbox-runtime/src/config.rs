@@ -35,6 +35,39 @@ pub struct OutboxConfig {
     /// 10 s). The message is retried in place: the offset is not stored until its
     /// transaction's outcome is known.
     pub consumer_failure_backoff: Backoff,
+    /// Deleting old rows so the table stays small; `None` keeps every row. Default:
+    /// consumed rows after 7 days, dead rows kept, in batches of 1000 every minute.
+    pub retention: Option<Retention>,
+}
+
+/// How long rows are kept after they settle. Run by the relay side of
+/// [`crate::OutboxRuntime`], in bounded batches (one short DELETE each).
+///
+/// A consumed row is also what makes a late redelivery a no-op: keep consumed rows at
+/// least as long as a record can be redelivered (the topic's retention, or your longest
+/// replay window). A redelivery after that finds no row and is skipped with a log line;
+/// it is still not applied twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Delete consumed rows this long after they were consumed.
+    pub consumed_after: Duration,
+    /// Delete dead rows this long after they died; `None` keeps them for operators.
+    pub dead_after: Option<Duration>,
+    /// Rows per DELETE.
+    pub batch: u32,
+    /// Pause between sweeps.
+    pub interval: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            consumed_after: Duration::from_secs(7 * 24 * 3600),
+            dead_after: None,
+            batch: 1000,
+            interval: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Default for OutboxConfig {
@@ -54,6 +87,7 @@ impl Default for OutboxConfig {
                 base: Duration::from_millis(100),
                 cap: Duration::from_secs(10),
             },
+            retention: Some(Retention::default()),
         }
     }
 }

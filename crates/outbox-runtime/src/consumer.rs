@@ -216,6 +216,7 @@ impl<DB: Backend> Consumer<DB> {
             if self.settle(&msg, &mut shutdown).await.is_none() {
                 break; // shut down while the database was failing: offset not stored
             }
+            failpoint!("consumer.before_offset_store");
             if let Err(e) = consumer.store_offset_from_message(&msg) {
                 // Stale after a rebalance; the new owner re-reads the record and finds it
                 // settled.
@@ -317,7 +318,7 @@ impl<DB: Backend> Consumer<DB> {
                 .await
                 .map_err(|e| Error::db(ctx("checking the predecessors of"), e))?;
             if open {
-                DB::defer(&mut tx, &route.table, row.id)
+                DB::defer(&mut tx, &route.table, row.id, self.config.backoff.base)
                     .await
                     .map_err(|e| Error::db(ctx("deferring"), e))?;
                 tx.commit()
@@ -370,9 +371,11 @@ impl<DB: Backend> Consumer<DB> {
                 DB::mark_consumed(&mut tx, &route.table, row.id)
                     .await
                     .map_err(|e| Error::db(ctx("marking consumed"), e))?;
+                failpoint!("consumer.before_commit");
                 tx.commit()
                     .await
                     .map_err(|e| Error::db(ctx("committing the handler of"), e))?;
+                failpoint!("consumer.after_commit");
                 self.stats.handled.fetch_add(1, Ordering::Relaxed);
                 return Ok(Outcome::Handled);
             }

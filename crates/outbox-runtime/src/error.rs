@@ -45,6 +45,16 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// An event key is longer than every backend can index.
+    #[error("event `{event_type}` has a key of {len} bytes; the limit is {limit} bytes")]
+    KeyTooLong {
+        /// The event type.
+        event_type: String,
+        /// The key's length in bytes.
+        len: usize,
+        /// The limit ([`crate::backend::MAX_KEY_LEN`]).
+        limit: usize,
+    },
     /// The route catalog is invalid; lists every problem at once.
     #[error(transparent)]
     Catalog(#[from] CatalogError),

@@ -14,6 +14,11 @@ use uuid::Uuid;
 use crate::service::Service;
 
 /// A typed outbox event. Implemented by `#[outbox_event]`; do not implement by hand.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an outbox event",
+    label = "not an outbox event",
+    note = "declare it with `#[outbox_event(service = ...)]` and derive `Serialize` and `Deserialize`"
+)]
 pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The service that owns the event: its outbox, topic and consumer carry it.
     type Service: Service;

@@ -19,6 +19,15 @@
 
 #![warn(missing_docs)]
 
+/// A named crash point (`fail` crate), compiled in only with the `failpoints` feature.
+/// The names are listed in `RELIABILITY.md`.
+macro_rules! failpoint {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($name);
+    };
+}
+
 pub mod backend;
 pub mod catalog;
 pub mod config;
@@ -41,7 +50,7 @@ pub mod __private;
 
 pub use backend::{Backend, OutboxRow, SqlValue, Status, StatusCounts};
 pub use catalog::{Catalog, CatalogBuilder, CatalogError};
-pub use config::OutboxConfig;
+pub use config::{OutboxConfig, Retention};
 pub use error::{Error, Result};
 pub use event::{Event, EventId, EventKey};
 pub use handler::{EventMeta, FailureKind, HandlerContext, HandlerError};

@@ -26,6 +26,7 @@ use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use sqlx::{Pool, Transaction};
 
 use crate::backend::{Backend, NewRow};
@@ -124,41 +125,46 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
 
     /// Writes `event` into the outbox on `conn`: pass your transaction (`&mut tx`). The
     /// event is delivered if and only if that transaction commits. Returns the event id.
-    pub async fn publish<E: PublishedThrough<S>>(
-        &self,
-        conn: &mut DB::Connection,
+    ///
+    /// (A plain fn returning a boxed future, not an `async fn`: the event is serialised
+    /// before the future exists, so a misrouted event is one compile error, not three.)
+    pub fn publish<'a, E: PublishedThrough<S>>(
+        &'a self,
+        conn: &'a mut DB::Connection,
         event: &E,
-    ) -> Result<EventId> {
+    ) -> BoxFuture<'a, Result<EventId>> {
         self.publish_with(conn, event, PublishOptions::default())
-            .await
     }
 
     /// [`publish`](Self::publish) with per-call overrides.
-    pub async fn publish_with<E: PublishedThrough<S>>(
-        &self,
-        conn: &mut DB::Connection,
+    pub fn publish_with<'a, E: PublishedThrough<S>>(
+        &'a self,
+        conn: &'a mut DB::Connection,
         event: &E,
         options: PublishOptions,
-    ) -> Result<EventId> {
-        let payload = serde_json::to_string(event).map_err(|source| Error::Serialize {
+    ) -> BoxFuture<'a, Result<EventId>> {
+        let encoded = serde_json::to_string(event).map_err(|source| Error::Serialize {
             event_type: E::EVENT_TYPE.to_owned(),
             source,
-        })?;
+        });
         let key = options.key.or_else(|| event.key());
         let max_retries = options
             .max_retries
             .or(E::MAX_RETRIES)
             .unwrap_or(self.config.default_max_retries);
-        self.insert(
-            conn,
-            E::EVENT_TYPE,
-            E::VERSION,
-            key.as_deref(),
-            &payload,
-            max_retries,
-            options.event_id,
-        )
-        .await
+        Box::pin(async move {
+            let payload = encoded?;
+            self.insert(
+                conn,
+                E::EVENT_TYPE,
+                E::VERSION,
+                key.as_deref(),
+                &payload,
+                max_retries,
+                options.event_id,
+            )
+            .await
+        })
     }
 
     /// Writes an untyped event (the compatibility route).
@@ -196,6 +202,13 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
                 event_type: event_type.to_owned(),
                 size: payload.len(),
                 limit: self.config.max_payload_bytes,
+            });
+        }
+        if let Some(key) = key.filter(|k| k.len() > crate::backend::MAX_KEY_LEN) {
+            return Err(Error::KeyTooLong {
+                event_type: event_type.to_owned(),
+                len: key.len(),
+                limit: crate::backend::MAX_KEY_LEN,
             });
         }
         let id = event_id.unwrap_or_default();
@@ -256,24 +269,26 @@ pub struct OutboxTx<'o, S: Service, DB: Backend> {
 
 impl<S: Service, DB: Backend> OutboxTx<'_, S, DB> {
     /// Publishes `event` in this transaction.
-    pub async fn publish<E: PublishedThrough<S>>(&mut self, event: &E) -> Result<EventId> {
-        let id = self.outbox.publish(&mut self.tx, event).await?;
-        self.published += 1;
-        Ok(id)
+    pub fn publish<'a, E: PublishedThrough<S>>(
+        &'a mut self,
+        event: &E,
+    ) -> BoxFuture<'a, Result<EventId>> {
+        self.publish_with(event, PublishOptions::default())
     }
 
     /// Publishes with per-call overrides.
-    pub async fn publish_with<E: PublishedThrough<S>>(
-        &mut self,
+    pub fn publish_with<'a, E: PublishedThrough<S>>(
+        &'a mut self,
         event: &E,
         options: PublishOptions,
-    ) -> Result<EventId> {
-        let id = self
-            .outbox
-            .publish_with(&mut self.tx, event, options)
-            .await?;
-        self.published += 1;
-        Ok(id)
+    ) -> BoxFuture<'a, Result<EventId>> {
+        let insert = self.outbox.publish_with(&mut self.tx, event, options);
+        let published = &mut self.published;
+        Box::pin(async move {
+            let id = insert.await?;
+            *published += 1;
+            Ok(id)
+        })
     }
 
     /// Publishes an untyped event in this transaction.

@@ -139,8 +139,10 @@ impl<DB: Backend> Relay<DB> {
             return Ok(RoundReport::default());
         }
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
+        failpoint!("relay.after_claim");
 
         let outcomes = self.produce(&rows).await;
+        failpoint!("relay.after_produce");
 
         let mut acked = Vec::with_capacity(rows.len());
         let mut retry: Vec<i64> = Vec::new();
@@ -171,6 +173,7 @@ impl<DB: Backend> Relay<DB> {
                     )
                 })?;
             report.published = marked;
+            failpoint!("relay.after_mark");
             self.stats.published.fetch_add(marked, Ordering::Relaxed);
             self.stats.fenced.fetch_add(
                 acked.len() as u64 - marked.min(acked.len() as u64),

@@ -160,6 +160,15 @@ impl<DB: Backend> OutboxRuntime<DB> {
                     tasks.push((format!("relay {s}"), tokio::spawn(relay.run(rx))));
                 }
                 relay_stats.insert(s.clone(), stats);
+                if let Some(retention) = config.retention {
+                    let rx = stop_rx.clone();
+                    let pool = self.pool.clone();
+                    let route = route.clone();
+                    tasks.push((
+                        format!("retention {s}"),
+                        tokio::spawn(async move { retain::<DB>(pool, route, retention, rx).await }),
+                    ));
+                }
             }
         }
         Ok(RuntimeHandle {
@@ -168,6 +177,48 @@ impl<DB: Backend> OutboxRuntime<DB> {
             relay_stats,
             consumer_stats,
         })
+    }
+}
+
+/// Deletes settled rows of one service in bounded batches until `shutdown`.
+///
+/// # Cancel safety
+///
+/// Each batch is one DELETE statement: stopping between or during batches leaves the
+/// table consistent.
+async fn retain<DB: Backend>(
+    pool: Pool<DB>,
+    route: crate::catalog::Route,
+    retention: crate::config::Retention,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        loop {
+            match DB::purge(
+                &pool,
+                &route.table,
+                &route.service,
+                retention.consumed_after,
+                retention.dead_after,
+                retention.batch,
+            )
+            .await
+            {
+                Ok(n) if n >= u64::from(retention.batch) && !*shutdown.borrow() => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(service = %route.service, error = %e, "retention sweep failed; trying again later");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(retention.interval) => {}
+            _ = shutdown.changed() => {}
+        }
     }
 }
 

@@ -186,6 +186,11 @@ pub struct StatusCounts {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttemptsFence(pub i32);
 
+/// Longest event key, in bytes: MySQL indexes `event_key` as VARCHAR(255), and a key
+/// silently cut there would merge two keys' orders, so every backend refuses longer ones
+/// at publish time.
+pub const MAX_KEY_LEN: usize = 255;
+
 /// Longest `last_error` kept, in bytes (truncated on a character boundary).
 pub const MAX_ERROR_LEN: usize = 2000;
 
@@ -321,13 +326,28 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
 
     /// Consumer side: puts a row whose predecessor is still open back to pending, due
-    /// now, attempts unchanged, `lease_token = 0`; the relay re-publishes it once the
-    /// predecessor is done.
+    /// after `delay`, attempts unchanged, `lease_token = 0`; the relay re-publishes it
+    /// once the predecessor is done. (The delay keeps a predecessor that stays open for
+    /// long from turning this into a hot re-publish loop.)
     fn defer<'c>(
         conn: &'c mut Self::Connection,
         table: &'c str,
         id: i64,
+        delay: Duration,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
+
+    /// Retention: deletes up to `limit` rows of `service` that were consumed more than
+    /// `consumed_age` ago, and, if `dead_age` is given, dead rows that died more than
+    /// `dead_age` ago. One short statement; returns rows deleted. Callers repeat it in
+    /// bounded batches, so no long lock is ever held.
+    fn purge<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        consumed_age: Duration,
+        dead_age: Option<Duration>,
+        limit: u32,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'p;
 
     /// Consumer side, after a transient handler failure: pending again, attempts + 1,
     /// due after `delay`, `last_error = error`, `lease_token = 0`; fenced by the

@@ -521,16 +521,48 @@ impl Backend for MySql {
         conn: &'c mut MySqlConnection,
         table: &'c str,
         id: i64,
+        delay: Duration,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(&format!(
-            "UPDATE {table} SET status = 0, next_attempt_at = UTC_TIMESTAMP(6), locked_until = NULL, \
-                    lease_token = 0, updated_at = UTC_TIMESTAMP(6) \
+            "UPDATE {table} SET status = 0, next_attempt_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, \
+                    locked_until = NULL, lease_token = 0, updated_at = UTC_TIMESTAMP(6) \
               WHERE id = ? AND status IN (0, 1)"
         ))
+        .bind(micros(delay))
         .bind(id)
         .execute(conn)
         .await?;
         Ok(())
+    }
+
+    async fn purge<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        consumed_age: Duration,
+        dead_age: Option<Duration>,
+        limit: u32,
+    ) -> Result<u64, sqlx::Error> {
+        // MySQL cannot DELETE with a LIMIT'd subquery on the same table; DELETE ... ORDER
+        // BY id LIMIT over the (service, status, id) index does the same in one statement.
+        let sql = format!(
+            "DELETE FROM {table} WHERE service = ? AND ((status = 2 AND consumed_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND) \
+                OR (? IS NOT NULL AND status = 3 AND dead_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND)) \
+              ORDER BY id LIMIT ?"
+        );
+        let consumed = micros(consumed_age);
+        let dead = dead_age.map(micros);
+        let done = with_retry(|| {
+            sqlx::query(&sql)
+                .bind(service)
+                .bind(consumed)
+                .bind(dead)
+                .bind(dead.unwrap_or(0))
+                .bind(i64::from(limit))
+                .execute(pool)
+        })
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn retry_later<'p>(

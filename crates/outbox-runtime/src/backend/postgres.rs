@@ -9,9 +9,8 @@ use sqlx::{PgConnection, Pool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    SqlValue,
-    AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, RowState, Status, StatusCounts,
-    WakeStream,
+    AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, RowState, SqlValue, Status,
+    StatusCounts, WakeStream,
 };
 
 const MIGRATION: &str = include_str!("../../../../migrations/postgres/outbox_table.sql");
@@ -26,8 +25,10 @@ fn status(v: i16) -> Result<Status, sqlx::Error> {
         .ok_or_else(|| sqlx::Error::Decode(format!("unknown outbox status {v}").into()))
 }
 
+/// Seconds for `make_interval`, capped at 100 years so a huge `Duration` cannot make
+/// the statement fail.
 fn secs(d: Duration) -> f64 {
-    d.as_secs_f64()
+    d.as_secs_f64().min(100.0 * 365.0 * 86_400.0)
 }
 
 const ROW_COLUMNS: &str =
@@ -159,7 +160,8 @@ impl Backend for Postgres {
         token: i64,
     ) -> Result<u64, sqlx::Error> {
         let done = sqlx::query(&format!(
-            "UPDATE {table} SET status = 1, published_at = now(), locked_until = NULL, updated_at = now() \
+            "UPDATE {table} SET status = 1, published_at = now(), locked_until = NULL, lease_token = 0, \
+                    updated_at = now() \
               WHERE id = ANY($1) AND lease_token = $2 AND status = 0"
         ))
         .bind(ids)
@@ -275,13 +277,15 @@ impl Backend for Postgres {
         conn: &'c mut PgConnection,
         table: &'c str,
         id: i64,
+        delay: Duration,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(&format!(
-            "UPDATE {table} SET status = 0, next_attempt_at = now(), locked_until = NULL, lease_token = 0, \
-                    updated_at = now() \
+            "UPDATE {table} SET status = 0, next_attempt_at = now() + make_interval(secs => $2), \
+                    locked_until = NULL, lease_token = 0, updated_at = now() \
               WHERE id = $1 AND status IN (0, 1)"
         ))
         .bind(id)
+        .bind(secs(delay))
         .execute(conn)
         .await?;
         Ok(())
@@ -330,6 +334,29 @@ impl Backend for Postgres {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn purge<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        consumed_age: Duration,
+        dead_age: Option<Duration>,
+        limit: u32,
+    ) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(&format!(
+            "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} \
+              WHERE service = $1 AND ((status = 2 AND consumed_at < now() - make_interval(secs => $2)) \
+                 OR ($3::float8 IS NOT NULL AND status = 3 AND dead_at < now() - make_interval(secs => $3))) \
+              LIMIT $4)"
+        ))
+        .bind(service)
+        .bind(secs(consumed_age))
+        .bind(dead_age.map(secs))
+        .bind(i64::from(limit))
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn fetch<'p>(
         pool: &'p Pool<Self>,
         table: &'p str,
@@ -376,11 +403,15 @@ impl Backend for Postgres {
         Ok(super::counts_from(rows))
     }
 
-    async fn now<'p>(pool: &'p Pool<Self>) -> Result<DateTime<Utc>, sqlx::Error> {
+    async fn now(pool: &Pool<Self>) -> Result<DateTime<Utc>, sqlx::Error> {
         sqlx::query_scalar("SELECT now()").fetch_one(pool).await
     }
 
-    async fn execute_portable<'c>(conn: &'c mut PgConnection, sql: &'c str, args: &'c [SqlValue]) -> Result<u64, sqlx::Error> {
+    async fn execute_portable<'c>(
+        conn: &'c mut PgConnection,
+        sql: &'c str,
+        args: &'c [SqlValue],
+    ) -> Result<u64, sqlx::Error> {
         let mut numbered = String::with_capacity(sql.len() + 8);
         let mut n = 0;
         for c in sql.chars() {

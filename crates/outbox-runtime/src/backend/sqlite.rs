@@ -384,16 +384,42 @@ impl Backend for Sqlite {
         conn: &'c mut SqliteConnection,
         table: &'c str,
         id: i64,
+        delay: Duration,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(&format!(
-            "UPDATE {table} SET status = 0, next_attempt_at = {NOW}, locked_until = NULL, lease_token = 0, \
+            "UPDATE {table} SET status = 0, next_attempt_at = {NOW} + ?, locked_until = NULL, lease_token = 0, \
                     updated_at = {NOW} \
               WHERE id = ? AND status IN (0, 1)"
         ))
+        .bind(micros(delay))
         .bind(id)
         .execute(conn)
         .await?;
         Ok(())
+    }
+
+    async fn purge<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        consumed_age: Duration,
+        dead_age: Option<Duration>,
+        limit: u32,
+    ) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(&format!(
+            "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} \
+              WHERE service = ? AND ((status = 2 AND consumed_at < {NOW} - ?) \
+                 OR (? IS NOT NULL AND status = 3 AND dead_at < {NOW} - ?)) \
+              LIMIT ?)"
+        ))
+        .bind(service)
+        .bind(micros(consumed_age))
+        .bind(dead_age.map(micros))
+        .bind(dead_age.map(micros).unwrap_or(0))
+        .bind(i64::from(limit))
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn retry_later<'p>(

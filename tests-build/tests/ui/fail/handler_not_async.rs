@@ -1,4 +1,6 @@
-use outbox_runtime::{outbox_event, outbox_handler, outbox_service, HandlerContext, HandlerError, Sqlite};
+use outbox_runtime::{
+    outbox_event, outbox_handler, outbox_service, HandlerContext, HandlerError, Sqlite,
+};
 use serde::{Deserialize, Serialize};
 
 #[outbox_service]

@@ -1,4 +1,4 @@
-use outbox_runtime::{outbox_event, outbox_handler, outbox_service, HandlerError, Sqlite};
+use outbox_runtime::{outbox_event, outbox_handler, outbox_service, HandlerError};
 use serde::{Deserialize, Serialize};
 
 #[outbox_service]

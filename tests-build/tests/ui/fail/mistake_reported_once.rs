@@ -1,6 +1,8 @@
 // One mistake in a service and one in an event: each is reported once, at its token,
 // and the code using them (events, handlers) does not fail as well.
-use outbox_runtime::{outbox_event, outbox_handler, outbox_service, HandlerContext, HandlerError, Sqlite};
+use outbox_runtime::{
+    outbox_event, outbox_handler, outbox_service, HandlerContext, HandlerError, Sqlite,
+};
 use serde::{Deserialize, Serialize};
 
 #[outbox_service(table = "task-outbox")]

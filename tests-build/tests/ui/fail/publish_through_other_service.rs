@@ -16,7 +16,12 @@ pub struct TaskCreated {
 // TaskCreated is owned by Task: it goes through Task's outbox, not Memory's.
 async fn create_task(outbox: &Outbox<Memory, Sqlite>, conn: &mut sqlx::SqliteConnection) {
     let _ = outbox
-        .publish(conn, &TaskCreated { task_id: "t-1".into() })
+        .publish(
+            conn,
+            &TaskCreated {
+                task_id: "t-1".into(),
+            },
+        )
         .await;
 }
 

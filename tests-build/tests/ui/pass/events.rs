@@ -51,6 +51,11 @@ pub enum AgentState {
 #[outbox_event(service = Agent)]
 pub struct AgentPinged;
 
+// Compiled out, and its impls and registration with it.
+#[outbox_event(service = NoSuchService)]
+#[cfg(any())]
+pub struct CompiledOut;
+
 fn service_of<E: Event>() -> &'static str {
     <E::Service as Service>::NAME
 }
@@ -68,7 +73,14 @@ fn main() {
     assert_eq!(renamed.key().as_deref(), Some("42"));
     assert_eq!(SubtaskAdded { parent: None }.key(), None);
     assert_eq!(SubtaskAdded { parent: Some(7) }.key().as_deref(), Some("7"));
-    assert_eq!(TaskTyped { r#type: "bug".into() }.key().as_deref(), Some("bug"));
+    assert_eq!(
+        TaskTyped {
+            r#type: "bug".into()
+        }
+        .key()
+        .as_deref(),
+        Some("bug")
+    );
     assert_eq!(AgentState::Idle.key(), None);
     assert_eq!(AgentPinged.key(), None);
 
@@ -79,13 +91,19 @@ fn main() {
     assert_eq!(registered.len(), 6, "{registered:?}");
     let find = |t: &str| *registered.iter().find(|r| r.event_type == t).unwrap();
     let r = find("task.renamed");
-    assert_eq!((r.version, r.service, r.service_table), (3, "task", "task_outbox"));
+    assert_eq!(
+        (r.version, r.service, r.service_table),
+        (3, "task", "task_outbox")
+    );
     assert_eq!((r.max_retries, r.key_field), (Some(5), Some("task_id")));
     assert_eq!(r.rust_type, format!("{}::TaskRenamed", module_path!()));
     let r = find("TaskTyped");
     assert_eq!(r.key_field, Some("type"));
     let r = find("agent.state");
-    assert_eq!((r.version, r.service, r.service_table), (1, "agent", "outbox_events"));
+    assert_eq!(
+        (r.version, r.service, r.service_table),
+        (1, "agent", "outbox_events")
+    );
     assert_eq!((r.max_retries, r.key_field), (Some(0), None));
     let r = find("AgentPinged");
     assert_eq!(r.rust_type, format!("{}::AgentPinged", module_path!()));

@@ -67,7 +67,10 @@ async fn on_notification_sent<DB: Backend>(
         NotificationSent::Email { to } | NotificationSent::Sms { to } => to,
     };
     if to.is_empty() {
-        return Err(HandlerError::permanent(format!("no recipient in {}", ctx.event_id())));
+        return Err(HandlerError::permanent(format!(
+            "no recipient in {}",
+            ctx.event_id()
+        )));
     }
     tokio_free_yield().await;
     Ok(())
@@ -75,7 +78,10 @@ async fn on_notification_sent<DB: Backend>(
 
 // A where clause on the backend parameter is fine too.
 #[outbox_handler]
-async fn count_notifications<D>(_ctx: &mut HandlerContext<D>, _event: NotificationSent) -> Result<(), HandlerError>
+async fn count_notifications<D>(
+    _ctx: &mut HandlerContext<D>,
+    _event: NotificationSent,
+) -> Result<(), HandlerError>
 where
     D: Backend + Send,
 {
@@ -83,6 +89,16 @@ where
 }
 
 async fn tokio_free_yield() {}
+
+// Compiled out, and its glue and registration with it.
+#[outbox_handler]
+#[cfg(any())]
+async fn compiled_out(
+    _ctx: &mut HandlerContext<Sqlite>,
+    _event: NoSuchEvent,
+) -> Result<(), HandlerError> {
+    Ok(())
+}
 
 // The event goes through the outbox of the service that owns it.
 #[allow(dead_code)]
@@ -111,7 +127,10 @@ fn main() {
     };
 
     let h = find("on_task_created");
-    assert_eq!((h.service, h.event_type, h.event_version), ("task", "TaskCreated", 1));
+    assert_eq!(
+        (h.service, h.event_type, h.event_version),
+        ("task", "TaskCreated", 1)
+    );
     assert_eq!(h.factory.backends(), ["sqlite"]);
     assert!(h.for_backend::<Sqlite>().is_some());
 
@@ -119,7 +138,10 @@ fn main() {
     assert_eq!(h.service, "task");
 
     let h = find("on_notification_sent");
-    assert_eq!((h.service, h.event_type), ("notification", "NotificationSent"));
+    assert_eq!(
+        (h.service, h.event_type),
+        ("notification", "NotificationSent")
+    );
     assert_eq!(h.factory.backends(), ["any"]);
     assert!(h.for_backend::<Sqlite>().is_some());
 

@@ -23,5 +23,8 @@ async fn on_slot_freed(
 }
 
 fn main() {
-    assert_eq!(<<SlotFreed as Event>::Service as Service>::NAME, "active-scheduler");
+    assert_eq!(
+        <<SlotFreed as Event>::Service as Service>::NAME,
+        "active-scheduler"
+    );
 }

@@ -16,7 +16,7 @@ pub struct Agent;
     name = "mem",
     table = "memory_outbox_v2",
     topic = "memory-events",
-    group = "memory-consumers",
+    group = "memory-consumers"
 )]
 pub struct Memory;
 
@@ -53,7 +53,10 @@ fn main() {
     let agent = registered.iter().find(|r| r.name == "agent").unwrap();
     assert_eq!(agent.table, "outbox_events");
     assert_eq!(agent.rust_type, format!("{}::Agent", module_path!()));
-    let notification = registered.iter().find(|r| r.name == "notification").unwrap();
+    let notification = registered
+        .iter()
+        .find(|r| r.name == "notification")
+        .unwrap();
     assert_eq!(
         notification.rust_type,
         format!("{}::nested::Notification", module_path!())
