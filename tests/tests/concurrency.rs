@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use outbox_runtime::{Backend, KafkaConfig, Outbox, OutboxRuntime, Status};
+use outbox_runtime::{KafkaConfig, Outbox, OutboxRuntime, Status};
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::{TestMySql, TestPg, TestSqlite};
 use outbox_tests::e2e::{

@@ -1028,86 +1028,6 @@ async fn concurrent_writers_and_claimers<T: TestDatabase>() {
     db.cleanup().await;
 }
 
-/// Not a check: drains a preloaded backlog and prints claim throughput. Run with
-/// `cargo test -p outbox-tests --test store_contract -- --ignored --nocapture`.
-async fn claim_throughput<T: TestDatabase>() {
-    const ROWS: usize = 10_000;
-    const BATCH: u32 = 100;
-    let db = setup::<T>().await;
-    let pool = db.pool().clone();
-    let load = Instant::now();
-    for chunk in 0..ROWS / 500 {
-        let mut tx = T::DB::begin(&pool).await.expect("begin");
-        for i in 0..500 {
-            let n = chunk * 500 + i;
-            // Half keyless, half spread over 1000 keys.
-            let key = (n % 2 == 0).then(|| format!("k{}", n % 1000));
-            let row = NewRow {
-                event_id: Uuid::now_v7(),
-                service: SVC,
-                event_type: "OrderPlaced",
-                version: 1,
-                key: key.as_deref(),
-                payload: r#"{"some":"payload","with":["a","few","fields"]}"#,
-                max_retries: 3,
-            };
-            T::DB::insert(&mut *tx, TABLE, &row).await.expect("insert");
-        }
-        tx.commit().await.expect("commit");
-    }
-    let load = load.elapsed();
-    let claimers = if T::DB::CONCURRENT_RELAYS { 4 } else { 1 };
-    let retries_before = outbox_runtime::backend::mysql::mysql_retry_count();
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..claimers {
-        let pool = pool.clone();
-        tasks.push(tokio::spawn(async move {
-            let (mut rows, mut claims, mut claim_time) = (0usize, 0u32, Duration::ZERO);
-            loop {
-                let t = token();
-                let started = Instant::now();
-                let got = T::DB::claim(&pool, TABLE, SVC, BATCH, LONG, t)
-                    .await
-                    .expect("claim");
-                claim_time += started.elapsed();
-                if got.is_empty() {
-                    let c = T::DB::counts(&pool, TABLE, SVC).await.expect("counts");
-                    if c.pending == 0 {
-                        return (rows, claims, claim_time);
-                    }
-                    continue;
-                }
-                claims += 1;
-                rows += got.len();
-                let ids = row_ids(&got);
-                T::DB::mark_published(&pool, TABLE, &ids, t)
-                    .await
-                    .expect("mark");
-            }
-        }));
-    }
-    let (mut rows, mut claims, mut claim_time) = (0, 0, Duration::ZERO);
-    for t in tasks {
-        let (r, c, ct) = t.await.expect("task");
-        rows += r;
-        claims += c;
-        claim_time += ct;
-    }
-    let elapsed = start.elapsed();
-    assert_eq!(rows, ROWS);
-    eprintln!(
-        "[{}] loaded {ROWS} rows in {load:?} ({:.0}/s); {claimers} claimer(s), batch {BATCH}: drained in \
-         {elapsed:?} = {:.0} rows/s (claim+mark), {claims} claims, mean claim {:?}; mysql retries: {}",
-        T::LABEL,
-        ROWS as f64 / load.as_secs_f64(),
-        rows as f64 / elapsed.as_secs_f64(),
-        claim_time / claims.max(1),
-        outbox_runtime::backend::mysql::mysql_retry_count() - retries_before,
-    );
-    db.cleanup().await;
-}
-
 // ---------------------------------------------------------------------------------
 // Every behaviour on every backend.
 // ---------------------------------------------------------------------------------
@@ -1121,12 +1041,6 @@ macro_rules! on_backend {
                     super::$check::<$db>().await
                 }
             )*
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            #[ignore = "benchmark: run with --ignored --nocapture"]
-            async fn claim_throughput() {
-                super::claim_throughput::<$db>().await
-            }
         }
     };
 }
