@@ -50,6 +50,9 @@ pub struct RelayStats {
     pub rounds: AtomicU64,
     /// Rounds that failed on the database or the broker.
     pub errors: AtomicU64,
+    /// Times the relay found nothing due and went idle (waiting for a wake-up or the
+    /// poll interval).
+    pub idles: AtomicU64,
 }
 
 /// What one round did.
@@ -307,6 +310,7 @@ impl<DB: Backend> Relay<DB> {
                 }
             }
             // Idle: wait for a wake-up, the poll interval or shutdown.
+            self.stats.idles.fetch_add(1, Ordering::Relaxed);
             let poll = tokio::time::sleep(self.config.relay_poll_interval);
             tokio::pin!(poll);
             loop {

@@ -1,0 +1,214 @@
+//! Wake-ups and shutdown.
+//!
+//! - A relay with a one-minute poll interval still relays at once when woken: in-process
+//!   after a local commit (every backend), and through LISTEN/NOTIFY when the commit
+//!   happened elsewhere (PostgreSQL).
+//! - Shutting the runtime down in the middle of a stream loses nothing and applies
+//!   nothing twice: a new runtime finishes the work.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use outbox_runtime::{Backend, KafkaConfig, Outbox, OutboxConfig, OutboxRuntime, Status};
+use outbox_tests::broker::TestBroker;
+use outbox_tests::db::{TestPg, TestSqlite};
+use outbox_tests::e2e::{
+    all_rows, create_effects, eventually, fresh_catalog, test_config, TestBackend,
+};
+use outbox_tests::services::{Script, Task, TaskCreated};
+
+fn slow_poll() -> OutboxConfig {
+    OutboxConfig {
+        relay_poll_interval: Duration::from_secs(60),
+        ..test_config()
+    }
+}
+
+fn event(key: &str, seq: u32) -> TaskCreated {
+    TaskCreated {
+        task_id: key.into(),
+        seq,
+        script: Script::default(),
+    }
+}
+
+/// Starts relay + consumer of `task` with a one-minute poll interval, waits until an
+/// idle round has passed, then runs `publish` and measures how long until consumed.
+async fn woken_within<DB, F, Fut>(pool: sqlx::Pool<DB>, publish: F) -> Duration
+where
+    DB: TestBackend,
+    F: FnOnce(Outbox<Task, DB>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let broker = TestBroker::mock().await;
+    let catalog = fresh_catalog(&broker).await;
+    outbox_runtime::runtime::migrate(
+        &pool,
+        &catalog,
+        catalog.routes().map(|r| r.service.as_str()),
+    )
+    .await
+    .unwrap();
+    create_effects(&pool).await;
+    let runtime = OutboxRuntime::new(
+        catalog.clone(),
+        pool.clone(),
+        KafkaConfig::new(broker.bootstrap_servers()),
+    )
+    .config(slow_poll())
+    .services(["task"])
+    .start()
+    .await
+    .unwrap();
+    let outbox = Outbox::<Task, DB>::with_config(pool.clone(), &catalog, slow_poll()).unwrap();
+    // Let the relay finish its first (empty) round and go idle on its one-minute poll.
+    eventually("the relay to go idle", Duration::from_secs(10), || async {
+        let stats = &runtime.relay_stats("task")[0];
+        (stats.idles.load(std::sync::atomic::Ordering::Relaxed) >= 1).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    publish(outbox).await;
+    eventually(
+        "the event to be consumed",
+        Duration::from_secs(30),
+        || async {
+            let rows = all_rows(&pool, &catalog).await;
+            (rows.len() == 1 && rows.values().all(|r| r.status == Status::Consumed)).then_some(())
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    runtime.shutdown().await.unwrap();
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_in_process_wakeup_after_commit() {
+    let db = TestSqlite::create().await;
+    let took = woken_within(db.pool().clone(), |outbox| async move {
+        let mut tx = outbox.begin().await.unwrap();
+        tx.publish(&event("wake", 0)).await.unwrap();
+        tx.commit().await.unwrap(); // wakes the relay in this process
+    })
+    .await;
+    assert!(
+        took < Duration::from_secs(20),
+        "woken after {took:?}; the poll interval is 60 s"
+    );
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_listen_notify_wakes_a_relay_for_a_commit_made_elsewhere() {
+    let db = TestPg::create().await;
+    let pool = db.pool().clone();
+    let took = woken_within(db.pool().clone(), |outbox| async move {
+        // Publish in a plain sqlx transaction and do not call notify_committed: nothing
+        // in this process knows about the commit ...
+        let mut tx = pool.begin().await.unwrap();
+        outbox
+            .publish(&mut tx, &event("elsewhere", 0))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        // ... and another process's publisher sends the post-commit hint.
+        sqlx::query("SELECT pg_notify('outbox_wakeup', 'task_outbox:task')")
+            .execute(&pool)
+            .await
+            .unwrap();
+    })
+    .await;
+    assert!(
+        took < Duration::from_secs(20),
+        "woken after {took:?}; the poll interval is 60 s"
+    );
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_mid_stream_loses_nothing_and_a_new_runtime_finishes() {
+    let db = TestPg::create().await;
+    let pool = db.pool().clone();
+    let broker = TestBroker::mock().await;
+    let catalog = fresh_catalog(&broker).await;
+    outbox_runtime::runtime::migrate(
+        &pool,
+        &catalog,
+        catalog.routes().map(|r| r.service.as_str()),
+    )
+    .await
+    .unwrap();
+    create_effects(&pool).await;
+    let outbox =
+        Outbox::<Task, sqlx::Postgres>::with_config(pool.clone(), &catalog, test_config()).unwrap();
+    let mut ids = Vec::new();
+    for seq in 0..300u32 {
+        let mut tx = outbox.begin().await.unwrap();
+        ids.push(
+            tx.publish(&event(&format!("k{}", seq % 10), seq))
+                .await
+                .unwrap(),
+        );
+        tx.commit().await.unwrap();
+    }
+    let start = || {
+        OutboxRuntime::new(
+            catalog.clone(),
+            pool.clone(),
+            KafkaConfig::new(broker.bootstrap_servers()),
+        )
+        .config(test_config())
+        .services(["task"])
+        .start()
+    };
+    let first = start().await.unwrap();
+    eventually("some events consumed", Duration::from_secs(60), || async {
+        let c = <sqlx::Postgres as Backend>::counts(&pool, "task_outbox", "task")
+            .await
+            .unwrap();
+        (c.consumed > 0).then_some(())
+    })
+    .await;
+    first.shutdown().await.expect("graceful shutdown");
+    let after_first = <sqlx::Postgres as Backend>::counts(&pool, "task_outbox", "task")
+        .await
+        .unwrap();
+    println!("after the first runtime: {after_first:?}");
+
+    let second = start().await.unwrap();
+    eventually("every event consumed", Duration::from_secs(90), || async {
+        let c = <sqlx::Postgres as Backend>::counts(&pool, "task_outbox", "task")
+            .await
+            .unwrap();
+        (c.consumed == ids.len() as u64).then_some(())
+    })
+    .await;
+    second.shutdown().await.unwrap();
+
+    let effects = <sqlx::Postgres as TestBackend>::effects(&pool).await;
+    let mut per_event: BTreeMap<&str, usize> = BTreeMap::new();
+    for e in &effects {
+        *per_event.entry(e.event_id.as_str()).or_default() += 1;
+    }
+    for id in &ids {
+        assert_eq!(
+            per_event.get(id.to_string().as_str()),
+            Some(&1),
+            "event {id}"
+        );
+    }
+    let mut last: BTreeMap<&str, i64> = BTreeMap::new();
+    for e in &effects {
+        if let Some(prev) = last.insert(e.event_key.as_str(), e.seq) {
+            assert!(
+                prev < e.seq,
+                "key {} applied {} after {}",
+                e.event_key,
+                e.seq,
+                prev
+            );
+        }
+    }
+    db.cleanup().await;
+}
