@@ -109,17 +109,8 @@ async fn main() -> Result<(), AnyError> {
     }
 
     // A broker: the one named in OUTBOX_KAFKA_BROKERS, or an in-process mock cluster.
-    let mock;
-    let kafka = match KafkaConfig::from_env() {
-        Some(k) => k,
-        None => {
-            mock = rdkafka::mocking::MockCluster::new(1)?;
-            for r in catalog.routes() {
-                mock.create_topic(&r.topic, 3, 1)?;
-            }
-            KafkaConfig::new(mock.bootstrap_servers())
-        }
-    };
+    let broker = outbox_examples::broker(&catalog)?;
+    let kafka = broker.kafka.clone();
 
     let url = std::env::var("DATABASE_URL").ok();
     match url.as_deref() {

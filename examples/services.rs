@@ -14,8 +14,8 @@
 use std::time::{Duration, Instant};
 
 use outbox_runtime::{
-    outbox_event, outbox_handler, outbox_service, Catalog, HandlerContext, HandlerError,
-    KafkaConfig, Outbox, OutboxRuntime, Postgres, PublishOptions,
+    outbox_event, outbox_handler, outbox_service, Catalog, HandlerContext, HandlerError, Outbox,
+    OutboxRuntime, Postgres, PublishOptions,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -169,17 +169,8 @@ async fn run(url: &str, catalog: &Catalog) -> Result<(), AnyError> {
         .execute(&pool)
         .await?;
 
-    let mock;
-    let kafka = match KafkaConfig::from_env() {
-        Some(k) => k,
-        None => {
-            mock = rdkafka::mocking::MockCluster::new(1)?;
-            for r in catalog.routes() {
-                mock.create_topic(&r.topic, 3, 1)?;
-            }
-            KafkaConfig::new(mock.bootstrap_servers())
-        }
-    };
+    let broker = outbox_examples::broker(catalog)?;
+    let kafka = broker.kafka.clone();
     let runtime = OutboxRuntime::new(catalog.clone(), pool.clone(), kafka)
         .start()
         .await?;

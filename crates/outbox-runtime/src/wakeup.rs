@@ -19,7 +19,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use sqlx::Pool;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
 use crate::backend::Backend;
 
@@ -54,56 +54,33 @@ pub(crate) fn hint(table: &str, service: &str) -> String {
 }
 
 /// Sends coalesced cross-process wake-ups after commits (PostgreSQL only; a no-op
-/// elsewhere).
+/// elsewhere). Its task ends when the last clone is dropped.
 #[derive(Clone)]
 pub(crate) struct Notifier {
-    shared: Arc<NotifierShared>,
-}
-
-struct NotifierShared {
-    pending: Mutex<BTreeSet<String>>,
-    kick: Notify,
-    started: OnceLock<()>,
+    sender: Arc<OnceLock<mpsc::UnboundedSender<String>>>,
 }
 
 impl Notifier {
     pub(crate) fn new() -> Self {
         Notifier {
-            shared: Arc::new(NotifierShared {
-                pending: Mutex::new(BTreeSet::new()),
-                kick: Notify::new(),
-                started: OnceLock::new(),
-            }),
+            sender: Arc::new(OnceLock::new()),
         }
     }
 
-    /// Queues a wake-up for `(table, service)`; sends it soon, on its own connection.
+    /// Queues a wake-up for `(table, service)`; it is sent soon, on its own connection.
+    /// Hints queued while a NOTIFY is in flight are merged into the next round.
     pub(crate) fn signal<DB: Backend>(&self, pool: &Pool<DB>, table: &str, service: &str) {
         if !DB::HAS_NOTIFY {
             return;
         }
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(hint(table, service));
-        self.shared.started.get_or_init(|| {
-            let shared = Arc::downgrade(&self.shared);
+        let sender = self.sender.get_or_init(|| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<String>();
             let pool = pool.clone();
             tokio::spawn(async move {
-                loop {
-                    let Some(s) = shared.upgrade() else { return };
-                    let batch: Vec<String> = {
-                        let mut p = s.pending.lock().unwrap_or_else(|p| p.into_inner());
-                        std::mem::take(&mut *p).into_iter().collect()
-                    };
-                    if batch.is_empty() {
-                        // Wait for the next signal without keeping the notifier alive.
-                        let weak = Arc::downgrade(&s);
-                        drop(s);
-                        let Some(s) = weak.upgrade() else { return };
-                        s.kick.notified().await;
-                        continue;
+                while let Some(first) = rx.recv().await {
+                    let mut batch = BTreeSet::from([first]);
+                    while let Ok(more) = rx.try_recv() {
+                        batch.insert(more);
                     }
                     for h in &batch {
                         if let Err(e) = DB::notify(&pool, CHANNEL, h).await {
@@ -113,7 +90,8 @@ impl Notifier {
                     }
                 }
             });
+            tx
         });
-        self.shared.kick.notify_one();
+        let _ = sender.send(hint(table, service));
     }
 }
