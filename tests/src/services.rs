@@ -50,6 +50,10 @@ pub struct Script {
     /// Fail permanently (dead at once).
     #[serde(default)]
     pub permanent: bool,
+    /// Fail permanently until a row for the event's key exists in the `fixes` table
+    /// (`CREATE TABLE fixes (event_key .., hits ..)`): an operator's fix, then a replay.
+    #[serde(default)]
+    pub needs_fix: bool,
 }
 
 impl Script {
@@ -169,6 +173,17 @@ async fn record<DB: Backend>(
     script: &Script,
 ) -> Result<(), HandlerError> {
     script.apply(ctx.attempt())?;
+    if script.needs_fix {
+        let fixed = ctx
+            .execute(
+                "UPDATE fixes SET hits = hits + 1 WHERE event_key = ?",
+                &[SqlValue::from(key)],
+            )
+            .await?;
+        if fixed == 0 {
+            return Err(HandlerError::permanent(format!("no fix for {key} yet")));
+        }
+    }
     let meta = ctx.meta().clone();
     ctx.execute(
         "INSERT INTO effects (event_id, service, event_type, event_key, seq, attempt) VALUES (?, ?, ?, ?, ?, ?)",

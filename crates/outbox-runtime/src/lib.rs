@@ -14,6 +14,7 @@
 //! - [`consumer`]: typed dispatch to handlers inside a database transaction.
 //! - [`runtime`]: runs relays and consumers for any subset of services.
 //! - [`envelope`]: the wire format.
+//! - [`admin`]: dead letters and replay, for operators.
 //!
 //! See `ARCHITECTURE.md` in the repository for how one event flows end to end.
 
@@ -28,6 +29,7 @@ macro_rules! failpoint {
     };
 }
 
+pub mod admin;
 pub mod backend;
 pub mod catalog;
 pub mod config;
@@ -48,6 +50,7 @@ mod wakeup;
 #[doc(hidden)]
 pub mod __private;
 
+pub use admin::Admin;
 pub use backend::{Backend, OutboxRow, SqlValue, Status, StatusCounts};
 pub use catalog::{Catalog, CatalogBuilder, CatalogError};
 pub use config::{OutboxConfig, Retention};

@@ -371,6 +371,25 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         reason: &'p str,
     ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send + 'p;
 
+    /// Dead rows of a service, oldest first, for operators.
+    fn fetch_dead<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send + 'p;
+
+    /// Replays dead rows of `service` (one by event id, or up to `limit` oldest): back to
+    /// pending, due now, attempts reset to 0, `dead_at` cleared, `last_error` kept until
+    /// the next failure. Returns how many changed.
+    fn revive<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        event_id: Option<Uuid>,
+        limit: u32,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'p;
+
     /// One row by event id, for operators and tests.
     fn fetch<'p>(
         pool: &'p Pool<Self>,

@@ -634,6 +634,48 @@ impl Backend for MySql {
         .transpose()
     }
 
+    async fn fetch_dead<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        limit: u32,
+    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        sqlx::query(&format!(
+            "SELECT {ROW_COLUMNS} FROM {table} WHERE service = ? AND status = 3 ORDER BY id LIMIT ?"
+        ))
+        .bind(service)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(outbox_row)
+        .collect()
+    }
+
+    async fn revive<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        event_id: Option<Uuid>,
+        limit: u32,
+    ) -> Result<u64, sqlx::Error> {
+        let sql = format!(
+            "UPDATE {table} SET status = 0, attempts = 0, next_attempt_at = UTC_TIMESTAMP(6), dead_at = NULL, \
+                    locked_until = NULL, lease_token = 0, updated_at = UTC_TIMESTAMP(6) \
+              WHERE service = ? AND status = 3 AND (? IS NULL OR event_id = ?) ORDER BY id LIMIT ?"
+        );
+        let done = with_retry(|| {
+            sqlx::query(&sql)
+                .bind(service)
+                .bind(event_id)
+                .bind(event_id)
+                .bind(i64::from(limit))
+                .execute(pool)
+        })
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn fetch_all<'p>(
         pool: &'p Pool<Self>,
         table: &'p str,

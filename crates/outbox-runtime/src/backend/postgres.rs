@@ -357,6 +357,45 @@ impl Backend for Postgres {
         Ok(done.rows_affected())
     }
 
+    async fn fetch_dead<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        limit: u32,
+    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        sqlx::query(&format!(
+            "SELECT {ROW_COLUMNS} FROM {table} WHERE service = $1 AND status = 3 ORDER BY id LIMIT $2"
+        ))
+        .bind(service)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(outbox_row)
+        .collect()
+    }
+
+    async fn revive<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        event_id: Option<Uuid>,
+        limit: u32,
+    ) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(&format!(
+            "UPDATE {table} SET status = 0, attempts = 0, next_attempt_at = now(), dead_at = NULL, \
+                    locked_until = NULL, lease_token = 0, updated_at = now() \
+              WHERE id IN (SELECT id FROM {table} WHERE service = $1 AND status = 3 \
+                             AND ($2::uuid IS NULL OR event_id = $2) ORDER BY id LIMIT $3)"
+        ))
+        .bind(service)
+        .bind(event_id)
+        .bind(i64::from(limit))
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn fetch<'p>(
         pool: &'p Pool<Self>,
         table: &'p str,

@@ -480,6 +480,46 @@ impl Backend for Sqlite {
         .transpose()
     }
 
+    async fn fetch_dead<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        limit: u32,
+    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        sqlx::query(&format!(
+            "SELECT {ROW_COLUMNS} FROM {table} WHERE service = ? AND status = 3 ORDER BY id LIMIT ?"
+        ))
+        .bind(service)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(outbox_row)
+        .collect()
+    }
+
+    async fn revive<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        event_id: Option<Uuid>,
+        limit: u32,
+    ) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(&format!(
+            "UPDATE {table} SET status = 0, attempts = 0, next_attempt_at = {NOW}, dead_at = NULL, \
+                    locked_until = NULL, lease_token = 0, updated_at = {NOW} \
+              WHERE id IN (SELECT id FROM {table} WHERE service = ? AND status = 3 \
+                             AND (? IS NULL OR event_id = ?) ORDER BY id LIMIT ?)"
+        ))
+        .bind(service)
+        .bind(event_id)
+        .bind(event_id)
+        .bind(i64::from(limit))
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn fetch_all<'p>(
         pool: &'p Pool<Self>,
         table: &'p str,
