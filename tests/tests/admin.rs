@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use outbox_runtime::{Admin, Backend, KafkaConfig, Outbox, OutboxRuntime, PublishOptions, Status};
+use outbox_runtime::{Admin, KafkaConfig, Outbox, OutboxRuntime, PublishOptions, Status};
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::{TestMySql, TestPg, TestSqlite};
 use outbox_tests::e2e::{create_effects, eventually, fresh_catalog, test_config, TestBackend};
