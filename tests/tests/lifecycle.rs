@@ -212,3 +212,90 @@ async fn shutdown_mid_stream_loses_nothing_and_a_new_runtime_finishes() {
     }
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_published_event_whose_record_the_consumer_never_saw_is_published_again() {
+    let db = TestPg::create().await;
+    let pool = db.pool().clone();
+    let broker = TestBroker::mock().await;
+    let catalog = fresh_catalog(&broker).await;
+    outbox_runtime::runtime::migrate(
+        &pool,
+        &catalog,
+        catalog.routes().map(|r| r.service.as_str()),
+    )
+    .await
+    .unwrap();
+    create_effects(&pool).await;
+    let config = OutboxConfig {
+        redeliver_after: Some(Duration::from_secs(2)),
+        retention: Some(outbox_runtime::Retention {
+            interval: Duration::from_millis(200),
+            ..outbox_runtime::Retention::default()
+        }),
+        ..test_config()
+    };
+    // Relays only: the event is published and nobody consumes it.
+    let relays = OutboxRuntime::new(
+        catalog.clone(),
+        pool.clone(),
+        KafkaConfig::new(broker.bootstrap_servers()),
+    )
+    .config(config.clone())
+    .services(["task"])
+    .consumers(false)
+    .start()
+    .await
+    .unwrap();
+    let outbox =
+        Outbox::<Task, sqlx::Postgres>::with_config(pool.clone(), &catalog, config.clone())
+            .unwrap();
+    let mut tx = outbox.begin().await.unwrap();
+    let id = tx.publish(&event("stranded", 0)).await.unwrap();
+    tx.commit().await.unwrap();
+    eventually(
+        "the event to be published",
+        Duration::from_secs(30),
+        || async {
+            let row = <sqlx::Postgres as Backend>::fetch(&pool, "task_outbox", id.0)
+                .await
+                .unwrap()?;
+            (row.status == Status::Published).then_some(())
+        },
+    )
+    .await;
+    // A consumer whose group starts at the end of the topic: it never sees that record
+    // (as after an offset reset, or a record lost to retention).
+    let consumers = OutboxRuntime::new(
+        catalog.clone(),
+        pool.clone(),
+        KafkaConfig::new(broker.bootstrap_servers())
+            .consumer_property("auto.offset.reset", "latest"),
+    )
+    .config(config)
+    .services(["task"])
+    .relays(false)
+    .start()
+    .await
+    .unwrap();
+    eventually(
+        "the stranded event to be consumed",
+        Duration::from_secs(60),
+        || async {
+            let row = <sqlx::Postgres as Backend>::fetch(&pool, "task_outbox", id.0)
+                .await
+                .unwrap()?;
+            (row.status == Status::Consumed).then_some(())
+        },
+    )
+    .await;
+    let published = relays.relay_stats("task")[0]
+        .published
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(published >= 2, "published {published} times");
+    consumers.shutdown().await.unwrap();
+    relays.shutdown().await.unwrap();
+    let effects = <sqlx::Postgres as TestBackend>::effects(&pool).await;
+    assert_eq!(effects.len(), 1, "{effects:?}");
+    db.cleanup().await;
+}

@@ -35,6 +35,12 @@ pub struct OutboxConfig {
     /// 10 s). The message is retried in place: the offset is not stored until its
     /// transaction's outcome is known.
     pub consumer_failure_backoff: Backoff,
+    /// Publishes again a row still not consumed this long after it was published
+    /// (its record was lost to the consumer: offsets reset past it, topic retention
+    /// expired), so no event is stranded and its key not held up. Redelivery is safe (the
+    /// consumer de-duplicates by event id); set it above your worst consumer lag.
+    /// Default 15 min; `None` turns the sweep off.
+    pub redeliver_after: Option<Duration>,
     /// Deleting old rows so the table stays small; `None` keeps every row. Default:
     /// consumed rows after 7 days, dead rows kept, in batches of 1000 every minute.
     pub retention: Option<Retention>,
@@ -88,6 +94,7 @@ impl Default for OutboxConfig {
                 cap: Duration::from_secs(10),
             },
             retention: Some(Retention::default()),
+            redeliver_after: Some(Duration::from_secs(15 * 60)),
         }
     }
 }

@@ -160,13 +160,16 @@ impl<DB: Backend> OutboxRuntime<DB> {
                     tasks.push((format!("relay {s}"), tokio::spawn(relay.run(rx))));
                 }
                 relay_stats.insert(s.clone(), stats);
-                if let Some(retention) = config.retention {
+                if config.retention.is_some() || config.redeliver_after.is_some() {
                     let rx = stop_rx.clone();
                     let pool = self.pool.clone();
                     let route = route.clone();
+                    let config = config.clone();
                     tasks.push((
-                        format!("retention {s}"),
-                        tokio::spawn(async move { retain::<DB>(pool, route, retention, rx).await }),
+                        format!("housekeeping {s}"),
+                        tokio::spawn(
+                            async move { housekeeping::<DB>(pool, route, config, rx).await },
+                        ),
                     ));
                 }
             }
@@ -180,43 +183,64 @@ impl<DB: Backend> OutboxRuntime<DB> {
     }
 }
 
-/// Deletes settled rows of one service in bounded batches until `shutdown`.
+/// One service's housekeeping until `shutdown`: redelivers rows published long ago and
+/// never consumed ([`OutboxConfig::redeliver_after`]), and deletes settled rows
+/// ([`OutboxConfig::retention`]), each in bounded batches.
 ///
 /// # Cancel safety
 ///
-/// Each batch is one DELETE statement: stopping between or during batches leaves the
-/// table consistent.
-async fn retain<DB: Backend>(
+/// Each batch is one statement: stopping between or during batches leaves the table
+/// consistent.
+async fn housekeeping<DB: Backend>(
     pool: Pool<DB>,
     route: crate::catalog::Route,
-    retention: crate::config::Retention,
+    config: Arc<OutboxConfig>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
+    const BATCH: u32 = 1000;
+    let interval = config
+        .retention
+        .map(|r| r.interval)
+        .unwrap_or(std::time::Duration::from_secs(60));
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
-        loop {
-            match DB::purge(
-                &pool,
-                &route.table,
-                &route.service,
-                retention.consumed_after,
-                retention.dead_after,
-                retention.batch,
-            )
-            .await
-            {
-                Ok(n) if n >= u64::from(retention.batch) && !*shutdown.borrow() => continue,
-                Ok(_) => break,
+        if let Some(after) = config.redeliver_after {
+            match DB::redeliver_stale(&pool, &route.table, &route.service, after, BATCH).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::warn!(service = %route.service, rows = n, "published events never consumed; publishing them again");
+                    crate::wakeup::wake_local(&route.table, &route.service);
+                }
                 Err(e) => {
-                    tracing::warn!(service = %route.service, error = %e, "retention sweep failed; trying again later");
-                    break;
+                    tracing::warn!(service = %route.service, error = %e, "redelivery sweep failed; trying again later")
+                }
+            }
+        }
+        if let Some(retention) = config.retention {
+            loop {
+                match DB::purge(
+                    &pool,
+                    &route.table,
+                    &route.service,
+                    retention.consumed_after,
+                    retention.dead_after,
+                    retention.batch,
+                )
+                .await
+                {
+                    Ok(n) if n >= u64::from(retention.batch) && !*shutdown.borrow() => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(service = %route.service, error = %e, "retention sweep failed; trying again later");
+                        break;
+                    }
                 }
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(retention.interval) => {}
+            _ = tokio::time::sleep(interval) => {}
             _ = shutdown.changed() => {}
         }
     }

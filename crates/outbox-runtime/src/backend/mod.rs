@@ -371,6 +371,19 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         reason: &'p str,
     ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send + 'p;
 
+    /// Safety valve: rows of `service` published more than `older_than` ago and still
+    /// not consumed (their record was lost to the consumer: offsets reset past it, topic
+    /// retention expired) go back to pending, due now, `lease_token = 0`, so the relay
+    /// publishes them again; a consumer that did apply one finds it consumed. Up to
+    /// `limit` rows; returns how many.
+    fn redeliver_stale<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        older_than: Duration,
+        limit: u32,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'p;
+
     /// Dead rows of a service, oldest first, for operators.
     fn fetch_dead<'p>(
         pool: &'p Pool<Self>,

@@ -634,6 +634,31 @@ impl Backend for MySql {
         .transpose()
     }
 
+    async fn redeliver_stale<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        older_than: Duration,
+        limit: u32,
+    ) -> Result<u64, sqlx::Error> {
+        let sql = format!(
+            "UPDATE {table} SET status = 0, next_attempt_at = UTC_TIMESTAMP(6), locked_until = NULL, \
+                    lease_token = 0, updated_at = UTC_TIMESTAMP(6) \
+              WHERE service = ? AND status = 1 AND published_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND \
+              ORDER BY id LIMIT ?"
+        );
+        let older = micros(older_than);
+        let done = with_retry(|| {
+            sqlx::query(&sql)
+                .bind(service)
+                .bind(older)
+                .bind(i64::from(limit))
+                .execute(pool)
+        })
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn fetch_dead<'p>(
         pool: &'p Pool<Self>,
         table: &'p str,

@@ -357,6 +357,27 @@ impl Backend for Postgres {
         Ok(done.rows_affected())
     }
 
+    async fn redeliver_stale<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        older_than: Duration,
+        limit: u32,
+    ) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(&format!(
+            "UPDATE {table} SET status = 0, next_attempt_at = now(), locked_until = NULL, lease_token = 0, \
+                    updated_at = now() \
+              WHERE id IN (SELECT id FROM {table} WHERE service = $1 AND status = 1 \
+                             AND published_at < now() - make_interval(secs => $2) ORDER BY id LIMIT $3)"
+        ))
+        .bind(service)
+        .bind(secs(older_than))
+        .bind(i64::from(limit))
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn fetch_dead<'p>(
         pool: &'p Pool<Self>,
         table: &'p str,

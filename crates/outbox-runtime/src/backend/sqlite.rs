@@ -480,6 +480,27 @@ impl Backend for Sqlite {
         .transpose()
     }
 
+    async fn redeliver_stale<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        older_than: Duration,
+        limit: u32,
+    ) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(&format!(
+            "UPDATE {table} SET status = 0, next_attempt_at = {NOW}, locked_until = NULL, lease_token = 0, \
+                    updated_at = {NOW} \
+              WHERE id IN (SELECT id FROM {table} WHERE service = ? AND status = 1 \
+                             AND published_at < {NOW} - ? ORDER BY id LIMIT ?)"
+        ))
+        .bind(service)
+        .bind(micros(older_than))
+        .bind(i64::from(limit))
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn fetch_dead<'p>(
         pool: &'p Pool<Self>,
         table: &'p str,
