@@ -35,6 +35,10 @@ pub struct OutboxConfig {
     /// 10 s). The message is retried in place: the offset is not stored until its
     /// transaction's outcome is known.
     pub consumer_failure_backoff: Backoff,
+    /// Records a consumer settles in parallel (default 4): records are spread over this
+    /// many lanes by key, so one key's records stay in order. Each lane holds one
+    /// database connection while it handles a record: size the pool for it.
+    pub consumer_lanes: usize,
     /// Publishes again a row still not consumed this long after it was published
     /// (its record was lost to the consumer: offsets reset past it, topic retention
     /// expired), so no event is stranded and its key not held up. Redelivery is safe (the
@@ -95,6 +99,7 @@ impl Default for OutboxConfig {
             },
             retention: Some(Retention::default()),
             redeliver_after: Some(Duration::from_secs(15 * 60)),
+            consumer_lanes: 4,
         }
     }
 }

@@ -21,15 +21,17 @@
 //! record is processed again after a backoff: the row lock and status check make that
 //! safe, so an ambiguous commit is retried and de-duplicated, never dead-lettered.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{Message, OwnedMessage};
 use sqlx::Pool;
+use tokio::sync::mpsc;
 
 use crate::backend::{AttemptsFence, Backend, RowState};
 use crate::catalog::{Catalog, Route};
@@ -167,13 +169,18 @@ impl<DB: Backend> Consumer<DB> {
     /// Subscribes to the service's topic in its group and processes records until
     /// `shutdown` turns true.
     ///
+    /// Records are spread over [`OutboxConfig::consumer_lanes`] lanes by key (keyless
+    /// records by partition): one key's records are settled one after another, in
+    /// partition order, while different keys proceed in parallel. A partition's offset
+    /// is stored only up to its oldest record not yet settled, so a crash never skips a
+    /// record whose transaction had not committed.
+    ///
     /// # Cancel safety
     ///
-    /// Shutdown is checked between records: the record in progress is settled and its
-    /// offset stored, then stored offsets are committed synchronously. Dropping the
-    /// future instead is safe (nothing is lost: an offset is stored only after its
-    /// record's transaction settled) but records after the last commit are delivered
-    /// again, and found to be duplicates.
+    /// Shutdown is checked between records: each lane settles the record in progress,
+    /// offsets are stored for what settled, then committed synchronously. Records still
+    /// queued are not processed and are delivered again later (and found settled if they
+    /// were). Dropping the future instead is safe too, with more redeliveries.
     pub async fn run(self, kafka: &KafkaConfig, mut shutdown: ShutdownSignal) -> Result<()> {
         let consumer: StreamConsumer =
             kafka
@@ -188,40 +195,82 @@ impl<DB: Backend> Consumer<DB> {
         consumer
             .subscribe(&[&self.route.topic])
             .map_err(|e| Error::kafka(format!("subscribing to {}", self.route.topic), e))?;
+
+        let this = Arc::new(self);
+        let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<(String, i32, i64)>();
+        let mut lanes = Vec::new();
+        let mut lane_tasks = Vec::new();
+        for _ in 0..this.config.consumer_lanes.max(1) {
+            let (tx, mut rx) = mpsc::channel::<OwnedMessage>(LANE_DEPTH);
+            let this = this.clone();
+            let settled_tx = settled_tx.clone();
+            let mut shutdown = shutdown.clone();
+            lane_tasks.push(tokio::spawn(async move {
+                while let Some(msg) = rx.recv().await {
+                    if *shutdown.borrow() || this.settle(&msg, &mut shutdown).await.is_none() {
+                        break; // not settled: its offset is not stored
+                    }
+                    let _ =
+                        settled_tx.send((msg.topic().to_owned(), msg.partition(), msg.offset()));
+                }
+            }));
+            lanes.push(tx);
+        }
+        drop(settled_tx);
+
+        let mut offsets = OffsetTracker::default();
+        let store = |offsets: &mut OffsetTracker, topic: &str, partition: i32, offset: i64| {
+            if let Some(upto) = offsets.settled(topic, partition, offset) {
+                failpoint!("consumer.before_offset_store");
+                if let Err(e) = consumer.store_offset(topic, partition, upto) {
+                    // Stale after a rebalance; the new owner re-reads the record and finds
+                    // it settled.
+                    tracing::debug!(error = %e, "storing the offset failed");
+                }
+            }
+        };
         let mut recv_errors = 0u32;
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            let msg = tokio::select! {
+            tokio::select! {
+                biased;
                 _ = shutdown.changed() => break,
-                msg = consumer.recv() => msg,
-            };
-            let msg = match msg {
-                Ok(m) => {
-                    recv_errors = 0;
-                    m
+                Some((topic, partition, offset)) = settled_rx.recv() => {
+                    store(&mut offsets, &topic, partition, offset);
                 }
-                Err(e) => {
-                    recv_errors += 1;
-                    let delay = self.config.consumer_failure_backoff.delay(recv_errors);
-                    tracing::warn!(service = %self.route.service, error = %e, ?delay, "consumer receive failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => {}
+                msg = consumer.recv() => match msg {
+                    Ok(m) => {
+                        recv_errors = 0;
+                        let m = m.detach();
+                        offsets.received(m.topic(), m.partition(), m.offset());
+                        let lane = lane_of(&m, lanes.len());
+                        // Waits when the lane is full (backpressure); other lanes go on,
+                        // and settled offsets queue up unboundedly meanwhile.
+                        if lanes[lane].send(m).await.is_err() {
+                            break; // the lane stopped: shutting down
+                        }
                     }
-                    continue;
-                }
-            };
-            if self.settle(&msg, &mut shutdown).await.is_none() {
-                break; // shut down while the database was failing: offset not stored
+                    Err(e) => {
+                        recv_errors += 1;
+                        let delay = this.config.consumer_failure_backoff.delay(recv_errors);
+                        tracing::warn!(service = %this.route.service, error = %e, ?delay, "consumer receive failed");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                    }
+                },
             }
-            failpoint!("consumer.before_offset_store");
-            if let Err(e) = consumer.store_offset_from_message(&msg) {
-                // Stale after a rebalance; the new owner re-reads the record and finds it
-                // settled.
-                tracing::debug!(error = %e, "storing the offset failed");
-            }
+        }
+        // Let every lane settle its record in progress, then store what settled.
+        drop(lanes);
+        for task in lane_tasks {
+            let _ = task.await;
+        }
+        while let Some((topic, partition, offset)) = settled_rx.recv().await {
+            store(&mut offsets, &topic, partition, offset);
         }
         match consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(())
@@ -229,7 +278,7 @@ impl<DB: Backend> Consumer<DB> {
                 rdkafka::types::RDKafkaErrorCode::NoOffset,
             )) => {}
             Err(e) => {
-                tracing::warn!(service = %self.route.service, error = %e, "final offset commit failed")
+                tracing::warn!(service = %this.route.service, error = %e, "final offset commit failed")
             }
         }
         Ok(())
@@ -237,11 +286,7 @@ impl<DB: Backend> Consumer<DB> {
 
     /// Processes `msg` until its outcome is settled in the database, retrying database
     /// failures in place. `None` if shutdown came first.
-    async fn settle(
-        &self,
-        msg: &BorrowedMessage<'_>,
-        shutdown: &mut ShutdownSignal,
-    ) -> Option<Outcome> {
+    async fn settle<M: Message>(&self, msg: &M, shutdown: &mut ShutdownSignal) -> Option<Outcome> {
         let mut failures = 0u32;
         loop {
             match self.process(msg).await {
@@ -450,5 +495,106 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         s.clone()
     } else {
         "non-string panic payload".to_owned()
+    }
+}
+
+/// Records queued per lane before the receive loop waits.
+const LANE_DEPTH: usize = 64;
+
+/// The lane of a record: by key, so one key's records stay in order; keyless records by
+/// partition.
+fn lane_of<M: Message>(msg: &M, lanes: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match msg.key() {
+        Some(k) => k.hash(&mut h),
+        None => msg.partition().hash(&mut h),
+    }
+    (h.finish() % lanes.max(1) as u64) as usize
+}
+
+/// Which offsets may be stored: per partition, up to just before the oldest record
+/// received and not yet settled.
+#[derive(Debug, Default)]
+struct OffsetTracker {
+    partitions: HashMap<(String, i32), PartitionOffsets>,
+}
+
+#[derive(Debug, Default)]
+struct PartitionOffsets {
+    in_flight: BTreeSet<i64>,
+    highest_settled: Option<i64>,
+    stored: Option<i64>,
+}
+
+impl OffsetTracker {
+    fn received(&mut self, topic: &str, partition: i32, offset: i64) {
+        self.partitions
+            .entry((topic.to_owned(), partition))
+            .or_default()
+            .in_flight
+            .insert(offset);
+    }
+
+    /// Marks `offset` settled; returns the offset to store (the last record of an
+    /// unbroken settled prefix) if it moved forward.
+    fn settled(&mut self, topic: &str, partition: i32, offset: i64) -> Option<i64> {
+        let p = self.partitions.get_mut(&(topic.to_owned(), partition))?;
+        p.in_flight.remove(&offset);
+        p.highest_settled = p.highest_settled.max(Some(offset));
+        let upto = match p.in_flight.first() {
+            Some(&oldest) => oldest - 1,
+            None => p.highest_settled?,
+        };
+        if upto >= 0 && p.stored.is_none_or(|s| upto > s) {
+            p.stored = Some(upto);
+            Some(upto)
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_are_stored_only_up_to_the_oldest_unsettled_record() {
+        let mut t = OffsetTracker::default();
+        for o in 10..15 {
+            t.received("t", 0, o);
+        }
+        t.received("t", 1, 3);
+        // 10 and 11 are still in flight: nothing past 9 (the committed position stays 10).
+        assert_eq!(t.settled("t", 0, 12), Some(9));
+        assert_eq!(t.settled("t", 0, 11), None);
+        assert_eq!(t.settled("t", 0, 10), Some(12));
+        assert_eq!(t.settled("t", 1, 3), Some(3));
+        assert_eq!(t.settled("t", 0, 14), None);
+        assert_eq!(t.settled("t", 0, 13), Some(14));
+        assert_eq!(
+            t.settled("t", 0, 13),
+            None,
+            "a repeated settlement changes nothing"
+        );
+        assert_eq!(t.settled("t", 9, 1), None, "unknown partition");
+    }
+
+    #[test]
+    fn one_key_always_lands_in_one_lane() {
+        let msg = |key: &str, partition: i32| {
+            OwnedMessage::new(
+                None,
+                Some(key.as_bytes().to_vec()),
+                "t".into(),
+                rdkafka::Timestamp::NotAvailable,
+                partition,
+                0,
+                None,
+            )
+        };
+        assert_eq!(lane_of(&msg("k1", 0), 8), lane_of(&msg("k1", 2), 8));
+        assert!(lane_of(&msg("k1", 0), 8) < 8);
+        assert_eq!(lane_of(&msg("k1", 0), 1), 0);
     }
 }
