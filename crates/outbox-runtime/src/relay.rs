@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use sqlx::Pool;
 use tokio::sync::watch;
 
@@ -116,8 +116,20 @@ impl<DB: Backend> Relay<DB> {
     }
 
     /// One claim → produce → mark round. Returns what it did; `claimed == 0` means
-    /// nothing was due.
+    /// nothing was due. ([`run`](Self::run) pipelines these rounds: it claims the next
+    /// batch while the previous one's delivery reports come back.)
     pub async fn relay_once(&self) -> Result<RoundReport> {
+        match self.claim_batch().await? {
+            None => Ok(RoundReport::default()),
+            Some(batch) => {
+                let batch = self.enqueue(batch).await;
+                self.finish(batch).await
+            }
+        }
+    }
+
+    /// Claims due rows under a fresh lease token; `None` when nothing is due.
+    async fn claim_batch(&self) -> Result<Option<Claimed>> {
         let route = &self.route;
         let token = lease_token();
         let rows = DB::claim(
@@ -139,12 +151,34 @@ impl<DB: Backend> Relay<DB> {
             )
         })?;
         if rows.is_empty() {
-            return Ok(RoundReport::default());
+            return Ok(None);
         }
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
         failpoint!("relay.after_claim");
+        Ok(Some(Claimed { rows, token }))
+    }
 
-        let outcomes = self.produce(&rows).await;
+    /// Enqueues a claimed batch on the producer, in id order (no waiting for delivery).
+    async fn enqueue(&self, batch: Claimed) -> InFlight {
+        let pending = self.produce(&batch.rows).await;
+        InFlight {
+            rows: batch.rows,
+            token: batch.token,
+            pending,
+        }
+    }
+
+    /// Waits for a batch's delivery reports, then marks it: acknowledged rows published
+    /// (fenced by the lease token), transient failures given back after a backoff,
+    /// permanent ones dead.
+    async fn finish(&self, batch: InFlight) -> Result<RoundReport> {
+        let route = &self.route;
+        let InFlight {
+            rows,
+            token,
+            pending,
+        } = batch;
+        let outcomes = wait_for_reports(pending).await;
         failpoint!("relay.after_produce");
 
         let mut acked = Vec::with_capacity(rows.len());
@@ -182,6 +216,12 @@ impl<DB: Backend> Relay<DB> {
                 acked.len() as u64 - marked.min(acked.len() as u64),
                 Ordering::Relaxed,
             );
+            if marked > 0 {
+                // Marking unblocks the next event of each of these keys: wake the
+                // service's other relays in this process that went idle because every
+                // head of key was leased (they would otherwise wait for the poll).
+                wakeup::local_waker(&route.table, &route.service).notify_waiters();
+            }
         }
         for (id, reason) in &dead {
             let changed = DB::mark_dead_leased(&self.pool, &route.table, *id, token, reason)
@@ -215,8 +255,9 @@ impl<DB: Backend> Relay<DB> {
         Ok(report)
     }
 
-    /// Enqueues every row in id order, then waits for all delivery reports.
-    async fn produce(&self, rows: &[ClaimedRow]) -> Vec<Produced> {
+    /// Enqueues every row in id order; the delivery reports are awaited by
+    /// [`wait_for_reports`].
+    async fn produce(&self, rows: &[ClaimedRow]) -> Vec<Pending> {
         let mut pending = Vec::with_capacity(rows.len());
         for row in rows {
             let envelope = Envelope {
@@ -249,20 +290,7 @@ impl<DB: Backend> Relay<DB> {
             };
             pending.push(enqueued);
         }
-        let mut outcomes = Vec::with_capacity(pending.len());
-        for p in pending {
-            outcomes.push(match p {
-                Err(e) => classify(&e),
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(_)) => Produced::Acked,
-                    Ok(Err((e, _))) => classify(&e),
-                    Err(_canceled) => {
-                        Produced::Transient("producer dropped before the delivery report".into())
-                    }
-                },
-            });
-        }
-        outcomes
+        pending
     }
 
     /// Runs until `shutdown` turns true: relays due rows, sleeps until a wake-up (a
@@ -287,27 +315,64 @@ impl<DB: Backend> Relay<DB> {
         };
         let my_hint = wakeup::hint(&route.table, &route.service);
         let mut error_streak = 0u32;
+        // Pipelining: the batch whose delivery reports are still coming is finished
+        // (awaited, then marked) while the next batch is claimed. Per-key order holds:
+        // until it is marked, every row of the batch in flight is still pending under
+        // our lease, so the claim (head of key only) cannot take a successor of any of
+        // its keys; a successor claimed after the mark is enqueued after the
+        // predecessor's acknowledgement. At most two batches are leased at a time.
+        let mut in_flight: Option<InFlight> = None;
         loop {
             if *shutdown.borrow() {
+                if let Some(batch) = in_flight.take() {
+                    if let Err(e) = self.finish(batch).await {
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(service = %route.service, error = %e, "last relay round failed at shutdown");
+                    }
+                }
                 break;
             }
-            match self.relay_once().await {
-                Ok(report) if report.claimed > 0 && report.released == 0 => {
-                    error_streak = 0;
-                    continue;
+            // Registered before claiming, so a wake-up that comes while the claim runs
+            // (a sibling relay marked rows and unblocked their keys) is not lost.
+            let woken = waker.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let (finished, claimed) = match in_flight.take() {
+                Some(batch) => {
+                    let (f, c) = tokio::join!(self.finish(batch), self.claim_batch());
+                    (Some(f), c)
                 }
-                Ok(_) => error_streak = 0,
+                None => (None, self.claim_batch().await),
+            };
+            let mut failed = false;
+            match finished {
+                Some(Ok(_)) | None => {}
+                Some(Err(e)) => {
+                    failed = true;
+                    tracing::warn!(service = %route.service, error = %e, "relay round failed; retrying");
+                }
+            }
+            match claimed {
+                Ok(Some(batch)) => in_flight = Some(self.enqueue(batch).await),
+                Ok(None) => {}
                 Err(e) => {
-                    error_streak += 1;
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    let delay = self.config.relay_failure_backoff.delay(error_streak);
-                    tracing::warn!(service = %route.service, error = %e, ?delay, "relay round failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                    continue;
+                    failed = true;
+                    tracing::warn!(service = %route.service, error = %e, "relay claim failed; retrying");
                 }
+            }
+            if failed {
+                error_streak += 1;
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                let delay = self.config.relay_failure_backoff.delay(error_streak);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            error_streak = 0;
+            if in_flight.is_some() {
+                continue;
             }
             // Idle: wait for a wake-up, the poll interval or shutdown.
             self.stats.idles.fetch_add(1, Ordering::Relaxed);
@@ -316,7 +381,7 @@ impl<DB: Backend> Relay<DB> {
             loop {
                 tokio::select! {
                     _ = &mut poll => break,
-                    _ = waker.notified() => break,
+                    _ = woken.as_mut() => break,
                     _ = shutdown.changed() => break,
                     hint = next_hint(&mut hints) => match hint {
                         Some(Ok(h)) if h == my_hint => break,
@@ -337,6 +402,40 @@ impl<DB: Backend> Relay<DB> {
         let _ = self.producer.flush(Duration::from_secs(5));
         Ok(())
     }
+}
+
+/// A claimed batch, not yet produced.
+struct Claimed {
+    rows: Vec<ClaimedRow>,
+    token: i64,
+}
+
+/// One record's enqueue result: its delivery report to come, or the enqueue error.
+type Pending = std::result::Result<DeliveryFuture, KafkaError>;
+
+/// A batch enqueued on the producer whose delivery reports are still coming.
+struct InFlight {
+    rows: Vec<ClaimedRow>,
+    token: i64,
+    pending: Vec<Pending>,
+}
+
+/// Waits for every delivery report of a batch, in order.
+async fn wait_for_reports(pending: Vec<Pending>) -> Vec<Produced> {
+    let mut outcomes = Vec::with_capacity(pending.len());
+    for p in pending {
+        outcomes.push(match p {
+            Err(e) => classify(&e),
+            Ok(delivery) => match delivery.await {
+                Ok(Ok(_)) => Produced::Acked,
+                Ok(Err((e, _))) => classify(&e),
+                Err(_canceled) => {
+                    Produced::Transient("producer dropped before the delivery report".into())
+                }
+            },
+        });
+    }
+    outcomes
 }
 
 async fn next_hint(

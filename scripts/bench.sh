@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The benchmark command:
+#
+#   scripts/bench.sh [outbox-bench flags, e.g. --backlog 1000000 --large 10000000]
+#
+# 1. builds the `outbox-bench` binary with --release;
+# 2. starts a private tansu broker (scripts/tansu.sh, its own OUTBOX_TANSU_RUN_DIR);
+# 3. runs the benchmark against PostgreSQL on 127.0.0.1:5432 (user postgres, trust;
+#    a fresh database per run, dropped at the end) and that broker;
+# 4. stops the broker and writes BENCHMARKS.md (the table, the machine, the settings;
+#    the hand-written analysis in bench/NOTES.md is appended).
+#
+# Takes about 15 minutes with the defaults. `--quick` tries the harness in about two.
+# Set OUTBOX_BENCH_BROKERS=mock (or pass --broker mock) to use librdkafka's mock
+# cluster instead of tansu. Never run in CI (CI only compiles the binary).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+export OUTBOX_TANSU_RUN_DIR=${OUTBOX_TANSU_RUN_DIR:-$ROOT/target/tansu/bench-$$}
+cleanup() {
+  local rc=$?
+  "$ROOT/scripts/tansu.sh" stop || true
+  [[ $rc -eq 0 ]] && rm -rf "$OUTBOX_TANSU_RUN_DIR"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+cargo build --release -p outbox-bench
+if [[ ${OUTBOX_BENCH_BROKERS:-} == mock ]]; then
+  broker=mock
+else
+  broker=$("$ROOT/scripts/tansu.sh" start)
+fi
+echo "bench.sh: broker $broker" >&2
+OUTBOX_BENCH_NOTES=${OUTBOX_BENCH_NOTES:-$ROOT/bench/NOTES.md} \
+  "$ROOT/target/release/outbox-bench" --broker "$broker" --out "$ROOT/BENCHMARKS.md" "$@"
+echo "bench.sh: wrote $ROOT/BENCHMARKS.md" >&2

@@ -1,0 +1,301 @@
+//! The ledger oracle of the fault suite (PostgreSQL).
+//!
+//! * Writers ([`publish_ledgered`]) take the next per-key sequence number from
+//!   `ledger_keys` (an upsert, which row-locks the key until the transaction ends, so
+//!   one key's sequence follows its commit order), publish the event, and insert a
+//!   `ledger` row, all in ONE business transaction: a ledger row exists if and only if
+//!   the event's transaction committed, whatever a crash or an ambiguous COMMIT said.
+//! * Handlers record their effect in `effects` in the consumed transaction
+//!   (`services::record`); `effects.id` is the applied order.
+//! * [`check`] compares the three and reports lost, phantom, effect duplicates, per-key
+//!   order violations, duplicate deliveries (counted by the consumers, allowed) and dead
+//!   letters with their reasons. [`Report::assert_pass`]: lost 0, phantom 0, effect
+//!   duplicates 0, order violations 0, every dead row has a reason.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use outbox_runtime::{EventId, Outbox, PublishOptions, Status};
+use sqlx::{PgPool, Postgres};
+
+use crate::services::{Script, Task, TaskCreated};
+
+/// Creates `ledger` and `ledger_keys` (idempotent).
+pub async fn create_ledger(pool: &PgPool) {
+    for ddl in [
+        "CREATE TABLE IF NOT EXISTS ledger (event_id TEXT PRIMARY KEY, service TEXT NOT NULL, \
+         event_key TEXT NOT NULL, seq BIGINT NOT NULL, at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())",
+        "CREATE TABLE IF NOT EXISTS ledger_keys (service TEXT NOT NULL, event_key TEXT NOT NULL, \
+         seq BIGINT NOT NULL, PRIMARY KEY (service, event_key))",
+    ] {
+        sqlx::query(ddl)
+            .execute(pool)
+            .await
+            .expect("creating the ledger");
+    }
+}
+
+/// What one ledgered publish ended as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Committed, with this event id and per-key sequence.
+    Committed(EventId, i64),
+    /// Rolled back on purpose.
+    RolledBack,
+    /// Failed somewhere (the database went away, ...). If the failure was at COMMIT the
+    /// event may exist: the ledger says.
+    Failed,
+}
+
+/// Publishes one `TaskCreated` for `key` with its ledger row in one transaction;
+/// commits, or rolls back when `commit` is false.
+pub async fn publish_ledgered(
+    outbox: &Outbox<Task, Postgres>,
+    key: &str,
+    script: Script,
+    options: PublishOptions,
+    commit: bool,
+) -> Written {
+    let go = async {
+        let mut tx = outbox.begin().await.map_err(|e| e.to_string())?;
+        let (seq,): (i64,) = sqlx::query_as(
+            "INSERT INTO ledger_keys (service, event_key, seq) VALUES ('task', $1, 1) \
+             ON CONFLICT (service, event_key) DO UPDATE SET seq = ledger_keys.seq + 1 RETURNING seq",
+        )
+        .bind(key)
+        .fetch_one(&mut **tx.transaction())
+        .await
+        .map_err(|e| e.to_string())?;
+        let event = TaskCreated {
+            task_id: key.to_owned(),
+            seq: u32::try_from(seq).unwrap_or(u32::MAX),
+            script,
+        };
+        let id = tx
+            .publish_with(&event, options)
+            .await
+            .map_err(|e| e.to_string())?;
+        sqlx::query(
+            "INSERT INTO ledger (event_id, service, event_key, seq) VALUES ($1, 'task', $2, $3)",
+        )
+        .bind(id.to_string())
+        .bind(key)
+        .bind(seq)
+        .execute(&mut **tx.transaction())
+        .await
+        .map_err(|e| e.to_string())?;
+        if commit {
+            tx.commit().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(Written::Committed(id, seq))
+        } else {
+            tx.rollback().await.map_err(|e| e.to_string())?;
+            Ok(Written::RolledBack)
+        }
+    };
+    match go.await {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::debug!(error = %e, "ledgered publish failed");
+            Written::Failed
+        }
+    }
+}
+
+/// The oracle's figures for one scenario.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// Ledger rows (committed events).
+    pub committed: usize,
+    /// Distinct events with an effect.
+    pub applied: usize,
+    /// Ledger rows with no effect whose row is not dead.
+    pub lost: Vec<String>,
+    /// Effects with no ledger row.
+    pub phantom: Vec<String>,
+    /// Extra effects of an event (count - 1, summed).
+    pub effect_duplicates: usize,
+    /// Effects applied out of per-key sequence order.
+    pub order_violations: Vec<String>,
+    /// Deliveries the consumers recognised as already settled (allowed).
+    pub duplicate_deliveries: u64,
+    /// Dead rows: event id and reason.
+    pub dead: Vec<(String, String)>,
+    /// Dead rows with an empty reason.
+    pub dead_without_reason: usize,
+    /// Outbox rows of the service without a ledger row (raw rows a scenario injected,
+    /// or a rolled-back event that exists after all).
+    pub unledgered_rows: usize,
+    /// Outbox rows still pending or published.
+    pub open_rows: usize,
+}
+
+impl Report {
+    /// Whether the pass criteria hold.
+    pub fn passed(&self) -> bool {
+        self.lost.is_empty()
+            && self.phantom.is_empty()
+            && self.effect_duplicates == 0
+            && self.order_violations.is_empty()
+            && self.dead_without_reason == 0
+    }
+
+    /// Prints the figures and panics (with them) unless the pass criteria hold.
+    pub fn assert_pass(&self) {
+        println!("{self}");
+        assert!(self.passed(), "oracle FAILED:\n{self:#?}");
+    }
+
+    /// Dead reasons, by event id.
+    pub fn dead_reasons(&self) -> BTreeMap<&str, &str> {
+        self.dead
+            .iter()
+            .map(|(id, r)| (id.as_str(), r.as_str()))
+            .collect()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ORACLE {}: committed {} applied {} lost {} phantom {} effect-duplicates {} \
+             order-violations {} duplicate-deliveries {} dead {} (without reason {}) \
+             unledgered-rows {} open-rows {} => {}",
+            self.scenario,
+            self.committed,
+            self.applied,
+            self.lost.len(),
+            self.phantom.len(),
+            self.effect_duplicates,
+            self.order_violations.len(),
+            self.duplicate_deliveries,
+            self.dead.len(),
+            self.dead_without_reason,
+            self.unledgered_rows,
+            self.open_rows,
+            if self.passed() { "PASS" } else { "FAIL" }
+        )?;
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        for (_, r) in &self.dead {
+            // Group by the reason's first words (the rest names ids and offsets).
+            let head: String = r.split_whitespace().take(6).collect::<Vec<_>>().join(" ");
+            *reasons.entry(head).or_default() += 1;
+        }
+        for (r, n) in reasons {
+            write!(f, "\n  dead x{n}: {r}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Compares ledger, effects and outbox rows of service `task` in `table`.
+/// `duplicate_deliveries` is the sum of the consumers' `ConsumerStats.duplicates`.
+pub async fn check(
+    scenario: &str,
+    pool: &PgPool,
+    table: &str,
+    duplicate_deliveries: u64,
+) -> Report {
+    let ledger: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT event_id, event_key, seq FROM ledger WHERE service = 'task'")
+            .fetch_all(pool)
+            .await
+            .expect("reading the ledger");
+    let effects: Vec<(i64, String, String, i64)> = sqlx::query_as(
+        "SELECT id, event_id, event_key, seq FROM effects WHERE service = 'task' ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("reading effects");
+    let rows = <Postgres as outbox_runtime::Backend>::fetch_all(pool, table, "task")
+        .await
+        .expect("reading the outbox");
+
+    let ledger_ids: BTreeSet<&str> = ledger.iter().map(|(id, _, _)| id.as_str()).collect();
+    let mut per_event: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, id, _, _) in &effects {
+        *per_event.entry(id.as_str()).or_default() += 1;
+    }
+    let row_by_id: BTreeMap<String, &outbox_runtime::OutboxRow> =
+        rows.iter().map(|r| (r.event_id.to_string(), r)).collect();
+
+    let mut report = Report {
+        scenario: scenario.to_owned(),
+        committed: ledger.len(),
+        applied: per_event.len(),
+        duplicate_deliveries,
+        ..Report::default()
+    };
+    for (id, key, seq) in &ledger {
+        if per_event.contains_key(id.as_str()) {
+            continue;
+        }
+        let dead = row_by_id.get(id).is_some_and(|r| r.status == Status::Dead);
+        if !dead {
+            let status = row_by_id.get(id).map(|r| format!("{:?}", r.status));
+            report.lost.push(format!(
+                "{id} key {key} seq {seq}: row {}",
+                status.as_deref().unwrap_or("MISSING")
+            ));
+        }
+    }
+    for (id, n) in &per_event {
+        if !ledger_ids.contains(id) {
+            report.phantom.push((*id).to_owned());
+        }
+        report.effect_duplicates += n - 1;
+    }
+    let mut last: BTreeMap<&str, i64> = BTreeMap::new();
+    for (effect_id, id, key, seq) in &effects {
+        if let Some(prev) = last.insert(key.as_str(), *seq) {
+            if prev >= *seq {
+                report.order_violations.push(format!(
+                    "key {key}: seq {seq} (event {id}, effect {effect_id}) applied after seq {prev}"
+                ));
+            }
+        }
+    }
+    for r in &rows {
+        let id = r.event_id.to_string();
+        if !ledger_ids.contains(id.as_str()) {
+            report.unledgered_rows += 1;
+        }
+        match r.status {
+            Status::Dead => {
+                let reason = r.last_error.clone().unwrap_or_default();
+                if reason.trim().is_empty() {
+                    report.dead_without_reason += 1;
+                }
+                report.dead.push((id, reason));
+            }
+            Status::Pending | Status::Published => report.open_rows += 1,
+            Status::Consumed => {}
+        }
+    }
+    report
+}
+
+/// Rows of service `task` in `table` that are still open (pending or published), and
+/// the ledger's size: the usual "settled" condition is `open == 0`.
+pub async fn open_rows(pool: &PgPool, table: &str) -> (u64, u64) {
+    let c = <Postgres as outbox_runtime::Backend>::counts(pool, table, "task")
+        .await
+        .unwrap_or_default();
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM ledger")
+        .fetch_one(pool)
+        .await
+        .unwrap_or((0,));
+    (c.pending + c.published, n as u64)
+}
+
+/// Sums `duplicates` over consumer stats.
+pub fn duplicates_of<'a>(
+    stats: impl IntoIterator<Item = &'a std::sync::Arc<outbox_runtime::consumer::ConsumerStats>>,
+) -> u64 {
+    stats
+        .into_iter()
+        .map(|s| s.duplicates.load(std::sync::atomic::Ordering::Relaxed))
+        .sum()
+}

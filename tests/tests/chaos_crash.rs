@@ -1,0 +1,240 @@
+//! Fault suite, crashed and frozen processes: the relay or the consumer runs as a
+//! separate process (`chaos-worker`, built with the runtime's `failpoints`), frozen
+//! exactly at a named crash point, SIGKILLed (or SIGSTOPped past its lease and
+//! SIGCONTinued), then a fresh one takes over. Each prints the ledger oracle's figures.
+//! See RELIABILITY.md.
+
+use std::time::Duration;
+
+use outbox_runtime::{Backend, Status};
+use outbox_tests::broker::TestBroker;
+use outbox_tests::chaos::{
+    chaos_config, consumer_duplicates, init_tracing, poll, soak, ChaosEnv, Load,
+};
+use sqlx::Postgres;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_chaos-worker");
+const LEASE: Duration = Duration::from_millis(2_000);
+
+/// b. The relay process frozen at `point` on its 3rd round, under load, SIGKILLed; a
+/// fresh relay process finishes (rows leased by the dead one wait for the lease).
+async fn relay_crash(point: &str) {
+    init_tracing();
+    let broker = TestBroker::mock().await;
+    let env = ChaosEnv::new(&broker, 3).await;
+    let consumer = env.runtime(&broker, 0, true, chaos_config()).await;
+    let outbox = env.outbox();
+    let mut load = Load::new(600, 30);
+    load.pace = Duration::from_millis(5); // spread the load over several relay rounds
+    let running = load.spawn(&outbox);
+
+    let mut relay = env
+        .worker(&broker, "relay")
+        .lease(LEASE)
+        .freeze(point, 2, 0)
+        .spawn(WORKER);
+    relay.wait_frozen(Duration::from_secs(30)).await;
+    let before = relay.fresh_stats(Duration::from_secs(5)).await;
+    relay.kill();
+    let (leased,): (i64,) = sqlx::query_as(&format!(
+        "SELECT count(*) FROM {} WHERE status = 0 AND lease_token <> 0 AND locked_until > now()",
+        env.table
+    ))
+    .fetch_one(env.pool())
+    .await
+    .unwrap();
+
+    let mut fresh = env.worker(&broker, "relay").lease(LEASE).spawn(WORKER);
+    let load = running.await.unwrap();
+    env.settled(Duration::from_secs(60)).await;
+    let after = fresh
+        .terminate(Duration::from_secs(15))
+        .await
+        .unwrap_or_default();
+    let dups = consumer_duplicates(&[&consumer]);
+    consumer.shutdown().await.expect("shutdown");
+
+    let report = env.check(&format!("b-relay-kill@{point}"), dups).await;
+    println!(
+        "b-relay-kill@{point}: load {load:?}; killed relay had published {} in {} rounds, \
+         left {leased} rows leased; fresh relay published {} (fenced {})",
+        before.published, before.rounds, after.published, after.fenced
+    );
+    report.assert_pass();
+    assert_eq!(report.unledgered_rows, 0);
+    assert!(report.dead.is_empty(), "{:?}", report.dead);
+    if point == "relay.after_claim" || point == "relay.after_produce" {
+        assert!(leased > 0, "the killed relay should have left leased rows");
+    }
+    env.db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_b_relay_kill_after_claim() {
+    relay_crash("relay.after_claim").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_b_relay_kill_after_produce() {
+    relay_crash("relay.after_produce").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_b_relay_kill_after_mark() {
+    relay_crash("relay.after_mark").await;
+}
+
+/// b. The consumer process killed at `point`, `kills` times (each fresh consumer frozen
+/// after a random number of records); then a last one finishes. Every event's effect
+/// exactly once; a kill after the handler's commit leaves a record that the next
+/// consumer recognises as already done (a duplicate delivery).
+async fn consumer_crash(point: &str, kills: usize) {
+    init_tracing();
+    let broker = TestBroker::mock().await;
+    let env = ChaosEnv::new(&broker, 3).await;
+    let relay = env.runtime(&broker, 1, false, chaos_config()).await;
+    let outbox = env.outbox();
+    let load = Load::new(soak(400, 2_000), 40).run(&outbox).await;
+
+    let mut dups = 0;
+    let mut handled = 0;
+    for i in 0..kills {
+        let skip = rand::random::<u64>() % 15;
+        println!("consumer {} freezes at hit {} of {point}", i + 1, skip + 1);
+        let mut w = env
+            .worker(&broker, "consumer")
+            .freeze(point, skip, 0)
+            .spawn(WORKER);
+        w.wait_frozen(Duration::from_secs(45)).await;
+        let s = w.fresh_stats(Duration::from_secs(5)).await;
+        w.kill();
+        dups += s.duplicates;
+        handled += s.handled;
+        println!(
+            "kill {}/{kills} at {point} after {} records: {s:?}",
+            i + 1,
+            skip + 1
+        );
+    }
+    let mut last = env.worker(&broker, "consumer").spawn(WORKER);
+    env.settled(Duration::from_secs(60)).await;
+    let s = last
+        .terminate(Duration::from_secs(15))
+        .await
+        .unwrap_or_default();
+    dups += s.duplicates;
+    handled += s.handled;
+    relay.shutdown().await.expect("shutdown");
+
+    let report = env
+        .check(&format!("b-consumer-kill@{point}x{kills}"), dups)
+        .await;
+    println!(
+        "b-consumer-kill@{point}x{kills}: load {load:?}; handled {handled}, duplicate deliveries {dups}"
+    );
+    report.assert_pass();
+    assert_eq!(report.unledgered_rows, 0);
+    assert!(report.dead.is_empty(), "{:?}", report.dead);
+    if point != "consumer.before_commit" {
+        // Each kill left at least one committed record whose offset was not stored.
+        assert!(
+            dups >= kills as u64,
+            "{dups} duplicate deliveries after {kills} kills past the commit"
+        );
+    }
+    env.db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_b_consumer_kill_before_commit() {
+    consumer_crash("consumer.before_commit", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_b_consumer_kill_after_commit() {
+    consumer_crash("consumer.after_commit", 1).await;
+}
+
+/// SIGKILL between the handler's commit and the offset store, 10 times (50 soak).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_b_consumer_kill_before_offset_store_repeated() {
+    consumer_crash("consumer.before_offset_store", soak(10, 50)).await;
+}
+
+/// c. Zombie relay: relay process A claims and produces, is SIGSTOPped past its lease;
+/// relay B takes the rows over and publishes them; A is SIGCONTinued and its stale mark
+/// is fenced (0 rows); the consumer gets every event twice, applies it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_c_zombie_relay() {
+    init_tracing();
+    let broker = TestBroker::mock().await;
+    let env = ChaosEnv::new(&broker, 3).await;
+    let outbox = env.outbox();
+    let mut load = Load::new(150, 15);
+    load.rollback_pct = 0;
+    let load = load.run(&outbox).await;
+
+    // A: freezes after producing its first batch (3 s), and is stopped meanwhile.
+    let mut a = env
+        .worker(&broker, "relay")
+        .lease(Duration::from_millis(1_500))
+        .freeze("relay.after_produce", 0, 3_000)
+        .spawn(WORKER);
+    a.wait_frozen(Duration::from_secs(30)).await;
+    a.stop();
+    let (a_claimed,): (i64,) = sqlx::query_as(&format!(
+        "SELECT count(*) FROM {} WHERE status = 0 AND lease_token <> 0",
+        env.table
+    ))
+    .fetch_one(env.pool())
+    .await
+    .unwrap();
+    assert!(a_claimed > 0);
+
+    // B (in this process) takes over once A's lease expired: everything published.
+    let b = env.runtime(&broker, 1, false, chaos_config()).await;
+    let pool = env.pool().clone();
+    let table = env.table.clone();
+    poll(
+        "B to publish everything",
+        Duration::from_secs(60),
+        || async {
+            let c = Postgres::counts(&pool, &table, "task").await.ok()?;
+            (c.pending == 0 && c.published > 0).then_some(())
+        },
+    )
+    .await;
+
+    // A wakes up and marks with its stale token: fenced.
+    a.cont();
+    let s = a
+        .wait_stats("A's stale mark", Duration::from_secs(30), |s| s.fenced > 0)
+        .await;
+    assert_eq!(s.published, 0, "the zombie marked rows: {s:?}");
+    assert_eq!(s.fenced, a_claimed as u64, "{s:?}");
+
+    let consumer = env.runtime(&broker, 0, true, chaos_config()).await;
+    env.settled(Duration::from_secs(60)).await;
+    let dups = consumer_duplicates(&[&consumer]);
+    a.kill();
+    b.shutdown().await.expect("shutdown");
+    consumer.shutdown().await.expect("shutdown");
+
+    let report = env.check("c-zombie-relay", dups).await;
+    println!(
+        "c-zombie-relay: load {load:?}; zombie claimed {a_claimed}, its mark fenced {} rows, marked {}",
+        s.fenced, s.published
+    );
+    report.assert_pass();
+    assert!(report.dead.is_empty());
+    assert_eq!(report.unledgered_rows, 0);
+    assert!(
+        dups >= a_claimed as u64,
+        "each zombie record was a duplicate"
+    );
+    let rows = Postgres::fetch_all(env.pool(), &env.table, "task")
+        .await
+        .unwrap();
+    assert!(rows.iter().all(|r| r.status == Status::Consumed));
+    env.db.cleanup().await;
+}
