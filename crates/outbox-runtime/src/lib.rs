@@ -17,6 +17,56 @@
 //! - [`admin`]: dead letters and replay, for operators.
 //!
 //! See `ARCHITECTURE.md` in the repository for how one event flows end to end.
+//!
+//! ```no_run
+//! use outbox_runtime::{
+//!     outbox_event, outbox_handler, outbox_service, Catalog, HandlerContext, HandlerError,
+//!     KafkaConfig, Outbox, OutboxRuntime, Postgres,
+//! };
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[outbox_service] // table task_outbox, topic outbox.task, group outbox.task.consumer
+//! pub struct Task;
+//!
+//! #[outbox_event(service = Task, key = task_id)] // the key orders one task's events
+//! #[derive(Serialize, Deserialize)]
+//! pub struct TaskCreated {
+//!     pub task_id: String,
+//!     pub title: String,
+//! }
+//!
+//! /// Runs in task's consumer, inside a transaction that also marks the event consumed.
+//! #[outbox_handler]
+//! async fn on_task_created(
+//!     ctx: &mut HandlerContext<Postgres>,
+//!     e: TaskCreated,
+//! ) -> Result<(), HandlerError> {
+//!     sqlx::query("INSERT INTO task_view (id, title) VALUES ($1, $2)")
+//!         .bind(&e.task_id)
+//!         .bind(&e.title)
+//!         .execute(ctx.conn())
+//!         .await?;
+//!     Ok(())
+//! }
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/app").await?;
+//! let catalog = Catalog::global()?; // validated once, every problem listed at once
+//! let runtime = OutboxRuntime::new(catalog.clone(), pool.clone(), KafkaConfig::new("127.0.0.1:9092"))
+//!     .start() // creates missing tables, runs relays and consumers
+//!     .await?;
+//!
+//! let outbox = Outbox::<Task, Postgres>::new(pool.clone(), &catalog)?;
+//! let mut tx = outbox.begin().await?; // your business transaction
+//! sqlx::query("INSERT INTO tasks (id) VALUES ($1)").bind("t-1").execute(&mut *tx).await?;
+//! tx.publish(&TaskCreated { task_id: "t-1".into(), title: "ship".into() }).await?;
+//! tx.commit().await?; // the event exists if and only if this commits
+//!
+//! runtime.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
 
 #![warn(missing_docs)]
 
