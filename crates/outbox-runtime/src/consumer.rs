@@ -498,8 +498,9 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-/// Records queued per lane before the receive loop waits.
-const LANE_DEPTH: usize = 64;
+/// Records queued per lane before the receive loop waits. Small, because every queued
+/// record is one a crash makes Kafka deliver again (as a duplicate).
+const LANE_DEPTH: usize = 16;
 
 /// The lane of a record: by key, so one key's records stay in order; keyless records by
 /// partition.
