@@ -238,3 +238,67 @@ async fn chaos_c_zombie_relay() {
     assert!(rows.iter().all(|r| r.status == Status::Consumed));
     env.db.cleanup().await;
 }
+
+/// b. Relay and consumer processes SIGKILLed at random moments under load (not at a
+/// named point), alternately, 6 times (20 soak); a fresh process replaces each one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_b_random_kills_under_load() {
+    use rand::Rng;
+    init_tracing();
+    let broker = TestBroker::mock().await;
+    let env = ChaosEnv::new(&broker, 3).await;
+    let outbox = env.outbox();
+    let mut load = Load::new(soak(3_000, 10_000), 50);
+    load.pace = Duration::from_millis(3);
+    let running = load.spawn(&outbox);
+
+    let mut relay = env.worker(&broker, "relay").lease(LEASE).spawn(WORKER);
+    let mut consumer = env.worker(&broker, "consumer").spawn(WORKER);
+    let mut dups = 0;
+    let kills = soak(6, 20);
+    for i in 0..kills {
+        // Only kill a process that is working (a consumer joins its group in seconds),
+        // then at a random moment: fault pacing, not synchronisation.
+        if i % 2 == 0 {
+            relay
+                .wait_stats("published", Duration::from_secs(30), |s| s.published > 0)
+                .await;
+        } else {
+            consumer
+                .wait_stats("handled", Duration::from_secs(30), |s| s.handled > 0)
+                .await;
+        }
+        let pause = rand::thread_rng().gen_range(50..600);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        if i % 2 == 0 {
+            relay.kill();
+            relay = env.worker(&broker, "relay").lease(LEASE).spawn(WORKER);
+        } else {
+            dups += consumer.stats().map_or(0, |s| s.duplicates);
+            consumer.kill();
+            consumer = env.worker(&broker, "consumer").spawn(WORKER);
+        }
+    }
+    let load = running.await.unwrap();
+    env.settled(Duration::from_secs(90)).await;
+    let relay_after = relay
+        .terminate(Duration::from_secs(15))
+        .await
+        .unwrap_or_default();
+    let consumer_after = consumer
+        .terminate(Duration::from_secs(15))
+        .await
+        .unwrap_or_default();
+    dups += consumer_after.duplicates;
+
+    let report = env.check("b-random-kills", dups).await;
+    println!(
+        "b-random-kills: load {load:?}; {kills} kills; last relay published {} (fenced {}), \
+         last consumer handled {}",
+        relay_after.published, relay_after.fenced, consumer_after.handled
+    );
+    report.assert_pass();
+    assert_eq!(report.unledgered_rows, 0);
+    assert!(report.dead.is_empty(), "{:?}", report.dead);
+    env.db.cleanup().await;
+}
