@@ -529,11 +529,14 @@ struct PartitionOffsets {
 
 impl OffsetTracker {
     fn received(&mut self, topic: &str, partition: i32, offset: i64) {
-        self.partitions
-            .entry((topic.to_owned(), partition))
-            .or_default()
-            .in_flight
-            .insert(offset);
+        let p = self.partitions.entry((topic.to_owned(), partition)).or_default();
+        if p.stored.is_some_and(|s| offset <= s) {
+            // Re-read from an older position (a rebalance resumed from the committed
+            // offset): store again from here. Records settled before stay settled, so
+            // nothing unsettled can be skipped.
+            p.stored = None;
+        }
+        p.in_flight.insert(offset);
     }
 
     /// Marks `offset` settled; returns the offset to store (the last record of an
@@ -579,6 +582,20 @@ mod tests {
             "a repeated settlement changes nothing"
         );
         assert_eq!(t.settled("t", 9, 1), None, "unknown partition");
+    }
+
+    #[test]
+    fn a_partition_re_read_after_a_rebalance_stores_offsets_again() {
+        let mut t = OffsetTracker::default();
+        for o in 0..5 {
+            t.received("t", 0, o);
+            t.settled("t", 0, o);
+        }
+        // The group resumed from committed offset 2: records 2.. come again.
+        t.received("t", 0, 2);
+        assert_eq!(t.settled("t", 0, 2), Some(2));
+        t.received("t", 0, 3);
+        assert_eq!(t.settled("t", 0, 3), Some(3));
     }
 
     #[test]
