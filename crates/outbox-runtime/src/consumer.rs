@@ -529,7 +529,10 @@ struct PartitionOffsets {
 
 impl OffsetTracker {
     fn received(&mut self, topic: &str, partition: i32, offset: i64) {
-        let p = self.partitions.entry((topic.to_owned(), partition)).or_default();
+        let p = self
+            .partitions
+            .entry((topic.to_owned(), partition))
+            .or_default();
         if p.stored.is_some_and(|s| offset <= s) {
             // Re-read from an older position (a rebalance resumed from the committed
             // offset): store again from here. Records settled before stay settled, so
@@ -591,11 +594,16 @@ mod tests {
             t.received("t", 0, o);
             t.settled("t", 0, o);
         }
-        // The group resumed from committed offset 2: records 2.. come again.
+        // The group resumed from committed offset 2: records 2.. come again. Storing is
+        // enabled again, up to what had settled (records 0..=4 all did).
         t.received("t", 0, 2);
-        assert_eq!(t.settled("t", 0, 2), Some(2));
+        assert_eq!(t.settled("t", 0, 2), Some(4));
         t.received("t", 0, 3);
-        assert_eq!(t.settled("t", 0, 3), Some(3));
+        t.received("t", 0, 4);
+        t.received("t", 0, 5);
+        assert_eq!(t.settled("t", 0, 3), Some(3), "4 and 5 in flight");
+        assert_eq!(t.settled("t", 0, 5), None, "4 still in flight");
+        assert_eq!(t.settled("t", 0, 4), Some(5));
     }
 
     #[test]
