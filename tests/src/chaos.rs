@@ -1,4 +1,5 @@
-//! The fault suite's harness: a scenario's database, catalog and topic ([`ChaosEnv`]),
+//! The fault suite's harness: a scenario's database (any backend: [`ChaosBackend`]),
+//! catalog and topic ([`ChaosEnv`]),
 //! ledgered load ([`Load`]), worker processes that tests SIGKILL / SIGSTOP / SIGCONT
 //! ([`Worker`], the `chaos-worker` binary), a private PostgreSQL server that may be
 //! restarted ([`PrivatePg`]), and the settings every scenario shares.
@@ -14,13 +15,14 @@ use std::time::{Duration, Instant};
 
 use outbox_runtime::catalog::Catalog;
 use outbox_runtime::retry::Backoff;
-use outbox_runtime::{KafkaConfig, Outbox, OutboxConfig, OutboxRuntime, PublishOptions};
+use outbox_runtime::{Backend, KafkaConfig, Outbox, OutboxConfig, OutboxRuntime, PublishOptions};
 use rand::Rng;
-use sqlx::{PgPool, Postgres};
+use sqlx::Pool;
 
 use crate::broker::{unique_suffix, TestBroker};
-use crate::db::{TestPg, DEFAULT_PG_URL, PG_URL_ENV};
+use crate::db::{TestDatabase, DEFAULT_MYSQL_URL, DEFAULT_PG_URL, MYSQL_URL_ENV, PG_URL_ENV};
 use crate::e2e::create_effects;
+pub use crate::oracle::ChaosBackend;
 use crate::oracle::{self, publish_ledgered, Report, Written};
 use crate::services::{Script, Task};
 
@@ -34,6 +36,40 @@ pub fn soak<T>(ci: T, soak: T) -> T {
     } else {
         ci
     }
+}
+
+/// A scenario's CI size: `postgres` on PostgreSQL, `others` on MariaDB and SQLite (to
+/// keep the suite's time in CI small), `soak_size` with `OUTBOX_CHAOS_SOAK=1` everywhere.
+pub fn ci_size<B: Backend, T>(postgres: T, others: T, soak_size: T) -> T {
+    let ci = if B::BACKEND_NAME == "postgres" {
+        postgres
+    } else {
+        others
+    };
+    soak(ci, soak_size)
+}
+
+/// One `#[tokio::test]` per listed backend, each running the generic scenario
+/// `$scenario::<Backend>(args)`, so a scenario's body is written once:
+///
+/// ```ignore
+/// chaos_tests!(relay_crash("relay.after_produce") {
+///     chaos_b_relay_kill_after_produce: Postgres,
+///     chaos_b_relay_kill_after_produce_mysql: MySql,
+///     chaos_b_relay_kill_after_produce_sqlite: Sqlite,
+/// });
+/// ```
+#[macro_export]
+macro_rules! chaos_tests {
+    // `$args` is the parenthesised argument list, one token tree.
+    ($scenario:ident $args:tt { $($name:ident: $db:ty),+ $(,)? }) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                $scenario::<$db> $args.await;
+            }
+        )+
+    };
 }
 
 /// The state machine with short waits: backoff 200 ms doubling to 2 s, relay failures
@@ -104,6 +140,15 @@ pub fn pg_url(name: &str) -> String {
     with_database(&base, name)
 }
 
+/// The URL of database `name` on the shared MySQL/MariaDB server ([`MYSQL_URL_ENV`]).
+pub fn mysql_url(name: &str) -> String {
+    let base = std::env::var(MYSQL_URL_ENV)
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| DEFAULT_MYSQL_URL.to_owned());
+    with_database(&base, name)
+}
+
 fn with_database(url: &str, name: &str) -> String {
     let (head, query) = match url.split_once('?') {
         Some((h, q)) => (h, Some(q)),
@@ -122,18 +167,18 @@ fn with_database(url: &str, name: &str) -> String {
 
 /// One scenario's world: a fresh database with the `task` outbox, `effects` and the
 /// ledger; a catalog with a fresh prefix; the `task` topic created.
-pub struct ChaosEnv {
-    pub db: TestPg,
+pub struct ChaosEnv<B: ChaosBackend> {
+    pub db: B::TestDb,
     pub catalog: Catalog,
     pub prefix: String,
     pub table: String,
     pub topic: String,
 }
 
-impl ChaosEnv {
+impl<B: ChaosBackend> ChaosEnv<B> {
     /// Sets up a scenario on `broker` with a `partitions`-partition task topic.
-    pub async fn new(broker: &TestBroker, partitions: i32) -> ChaosEnv {
-        let db = TestPg::create().await;
+    pub async fn new(broker: &TestBroker, partitions: i32) -> ChaosEnv<B> {
+        let db = B::TestDb::create().await;
         let (catalog, prefix) = prepare(db.pool(), broker, partitions).await;
         let route = catalog.route("task").expect("task route").clone();
         ChaosEnv {
@@ -145,17 +190,24 @@ impl ChaosEnv {
         }
     }
 
-    pub fn pool(&self) -> &PgPool {
+    pub fn pool(&self) -> &Pool<B> {
         self.db.pool()
     }
 
     /// The database's URL, for worker processes.
     pub fn url(&self) -> String {
-        pg_url(self.db.name())
+        B::url(&self.db)
+    }
+
+    /// Pending rows leased by a relay (unexpired leases only when `unexpired`).
+    pub async fn leased(&self, unexpired: bool) -> i64 {
+        B::leased(self.pool(), &self.table, unexpired)
+            .await
+            .expect("counting leased rows")
     }
 
     /// The task outbox, with the scenario settings.
-    pub fn outbox(&self) -> Outbox<Task, Postgres> {
+    pub fn outbox(&self) -> Outbox<Task, B> {
         Outbox::with_config(self.pool().clone(), &self.catalog, chaos_config()).expect("outbox")
     }
 
@@ -203,7 +255,11 @@ impl ChaosEnv {
 
 /// Migrates `task`, creates `effects` and the ledger, and a catalog with a fresh prefix
 /// whose task topic exists on `broker`.
-pub async fn prepare(pool: &PgPool, broker: &TestBroker, partitions: i32) -> (Catalog, String) {
+pub async fn prepare<B: ChaosBackend>(
+    pool: &Pool<B>,
+    broker: &TestBroker,
+    partitions: i32,
+) -> (Catalog, String) {
     let prefix = format!("c{}-", unique_suffix());
     let catalog = Catalog::builder()
         .topic_prefix(&prefix)
@@ -221,8 +277,8 @@ pub async fn prepare(pool: &PgPool, broker: &TestBroker, partitions: i32) -> (Ca
 }
 
 /// Starts relays (`relays` of them; 0 = none) and/or a consumer of `task`.
-pub async fn start_runtime(
-    pool: &PgPool,
+pub async fn start_runtime<B: Backend>(
+    pool: &Pool<B>,
     catalog: &Catalog,
     kafka: &KafkaConfig,
     relays: usize,
@@ -242,7 +298,7 @@ pub async fn start_runtime(
 }
 
 /// Waits until no row of `task` in `table` is open.
-pub async fn settled(pool: &PgPool, table: &str, timeout: Duration) {
+pub async fn settled<B: ChaosBackend>(pool: &Pool<B>, table: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let (open, ledger) = oracle::open_rows(pool, table).await;
@@ -303,12 +359,15 @@ impl Load {
     }
 
     /// Runs the load to completion.
-    pub async fn run(&self, outbox: &Outbox<Task, Postgres>) -> LoadReport {
+    pub async fn run<B: ChaosBackend>(&self, outbox: &Outbox<Task, B>) -> LoadReport {
         self.spawn(outbox).await.expect("load task")
     }
 
     /// Runs the load in the background.
-    pub fn spawn(&self, outbox: &Outbox<Task, Postgres>) -> tokio::task::JoinHandle<LoadReport> {
+    pub fn spawn<B: ChaosBackend>(
+        &self,
+        outbox: &Outbox<Task, B>,
+    ) -> tokio::task::JoinHandle<LoadReport> {
         let next = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for _ in 0..self.writers {

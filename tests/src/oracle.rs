@@ -1,35 +1,230 @@
-//! The ledger oracle of the fault suite (PostgreSQL).
+//! The ledger oracle of the fault suite, on every backend.
 //!
 //! * Writers ([`publish_ledgered`]) take the next per-key sequence number from
-//!   `ledger_keys` (an upsert, which row-locks the key until the transaction ends, so
-//!   one key's sequence follows its commit order), publish the event, and insert a
-//!   `ledger` row, all in ONE business transaction: a ledger row exists if and only if
-//!   the event's transaction committed, whatever a crash or an ambiguous COMMIT said.
+//!   `ledger_keys` ([`ChaosBackend::next_seq`]: an upsert, which row-locks the key until
+//!   the transaction ends, so one key's sequence follows its commit order), publish the
+//!   event, and insert a `ledger` row, all in ONE business transaction: a ledger row
+//!   exists if and only if the event's transaction committed, whatever a crash or an
+//!   ambiguous COMMIT said.
 //! * Handlers record their effect in `effects` in the consumed transaction
 //!   (`services::record`); `effects.id` is the applied order.
 //! * [`check`] compares the three and reports lost, phantom, effect duplicates, per-key
 //!   order violations, duplicate deliveries (counted by the consumers, allowed) and dead
 //!   letters with their reasons. [`Report::assert_pass`]: lost 0, phantom 0, effect
 //!   duplicates 0, order violations 0, every dead row has a reason.
+//!
+//! Only [`ChaosBackend`] differs per backend (DDL, the sequence upsert, a few reads);
+//! everything else is shared.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::future::Future;
 
-use outbox_runtime::{EventId, Outbox, PublishOptions, Status};
-use sqlx::{PgPool, Postgres};
+use outbox_runtime::{EventId, Outbox, PublishOptions, SqlValue, Status};
+use sqlx::{MySql, Pool, Postgres, Sqlite};
 
+use crate::db::{TestDatabase, TestMySql, TestPg, TestSqlite};
+use crate::e2e::TestBackend;
 use crate::services::{Script, Task, TaskCreated};
 
-/// Creates `ledger` and `ledger_keys` (idempotent).
-pub async fn create_ledger(pool: &PgPool) {
-    for ddl in [
+/// What the oracle and the fault scenarios need per backend: the ledger's SQL, a lease
+/// count, and how a worker process reaches the scenario's database.
+pub trait ChaosBackend: TestBackend {
+    /// A fresh database of this backend (tests/src/db.rs).
+    type TestDb: TestDatabase<DB = Self>;
+
+    /// `ledger` and `ledger_keys`, idempotent.
+    const LEDGER_DDL: [&'static str; 2];
+
+    /// In the business transaction on `conn`: the next sequence number of `key` of
+    /// service `task`, with the key's `ledger_keys` row locked until the transaction
+    /// ends (so a key's sequence is its commit order).
+    fn next_seq<'c>(
+        conn: &'c mut Self::Connection,
+        key: &'c str,
+    ) -> impl Future<Output = Result<i64, sqlx::Error>> + Send + 'c;
+
+    /// Ledger rows of service `task`: event id, key, sequence.
+    fn ledger(
+        pool: &Pool<Self>,
+    ) -> impl Future<Output = Result<Vec<(String, String, i64)>, sqlx::Error>> + Send;
+
+    /// Ledger rows (all services).
+    fn ledger_len(pool: &Pool<Self>) -> impl Future<Output = Result<i64, sqlx::Error>> + Send;
+
+    /// Pending rows of `table` leased by a relay (`lease_token <> 0`); only those whose
+    /// lease has not expired yet (database clock) when `unexpired`.
+    fn leased<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        unexpired: bool,
+    ) -> impl Future<Output = Result<i64, sqlx::Error>> + Send + 'p;
+
+    /// The URL a worker process opens (`postgres://…`, `mysql://…`, `sqlite://<path>`).
+    fn url(db: &Self::TestDb) -> String;
+}
+
+/// The reads whose SQL is the same on every backend.
+macro_rules! common_reads {
+    () => {
+        async fn ledger(pool: &Pool<Self>) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+            sqlx::query_as("SELECT event_id, event_key, seq FROM ledger WHERE service = 'task'")
+                .fetch_all(pool)
+                .await
+        }
+
+        async fn ledger_len(pool: &Pool<Self>) -> Result<i64, sqlx::Error> {
+            let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM ledger")
+                .fetch_one(pool)
+                .await?;
+            Ok(n)
+        }
+    };
+}
+
+impl ChaosBackend for Postgres {
+    type TestDb = TestPg;
+    const LEDGER_DDL: [&'static str; 2] = [
         "CREATE TABLE IF NOT EXISTS ledger (event_id TEXT PRIMARY KEY, service TEXT NOT NULL, \
          event_key TEXT NOT NULL, seq BIGINT NOT NULL, at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())",
         "CREATE TABLE IF NOT EXISTS ledger_keys (service TEXT NOT NULL, event_key TEXT NOT NULL, \
          seq BIGINT NOT NULL, PRIMARY KEY (service, event_key))",
-    ] {
-        sqlx::query(ddl)
-            .execute(pool)
+    ];
+
+    async fn next_seq(conn: &mut sqlx::PgConnection, key: &str) -> Result<i64, sqlx::Error> {
+        let (seq,): (i64,) = sqlx::query_as(
+            "INSERT INTO ledger_keys (service, event_key, seq) VALUES ('task', $1, 1) \
+             ON CONFLICT (service, event_key) DO UPDATE SET seq = ledger_keys.seq + 1 RETURNING seq",
+        )
+        .bind(key)
+        .fetch_one(conn)
+        .await?;
+        Ok(seq)
+    }
+
+    common_reads!();
+
+    async fn leased(pool: &Pool<Self>, table: &str, unexpired: bool) -> Result<i64, sqlx::Error> {
+        let expiry = if unexpired {
+            " AND locked_until > now()"
+        } else {
+            ""
+        };
+        let (n,): (i64,) = sqlx::query_as(&format!(
+            "SELECT count(*) FROM {table} WHERE status = 0 AND lease_token <> 0{expiry}"
+        ))
+        .fetch_one(pool)
+        .await?;
+        Ok(n)
+    }
+
+    fn url(db: &TestPg) -> String {
+        crate::chaos::pg_url(db.name())
+    }
+}
+
+impl ChaosBackend for MySql {
+    type TestDb = TestMySql;
+    // The database's default collation (the scenarios' keys differ in more than case):
+    // sqlx reads a `utf8mb4_bin` VARCHAR as VARBINARY, which does not decode as String.
+    const LEDGER_DDL: [&'static str; 2] = [
+        "CREATE TABLE IF NOT EXISTS ledger (event_id VARCHAR(64) PRIMARY KEY, \
+         service VARCHAR(64) NOT NULL, \
+         event_key VARCHAR(255) NOT NULL, seq BIGINT NOT NULL, \
+         at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)) ENGINE = InnoDB",
+        "CREATE TABLE IF NOT EXISTS ledger_keys (service VARCHAR(64) NOT NULL, \
+         event_key VARCHAR(255) NOT NULL, seq BIGINT NOT NULL, \
+         PRIMARY KEY (service, event_key)) ENGINE = InnoDB",
+    ];
+
+    async fn next_seq(conn: &mut sqlx::MySqlConnection, key: &str) -> Result<i64, sqlx::Error> {
+        // No RETURNING: the upsert takes the key's row lock, which holds until the
+        // transaction ends, so the SELECT after it reads this transaction's own value.
+        sqlx::query(
+            "INSERT INTO ledger_keys (service, event_key, seq) VALUES ('task', ?, 1) \
+             ON DUPLICATE KEY UPDATE seq = seq + 1",
+        )
+        .bind(key)
+        .execute(&mut *conn)
+        .await?;
+        let (seq,): (i64,) =
+            sqlx::query_as("SELECT seq FROM ledger_keys WHERE service = 'task' AND event_key = ?")
+                .bind(key)
+                .fetch_one(conn)
+                .await?;
+        Ok(seq)
+    }
+
+    common_reads!();
+
+    async fn leased(pool: &Pool<Self>, table: &str, unexpired: bool) -> Result<i64, sqlx::Error> {
+        let expiry = if unexpired {
+            " AND locked_until > UTC_TIMESTAMP(6)"
+        } else {
+            ""
+        };
+        let (n,): (i64,) = sqlx::query_as(&format!(
+            "SELECT count(*) FROM {table} WHERE status = 0 AND lease_token <> 0{expiry}"
+        ))
+        .fetch_one(pool)
+        .await?;
+        Ok(n)
+    }
+
+    fn url(db: &TestMySql) -> String {
+        crate::chaos::mysql_url(db.name())
+    }
+}
+
+impl ChaosBackend for Sqlite {
+    type TestDb = TestSqlite;
+    const LEDGER_DDL: [&'static str; 2] = [
+        "CREATE TABLE IF NOT EXISTS ledger (event_id TEXT PRIMARY KEY, service TEXT NOT NULL, \
+         event_key TEXT NOT NULL, seq INTEGER NOT NULL, at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+        "CREATE TABLE IF NOT EXISTS ledger_keys (service TEXT NOT NULL, event_key TEXT NOT NULL, \
+         seq INTEGER NOT NULL, PRIMARY KEY (service, event_key))",
+    ];
+
+    async fn next_seq(conn: &mut sqlx::SqliteConnection, key: &str) -> Result<i64, sqlx::Error> {
+        // The business transaction is `BEGIN IMMEDIATE` (Outbox::begin): it holds the
+        // database's write lock, so any upsert follows commit order.
+        let (seq,): (i64,) = sqlx::query_as(
+            "INSERT INTO ledger_keys (service, event_key, seq) VALUES ('task', ?, 1) \
+             ON CONFLICT (service, event_key) DO UPDATE SET seq = ledger_keys.seq + 1 RETURNING seq",
+        )
+        .bind(key)
+        .fetch_one(conn)
+        .await?;
+        Ok(seq)
+    }
+
+    common_reads!();
+
+    async fn leased(pool: &Pool<Self>, table: &str, unexpired: bool) -> Result<i64, sqlx::Error> {
+        // Times are unix microseconds (outbox_runtime's SQLite backend).
+        let expiry = if unexpired {
+            " AND locked_until > CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER) * 1000"
+        } else {
+            ""
+        };
+        let (n,): (i64,) = sqlx::query_as(&format!(
+            "SELECT count(*) FROM {table} WHERE status = 0 AND lease_token <> 0{expiry}"
+        ))
+        .fetch_one(pool)
+        .await?;
+        Ok(n)
+    }
+
+    fn url(db: &TestSqlite) -> String {
+        format!("sqlite://{}", db.dir().join("outbox.db").display())
+    }
+}
+
+/// Creates `ledger` and `ledger_keys` (idempotent).
+pub async fn create_ledger<B: ChaosBackend>(pool: &Pool<B>) {
+    let mut conn = pool.acquire().await.expect("connection");
+    for ddl in B::LEDGER_DDL {
+        B::execute_portable(&mut conn, ddl, &[])
             .await
             .expect("creating the ledger");
     }
@@ -49,8 +244,8 @@ pub enum Written {
 
 /// Publishes one `TaskCreated` for `key` with its ledger row in one transaction;
 /// commits, or rolls back when `commit` is false.
-pub async fn publish_ledgered(
-    outbox: &Outbox<Task, Postgres>,
+pub async fn publish_ledgered<B: ChaosBackend>(
+    outbox: &Outbox<Task, B>,
     key: &str,
     script: Script,
     options: PublishOptions,
@@ -58,14 +253,9 @@ pub async fn publish_ledgered(
 ) -> Written {
     let go = async {
         let mut tx = outbox.begin().await.map_err(|e| e.to_string())?;
-        let (seq,): (i64,) = sqlx::query_as(
-            "INSERT INTO ledger_keys (service, event_key, seq) VALUES ('task', $1, 1) \
-             ON CONFLICT (service, event_key) DO UPDATE SET seq = ledger_keys.seq + 1 RETURNING seq",
-        )
-        .bind(key)
-        .fetch_one(&mut **tx.transaction())
-        .await
-        .map_err(|e| e.to_string())?;
+        let seq = B::next_seq(&mut **tx.transaction(), key)
+            .await
+            .map_err(|e| e.to_string())?;
         let event = TaskCreated {
             task_id: key.to_owned(),
             seq: u32::try_from(seq).unwrap_or(u32::MAX),
@@ -75,13 +265,15 @@ pub async fn publish_ledgered(
             .publish_with(&event, options)
             .await
             .map_err(|e| e.to_string())?;
-        sqlx::query(
-            "INSERT INTO ledger (event_id, service, event_key, seq) VALUES ($1, 'task', $2, $3)",
+        B::execute_portable(
+            &mut **tx.transaction(),
+            "INSERT INTO ledger (event_id, service, event_key, seq) VALUES (?, 'task', ?, ?)",
+            &[
+                SqlValue::from(id.to_string()),
+                SqlValue::from(key),
+                SqlValue::from(seq),
+            ],
         )
-        .bind(id.to_string())
-        .bind(key)
-        .bind(seq)
-        .execute(&mut **tx.transaction())
         .await
         .map_err(|e| e.to_string())?;
         if commit {
@@ -192,24 +384,20 @@ impl fmt::Display for Report {
 
 /// Compares ledger, effects and outbox rows of service `task` in `table`.
 /// `duplicate_deliveries` is the sum of the consumers' `ConsumerStats.duplicates`.
-pub async fn check(
+pub async fn check<B: ChaosBackend>(
     scenario: &str,
-    pool: &PgPool,
+    pool: &Pool<B>,
     table: &str,
     duplicate_deliveries: u64,
 ) -> Report {
-    let ledger: Vec<(String, String, i64)> =
-        sqlx::query_as("SELECT event_id, event_key, seq FROM ledger WHERE service = 'task'")
-            .fetch_all(pool)
-            .await
-            .expect("reading the ledger");
-    let effects: Vec<(i64, String, String, i64)> = sqlx::query_as(
-        "SELECT id, event_id, event_key, seq FROM effects WHERE service = 'task' ORDER BY id",
-    )
-    .fetch_all(pool)
-    .await
-    .expect("reading effects");
-    let rows = <Postgres as outbox_runtime::Backend>::fetch_all(pool, table, "task")
+    let ledger = B::ledger(pool).await.expect("reading the ledger");
+    let effects: Vec<(i64, String, String, i64)> = B::effects(pool)
+        .await
+        .into_iter()
+        .filter(|e| e.service == "task")
+        .map(|e| (e.id, e.event_id, e.event_key, e.seq))
+        .collect();
+    let rows = B::fetch_all(pool, table, "task")
         .await
         .expect("reading the outbox");
 
@@ -279,14 +467,9 @@ pub async fn check(
 
 /// Rows of service `task` in `table` that are still open (pending or published), and
 /// the ledger's size: the usual "settled" condition is `open == 0`.
-pub async fn open_rows(pool: &PgPool, table: &str) -> (u64, u64) {
-    let c = <Postgres as outbox_runtime::Backend>::counts(pool, table, "task")
-        .await
-        .unwrap_or_default();
-    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM ledger")
-        .fetch_one(pool)
-        .await
-        .unwrap_or((0,));
+pub async fn open_rows<B: ChaosBackend>(pool: &Pool<B>, table: &str) -> (u64, u64) {
+    let c = B::counts(pool, table, "task").await.unwrap_or_default();
+    let n = B::ledger_len(pool).await.unwrap_or(0);
     (c.pending + c.published, n as u64)
 }
 

@@ -1,27 +1,32 @@
 //! Fault suite, no faults: the baseline (many events, 2 relays, 2 consumers) and
 //! out-of-order commits (a business transaction holds a lower id open while later ones
 //! commit). Each prints the ledger oracle's figures. See RELIABILITY.md.
+//!
+//! The baseline runs on PostgreSQL, MariaDB and SQLite (one generic body, one test per
+//! backend); the out-of-order commits scenario on PostgreSQL.
 
 use std::time::Duration;
 
 use outbox_runtime::{Backend, EventId, PublishOptions, Status};
 use outbox_tests::broker::TestBroker;
 use outbox_tests::chaos::{
-    chaos_config, consumer_duplicates, init_tracing, poll, soak, ChaosEnv, Load,
+    chaos_config, ci_size, consumer_duplicates, init_tracing, poll, soak, ChaosBackend, ChaosEnv,
+    Load,
 };
+use outbox_tests::chaos_tests;
+use outbox_tests::db::TestDatabase;
 use outbox_tests::oracle::{publish_ledgered, Written};
 use outbox_tests::services::{Script, TaskCreated};
-use sqlx::Postgres;
+use sqlx::{MySql, Postgres, Sqlite};
 
 /// a. 2,000 events (10,000 soak) over 100 keys (200 soak), 5% rolled back, 2 relays and
 /// 2 consumers (two runtimes in one group), no faults: nothing lost or doubled, per-key
 /// order, and no duplicate delivery once the group has settled.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chaos_a_baseline() {
+async fn baseline<B: ChaosBackend>() {
     init_tracing();
     let broker = TestBroker::mock().await;
-    let env = ChaosEnv::new(&broker, 3).await;
-    let (total, keys) = soak((2_000u64, 100u32), (10_000, 200));
+    let env = ChaosEnv::<B>::new(&broker, 3).await;
+    let (total, keys) = ci_size::<B, _>((2_000u64, 100u32), (2_000, 100), (10_000, 200));
     let r1 = env.runtime(&broker, 1, true, chaos_config()).await;
     let r2 = env.runtime(&broker, 1, true, chaos_config()).await;
     let outbox = env.outbox();
@@ -58,10 +63,13 @@ async fn chaos_a_baseline() {
     r1.shutdown().await.expect("shutdown 1");
     r2.shutdown().await.expect("shutdown 2");
 
-    let report = env.check("a-baseline", dups).await;
+    let report = env
+        .check(&format!("a-baseline[{}]", B::BACKEND_NAME), dups)
+        .await;
     println!(
-        "a-baseline: load {load:?}, warm-up {warm_events} events ({warm_dups} duplicate deliveries \
-         during the first rebalance), {total} events settled in {elapsed:?}"
+        "a-baseline[{}]: load {load:?}, warm-up {warm_events} events ({warm_dups} duplicate deliveries \
+         during the first rebalance), {total} events settled in {elapsed:?}",
+        B::BACKEND_NAME
     );
     report.assert_pass();
     assert_eq!(report.unledgered_rows, 0, "a rolled-back event exists");
@@ -73,6 +81,12 @@ async fn chaos_a_baseline() {
     env.db.cleanup().await;
 }
 
+chaos_tests!(baseline() {
+    chaos_a_baseline: Postgres,
+    chaos_a_baseline_mysql: MySql,
+    chaos_a_baseline_sqlite: Sqlite,
+});
+
 /// i. Out-of-order commits: a business transaction that inserted its outbox row (a low
 /// id) stays open while 300 later ones commit and are delivered; once it commits its
 /// event is delivered too, in its key's order; an aborted one never appears.
@@ -80,7 +94,7 @@ async fn chaos_a_baseline() {
 async fn chaos_i_out_of_order_commits() {
     init_tracing();
     let broker = TestBroker::mock().await;
-    let env = ChaosEnv::new(&broker, 3).await;
+    let env = ChaosEnv::<Postgres>::new(&broker, 3).await;
     let runtime = env.runtime(&broker, 2, true, chaos_config()).await;
     let outbox = env.outbox();
     let pool = env.pool().clone();

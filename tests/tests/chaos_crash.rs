@@ -3,25 +3,32 @@
 //! exactly at a named crash point, SIGKILLed (or SIGSTOPped past its lease and
 //! SIGCONTinued), then a fresh one takes over. Each prints the ledger oracle's figures.
 //! See RELIABILITY.md.
+//!
+//! Each scenario is one generic body; `chaos_tests!` makes one test per backend it runs
+//! on: PostgreSQL for all of them, MariaDB and SQLite for the relay kill after produce,
+//! the consumer kill after commit, the random kills and the zombie relay.
 
 use std::time::Duration;
 
-use outbox_runtime::{Backend, Status};
+use outbox_runtime::Status;
 use outbox_tests::broker::TestBroker;
 use outbox_tests::chaos::{
-    chaos_config, consumer_duplicates, init_tracing, poll, soak, ChaosEnv, Load,
+    chaos_config, ci_size, consumer_duplicates, init_tracing, poll, soak, ChaosBackend, ChaosEnv,
+    Load,
 };
-use sqlx::Postgres;
+use outbox_tests::chaos_tests;
+use outbox_tests::db::TestDatabase;
+use sqlx::{MySql, Postgres, Sqlite};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_chaos-worker");
 const LEASE: Duration = Duration::from_millis(2_000);
 
 /// b. The relay process frozen at `point` on its 3rd round, under load, SIGKILLed; a
 /// fresh relay process finishes (rows leased by the dead one wait for the lease).
-async fn relay_crash(point: &str) {
+async fn relay_crash<B: ChaosBackend>(point: &str) {
     init_tracing();
     let broker = TestBroker::mock().await;
-    let env = ChaosEnv::new(&broker, 3).await;
+    let env = ChaosEnv::<B>::new(&broker, 3).await;
     let consumer = env.runtime(&broker, 0, true, chaos_config()).await;
     let outbox = env.outbox();
     let mut load = Load::new(600, 30);
@@ -36,13 +43,7 @@ async fn relay_crash(point: &str) {
     relay.wait_frozen(Duration::from_secs(30)).await;
     let before = relay.fresh_stats(Duration::from_secs(5)).await;
     relay.kill();
-    let (leased,): (i64,) = sqlx::query_as(&format!(
-        "SELECT count(*) FROM {} WHERE status = 0 AND lease_token <> 0 AND locked_until > now()",
-        env.table
-    ))
-    .fetch_one(env.pool())
-    .await
-    .unwrap();
+    let leased = env.leased(true).await;
 
     let mut fresh = env.worker(&broker, "relay").lease(LEASE).spawn(WORKER);
     let load = running.await.unwrap();
@@ -54,9 +55,10 @@ async fn relay_crash(point: &str) {
     let dups = consumer_duplicates(&[&consumer]);
     consumer.shutdown().await.expect("shutdown");
 
-    let report = env.check(&format!("b-relay-kill@{point}"), dups).await;
+    let name = format!("b-relay-kill@{point}[{}]", B::BACKEND_NAME);
+    let report = env.check(&name, dups).await;
     println!(
-        "b-relay-kill@{point}: load {load:?}; killed relay had published {} in {} rounds, \
+        "{name}: load {load:?}; killed relay had published {} in {} rounds, \
          left {leased} rows leased; fresh relay published {} (fenced {})",
         before.published, before.rounds, after.published, after.fenced
     );
@@ -69,29 +71,28 @@ async fn relay_crash(point: &str) {
     env.db.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chaos_b_relay_kill_after_claim() {
-    relay_crash("relay.after_claim").await;
-}
+chaos_tests!(relay_crash("relay.after_claim") {
+    chaos_b_relay_kill_after_claim: Postgres,
+});
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chaos_b_relay_kill_after_produce() {
-    relay_crash("relay.after_produce").await;
-}
+chaos_tests!(relay_crash("relay.after_produce") {
+    chaos_b_relay_kill_after_produce: Postgres,
+    chaos_b_relay_kill_after_produce_mysql: MySql,
+    chaos_b_relay_kill_after_produce_sqlite: Sqlite,
+});
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chaos_b_relay_kill_after_mark() {
-    relay_crash("relay.after_mark").await;
-}
+chaos_tests!(relay_crash("relay.after_mark") {
+    chaos_b_relay_kill_after_mark: Postgres,
+});
 
 /// b. The consumer process killed at `point`, `kills` times (each fresh consumer frozen
 /// after a random number of records); then a last one finishes. Every event's effect
 /// exactly once; a kill after the handler's commit leaves a record that the next
 /// consumer recognises as already done (a duplicate delivery).
-async fn consumer_crash(point: &str, kills: usize) {
+async fn consumer_crash<B: ChaosBackend>(point: &str, kills: usize) {
     init_tracing();
     let broker = TestBroker::mock().await;
-    let env = ChaosEnv::new(&broker, 3).await;
+    let env = ChaosEnv::<B>::new(&broker, 3).await;
     let relay = env.runtime(&broker, 1, false, chaos_config()).await;
     let outbox = env.outbox();
     let load = Load::new(soak(400, 2_000), 40).run(&outbox).await;
@@ -126,12 +127,9 @@ async fn consumer_crash(point: &str, kills: usize) {
     handled += s.handled;
     relay.shutdown().await.expect("shutdown");
 
-    let report = env
-        .check(&format!("b-consumer-kill@{point}x{kills}"), dups)
-        .await;
-    println!(
-        "b-consumer-kill@{point}x{kills}: load {load:?}; handled {handled}, duplicate deliveries {dups}"
-    );
+    let name = format!("b-consumer-kill@{point}x{kills}[{}]", B::BACKEND_NAME);
+    let report = env.check(&name, dups).await;
+    println!("{name}: load {load:?}; handled {handled}, duplicate deliveries {dups}");
     report.assert_pass();
     assert_eq!(report.unledgered_rows, 0);
     assert!(report.dead.is_empty(), "{:?}", report.dead);
@@ -145,30 +143,28 @@ async fn consumer_crash(point: &str, kills: usize) {
     env.db.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chaos_b_consumer_kill_before_commit() {
-    consumer_crash("consumer.before_commit", 1).await;
-}
+chaos_tests!(consumer_crash("consumer.before_commit", 1) {
+    chaos_b_consumer_kill_before_commit: Postgres,
+});
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chaos_b_consumer_kill_after_commit() {
-    consumer_crash("consumer.after_commit", 1).await;
-}
+chaos_tests!(consumer_crash("consumer.after_commit", 1) {
+    chaos_b_consumer_kill_after_commit: Postgres,
+    chaos_b_consumer_kill_after_commit_mysql: MySql,
+    chaos_b_consumer_kill_after_commit_sqlite: Sqlite,
+});
 
-/// SIGKILL between the handler's commit and the offset store, 10 times (50 soak).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chaos_b_consumer_kill_before_offset_store_repeated() {
-    consumer_crash("consumer.before_offset_store", soak(10, 50)).await;
-}
+// SIGKILL between the handler's commit and the offset store, 10 times (50 soak).
+chaos_tests!(consumer_crash("consumer.before_offset_store", soak(10, 50)) {
+    chaos_b_consumer_kill_before_offset_store_repeated: Postgres,
+});
 
 /// c. Zombie relay: relay process A claims and produces, is SIGSTOPped past its lease;
 /// relay B takes the rows over and publishes them; A is SIGCONTinued and its stale mark
 /// is fenced (0 rows); the consumer gets every event twice, applies it once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chaos_c_zombie_relay() {
+async fn zombie_relay<B: ChaosBackend>() {
     init_tracing();
     let broker = TestBroker::mock().await;
-    let env = ChaosEnv::new(&broker, 3).await;
+    let env = ChaosEnv::<B>::new(&broker, 3).await;
     let outbox = env.outbox();
     let mut load = Load::new(150, 15);
     load.rollback_pct = 0;
@@ -182,13 +178,7 @@ async fn chaos_c_zombie_relay() {
         .spawn(WORKER);
     a.wait_frozen(Duration::from_secs(30)).await;
     a.stop();
-    let (a_claimed,): (i64,) = sqlx::query_as(&format!(
-        "SELECT count(*) FROM {} WHERE status = 0 AND lease_token <> 0",
-        env.table
-    ))
-    .fetch_one(env.pool())
-    .await
-    .unwrap();
+    let a_claimed = env.leased(false).await;
     assert!(a_claimed > 0);
 
     // B (in this process) takes over once A's lease expired: everything published.
@@ -199,7 +189,7 @@ async fn chaos_c_zombie_relay() {
         "B to publish everything",
         Duration::from_secs(60),
         || async {
-            let c = Postgres::counts(&pool, &table, "task").await.ok()?;
+            let c = B::counts(&pool, &table, "task").await.ok()?;
             (c.pending == 0 && c.published > 0).then_some(())
         },
     )
@@ -220,9 +210,10 @@ async fn chaos_c_zombie_relay() {
     b.shutdown().await.expect("shutdown");
     consumer.shutdown().await.expect("shutdown");
 
-    let report = env.check("c-zombie-relay", dups).await;
+    let name = format!("c-zombie-relay[{}]", B::BACKEND_NAME);
+    let report = env.check(&name, dups).await;
     println!(
-        "c-zombie-relay: load {load:?}; zombie claimed {a_claimed}, its mark fenced {} rows, marked {}",
+        "{name}: load {load:?}; zombie claimed {a_claimed}, its mark fenced {} rows, marked {}",
         s.fenced, s.published
     );
     report.assert_pass();
@@ -232,30 +223,33 @@ async fn chaos_c_zombie_relay() {
         dups >= a_claimed as u64,
         "each zombie record was a duplicate"
     );
-    let rows = Postgres::fetch_all(env.pool(), &env.table, "task")
-        .await
-        .unwrap();
+    let rows = B::fetch_all(env.pool(), &env.table, "task").await.unwrap();
     assert!(rows.iter().all(|r| r.status == Status::Consumed));
     env.db.cleanup().await;
 }
 
+chaos_tests!(zombie_relay() {
+    chaos_c_zombie_relay: Postgres,
+    chaos_c_zombie_relay_mysql: MySql,
+    chaos_c_zombie_relay_sqlite: Sqlite,
+});
+
 /// b. Relay and consumer processes SIGKILLed at random moments under load (not at a
 /// named point), alternately, 6 times (20 soak); a fresh process replaces each one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chaos_b_random_kills_under_load() {
+async fn random_kills<B: ChaosBackend>() {
     use rand::Rng;
     init_tracing();
     let broker = TestBroker::mock().await;
-    let env = ChaosEnv::new(&broker, 3).await;
+    let env = ChaosEnv::<B>::new(&broker, 3).await;
     let outbox = env.outbox();
-    let mut load = Load::new(soak(3_000, 10_000), 50);
+    let mut load = Load::new(ci_size::<B, _>(3_000, 3_000, 10_000), 50);
     load.pace = Duration::from_millis(3);
     let running = load.spawn(&outbox);
 
     let mut relay = env.worker(&broker, "relay").lease(LEASE).spawn(WORKER);
     let mut consumer = env.worker(&broker, "consumer").spawn(WORKER);
     let mut dups = 0;
-    let kills = soak(6, 20);
+    let kills = ci_size::<B, _>(6, 6, 20);
     for i in 0..kills {
         // Only kill a process that is working (a consumer joins its group in seconds),
         // then at a random moment: fault pacing, not synchronisation.
@@ -291,9 +285,10 @@ async fn chaos_b_random_kills_under_load() {
         .unwrap_or_default();
     dups += consumer_after.duplicates;
 
-    let report = env.check("b-random-kills", dups).await;
+    let name = format!("b-random-kills[{}]", B::BACKEND_NAME);
+    let report = env.check(&name, dups).await;
     println!(
-        "b-random-kills: load {load:?}; {kills} kills; last relay published {} (fenced {}), \
+        "{name}: load {load:?}; {kills} kills; last relay published {} (fenced {}), \
          last consumer handled {}",
         relay_after.published, relay_after.fenced, consumer_after.handled
     );
@@ -302,3 +297,9 @@ async fn chaos_b_random_kills_under_load() {
     assert!(report.dead.is_empty(), "{:?}", report.dead);
     env.db.cleanup().await;
 }
+
+chaos_tests!(random_kills() {
+    chaos_b_random_kills_under_load: Postgres,
+    chaos_b_random_kills_under_load_mysql: MySql,
+    chaos_b_random_kills_under_load_sqlite: Sqlite,
+});

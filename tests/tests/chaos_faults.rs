@@ -1,6 +1,10 @@
 //! Fault suite, faults around a running runtime: a broker outage, failing and
 //! panicking handlers, malformed records in the topic, and consumer-group churn. Each
 //! prints the ledger oracle's figures. See RELIABILITY.md.
+//!
+//! Handler failures (e) and malformed records (f) run on PostgreSQL, MariaDB and SQLite
+//! (one generic body each, `chaos_tests!`); the outage (d, which watches PostgreSQL's
+//! `pg_stat_activity`) and the group churn (h) on PostgreSQL.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,15 +14,18 @@ use outbox_runtime::envelope::{header, Envelope};
 use outbox_runtime::{Backend, EventId, PublishOptions, RawEvent, Status};
 use outbox_tests::broker::TestBroker;
 use outbox_tests::chaos::{
-    chaos_config, consumer_duplicates, init_tracing, poll, relay_sum, soak, ChaosEnv, Load,
+    chaos_config, consumer_duplicates, init_tracing, poll, relay_sum, soak, ChaosBackend, ChaosEnv,
+    Load,
 };
+use outbox_tests::chaos_tests;
+use outbox_tests::db::TestDatabase;
 use outbox_tests::oracle::{publish_ledgered, Written};
 use outbox_tests::services::Script;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-use sqlx::Postgres;
+use sqlx::{MySql, Postgres, Sqlite};
 
 /// A background writer loop until `stop`: ledgered publishes paced by `pace`, recording
 /// the slowest committed transaction and the failures.
@@ -65,7 +72,7 @@ fn paced_writer(
 async fn chaos_d_broker_outage() {
     init_tracing();
     let broker = TestBroker::mock().await;
-    let env = ChaosEnv::new(&broker, 3).await;
+    let env = ChaosEnv::<Postgres>::new(&broker, 3).await;
     let runtime = env.runtime(&broker, 1, true, chaos_config()).await;
     let stop = Arc::new(AtomicBool::new(false));
     let slowest_before = Arc::new(AtomicU64::new(0));
@@ -156,11 +163,10 @@ async fn chaos_d_broker_outage() {
 /// traffic on other keys: retries follow the backoff (database clock), the dead end
 /// dead with their reason, a panic is retried and the consumer keeps going, other keys
 /// flow while one is parked.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chaos_e_handler_failures() {
+async fn handler_failures<B: ChaosBackend>() {
     init_tracing();
     let broker = TestBroker::mock().await;
-    let env = ChaosEnv::new(&broker, 3).await;
+    let env = ChaosEnv::<B>::new(&broker, 3).await;
     let config = chaos_config(); // backoff 200 ms doubling, cap 2 s
     let runtime = env.runtime(&broker, 1, true, config.clone()).await;
     let outbox = env.outbox();
@@ -231,7 +237,7 @@ async fn chaos_e_handler_failures() {
         "the other keys to be consumed",
         Duration::from_secs(60),
         || async {
-            let rows = Postgres::fetch_all(&pool, &table, "task").await.ok()?;
+            let rows = B::fetch_all(&pool, &table, "task").await.ok()?;
             let others_done = rows
                 .iter()
                 .filter(|r| r.key.as_deref().is_some_and(|k| k.starts_with('k')))
@@ -245,17 +251,13 @@ async fn chaos_e_handler_failures() {
     let dups = consumer_duplicates(&[&runtime]);
     runtime.shutdown().await.expect("shutdown");
 
-    let report = env.check("e-handler-failures", dups).await;
+    let name = format!("e-handler-failures[{}]", B::BACKEND_NAME);
+    let report = env.check(&name, dups).await;
     report.assert_pass();
     let row = |id: EventId| {
         let pool = env.pool().clone();
         let table = env.table.clone();
-        async move {
-            Postgres::fetch(&pool, &table, id.0)
-                .await
-                .unwrap()
-                .expect("row")
-        }
+        async move { B::fetch(&pool, &table, id.0).await.unwrap().expect("row") }
     };
     let secs = |a: chrono::DateTime<chrono::Utc>, b: chrono::DateTime<chrono::Utc>| {
         (b - a).num_milliseconds() as f64 / 1000.0
@@ -296,21 +298,26 @@ async fn chaos_e_handler_failures() {
         "the doomed key's next event overtook it"
     );
     println!(
-        "e-handler-failures: load {load:?}; flaky consumed after {flaky_took:.2}s (2 failures, \
+        "{name}: load {load:?}; flaky consumed after {flaky_took:.2}s (2 failures, \
          backoff 0.2+0.4), doomed dead after {doomed_took:.2}s (6 attempts, backoff 5.0 s), \
          refused dead at once, panicky consumed on attempt 2; other keys done while doomed open: {doomed_open}"
     );
     env.db.cleanup().await;
 }
 
+chaos_tests!(handler_failures() {
+    chaos_e_handler_failures: Postgres,
+    chaos_e_handler_failures_mysql: MySql,
+    chaos_e_handler_failures_sqlite: Sqlite,
+});
+
 /// f. Malformed records produced straight to the topic (one partition), between good
 /// ones: no panic, the offset moves past every one, each is dead (when its event id has
 /// a row) or skipped with its specific reason, the neighbours are handled.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chaos_f_malformed_records() {
+async fn malformed_records<B: ChaosBackend>() {
     init_tracing();
     let broker = TestBroker::mock().await;
-    let env = ChaosEnv::new(&broker, 1).await;
+    let env = ChaosEnv::<B>::new(&broker, 1).await;
     let outbox = env.outbox();
     // Rows for the malformed records to point at (no relay runs: they stay pending).
     let mut raw = Vec::new();
@@ -348,9 +355,7 @@ async fn chaos_f_malformed_records() {
             other => panic!("{other:?}"),
         }
     }
-    let rows = Postgres::fetch_all(env.pool(), &env.table, "task")
-        .await
-        .unwrap();
+    let rows = B::fetch_all(env.pool(), &env.table, "task").await.unwrap();
     let payload_of = |id: EventId| {
         rows.iter()
             .find(|r| r.event_id == id.0)
@@ -500,7 +505,7 @@ async fn chaos_f_malformed_records() {
         "the neighbours handled and the bad rows dead",
         Duration::from_secs(60),
         || async {
-            let rows = Postgres::fetch_all(&pool, &table, "task").await.ok()?;
+            let rows = B::fetch_all(&pool, &table, "task").await.ok()?;
             let done = rows.iter().all(|r| r.status.is_terminal());
             let raws = raw_ids.iter().all(|id| {
                 rows.iter()
@@ -540,7 +545,8 @@ async fn chaos_f_malformed_records() {
         .unwrap();
     assert_eq!(offset, Offset::Offset(RECORDS), "committed offset");
 
-    let report = env.check("f-malformed-records", dups).await;
+    let name = format!("f-malformed-records[{}]", B::BACKEND_NAME);
+    let report = env.check(&name, dups).await;
     report.assert_pass();
     let reasons = report.dead_reasons();
     let expect = [
@@ -565,11 +571,17 @@ async fn chaos_f_malformed_records() {
         "no headers, bad id, no row"
     );
     println!(
-        "f-malformed-records: {RECORDS} records, 4 good handled, 7 dead with reasons, 3 skipped \
+        "{name}: {RECORDS} records, 4 good handled, 7 dead with reasons, 3 skipped \
          (no headers, non-UTF-8 id, no row), committed offset {offset:?}"
     );
     env.db.cleanup().await;
 }
+
+chaos_tests!(malformed_records() {
+    chaos_f_malformed_records: Postgres,
+    chaos_f_malformed_records_mysql: MySql,
+    chaos_f_malformed_records_sqlite: Sqlite,
+});
 
 /// h. Consumer group churn on the mock cluster: one of two consumers is stopped and a
 /// new one started every 2-4 s for 30 s (2 min soak), under load: effects once,
@@ -578,7 +590,7 @@ async fn chaos_f_malformed_records() {
 async fn chaos_h_consumer_group_churn() {
     init_tracing();
     let broker = TestBroker::mock().await;
-    let env = ChaosEnv::new(&broker, 3).await;
+    let env = ChaosEnv::<Postgres>::new(&broker, 3).await;
     let relay = env.runtime(&broker, 1, false, chaos_config()).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = paced_writer(

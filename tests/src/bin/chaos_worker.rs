@@ -4,7 +4,7 @@
 //!
 //! | variable | meaning |
 //! |---|---|
-//! | `CHAOS_DB_URL` | PostgreSQL URL of the scenario's database |
+//! | `CHAOS_DB_URL` | the scenario's database: `postgres://…`, `mysql://…` or `sqlite://<file path>` |
 //! | `CHAOS_BROKERS` | bootstrap servers |
 //! | `CHAOS_PREFIX` | topic and group prefix of the scenario's catalog |
 //! | `CHAOS_ROLE` | `relay`, `consumer` or `both` |
@@ -22,12 +22,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use outbox_runtime::backend::sqlite::sqlite_connect_options;
 use outbox_runtime::catalog::Catalog;
 use outbox_runtime::consumer::ConsumerStats;
 use outbox_runtime::relay::RelayStats;
-use outbox_runtime::OutboxRuntime;
+use outbox_runtime::{Backend, OutboxRuntime};
 use outbox_tests::chaos::{chaos_config, WorkerStats};
+use sqlx::mysql::MySqlPoolOptions;
 use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::SqlitePoolOptions;
+use sqlx::Pool;
 
 fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
@@ -114,6 +118,35 @@ async fn main() {
     // The handlers live in the library; name one so it is linked in.
     let _ = std::any::type_name::<outbox_tests::services::TaskCreated>();
 
+    let url = must("CHAOS_DB_URL");
+    const CONNECTING: &str = "chaos-worker: connecting to the database";
+    // The backend follows the URL's scheme.
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(sqlite_connect_options(path))
+            .await
+            .expect(CONNECTING);
+        serve(pool).await;
+    } else if url.starts_with("mysql://") {
+        let pool = MySqlPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await
+            .expect(CONNECTING);
+        serve(pool).await;
+    } else {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await
+            .expect(CONNECTING);
+        serve(pool).await;
+    }
+}
+
+/// Runs the relay and/or consumer on `pool` until SIGTERM.
+async fn serve<DB: Backend>(pool: Pool<DB>) {
     let prefix = must("CHAOS_PREFIX");
     let role = must("CHAOS_ROLE");
     let lease_ms: u64 = var("CHAOS_LEASE_MS")
@@ -125,11 +158,6 @@ async fn main() {
         .group_prefix(&prefix)
         .build()
         .expect("catalog");
-    let pool = PgPoolOptions::new()
-        .max_connections(8)
-        .connect(&must("CHAOS_DB_URL"))
-        .await
-        .expect("chaos-worker: connecting to the database");
     let mut config = chaos_config();
     config.relay_lease = Duration::from_millis(lease_ms);
     let kafka = outbox_tests::chaos::chaos_kafka(&must("CHAOS_BROKERS"));
