@@ -6,8 +6,8 @@
 //!   this process (a `tokio::sync::Notify`; a wake with no waiter is kept as a permit,
 //!   so coalesced wakes cost one claim);
 //! - cross-process (PostgreSQL): [`Notifier`] sends `pg_notify('outbox_wakeup',
-//!   '<table>:<service>')` on its own connection, coalescing every commit that happened
-//!   while the previous NOTIFY was in flight into one. The payload is a hint only: the
+//!   '<table>:<service>')` on its own connection, at most one round every 5 ms,
+//!   coalescing every commit in between into one. The payload is a hint only: the
 //!   relay re-reads the table. NOTIFY is never sent inside the business transaction:
 //!   PostgreSQL takes a global lock at commit for every transaction that notified,
 //!   which would serialise all writers.
@@ -22,6 +22,11 @@ use sqlx::Pool;
 use tokio::sync::{mpsc, Notify};
 
 use crate::backend::Backend;
+
+/// The shortest time between two NOTIFY rounds of one notifier: bounds the extra
+/// statements under load, and costs other processes' relays at most this much latency
+/// (relays in this process are woken at once, in process).
+const NOTIFY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The LISTEN/NOTIFY channel; payload `<table>:<service>`.
 pub(crate) const CHANNEL: &str = "outbox_wakeup";
@@ -88,6 +93,10 @@ impl Notifier {
                             tracing::debug!(error = %e, "outbox wake-up NOTIFY failed");
                         }
                     }
+                    // At most one round per interval: under load, every commit in the
+                    // interval shares one NOTIFY instead of each paying a statement.
+                    // (Rate limiting, not synchronisation.)
+                    tokio::time::sleep(NOTIFY_INTERVAL).await;
                 }
             });
             tx
