@@ -101,6 +101,17 @@ pub async fn fresh_catalog(broker: &TestBroker) -> Catalog {
     catalog
 }
 
+/// A fresh catalog (topics created on `broker`), every outbox table migrated and the
+/// `effects` table created: the common start of a test.
+pub async fn prepare<DB: Backend>(pool: &Pool<DB>, broker: &TestBroker) -> Catalog {
+    let catalog = fresh_catalog(broker).await;
+    outbox_runtime::runtime::migrate(pool, &catalog, catalog.routes().map(|r| r.service.as_str()))
+        .await
+        .expect("migrate");
+    create_effects(pool).await;
+    catalog
+}
+
 /// Creates the `effects` table.
 pub async fn create_effects<DB: Backend>(pool: &Pool<DB>) {
     let mut conn = pool.acquire().await.expect("connection");

@@ -7,20 +7,12 @@ use std::time::Duration;
 use outbox_runtime::{Admin, KafkaConfig, Outbox, OutboxRuntime, PublishOptions, Status};
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::{TestMySql, TestPg, TestSqlite};
-use outbox_tests::e2e::{create_effects, eventually, fresh_catalog, test_config, TestBackend};
+use outbox_tests::e2e::{eventually, prepare, test_config, TestBackend};
 use outbox_tests::services::{Notification, NotificationRequested, Script};
 
 async fn replay_after_fix<DB: TestBackend>(pool: sqlx::Pool<DB>) {
     let broker = TestBroker::mock().await;
-    let catalog = fresh_catalog(&broker).await;
-    outbox_runtime::runtime::migrate(
-        &pool,
-        &catalog,
-        catalog.routes().map(|r| r.service.as_str()),
-    )
-    .await
-    .unwrap();
-    create_effects(&pool).await;
+    let catalog = prepare(&pool, &broker).await;
     {
         let mut conn = pool.acquire().await.unwrap();
         DB::execute_portable(

@@ -10,9 +10,7 @@ use std::time::Duration;
 use outbox_runtime::{KafkaConfig, Outbox, OutboxRuntime, Status};
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::{TestMySql, TestPg, TestSqlite};
-use outbox_tests::e2e::{
-    all_rows, create_effects, eventually, fresh_catalog, test_config, TestBackend,
-};
+use outbox_tests::e2e::{all_rows, eventually, prepare, test_config, TestBackend};
 use outbox_tests::services::{Script, Task, TaskCreated};
 
 const WRITERS: usize = 20;
@@ -20,16 +18,8 @@ const PER_WRITER: u32 = 25;
 
 async fn concurrent_writers<DB: TestBackend>(pool: sqlx::Pool<DB>) {
     let broker = TestBroker::mock().await;
-    let catalog = fresh_catalog(&broker).await;
+    let catalog = prepare(&pool, &broker).await;
     let config = test_config();
-    outbox_runtime::runtime::migrate(
-        &pool,
-        &catalog,
-        catalog.routes().map(|r| r.service.as_str()),
-    )
-    .await
-    .expect("migrate");
-    create_effects(&pool).await;
     let runtime = OutboxRuntime::new(
         catalog.clone(),
         pool.clone(),

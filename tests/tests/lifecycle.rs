@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 use outbox_runtime::{Backend, KafkaConfig, Outbox, OutboxConfig, OutboxRuntime, Status};
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::{TestPg, TestSqlite};
-use outbox_tests::e2e::{
-    all_rows, create_effects, eventually, fresh_catalog, test_config, TestBackend,
-};
+use outbox_tests::e2e::{all_rows, eventually, prepare, test_config, TestBackend};
 use outbox_tests::services::{Script, Task, TaskCreated};
 
 fn slow_poll() -> OutboxConfig {
@@ -41,15 +39,7 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     let broker = TestBroker::mock().await;
-    let catalog = fresh_catalog(&broker).await;
-    outbox_runtime::runtime::migrate(
-        &pool,
-        &catalog,
-        catalog.routes().map(|r| r.service.as_str()),
-    )
-    .await
-    .unwrap();
-    create_effects(&pool).await;
+    let catalog = prepare(&pool, &broker).await;
     let runtime = OutboxRuntime::new(
         catalog.clone(),
         pool.clone(),
@@ -131,15 +121,7 @@ async fn shutdown_mid_stream_loses_nothing_and_a_new_runtime_finishes() {
     let db = TestPg::create().await;
     let pool = db.pool().clone();
     let broker = TestBroker::mock().await;
-    let catalog = fresh_catalog(&broker).await;
-    outbox_runtime::runtime::migrate(
-        &pool,
-        &catalog,
-        catalog.routes().map(|r| r.service.as_str()),
-    )
-    .await
-    .unwrap();
-    create_effects(&pool).await;
+    let catalog = prepare(&pool, &broker).await;
     let outbox =
         Outbox::<Task, sqlx::Postgres>::with_config(pool.clone(), &catalog, test_config()).unwrap();
     let mut ids = Vec::new();
@@ -218,15 +200,7 @@ async fn a_published_event_whose_record_the_consumer_never_saw_is_published_agai
     let db = TestPg::create().await;
     let pool = db.pool().clone();
     let broker = TestBroker::mock().await;
-    let catalog = fresh_catalog(&broker).await;
-    outbox_runtime::runtime::migrate(
-        &pool,
-        &catalog,
-        catalog.routes().map(|r| r.service.as_str()),
-    )
-    .await
-    .unwrap();
-    create_effects(&pool).await;
+    let catalog = prepare(&pool, &broker).await;
     let config = OutboxConfig {
         redeliver_after: Some(Duration::from_secs(2)),
         retention: Some(outbox_runtime::Retention {
