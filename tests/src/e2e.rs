@@ -75,6 +75,34 @@ effects_impl!(sqlx::Postgres);
 effects_impl!(sqlx::MySql);
 effects_impl!(sqlx::Sqlite);
 
+/// How many effects each event (by id) had: exactly-once means 1 for every committed
+/// event and none for a rolled-back or dead one.
+pub fn effects_per_event(effects: &[Effect]) -> BTreeMap<String, usize> {
+    let mut per_event = BTreeMap::new();
+    for e in effects {
+        *per_event.entry(e.event_id.clone()).or_default() += 1;
+    }
+    per_event
+}
+
+/// Asserts per-key order: each (service, key)'s effects, in applied order, have
+/// increasing sequence numbers.
+pub fn assert_key_order(effects: &[Effect]) {
+    let mut last_seq: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+    for e in effects {
+        if let Some(prev) = last_seq.insert((&e.service, &e.event_key), e.seq) {
+            assert!(
+                prev < e.seq,
+                "key {}/{} applied {} after {}",
+                e.service,
+                e.event_key,
+                e.seq,
+                prev
+            );
+        }
+    }
+}
+
 /// Test settings: the real state machine, shorter waits.
 pub fn test_config() -> OutboxConfig {
     OutboxConfig {
@@ -404,10 +432,7 @@ pub async fn full_flow<DB: TestBackend>(pool: Pool<DB>, broker: &TestBroker) {
         assert!(!rows.contains_key(id), "rolled-back event {id} has a row");
     }
     let effects = DB::effects(&pool).await;
-    let mut per_event: BTreeMap<&str, usize> = BTreeMap::new();
-    for e in &effects {
-        *per_event.entry(e.event_id.as_str()).or_default() += 1;
-    }
+    let per_event = effects_per_event(&effects);
     for id in &out.rolled_back {
         assert!(
             !per_event.contains_key(id.to_string().as_str()),
@@ -435,20 +460,7 @@ pub async fn full_flow<DB: TestBackend>(pool: Pool<DB>, broker: &TestBroker) {
     }
 
     // Per-key order: each key's effects in sequence order.
-    let mut last_seq: BTreeMap<(&str, &str), i64> = BTreeMap::new();
-    for e in &effects {
-        let prev = last_seq.insert((&e.service, &e.event_key), e.seq);
-        if let Some(prev) = prev {
-            assert!(
-                prev < e.seq,
-                "key {}/{} applied {} after {}",
-                e.service,
-                e.event_key,
-                e.seq,
-                prev
-            );
-        }
-    }
+    assert_key_order(&effects);
 
     // Dead, with their reasons.
     let reason = |id: &EventId| rows[id].last_error.clone().unwrap_or_default();

@@ -4,13 +4,14 @@
 //! timeout; MySQL/MariaDB claims run in READ COMMITTED and retry 1213/1205 inside the
 //! backend).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use outbox_runtime::{KafkaConfig, Outbox, OutboxRuntime, Status};
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::{TestMySql, TestPg, TestSqlite};
-use outbox_tests::e2e::{all_rows, eventually, prepare, test_config, TestBackend};
+use outbox_tests::e2e::{
+    all_rows, assert_key_order, effects_per_event, eventually, prepare, test_config, TestBackend,
+};
 use outbox_tests::services::{Script, Task, TaskCreated};
 
 const WRITERS: usize = 20;
@@ -75,10 +76,7 @@ async fn concurrent_writers<DB: TestBackend>(pool: sqlx::Pool<DB>) {
     runtime.shutdown().await.expect("shutdown");
 
     let effects = DB::effects(&pool).await;
-    let mut per_event: BTreeMap<String, usize> = BTreeMap::new();
-    for e in &effects {
-        *per_event.entry(e.event_id.clone()).or_default() += 1;
-    }
+    let per_event = effects_per_event(&effects);
     for id in &published {
         assert!(rows.contains_key(id), "event {id} lost");
         assert_eq!(
@@ -87,18 +85,7 @@ async fn concurrent_writers<DB: TestBackend>(pool: sqlx::Pool<DB>) {
             "event {id} effects"
         );
     }
-    let mut last: BTreeMap<&str, i64> = BTreeMap::new();
-    for e in &effects {
-        if let Some(prev) = last.insert(e.event_key.as_str(), e.seq) {
-            assert!(
-                prev < e.seq,
-                "key {} applied {} after {}",
-                e.event_key,
-                e.seq,
-                prev
-            );
-        }
-    }
+    assert_key_order(&effects);
     println!(
         "{}: {} events from {WRITERS} writers, all consumed once, in key order",
         DB::BACKEND_NAME,

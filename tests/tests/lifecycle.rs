@@ -6,13 +6,14 @@
 //! - Shutting the runtime down in the middle of a stream loses nothing and applies
 //!   nothing twice: a new runtime finishes the work.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use outbox_runtime::{Backend, KafkaConfig, Outbox, OutboxConfig, OutboxRuntime, Status};
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::{TestPg, TestSqlite};
-use outbox_tests::e2e::{all_rows, eventually, prepare, test_config, TestBackend};
+use outbox_tests::e2e::{
+    all_rows, assert_key_order, effects_per_event, eventually, prepare, test_config, TestBackend,
+};
 use outbox_tests::services::{Script, Task, TaskCreated};
 
 fn slow_poll() -> OutboxConfig {
@@ -169,29 +170,11 @@ async fn shutdown_mid_stream_loses_nothing_and_a_new_runtime_finishes() {
     second.shutdown().await.unwrap();
 
     let effects = <sqlx::Postgres as TestBackend>::effects(&pool).await;
-    let mut per_event: BTreeMap<&str, usize> = BTreeMap::new();
-    for e in &effects {
-        *per_event.entry(e.event_id.as_str()).or_default() += 1;
-    }
+    let per_event = effects_per_event(&effects);
     for id in &ids {
-        assert_eq!(
-            per_event.get(id.to_string().as_str()),
-            Some(&1),
-            "event {id}"
-        );
+        assert_eq!(per_event.get(&id.to_string()), Some(&1), "event {id}");
     }
-    let mut last: BTreeMap<&str, i64> = BTreeMap::new();
-    for e in &effects {
-        if let Some(prev) = last.insert(e.event_key.as_str(), e.seq) {
-            assert!(
-                prev < e.seq,
-                "key {} applied {} after {}",
-                e.event_key,
-                e.seq,
-                prev
-            );
-        }
-    }
+    assert_key_order(&effects);
     db.cleanup().await;
 }
 
