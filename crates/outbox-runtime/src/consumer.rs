@@ -197,7 +197,7 @@ impl<DB: Backend> Consumer<DB> {
             .map_err(|e| Error::kafka(format!("subscribing to {}", self.route.topic), e))?;
 
         let this = Arc::new(self);
-        let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<(String, i32, i64)>();
+        let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<(i32, i64)>();
         let mut lanes = Vec::new();
         let mut lane_tasks = Vec::new();
         for _ in 0..this.config.consumer_lanes.max(1) {
@@ -210,8 +210,7 @@ impl<DB: Backend> Consumer<DB> {
                     if *shutdown.borrow() || this.settle(&msg, &mut shutdown).await.is_none() {
                         break; // not settled: its offset is not stored
                     }
-                    let _ =
-                        settled_tx.send((msg.topic().to_owned(), msg.partition(), msg.offset()));
+                    let _ = settled_tx.send((msg.partition(), msg.offset()));
                 }
             }));
             lanes.push(tx);
@@ -219,8 +218,10 @@ impl<DB: Backend> Consumer<DB> {
         drop(settled_tx);
 
         let mut offsets = OffsetTracker::default();
-        let store = |offsets: &mut OffsetTracker, topic: &str, partition: i32, offset: i64| {
-            if let Some(upto) = offsets.settled(topic, partition, offset) {
+        // One topic per consumer (its route's): offsets are tracked by partition.
+        let topic = this.route.topic.as_str();
+        let store = |offsets: &mut OffsetTracker, partition: i32, offset: i64| {
+            if let Some(upto) = offsets.settled(partition, offset) {
                 failpoint!("consumer.before_offset_store");
                 if let Err(e) = consumer.store_offset(topic, partition, upto) {
                     // Stale after a rebalance; the new owner re-reads the record and finds
@@ -237,14 +238,14 @@ impl<DB: Backend> Consumer<DB> {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                Some((topic, partition, offset)) = settled_rx.recv() => {
-                    store(&mut offsets, &topic, partition, offset);
+                Some((partition, offset)) = settled_rx.recv() => {
+                    store(&mut offsets, partition, offset);
                 }
                 msg = consumer.recv() => match msg {
                     Ok(m) => {
                         recv_errors = 0;
                         let m = m.detach();
-                        offsets.received(m.topic(), m.partition(), m.offset());
+                        offsets.received(m.partition(), m.offset());
                         let lane = lane_of(&m, lanes.len());
                         // Waits when the lane is full (backpressure); other lanes go on,
                         // and settled offsets queue up unboundedly meanwhile.
@@ -269,8 +270,8 @@ impl<DB: Backend> Consumer<DB> {
         for task in lane_tasks {
             let _ = task.await;
         }
-        while let Some((topic, partition, offset)) = settled_rx.recv().await {
-            store(&mut offsets, &topic, partition, offset);
+        while let Some((partition, offset)) = settled_rx.recv().await {
+            store(&mut offsets, partition, offset);
         }
         match consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(())
@@ -513,11 +514,11 @@ fn lane_of<M: Message>(msg: &M, lanes: usize) -> usize {
     (h.finish() % lanes.max(1) as u64) as usize
 }
 
-/// Which offsets may be stored: per partition, up to just before the oldest record
-/// received and not yet settled.
+/// Which offsets may be stored: per partition of the consumer's one topic, up to just
+/// before the oldest record received and not yet settled.
 #[derive(Debug, Default)]
 struct OffsetTracker {
-    partitions: HashMap<(String, i32), PartitionOffsets>,
+    partitions: HashMap<i32, PartitionOffsets>,
 }
 
 #[derive(Debug, Default)]
@@ -528,11 +529,8 @@ struct PartitionOffsets {
 }
 
 impl OffsetTracker {
-    fn received(&mut self, topic: &str, partition: i32, offset: i64) {
-        let p = self
-            .partitions
-            .entry((topic.to_owned(), partition))
-            .or_default();
+    fn received(&mut self, partition: i32, offset: i64) {
+        let p = self.partitions.entry(partition).or_default();
         if p.stored.is_some_and(|s| offset <= s) {
             // Re-read from an older position (a rebalance resumed from the committed
             // offset): store again from here. Records settled before stay settled, so
@@ -544,8 +542,8 @@ impl OffsetTracker {
 
     /// Marks `offset` settled; returns the offset to store (the last record of an
     /// unbroken settled prefix) if it moved forward.
-    fn settled(&mut self, topic: &str, partition: i32, offset: i64) -> Option<i64> {
-        let p = self.partitions.get_mut(&(topic.to_owned(), partition))?;
+    fn settled(&mut self, partition: i32, offset: i64) -> Option<i64> {
+        let p = self.partitions.get_mut(&partition)?;
         p.in_flight.remove(&offset);
         p.highest_settled = p.highest_settled.max(Some(offset));
         let upto = match p.in_flight.first() {
@@ -569,41 +567,41 @@ mod tests {
     fn offsets_are_stored_only_up_to_the_oldest_unsettled_record() {
         let mut t = OffsetTracker::default();
         for o in 10..15 {
-            t.received("t", 0, o);
+            t.received(0, o);
         }
-        t.received("t", 1, 3);
+        t.received(1, 3);
         // 10 and 11 are still in flight: nothing past 9 (the committed position stays 10).
-        assert_eq!(t.settled("t", 0, 12), Some(9));
-        assert_eq!(t.settled("t", 0, 11), None);
-        assert_eq!(t.settled("t", 0, 10), Some(12));
-        assert_eq!(t.settled("t", 1, 3), Some(3));
-        assert_eq!(t.settled("t", 0, 14), None);
-        assert_eq!(t.settled("t", 0, 13), Some(14));
+        assert_eq!(t.settled(0, 12), Some(9));
+        assert_eq!(t.settled(0, 11), None);
+        assert_eq!(t.settled(0, 10), Some(12));
+        assert_eq!(t.settled(1, 3), Some(3));
+        assert_eq!(t.settled(0, 14), None);
+        assert_eq!(t.settled(0, 13), Some(14));
         assert_eq!(
-            t.settled("t", 0, 13),
+            t.settled(0, 13),
             None,
             "a repeated settlement changes nothing"
         );
-        assert_eq!(t.settled("t", 9, 1), None, "unknown partition");
+        assert_eq!(t.settled(9, 1), None, "unknown partition");
     }
 
     #[test]
     fn a_partition_re_read_after_a_rebalance_stores_offsets_again() {
         let mut t = OffsetTracker::default();
         for o in 0..5 {
-            t.received("t", 0, o);
-            t.settled("t", 0, o);
+            t.received(0, o);
+            t.settled(0, o);
         }
         // The group resumed from committed offset 2: records 2.. come again. Storing is
         // enabled again, up to what had settled (records 0..=4 all did).
-        t.received("t", 0, 2);
-        assert_eq!(t.settled("t", 0, 2), Some(4));
-        t.received("t", 0, 3);
-        t.received("t", 0, 4);
-        t.received("t", 0, 5);
-        assert_eq!(t.settled("t", 0, 3), Some(3), "4 and 5 in flight");
-        assert_eq!(t.settled("t", 0, 5), None, "4 still in flight");
-        assert_eq!(t.settled("t", 0, 4), Some(5));
+        t.received(0, 2);
+        assert_eq!(t.settled(0, 2), Some(4));
+        t.received(0, 3);
+        t.received(0, 4);
+        t.received(0, 5);
+        assert_eq!(t.settled(0, 3), Some(3), "4 and 5 in flight");
+        assert_eq!(t.settled(0, 5), None, "4 still in flight");
+        assert_eq!(t.settled(0, 4), Some(5));
     }
 
     #[test]
