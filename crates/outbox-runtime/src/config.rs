@@ -39,6 +39,16 @@ pub struct OutboxConfig {
     /// many lanes by key, so one key's records stay in order. Each lane holds one
     /// database connection while it handles a record: size the pool for it.
     pub consumer_lanes: usize,
+    /// Records one lane settles in one database transaction when they have queued up
+    /// (default 32; 1 = one transaction per record). Batching only happens under load
+    /// (a lane takes what is already waiting, it never waits to fill a batch) and
+    /// saves a commit, with its fsync, per record. The batch is all-or-nothing: if any
+    /// record in it fails (handler error, panic, dead letter, database error) the
+    /// transaction is rolled back and its records are settled one per transaction, so
+    /// each handler's database effects still commit exactly once, together with its
+    /// consumed mark. A handler's effects outside the database may therefore run again,
+    /// as they may after any failed commit.
+    pub consumer_batch_size: usize,
     /// Publishes again a row still not consumed this long after it was published
     /// (its record was lost to the consumer: offsets reset past it, topic retention
     /// expired), so no event is stranded and its key not held up. Redelivery is safe (the
@@ -100,6 +110,7 @@ impl Default for OutboxConfig {
             retention: Some(Retention::default()),
             redeliver_after: Some(Duration::from_secs(15 * 60)),
             consumer_lanes: 4,
+            consumer_batch_size: 32,
         }
     }
 }

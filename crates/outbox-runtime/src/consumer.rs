@@ -16,6 +16,12 @@
 //!    envelope → dead at once with the reason. A panicking handler counts as a
 //!    transient failure and does not stop the consumer.
 //!
+//! Under load a lane settles the records queued behind each other in one transaction
+//! (steps 2–4 for each, one COMMIT: [`OutboxConfig::consumer_batch_size`]). Anything
+//! off the happy path (step 5, a dead letter, a database error) rolls the whole batch
+//! back and its records are settled one per transaction as above, so every handler's
+//! database effects commit exactly once with its consumed mark.
+//!
 //! The record's offset is stored only after its transaction's outcome is known. When
 //! the database itself fails (even at COMMIT, where the outcome is ambiguous) the same
 //! record is processed again after a backoff: the row lock and status check make that
@@ -30,7 +36,7 @@ use std::sync::Arc;
 use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
-use sqlx::Pool;
+use sqlx::{Pool, Transaction};
 use tokio::sync::mpsc;
 
 use crate::backend::{AttemptsFence, Backend, RowState};
@@ -61,6 +67,9 @@ pub struct ConsumerStats {
     pub skipped: AtomicU64,
     /// Database failures retried in place.
     pub db_retries: AtomicU64,
+    /// Records settled in a transaction shared with other records (a batch that
+    /// committed); the rest had one transaction each.
+    pub batched: AtomicU64,
 }
 
 /// What processing one record did.
@@ -87,6 +96,28 @@ pub enum Outcome {
     Skipped {
         /// Why.
         reason: String,
+    },
+}
+
+/// What [`Consumer::step`] did with one record inside the transaction.
+enum Step {
+    /// Settled inside the transaction (handled, duplicate, deferred): commit it.
+    InTx(Outcome),
+    /// Roll the transaction back, then settle the record outside it.
+    Abort(Abort),
+}
+
+/// What must be recorded after a rollback.
+enum Abort {
+    /// No outbox row to act on.
+    Skip(String),
+    /// Dead at once, with the reason.
+    Dead(RowState, String),
+    /// The handler failed or panicked.
+    Failed {
+        row: RowState,
+        kind: FailureKind,
+        error: String,
     },
 }
 
@@ -177,8 +208,8 @@ impl<DB: Backend> Consumer<DB> {
     ///
     /// # Cancel safety
     ///
-    /// Shutdown is checked between records: each lane settles the record in progress,
-    /// offsets are stored for what settled, then committed synchronously. Records still
+    /// Shutdown is checked between transactions: each lane settles the batch or record
+    /// in progress, offsets are stored for what settled, then committed synchronously. Records still
     /// queued are not processed and are delivered again later (and found settled if they
     /// were). Dropping the future instead is safe too, with more redeliveries.
     pub async fn run(self, kafka: &KafkaConfig, mut shutdown: ShutdownSignal) -> Result<()> {
@@ -200,17 +231,35 @@ impl<DB: Backend> Consumer<DB> {
         let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<(i32, i64)>();
         let mut lanes = Vec::new();
         let mut lane_tasks = Vec::new();
+        let batch_size = this.config.consumer_batch_size.max(1);
         for _ in 0..this.config.consumer_lanes.max(1) {
-            let (tx, mut rx) = mpsc::channel::<OwnedMessage>(LANE_DEPTH);
+            let (tx, mut rx) = mpsc::channel::<OwnedMessage>(LANE_DEPTH.max(batch_size));
             let this = this.clone();
             let settled_tx = settled_tx.clone();
             let mut shutdown = shutdown.clone();
             lane_tasks.push(tokio::spawn(async move {
+                let mut batch = Vec::with_capacity(batch_size);
                 while let Some(msg) = rx.recv().await {
-                    if *shutdown.borrow() || this.settle(&msg, &mut shutdown).await.is_none() {
-                        break; // not settled: its offset is not stored
+                    // Take what is already queued; never wait to fill a batch.
+                    batch.push(msg);
+                    while batch.len() < batch_size {
+                        match rx.try_recv() {
+                            Ok(msg) => batch.push(msg),
+                            Err(_) => break,
+                        }
                     }
-                    let _ = settled_tx.send((msg.partition(), msg.offset()));
+                    let settled = if *shutdown.borrow() {
+                        0
+                    } else {
+                        this.settle_batch(&batch, &mut shutdown).await
+                    };
+                    for msg in &batch[..settled] {
+                        let _ = settled_tx.send((msg.partition(), msg.offset()));
+                    }
+                    if settled < batch.len() {
+                        break; // shutting down; what did not settle keeps its offset unstored
+                    }
+                    batch.clear();
                 }
             }));
             lanes.push(tx);
@@ -285,6 +334,31 @@ impl<DB: Backend> Consumer<DB> {
         Ok(())
     }
 
+    /// Settles a lane's queued records: in one transaction when there are several and
+    /// all of them take the happy path, otherwise one by one. Returns how many records,
+    /// from the front, settled (fewer than all only when shutdown came first).
+    async fn settle_batch(&self, msgs: &[OwnedMessage], shutdown: &mut ShutdownSignal) -> usize {
+        if msgs.len() > 1 {
+            match self.process_batch(msgs).await {
+                Ok(Some(_)) => return msgs.len(),
+                Ok(None) => {}
+                Err(e) => {
+                    // One by one next, where each record is retried in place with a
+                    // backoff: a record that fails every time then holds up only itself.
+                    self.stats.db_retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(service = %self.route.service, records = msgs.len(), error = %e,
+                        "a batch failed on the database; settling its records one by one");
+                }
+            }
+        }
+        for (i, msg) in msgs.iter().enumerate() {
+            if *shutdown.borrow() || self.settle(msg, shutdown).await.is_none() {
+                return i;
+            }
+        }
+        msgs.len()
+    }
+
     /// Processes `msg` until its outcome is settled in the database, retrying database
     /// failures in place. `None` if shutdown came first.
     async fn settle<M: Message>(&self, msg: &M, shutdown: &mut ShutdownSignal) -> Option<Outcome> {
@@ -310,9 +384,67 @@ impl<DB: Backend> Consumer<DB> {
         }
     }
 
-    /// Processes one record (any `rdkafka` message). `Err` only for database failures,
-    /// after which the same record must be processed again.
+    /// Processes one record (any `rdkafka` message) in its own transaction. `Err` only
+    /// for database failures, after which the same record must be processed again.
     pub async fn process<M: Message>(&self, msg: &M) -> Result<Outcome> {
+        let tx = DB::begin(&self.pool)
+            .await
+            .map_err(|e| self.db_error("beginning to consume", msg, e))?;
+        let (tx, step) = self.step(tx, msg).await?;
+        match step {
+            Step::InTx(outcome) => {
+                self.commit(tx, msg).await?;
+                self.count(&outcome);
+                Ok(outcome)
+            }
+            Step::Abort(abort) => {
+                let _ = tx.rollback().await;
+                self.settle_outside(abort).await
+            }
+        }
+    }
+
+    /// Processes several records of one lane in ONE transaction (see
+    /// [`OutboxConfig::consumer_batch_size`]). `Ok(None)` when a record needs more
+    /// than the happy path (a handler failed, a dead letter, a record with no row): the
+    /// transaction was rolled back and the records must be processed one by one.
+    async fn process_batch<M: Message>(&self, msgs: &[M]) -> Result<Option<Vec<Outcome>>> {
+        let Some(first) = msgs.first() else {
+            return Ok(Some(Vec::new()));
+        };
+        let mut tx = DB::begin(&self.pool)
+            .await
+            .map_err(|e| self.db_error("beginning to consume", first, e))?;
+        let mut outcomes = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            let (t, step) = self.step(tx, msg).await?;
+            tx = t;
+            match step {
+                Step::InTx(outcome) => outcomes.push(outcome),
+                Step::Abort(_) => {
+                    let _ = tx.rollback().await;
+                    return Ok(None);
+                }
+            }
+        }
+        self.commit(tx, first).await?;
+        for outcome in &outcomes {
+            self.count(outcome);
+        }
+        self.stats
+            .batched
+            .fetch_add(outcomes.len() as u64, Ordering::Relaxed);
+        Ok(Some(outcomes))
+    }
+
+    /// Does what can be done for `msg` inside `tx`: the row lock, the duplicate and
+    /// predecessor checks, the handler and the consumed mark. Returns the transaction
+    /// (to commit on [`Step::InTx`], to roll back on [`Step::Abort`]).
+    async fn step<M: Message>(
+        &self,
+        mut tx: Transaction<'static, DB>,
+        msg: &M,
+    ) -> Result<(Transaction<'static, DB>, Step)> {
         let route = &self.route;
         let Some(event_id) = Envelope::event_id_of(msg) else {
             let reason = match Envelope::decode(msg) {
@@ -324,39 +456,32 @@ impl<DB: Backend> Consumer<DB> {
                 ),
                 Ok(_) => "record has no readable event id".to_owned(),
             };
-            return Ok(self.skipped(reason));
+            return Ok((tx, Step::Abort(Abort::Skip(reason))));
         };
-        let envelope = Envelope::decode(msg);
-
         let ctx = |what: &str| {
             format!(
                 "{what} event {event_id} of service {} in {}",
                 route.service, route.table
             )
         };
-        let mut tx = DB::begin(&self.pool)
-            .await
-            .map_err(|e| Error::db(ctx("beginning to consume"), e))?;
         let row = DB::lock_for_consume(&mut tx, &route.table, &route.service, event_id.0)
             .await
             .map_err(|e| Error::db(ctx("locking"), e))?;
         let Some(row) = row else {
-            let _ = tx.rollback().await;
-            return Ok(self.skipped(format!(
+            let reason = format!(
                 "no outbox row for event {event_id} in service {} (table {})",
                 route.service, route.table
-            )));
+            );
+            return Ok((tx, Step::Abort(Abort::Skip(reason))));
         };
         if row.status.is_terminal() {
-            let _ = tx.rollback().await;
-            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            return Ok(Outcome::Duplicate);
+            return Ok((tx, Step::InTx(Outcome::Duplicate)));
         }
-        let envelope = match envelope {
+        let envelope = match Envelope::decode(msg) {
             Ok(e) => e,
             Err(e) => {
-                let _ = tx.rollback().await;
-                return self.dead(&row, format!("unreadable envelope: {e}")).await;
+                let reason = format!("unreadable envelope: {e}");
+                return Ok((tx, Step::Abort(Abort::Dead(row, reason))));
             }
         };
         if let Some(key) = &row.key {
@@ -367,15 +492,10 @@ impl<DB: Backend> Consumer<DB> {
                 DB::defer(&mut tx, &route.table, row.id, self.config.backoff.base)
                     .await
                     .map_err(|e| Error::db(ctx("deferring"), e))?;
-                tx.commit()
-                    .await
-                    .map_err(|e| Error::db(ctx("committing the deferral of"), e))?;
-                self.stats.deferred.fetch_add(1, Ordering::Relaxed);
-                return Ok(Outcome::Deferred);
+                return Ok((tx, Step::InTx(Outcome::Deferred)));
             }
         }
         let Some(handler) = self.handlers.get(&envelope.event_type) else {
-            let _ = tx.rollback().await;
             let reason = if self.catalog.event(&envelope.event_type).is_none() {
                 format!("unknown event type `{}`", envelope.event_type)
             } else {
@@ -384,19 +504,14 @@ impl<DB: Backend> Consumer<DB> {
                     envelope.event_type, route.service
                 )
             };
-            return self.dead(&row, reason).await;
+            return Ok((tx, Step::Abort(Abort::Dead(row, reason))));
         };
         if envelope.version > handler.version {
-            let _ = tx.rollback().await;
-            return self
-                .dead(
-                    &row,
-                    format!(
-                        "event `{}` has schema version {}, newer than the handler's {}",
-                        envelope.event_type, envelope.version, handler.version
-                    ),
-                )
-                .await;
+            let reason = format!(
+                "event `{}` has schema version {}, newer than the handler's {}",
+                envelope.event_type, envelope.version, handler.version
+            );
+            return Ok((tx, Step::Abort(Abort::Dead(row, reason))));
         }
 
         let meta = EventMeta {
@@ -411,19 +526,13 @@ impl<DB: Backend> Consumer<DB> {
         let result = AssertUnwindSafe((handler.call)(&mut hctx, &envelope.payload))
             .catch_unwind()
             .await;
-        let failure = match result {
+        let mut tx = hctx.into_transaction();
+        let (kind, error) = match result {
             Ok(Ok(())) => {
-                let mut tx = hctx.into_transaction();
                 DB::mark_consumed(&mut tx, &route.table, row.id)
                     .await
                     .map_err(|e| Error::db(ctx("marking consumed"), e))?;
-                failpoint!("consumer.before_commit");
-                tx.commit()
-                    .await
-                    .map_err(|e| Error::db(ctx("committing the handler of"), e))?;
-                failpoint!("consumer.after_commit");
-                self.stats.handled.fetch_add(1, Ordering::Relaxed);
-                return Ok(Outcome::Handled);
+                return Ok((tx, Step::InTx(Outcome::Handled)));
             }
             Ok(Err(e)) => (e.kind(), e.message().to_owned()),
             Err(panic) => (
@@ -431,39 +540,85 @@ impl<DB: Backend> Consumer<DB> {
                 format!("handler panicked: {}", panic_message(&panic)),
             ),
         };
-        let _ = hctx.into_transaction().rollback().await;
-        match failure {
-            (FailureKind::Transient, error) => {
-                match decide(row.attempts, row.max_retries, &self.config.backoff) {
-                    Decision::RetryAfter(delay) => {
-                        DB::retry_later(
-                            &self.pool,
-                            &route.table,
-                            row.id,
-                            AttemptsFence(row.attempts),
-                            delay,
-                            &error,
+        Ok((tx, Step::Abort(Abort::Failed { row, kind, error })))
+    }
+
+    /// Commits the transaction of one record or one batch (`msg` names it in errors).
+    async fn commit<M: Message>(&self, tx: Transaction<'_, DB>, msg: &M) -> Result<()> {
+        failpoint!("consumer.before_commit");
+        tx.commit()
+            .await
+            .map_err(|e| self.db_error("committing the handler of", msg, e))?;
+        failpoint!("consumer.after_commit");
+        Ok(())
+    }
+
+    /// Counts an outcome settled inside a committed transaction.
+    fn count(&self, outcome: &Outcome) {
+        let counter = match outcome {
+            Outcome::Handled => &self.stats.handled,
+            Outcome::Duplicate => &self.stats.duplicates,
+            Outcome::Deferred => &self.stats.deferred,
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records, after the rollback, what could not be done inside the transaction.
+    async fn settle_outside(&self, abort: Abort) -> Result<Outcome> {
+        let route = &self.route;
+        match abort {
+            Abort::Skip(reason) => Ok(self.skipped(reason)),
+            Abort::Dead(row, reason) => self.dead(&row, reason).await,
+            Abort::Failed {
+                row,
+                kind: FailureKind::Transient,
+                error,
+            } => match decide(row.attempts, row.max_retries, &self.config.backoff) {
+                Decision::RetryAfter(delay) => {
+                    DB::retry_later(
+                        &self.pool,
+                        &route.table,
+                        row.id,
+                        AttemptsFence(row.attempts),
+                        delay,
+                        &error,
+                    )
+                    .await
+                    .map_err(|e| {
+                        Error::db(
+                            format!("scheduling a retry of row {} of {}", row.id, route.table),
+                            e,
                         )
-                        .await
-                        .map_err(|e| Error::db(ctx("scheduling a retry of"), e))?;
-                        self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(service = %route.service, event = %event_id, ?delay, %error, "handler failed; retrying later");
-                        Ok(Outcome::Retry { error })
-                    }
-                    Decision::Dead => {
-                        self.dead(
-                            &row,
-                            format!(
-                                "failed {} times, retries exhausted; last error: {error}",
-                                row.attempts + 1
-                            ),
-                        )
-                        .await
-                    }
+                    })?;
+                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(service = %route.service, row = row.id, ?delay, %error, "handler failed; retrying later");
+                    Ok(Outcome::Retry { error })
                 }
-            }
-            (_, error) => self.dead(&row, error).await,
+                Decision::Dead => {
+                    let reason = format!(
+                        "failed {} times, retries exhausted; last error: {error}",
+                        row.attempts + 1
+                    );
+                    self.dead(&row, reason).await
+                }
+            },
+            Abort::Failed { row, error, .. } => self.dead(&row, error).await,
         }
+    }
+
+    fn db_error<M: Message>(&self, what: &str, msg: &M, e: sqlx::Error) -> Error {
+        Error::db(
+            format!(
+                "{what} the record at {}:{}@{} of service {} in {}",
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+                self.route.service,
+                self.route.table
+            ),
+            e,
+        )
     }
 
     async fn dead(&self, row: &RowState, reason: String) -> Result<Outcome> {
@@ -499,8 +654,9 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-/// Records queued per lane before the receive loop waits. Small, because every queued
-/// record is one a crash makes Kafka deliver again (as a duplicate).
+/// Records queued per lane before the receive loop waits (at least; a lane's queue
+/// also holds one batch). Small, because every queued record is one a crash makes
+/// Kafka deliver again (as a duplicate).
 const LANE_DEPTH: usize = 16;
 
 /// The lane of a record: by key, so one key's records stay in order; keyless records by
