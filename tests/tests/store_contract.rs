@@ -393,6 +393,55 @@ async fn head_of_key<T: TestDatabase>() {
     db.cleanup().await;
 }
 
+/// Heads behind a deep backlog: a parked head whose key holds many more pending rows
+/// than one claim takes does not hide the other keys' heads or keyless rows behind it,
+/// and heads leased by another relay are not claimed again however deep their keys.
+async fn heads_behind_a_deep_backlog<T: TestDatabase>() {
+    let db = setup::<T>().await;
+    let pool = db.pool();
+    const LIMIT: u32 = 4;
+
+    // Key `p` first, 10 × LIMIT rows deep; its head then parks for a long time.
+    let p1 = publish(pool, SVC, Some("p")).await;
+    for _ in 1..10 * LIMIT {
+        publish(pool, SVC, Some("p")).await;
+    }
+    let (head, t) = claim_until(pool, p1).await;
+    assert_eq!(
+        T::DB::release(pool, TABLE, &[head.id], t, LONG, "broker down")
+            .await
+            .expect("release"),
+        1
+    );
+    let q1 = publish(pool, SVC, Some("q")).await;
+    let q2 = publish(pool, SVC, Some("q")).await;
+    let n1 = publish(pool, SVC, None).await;
+    let r1 = publish(pool, SVC, Some("r")).await;
+
+    let t1 = token();
+    let taken = claim(pool, SVC, LIMIT, LONG, t1).await;
+    assert_eq!(
+        event_ids(&taken),
+        vec![q1, n1, r1],
+        "the parked key's successors hide nothing"
+    );
+    // Every head is leased or parked now: nothing more, not `p`'s successors, not q2.
+    assert!(claim(pool, SVC, LIMIT, LONG, token()).await.is_empty());
+
+    // q1 published: q2 is found behind `p`'s backlog.
+    assert_eq!(
+        T::DB::mark_published(pool, TABLE, &[taken[0].id], t1)
+            .await
+            .expect("mark"),
+        1
+    );
+    assert_eq!(
+        event_ids(&claim(pool, SVC, LIMIT, LONG, token()).await),
+        vec![q2]
+    );
+    db.cleanup().await;
+}
+
 /// `release` gives a claimed row back for later without counting an attempt.
 async fn release_backs_off_without_attempt<T: TestDatabase>() {
     let db = setup::<T>().await;
@@ -1057,6 +1106,7 @@ contract!(
     migrate_is_idempotent,
     claim_lease_and_fencing,
     head_of_key,
+    heads_behind_a_deep_backlog,
     release_backs_off_without_attempt,
     consumer_failures_fenced_by_attempts,
     terminal_states_and_defer,

@@ -258,6 +258,10 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// row with the same key (head of key, so per-key order survives many relays and a
     /// failing head parks only its own key). Sets `lease_token = token` and
     /// `locked_until = now + lease`. Rows come back in id order.
+    ///
+    /// On PostgreSQL the cost is bounded by O(limit + keys with pending rows), not by
+    /// the backlog: a window of the oldest due rows first, then, if that window held
+    /// too few heads, a loose index scan over the keys.
     fn claim<'p>(
         pool: &'p Pool<Self>,
         table: &'p str,
