@@ -49,6 +49,13 @@ pub struct EventMeta {
 
 /// The handler's view of the consumer's transaction: write through [`conn`](Self::conn)
 /// and the writes commit atomically with the event's `consumed` mark.
+///
+/// Under load the transaction is shared with the handlers of the other records queued
+/// in the same lane ([`crate::OutboxConfig::consumer_batch_size`]), run one after
+/// another: a handler sees the writes of those before it, as if they had committed.
+/// Do not change session state that outlives your handler (`SET` without `LOCAL`,
+/// temporary tables); an error returned by any handler rolls the whole batch back, and
+/// its records run again one per transaction.
 pub struct HandlerContext<DB: Backend> {
     tx: sqlx::Transaction<'static, DB>,
     meta: EventMeta,
