@@ -30,12 +30,8 @@ CREATE INDEX IF NOT EXISTS {table}_open_key_idx ON {table} (service, event_key, 
     WHERE status IN (0, 1) AND event_key IS NOT NULL;
 -- Head-of-key check (relay claim): pending rows of a key only, so the check does not
 -- walk a key's published rows (measured: 1.3x on a 1-relay drain, 2-3x with several
--- relays on few keys; see BENCHMARKS.md). Also the claim's loose index scan over keys.
+-- relays on few keys; see BENCHMARKS.md).
 CREATE INDEX IF NOT EXISTS {table}_pending_key_idx ON {table} (service, event_key, id)
     WHERE status = 0 AND event_key IS NOT NULL;
--- Keyless pending rows, for the claim's second phase (which looks for heads key by key
--- and must still find keyless rows behind a parked key's backlog).
-CREATE INDEX IF NOT EXISTS {table}_pending_keyless_idx ON {table} (service, id)
-    WHERE status = 0 AND event_key IS NULL;
 -- A queue table churns: vacuum it early.
 ALTER TABLE {table} SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);

@@ -415,6 +415,15 @@ impl<DB: Backend> Consumer<DB> {
         let mut tx = DB::begin(&self.pool)
             .await
             .map_err(|e| self.db_error("beginning to consume", first, e))?;
+        // Every row of the batch locked up front, in id order (see
+        // `Backend::lock_batch_for_consume`): no deadlock with a relay marking them.
+        let event_ids: Vec<_> = msgs
+            .iter()
+            .filter_map(|m| Envelope::event_id_of(m).map(|id| id.0))
+            .collect();
+        DB::lock_batch_for_consume(&mut tx, &self.route.table, &self.route.service, &event_ids)
+            .await
+            .map_err(|e| self.db_error("locking the rows of a batch with", first, e))?;
         let mut outcomes = Vec::with_capacity(msgs.len());
         for msg in msgs {
             let (t, step) = self.step(tx, msg).await?;

@@ -53,7 +53,7 @@ pub struct EventMeta {
 /// Under load the transaction is shared with the handlers of the other records queued
 /// in the same lane ([`crate::OutboxConfig::consumer_batch_size`]), run one after
 /// another: a handler sees the writes of those before it, as if they had committed.
-/// Do not change session state that outlives your handler (`SET` without `LOCAL`,
+/// Do not change state that outlives your handler (`SET`, `SET LOCAL`, advisory locks,
 /// temporary tables); an error returned by any handler rolls the whole batch back, and
 /// its records run again one per transaction.
 pub struct HandlerContext<DB: Backend> {

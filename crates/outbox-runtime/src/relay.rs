@@ -16,8 +16,8 @@
 //! before the broker acknowledged it.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -79,7 +79,25 @@ pub struct Relay<DB: Backend> {
     config: Arc<OutboxConfig>,
     stats: Arc<RelayStats>,
     consecutive_failures: AtomicU32,
+    claim: Mutex<ClaimState>,
 }
+
+/// How the relay claims next (see [`Relay::claim_batch`]).
+#[derive(Debug, Default)]
+struct ClaimState {
+    /// The last claim came back short: claim within a window of the oldest due rows.
+    bounded: bool,
+    /// When the relay last fell back from the window to the full claim.
+    last_full: Option<Instant>,
+    /// Whether that fallback found rows the window had missed.
+    full_productive: bool,
+}
+
+/// Tries of one mark-published before the round fails.
+const MARK_ATTEMPTS: u32 = 4;
+
+/// The bounded claim looks at this many due rows per row it may claim.
+const CLAIM_WINDOW: u32 = 4;
 
 impl<DB: Backend> Relay<DB> {
     /// A relay for `route`, with its own producer.
@@ -107,6 +125,7 @@ impl<DB: Backend> Relay<DB> {
             config,
             stats: Arc::new(RelayStats::default()),
             consecutive_failures: AtomicU32::new(0),
+            claim: Mutex::new(ClaimState::default()),
         }
     }
 
@@ -132,16 +151,9 @@ impl<DB: Backend> Relay<DB> {
     async fn claim_batch(&self) -> Result<Option<Claimed>> {
         let route = &self.route;
         let token = lease_token();
-        let rows = DB::claim(
-            &self.pool,
-            &route.table,
-            &route.service,
-            self.config.relay_batch_size,
-            self.config.relay_lease,
-            token,
-        )
-        .await
-        .map_err(|e| {
+        let limit = self.config.relay_batch_size;
+        let lease = self.config.relay_lease;
+        let context = |e| {
             Error::db(
                 format!(
                     "claiming due rows of service {} from {}",
@@ -149,13 +161,83 @@ impl<DB: Backend> Relay<DB> {
                 ),
                 e,
             )
-        })?;
+        };
+        // The full claim (heads of key among every due row) while it fills batches: it
+        // is the cheapest way through a backlog of many keys. When it comes back short,
+        // the next claims are bounded to a window of the oldest due rows: with many
+        // relays on few keys, the heads are mostly leased to the other relays, and a
+        // full claim would walk the whole backlog to find almost nothing.
+        let bounded = DB::BOUNDED_CLAIM && self.claim_state().bounded;
+        let mut rows = if bounded {
+            DB::claim_window(
+                &self.pool,
+                &route.table,
+                &route.service,
+                limit,
+                limit.saturating_mul(CLAIM_WINDOW),
+                lease,
+                token,
+            )
+            .await
+        } else {
+            DB::claim(
+                &self.pool,
+                &route.table,
+                &route.service,
+                limit,
+                lease,
+                token,
+            )
+            .await
+        }
+        .map_err(context)?;
+        let full = rows.len() == limit as usize;
+        if bounded && !full && self.full_scan_due() {
+            // The window can hide heads behind a long run of waiting rows (a parked
+            // head's successors): a full claim finds them. Run again at once while it
+            // keeps finding rows, else at most once per poll interval.
+            let more = DB::claim(
+                &self.pool,
+                &route.table,
+                &route.service,
+                limit - rows.len() as u32,
+                lease,
+                token,
+            )
+            .await
+            .map_err(context)?;
+            self.full_scan_done(!more.is_empty());
+            rows.extend(more);
+            rows.sort_by_key(|r| r.id);
+        }
+        if DB::BOUNDED_CLAIM {
+            // Bounded from now on while claims come back short.
+            self.claim_state().bounded = rows.len() < limit as usize;
+        }
         if rows.is_empty() {
             return Ok(None);
         }
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
         failpoint!("relay.after_claim");
         Ok(Some(Claimed { rows, token }))
+    }
+
+    fn claim_state(&self) -> std::sync::MutexGuard<'_, ClaimState> {
+        self.claim.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn full_scan_due(&self) -> bool {
+        let state = self.claim_state();
+        state.full_productive
+            || state
+                .last_full
+                .is_none_or(|t| t.elapsed() >= self.config.relay_poll_interval)
+    }
+
+    fn full_scan_done(&self, productive: bool) {
+        let mut state = self.claim_state();
+        state.last_full = Some(Instant::now());
+        state.full_productive = productive;
     }
 
     /// Enqueues a claimed batch on the producer, in id order (no waiting for delivery).
@@ -201,14 +283,7 @@ impl<DB: Backend> Relay<DB> {
             ..Default::default()
         };
         if !acked.is_empty() {
-            let marked = DB::mark_published(&self.pool, &route.table, &acked, token)
-                .await
-                .map_err(|e| {
-                    Error::db(
-                        format!("marking {} rows of {} published", acked.len(), route.table),
-                        e,
-                    )
-                })?;
+            let marked = self.mark_published(&acked, token).await?;
             report.published = marked;
             failpoint!("relay.after_mark");
             self.stats.published.fetch_add(marked, Ordering::Relaxed);
@@ -253,6 +328,32 @@ impl<DB: Backend> Relay<DB> {
                 "broker failed to take events; they are due again after the delay");
         }
         Ok(report)
+    }
+
+    /// Marks acknowledged rows published, retrying a few times: the records are in the
+    /// topic already, and a mark given up leaves the rows leased until the lease ends
+    /// (then they are published a second time). A deadlock victim or a dropped
+    /// connection succeeds on the next try; the mark is fenced, so a retry is safe.
+    async fn mark_published(&self, ids: &[i64], token: i64) -> Result<u64> {
+        let route = &self.route;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match DB::mark_published(&self.pool, &route.table, ids, token).await {
+                Ok(marked) => return Ok(marked),
+                Err(e) if attempt < MARK_ATTEMPTS => {
+                    let delay = self.config.relay_failure_backoff.delay(attempt);
+                    tracing::warn!(service = %route.service, error = %e, ?delay, "marking rows published failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => {
+                    return Err(Error::db(
+                        format!("marking {} rows of {} published", ids.len(), route.table),
+                        e,
+                    ))
+                }
+            }
+        }
     }
 
     /// Enqueues every row in id order; the delivery reports are awaited by

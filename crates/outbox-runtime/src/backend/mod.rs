@@ -228,6 +228,9 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// Whether several relays may claim concurrently (row locks with SKIP LOCKED).
     /// SQLite has none: there, one relay per service holds a lease.
     const CONCURRENT_RELAYS: bool;
+    /// Whether [`claim_window`](Self::claim_window) is bounded (PostgreSQL); if not it
+    /// is the full claim and the relay never needs to fall back to it.
+    const BOUNDED_CLAIM: bool = false;
 
     /// Begins a write transaction the right way for this database: READ COMMITTED on
     /// MySQL/MariaDB, `BEGIN IMMEDIATE` on SQLite (so no writer ever sees SQLITE_BUSY
@@ -258,10 +261,6 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// row with the same key (head of key, so per-key order survives many relays and a
     /// failing head parks only its own key). Sets `lease_token = token` and
     /// `locked_until = now + lease`. Rows come back in id order.
-    ///
-    /// On PostgreSQL the cost is bounded by O(limit + keys with pending rows), not by
-    /// the backlog: a window of the oldest due rows first, then, if that window held
-    /// too few heads, a loose index scan over the keys.
     fn claim<'p>(
         pool: &'p Pool<Self>,
         table: &'p str,
@@ -271,8 +270,32 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         token: i64,
     ) -> impl Future<Output = Result<Vec<ClaimedRow>, sqlx::Error>> + Send + 'p;
 
+    /// [`claim`](Self::claim), looking only at the first `window` due, unleased rows in
+    /// id order: bounded cost, however deep the backlog behind heads that are leased to
+    /// other relays or parked. It can miss heads further back (behind a parked key's
+    /// long backlog); the relay falls back to the full [`claim`](Self::claim) when that
+    /// finds more. The default (SQLite, MySQL) is the full claim
+    /// ([`BOUNDED_CLAIM`](Self::BOUNDED_CLAIM) is `false`).
+    #[allow(clippy::too_many_arguments)]
+    fn claim_window<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        limit: u32,
+        window: u32,
+        lease: Duration,
+        token: i64,
+    ) -> impl Future<Output = Result<Vec<ClaimedRow>, sqlx::Error>> + Send + 'p {
+        let _ = window;
+        Self::claim(pool, table, service, limit, lease, token)
+    }
+
     /// Marks claimed rows published, fenced by the lease: only rows still pending with
     /// `lease_token = token` change. Returns how many did.
+    ///
+    /// The UPDATE finds the rows through the primary key (in id order, as
+    /// [`lock_batch_for_consume`](Self::lock_batch_for_consume) locks them). Should a
+    /// deadlock with a consumer still happen, the relay retries the mark.
     fn mark_published<'p>(
         pool: &'p Pool<Self>,
         table: &'p str,
@@ -310,6 +333,19 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         service: &'c str,
         event_id: Uuid,
     ) -> impl Future<Output = Result<Option<RowState>, sqlx::Error>> + Send + 'c;
+
+    /// Consumer side, at the start of a batch transaction: locks the rows of
+    /// `event_ids` (those of `service` that exist) in id order, in one statement. The
+    /// batch's later [`lock_for_consume`](Self::lock_for_consume) calls then wait for
+    /// nothing, and since the relay's multi-row updates lock in id order too, a batch
+    /// and a relay never each hold a row the other waits for. No-op on SQLite (one
+    /// writer at a time).
+    fn lock_batch_for_consume<'c>(
+        conn: &'c mut Self::Connection,
+        table: &'c str,
+        service: &'c str,
+        event_ids: &'c [Uuid],
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
 
     /// Consumer side: whether an older row of the same service and key is still
     /// pending or published (so this one must wait to keep per-key order).

@@ -481,6 +481,41 @@ impl Backend for MySql {
         .transpose()
     }
 
+    async fn lock_batch_for_consume<'c>(
+        conn: &'c mut MySqlConnection,
+        table: &'c str,
+        service: &'c str,
+        event_ids: &'c [Uuid],
+    ) -> Result<(), sqlx::Error> {
+        if event_ids.is_empty() {
+            return Ok(());
+        }
+        // A plain read first (see `lock_for_consume`), then the locks by primary key,
+        // in id order.
+        let sql = format!(
+            "SELECT id FROM {table} WHERE service = ? AND event_id IN ({})",
+            placeholders(event_ids.len())
+        );
+        let mut q = sqlx::query_scalar::<_, i64>(&sql).bind(service);
+        for e in event_ids {
+            q = q.bind(*e);
+        }
+        let ids = q.fetch_all(&mut *conn).await?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "SELECT id FROM {table} WHERE id IN ({}) ORDER BY id FOR UPDATE",
+            placeholders(ids.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for id in &ids {
+            q = q.bind(*id);
+        }
+        q.execute(&mut *conn).await?;
+        Ok(())
+    }
+
     async fn has_open_predecessor<'c>(
         conn: &'c mut MySqlConnection,
         table: &'c str,

@@ -1,10 +1,5 @@
 //! PostgreSQL: row locks with `FOR NO KEY UPDATE SKIP LOCKED`, claims as
 //! `UPDATE … FROM (SELECT … SKIP LOCKED) RETURNING`, times from `now()`.
-//!
-//! The claim takes the heads of keys in two phases, so that its cost never grows with
-//! the depth of the backlog: a window of the oldest due rows (enough when keys are many
-//! or the backlog is small), then, only when that window was full of rows waiting
-//! behind leased or parked heads, a loose index scan over the keys with pending rows.
 
 use std::time::Duration;
 
@@ -63,117 +58,54 @@ fn outbox_row(r: &PgRow) -> Result<OutboxRow, sqlx::Error> {
     })
 }
 
-/// Claim phase 1 looks at the first `CLAIM_WINDOW × limit` due, unleased rows.
-const CLAIM_WINDOW: i64 = 2;
-
-/// The UPDATE that leases the rows a `due` subquery selected and locked, returning
-/// them; `with` holds the statement's CTEs, `window_rows` how many rows phase 1's window
-/// saw.
-fn claim_update_sql(table: &str, with: &str, due: &str, window_rows: &str) -> String {
-    format!(
-        "{with} \
-         UPDATE {table} AS t \
-            SET lease_token = $3, locked_until = now() + make_interval(secs => $4), updated_at = now() \
-           FROM ({due}) AS due \
-          WHERE t.id = due.id \
-         RETURNING t.id, t.event_id, t.event_type, t.event_version, t.event_key, t.payload, t.attempts, \
-                   t.created_at, {window_rows} AS window_rows"
-    )
-}
-
-/// Due and not leased, for a row aliased `o` (checked again on the locked row version).
-const DUE_UNLEASED: &str =
-    "o.status = 0 AND o.next_attempt_at <= now() AND (o.locked_until IS NULL OR o.locked_until <= now())";
-
-/// Claim phase 1, oldest first: among the first `CLAIM_WINDOW × limit` due, unleased
-/// rows (the pending index, in id order), those with no older pending row of their key.
-/// The window bounds the scan: a backlog whose heads are all leased is not walked.
-fn claim_window_sql(table: &str) -> String {
-    claim_update_sql(
-        table,
-        &format!(
-            "WITH win AS MATERIALIZED ( \
-                 SELECT o.id FROM {table} o WHERE o.service = $1 AND {DUE_UNLEASED} \
-                  ORDER BY o.id LIMIT $2 * {CLAIM_WINDOW})"
-        ),
-        &format!(
-            "SELECT o.id FROM {table} o \
-              WHERE o.service = $1 AND {DUE_UNLEASED} AND o.id <= (SELECT max(id) FROM win) \
-                AND (o.event_key IS NULL OR NOT EXISTS ( \
-                      SELECT 1 FROM {table} p \
-                       WHERE p.service = o.service AND p.event_key = o.event_key \
-                         AND p.status = 0 AND p.id < o.id)) \
-              ORDER BY o.id \
-              LIMIT $2 \
-              FOR NO KEY UPDATE SKIP LOCKED"
-        ),
-        "(SELECT count(*) FROM win)",
-    )
-}
-
-/// Claim phase 2: a loose index scan over the keys with pending rows (one descent of
-/// `{table}_pending_key_idx` per key), taking each key's head if it is due and not
-/// leased, plus due keyless rows (`{table}_pending_keyless_idx`). Costs O(keys with
-/// pending rows), however deep the backlog behind each head.
-fn claim_heads_sql(table: &str) -> String {
-    claim_update_sql(
-        table,
-        &format!(
-            "WITH RECURSIVE keys(k) AS ( \
-                 SELECT min(event_key) FROM {table} \
-                  WHERE service = $1 AND status = 0 AND event_key IS NOT NULL \
-               UNION ALL \
-                 SELECT (SELECT min(n.event_key) FROM {table} n \
-                          WHERE n.service = $1 AND n.status = 0 AND n.event_key IS NOT NULL \
-                            AND n.event_key > keys.k) \
-                   FROM keys WHERE keys.k IS NOT NULL), \
-             heads AS ( \
-                 SELECT h.id FROM keys CROSS JOIN LATERAL ( \
-                        SELECT o.id, o.next_attempt_at, o.locked_until FROM {table} o \
-                         WHERE o.service = $1 AND o.status = 0 AND o.event_key = keys.k \
-                         ORDER BY o.id LIMIT 1) h \
-                  WHERE keys.k IS NOT NULL AND h.next_attempt_at <= now() \
-                    AND (h.locked_until IS NULL OR h.locked_until <= now()) \
-                  LIMIT $2), \
-             keyless AS ( \
-                 SELECT o.id FROM {table} o \
-                  WHERE o.service = $1 AND o.event_key IS NULL AND {DUE_UNLEASED} \
-                  ORDER BY o.id LIMIT $2)"
-        ),
-        &format!(
-            "SELECT o.id FROM {table} o \
-              WHERE o.id IN (SELECT id FROM heads UNION ALL SELECT id FROM keyless) \
-                AND {DUE_UNLEASED} \
-              ORDER BY o.id \
-              LIMIT $2 \
-              FOR NO KEY UPDATE SKIP LOCKED"
-        ),
-        "0::bigint",
-    )
-}
-
-/// Runs one claim statement; returns the rows and how many rows phase 1's window saw
-/// (0 when nothing was claimed, or for phase 2).
-async fn claim_with(
+/// The claim: heads of key among the due, unleased rows in id order, all of them or
+/// (`window`) only among the first `window` of them.
+async fn claim_heads(
     pool: &Pool<Postgres>,
-    sql: &str,
+    table: &str,
     service: &str,
     limit: u32,
+    window: Option<u32>,
     lease: Duration,
     token: i64,
-) -> Result<(Vec<ClaimedRow>, i64), sqlx::Error> {
-    let rows = sqlx::query(sql)
+) -> Result<Vec<ClaimedRow>, sqlx::Error> {
+    // The bound is an InitPlan: the pending index is walked up to the window's last id.
+    let bound = if window.is_some() {
+        format!(
+            "AND o.id <= (SELECT max(w.id) FROM (SELECT w.id FROM {table} w \
+                           WHERE w.service = $1 AND w.status = 0 AND w.next_attempt_at <= now() \
+                             AND (w.locked_until IS NULL OR w.locked_until <= now()) \
+                           ORDER BY w.id LIMIT $5) w)"
+        )
+    } else {
+        String::new()
+    };
+    let sql = format!(
+            "UPDATE {table} AS t \
+                SET lease_token = $3, locked_until = now() + make_interval(secs => $4), updated_at = now() \
+               FROM (SELECT o.id FROM {table} o \
+                      WHERE o.service = $1 AND o.status = 0 AND o.next_attempt_at <= now() \
+                        AND (o.locked_until IS NULL OR o.locked_until <= now()) {bound} \
+                        AND (o.event_key IS NULL OR NOT EXISTS ( \
+                              SELECT 1 FROM {table} p \
+                               WHERE p.service = o.service AND p.event_key = o.event_key \
+                                 AND p.status = 0 AND p.id < o.id)) \
+                      ORDER BY o.id \
+                      LIMIT $2 \
+                      FOR NO KEY UPDATE SKIP LOCKED) AS due \
+              WHERE t.id = due.id \
+             RETURNING t.id, t.event_id, t.event_type, t.event_version, t.event_key, t.payload, t.attempts, t.created_at"
+    );
+    let mut query = sqlx::query(&sql)
         .bind(service)
         .bind(i64::from(limit))
         .bind(token)
-        .bind(secs(lease))
-        .fetch_all(pool)
-        .await?;
-    let window_rows = match rows.first() {
-        Some(r) => r.try_get("window_rows")?,
-        None => 0,
-    };
-    let claimed = rows
+        .bind(secs(lease));
+    if let Some(window) = window {
+        query = query.bind(i64::from(window));
+    }
+    let rows = query.fetch_all(pool).await?;
+    let mut claimed = rows
         .iter()
         .map(|r| {
             Ok(ClaimedRow {
@@ -188,7 +120,8 @@ async fn claim_with(
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    Ok((claimed, window_rows))
+    claimed.sort_by_key(|r| r.id);
+    Ok(claimed)
 }
 
 impl Backend for Postgres {
@@ -196,6 +129,7 @@ impl Backend for Postgres {
     const BACKEND_NAMES: &'static [&'static str] = &["postgres"];
     const HAS_NOTIFY: bool = true;
     const CONCURRENT_RELAYS: bool = true;
+    const BOUNDED_CLAIM: bool = true;
 
     async fn begin(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error> {
         pool.begin().await
@@ -245,21 +179,19 @@ impl Backend for Postgres {
         lease: Duration,
         token: i64,
     ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
-        // Phase 1, oldest first, bounded by a window of due rows.
-        let (mut claimed, window_rows) =
-            claim_with(pool, &claim_window_sql(table), service, limit, lease, token).await?;
-        // Phase 2 only when the window may have hidden heads: it was full but held too
-        // few of them (other relays lease them, or a parked head's successors fill it),
-        // or nothing was claimed (then how full it was is unknown).
-        let window_full = window_rows >= i64::from(limit) * CLAIM_WINDOW;
-        if claimed.is_empty() || (claimed.len() < limit as usize && window_full) {
-            let rest = limit - claimed.len() as u32;
-            let (more, _) =
-                claim_with(pool, &claim_heads_sql(table), service, rest, lease, token).await?;
-            claimed.extend(more);
-        }
-        claimed.sort_by_key(|r| r.id);
-        Ok(claimed)
+        claim_heads(pool, table, service, limit, None, lease, token).await
+    }
+
+    async fn claim_window<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p str,
+        service: &'p str,
+        limit: u32,
+        window: u32,
+        lease: Duration,
+        token: i64,
+    ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
+        claim_heads(pool, table, service, limit, Some(window), lease, token).await
     }
 
     async fn mark_published<'p>(
@@ -346,6 +278,22 @@ impl Backend for Postgres {
             })
         })
         .transpose()
+    }
+
+    async fn lock_batch_for_consume<'c>(
+        conn: &'c mut PgConnection,
+        table: &'c str,
+        service: &'c str,
+        event_ids: &'c [Uuid],
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "SELECT id FROM {table} WHERE event_id = ANY($1) AND service = $2 ORDER BY id FOR UPDATE"
+        ))
+        .bind(event_ids)
+        .bind(service)
+        .execute(conn)
+        .await?;
+        Ok(())
     }
 
     async fn has_open_predecessor<'c>(

@@ -344,6 +344,16 @@ impl Backend for Sqlite {
         .transpose()
     }
 
+    async fn lock_batch_for_consume<'c>(
+        _conn: &'c mut SqliteConnection,
+        _table: &'c str,
+        _service: &'c str,
+        _event_ids: &'c [Uuid],
+    ) -> Result<(), sqlx::Error> {
+        // `BEGIN IMMEDIATE` already holds the database's one write lock.
+        Ok(())
+    }
+
     async fn has_open_predecessor<'c>(
         conn: &'c mut SqliteConnection,
         table: &'c str,
