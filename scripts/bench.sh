@@ -2,15 +2,24 @@
 # The benchmark command:
 #
 #   scripts/bench.sh [outbox-bench flags, e.g. --backlog 1000000 --large 10000000]
+#   scripts/bench.sh --db both       # PostgreSQL and MariaDB
+#   scripts/bench.sh --help          # every flag (--only, --quick, --relay-keys, ...)
 #
 # 1. builds the `outbox-bench` binary with --release;
 # 2. starts a private tansu broker (scripts/tansu.sh, its own OUTBOX_TANSU_RUN_DIR);
 # 3. runs the benchmark against PostgreSQL on 127.0.0.1:5432 (user postgres, trust;
 #    a fresh database per run, dropped at the end) and that broker;
+#    `--db postgres|mysql|both` (default postgres) picks the databases: `mysql` runs
+#    sections a and b against MariaDB on 127.0.0.1:3306 instead (user root, no
+#    password; likewise a fresh database per run; --mysql-url or OUTBOX_BENCH_MYSQL_URL
+#    to change), `both` runs every section on PostgreSQL and then a and b on MariaDB.
+#    MariaDB's are reported as their own sections, "a (MariaDB)" / "b (MariaDB)";
+#    sections c, d and e run on PostgreSQL only;
 # 4. stops the broker and writes BENCHMARKS.md (the table, the machine, the settings;
 #    the hand-written analysis in bench/NOTES.md is appended).
 #
-# Takes about 15 minutes with the defaults. `--quick` tries the harness in about two.
+# Takes 20 minutes or more with the defaults (more with --db both). `--quick` tries
+# the harness in a few minutes (`--only c`, say, for one section).
 # Set OUTBOX_BENCH_BROKERS=mock (or pass --broker mock) to use librdkafka's mock
 # cluster instead of tansu. Never run in CI (CI only compiles the binary).
 set -euo pipefail
