@@ -67,6 +67,12 @@ impl<DB: Backend> OutboxRuntime<DB> {
 
     /// Relay instances per service in this process (default 1). More than one needs a
     /// backend with row locks (not SQLite).
+    ///
+    /// A second relay is for availability first. It adds throughput only when keys far
+    /// outnumber the events one relay keeps in flight (two batches of
+    /// [`OutboxConfig::relay_batch_size`]) and the database has CPU to spare: a key
+    /// has at most one event in flight, so with few keys the relays only compete for
+    /// the same heads (BENCHMARKS.md, table d).
     pub fn relays_per_service(mut self, n: usize) -> Self {
         self.relays_per_service = n;
         self
