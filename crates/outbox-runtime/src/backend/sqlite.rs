@@ -349,9 +349,10 @@ impl Backend for Sqlite {
         _table: &'c str,
         _service: &'c str,
         _event_ids: &'c [Uuid],
-    ) -> Result<(), sqlx::Error> {
-        // `BEGIN IMMEDIATE` already holds the database's one write lock.
-        Ok(())
+    ) -> Result<Vec<(Uuid, RowState)>, sqlx::Error> {
+        // `BEGIN IMMEDIATE` already holds the database's one write lock; the batch reads
+        // each row with `lock_for_consume`.
+        Ok(Vec::new())
     }
 
     async fn has_open_predecessor<'c>(
