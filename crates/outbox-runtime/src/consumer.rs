@@ -390,7 +390,7 @@ impl<DB: Backend> Consumer<DB> {
         let tx = DB::begin(&self.pool)
             .await
             .map_err(|e| self.db_error("beginning to consume", msg, e))?;
-        let (tx, step) = self.step(tx, msg, None).await?;
+        let (tx, step) = self.step(tx, msg).await?;
         match step {
             Step::InTx(outcome) => {
                 self.commit(tx, msg).await?;
@@ -421,18 +421,12 @@ impl<DB: Backend> Consumer<DB> {
             .iter()
             .filter_map(|m| Envelope::event_id_of(m).map(|id| id.0))
             .collect();
-        let mut locked: HashMap<_, _> =
-            DB::lock_batch_for_consume(&mut tx, &self.route.table, &self.route.service, &event_ids)
-                .await
-                .map_err(|e| self.db_error("locking the rows of a batch with", first, e))?
-                .into_iter()
-                .collect();
+        DB::lock_batch_for_consume(&mut tx, &self.route.table, &self.route.service, &event_ids)
+            .await
+            .map_err(|e| self.db_error("locking the rows of a batch with", first, e))?;
         let mut outcomes = Vec::with_capacity(msgs.len());
         for msg in msgs {
-            // A row's state as locked is only good for the first record of its event in
-            // the batch: a repeat (a re-published record) sees what the first one did.
-            let pre = Envelope::event_id_of(msg).and_then(|id| locked.remove(&id.0));
-            let (t, step) = self.step(tx, msg, pre).await?;
+            let (t, step) = self.step(tx, msg).await?;
             tx = t;
             match step {
                 Step::InTx(outcome) => outcomes.push(outcome),
@@ -452,15 +446,13 @@ impl<DB: Backend> Consumer<DB> {
         Ok(Some(outcomes))
     }
 
-    /// Does what can be done for `msg` inside `tx`: the row lock (unless `locked`
-    /// holds the row's state, already locked in this transaction), the duplicate and
+    /// Does what can be done for `msg` inside `tx`: the row lock, the duplicate and
     /// predecessor checks, the handler and the consumed mark. Returns the transaction
     /// (to commit on [`Step::InTx`], to roll back on [`Step::Abort`]).
     async fn step<M: Message>(
         &self,
         mut tx: Transaction<'static, DB>,
         msg: &M,
-        locked: Option<RowState>,
     ) -> Result<(Transaction<'static, DB>, Step)> {
         let route = &self.route;
         let Some(event_id) = Envelope::event_id_of(msg) else {
@@ -481,12 +473,9 @@ impl<DB: Backend> Consumer<DB> {
                 route.service, route.table
             )
         };
-        let row = match locked {
-            Some(row) => Some(row),
-            None => DB::lock_for_consume(&mut tx, &route.table, &route.service, event_id.0)
-                .await
-                .map_err(|e| Error::db(ctx("locking"), e))?,
-        };
+        let row = DB::lock_for_consume(&mut tx, &route.table, &route.service, event_id.0)
+            .await
+            .map_err(|e| Error::db(ctx("locking"), e))?;
         let Some(row) = row else {
             let reason = format!(
                 "no outbox row for event {event_id} in service {} (table {})",

@@ -335,18 +335,17 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     ) -> impl Future<Output = Result<Option<RowState>, sqlx::Error>> + Send + 'c;
 
     /// Consumer side, at the start of a batch transaction: locks the rows of
-    /// `event_ids` (those of `service` that exist) in id order, in one statement, and
-    /// returns their states, so the batch needs no [`lock_for_consume`](Self::lock_for_consume)
-    /// per record. Since the relay's multi-row updates walk the primary key in id order
-    /// too, a batch and a relay do not each hold a row the other waits for. On SQLite
-    /// (one writer at a time, already holding the lock) it returns nothing and the batch
-    /// reads each row with `lock_for_consume`.
+    /// `event_ids` (those of `service` that exist) in id order, in one statement. The
+    /// batch's later [`lock_for_consume`](Self::lock_for_consume) calls then wait for
+    /// nothing, and since the relay's multi-row updates lock in id order too, a batch
+    /// and a relay never each hold a row the other waits for. No-op on SQLite (one
+    /// writer at a time).
     fn lock_batch_for_consume<'c>(
         conn: &'c mut Self::Connection,
         table: &'c str,
         service: &'c str,
         event_ids: &'c [Uuid],
-    ) -> impl Future<Output = Result<Vec<(Uuid, RowState)>, sqlx::Error>> + Send + 'c;
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
 
     /// Consumer side: whether an older row of the same service and key is still
     /// pending or published (so this one must wait to keep per-key order).

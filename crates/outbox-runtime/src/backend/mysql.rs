@@ -486,9 +486,9 @@ impl Backend for MySql {
         table: &'c str,
         service: &'c str,
         event_ids: &'c [Uuid],
-    ) -> Result<Vec<(Uuid, RowState)>, sqlx::Error> {
+    ) -> Result<(), sqlx::Error> {
         if event_ids.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         // A plain read first (see `lock_for_consume`), then the locks by primary key,
         // in id order.
@@ -502,32 +502,18 @@ impl Backend for MySql {
         }
         let ids = q.fetch_all(&mut *conn).await?;
         if ids.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let sql = format!(
-            "SELECT event_id, id, status, attempts, max_retries, event_key FROM {table} \
-              WHERE id IN ({}) ORDER BY id FOR UPDATE",
+            "SELECT id FROM {table} WHERE id IN ({}) ORDER BY id FOR UPDATE",
             placeholders(ids.len())
         );
         let mut q = sqlx::query(&sql);
         for id in &ids {
             q = q.bind(*id);
         }
-        let rows = q.fetch_all(&mut *conn).await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("event_id")?,
-                    RowState {
-                        id: r.try_get("id")?,
-                        status: status(r.try_get("status")?)?,
-                        attempts: r.try_get("attempts")?,
-                        max_retries: r.try_get("max_retries")?,
-                        key: opt_text(r, "event_key")?,
-                    },
-                ))
-            })
-            .collect()
+        q.execute(&mut *conn).await?;
+        Ok(())
     }
 
     async fn has_open_predecessor<'c>(

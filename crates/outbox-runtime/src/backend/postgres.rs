@@ -285,29 +285,15 @@ impl Backend for Postgres {
         table: &'c str,
         service: &'c str,
         event_ids: &'c [Uuid],
-    ) -> Result<Vec<(Uuid, RowState)>, sqlx::Error> {
-        let rows = sqlx::query(&format!(
-            "SELECT event_id, id, status, attempts, max_retries, event_key FROM {table} \
-              WHERE event_id = ANY($1) AND service = $2 ORDER BY id FOR UPDATE"
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "SELECT id FROM {table} WHERE event_id = ANY($1) AND service = $2 ORDER BY id FOR UPDATE"
         ))
         .bind(event_ids)
         .bind(service)
-        .fetch_all(conn)
+        .execute(conn)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("event_id")?,
-                    RowState {
-                        id: r.try_get("id")?,
-                        status: status(r.try_get("status")?)?,
-                        attempts: r.try_get("attempts")?,
-                        max_retries: r.try_get("max_retries")?,
-                        key: r.try_get("event_key")?,
-                    },
-                ))
-            })
-            .collect()
+        Ok(())
     }
 
     async fn has_open_predecessor<'c>(

@@ -349,10 +349,9 @@ impl Backend for Sqlite {
         _table: &'c str,
         _service: &'c str,
         _event_ids: &'c [Uuid],
-    ) -> Result<Vec<(Uuid, RowState)>, sqlx::Error> {
-        // `BEGIN IMMEDIATE` already holds the database's one write lock; the batch reads
-        // each row with `lock_for_consume`.
-        Ok(Vec::new())
+    ) -> Result<(), sqlx::Error> {
+        // `BEGIN IMMEDIATE` already holds the database's one write lock.
+        Ok(())
     }
 
     async fn has_open_predecessor<'c>(
