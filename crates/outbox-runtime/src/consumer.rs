@@ -16,8 +16,8 @@
 //!    envelope → dead at once with the reason. A panicking handler counts as a
 //!    transient failure and does not stop the consumer.
 //!
-//! Under load a lane settles the records queued behind each other in one transaction
-//! (steps 2–4 for each, one COMMIT: [`OutboxConfig::consumer_batch_size`]). Anything
+//! With batching on, under load a lane settles the records queued behind each other in one
+//! transaction (steps 2–4 for each, one COMMIT: [`OutboxConfig::consumer_batch_size`]). Anything
 //! off the happy path (step 5, a dead letter, a database error) rolls the whole batch
 //! back and its records are settled one per transaction as above, so every handler's
 //! database effects commit exactly once with its consumed mark.
