@@ -442,6 +442,41 @@ async fn heads_behind_a_deep_backlog<T: TestDatabase>() {
     db.cleanup().await;
 }
 
+/// `claim_window` looks only at the first `window` due rows where the backend bounds it
+/// (PostgreSQL): heads behind a parked key's longer backlog are left to the full claim,
+/// which the relay falls back to. Elsewhere it is the full claim.
+async fn claim_window_is_bounded<T: TestDatabase>() {
+    let db = setup::<T>().await;
+    let pool = db.pool();
+    const LIMIT: u32 = 4;
+    let p1 = publish(pool, SVC, Some("p")).await;
+    for _ in 1..10 * LIMIT {
+        publish(pool, SVC, Some("p")).await;
+    }
+    let (head, t) = claim_until(pool, p1).await;
+    T::DB::release(pool, TABLE, &[head.id], t, LONG, "broker down")
+        .await
+        .expect("release");
+    let q1 = publish(pool, SVC, Some("q")).await;
+
+    let windowed = T::DB::claim_window(pool, TABLE, SVC, LIMIT, 2 * LIMIT, LONG, token())
+        .await
+        .expect("claim_window");
+    if T::DB::BOUNDED_CLAIM {
+        assert!(
+            windowed.is_empty(),
+            "the window holds only the parked key's successors"
+        );
+        assert_eq!(
+            event_ids(&claim(pool, SVC, LIMIT, LONG, token()).await),
+            vec![q1]
+        );
+    } else {
+        assert_eq!(event_ids(&windowed), vec![q1]);
+    }
+    db.cleanup().await;
+}
+
 /// `release` gives a claimed row back for later without counting an attempt.
 async fn release_backs_off_without_attempt<T: TestDatabase>() {
     let db = setup::<T>().await;
@@ -1107,6 +1142,7 @@ contract!(
     claim_lease_and_fencing,
     head_of_key,
     heads_behind_a_deep_backlog,
+    claim_window_is_bounded,
     release_backs_off_without_attempt,
     consumer_failures_fenced_by_attempts,
     terminal_states_and_defer,
