@@ -9,10 +9,14 @@
 //!   none behind), in per-key order; the permanent failure is dead with its reason and
 //!   has no effect.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use outbox_runtime::{KafkaConfig, Outbox, OutboxConfig, OutboxRuntime, Status};
+use outbox_runtime::backend::OutboxRow;
+use outbox_runtime::{
+    Catalog, EventId, KafkaConfig, Outbox, OutboxConfig, OutboxRuntime, RuntimeHandle, Status,
+};
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::{TestMySql, TestPg, TestSqlite};
 use outbox_tests::e2e::{
@@ -42,9 +46,18 @@ fn script(k: u32, seq: u32) -> Script {
     }
 }
 
-async fn batches_settle_every_event_once<DB: TestBackend>(pool: sqlx::Pool<DB>) {
-    let broker = TestBroker::mock().await;
-    let catalog = prepare(&pool, &broker).await;
+/// The test's outbox setup: a backlog of `KEYS × PER_KEY` events (with the scripted
+/// failures), all relayed into the topic by a relay that keeps running.
+struct Relayed {
+    catalog: Catalog,
+    config: OutboxConfig,
+    kafka: KafkaConfig,
+    relay: RuntimeHandle,
+    total: u32,
+}
+
+async fn relayed_backlog<DB: TestBackend>(pool: &sqlx::Pool<DB>, broker: &TestBroker) -> Relayed {
+    let catalog = prepare(pool, broker).await;
     let config = OutboxConfig {
         consumer_lanes: 1,
         consumer_batch_size: 16,
@@ -88,29 +101,22 @@ async fn batches_settle_every_event_once<DB: TestBackend>(pool: sqlx::Pool<DB>) 
         }
     })
     .await;
-    // Keep the relay running: the failures go back to pending and are re-published.
-    let consumer = OutboxRuntime::new(catalog.clone(), pool.clone(), kafka)
-        .config(config)
-        .services(["task"])
-        .relays(false)
-        .start()
-        .await
-        .unwrap();
+    Relayed {
+        catalog,
+        config,
+        kafka,
+        relay,
+        total,
+    }
+}
 
-    let rows = eventually("every event settled", Duration::from_secs(60), || {
-        let (pool, catalog) = (pool.clone(), catalog.clone());
-        async move {
-            let rows = all_rows(&pool, &catalog).await;
-            rows.values()
-                .all(|r| matches!(r.status, Status::Consumed | Status::Dead))
-                .then_some(rows)
-        }
-    })
-    .await;
-    let stats = consumer.consumer_stats("task").unwrap().clone();
-    consumer.shutdown().await.unwrap();
-    relay.shutdown().await.unwrap();
-
+/// Every event but the permanent failure has exactly one effect, in per-key order; that
+/// one is dead with its reason.
+async fn assert_settled_once<DB: TestBackend>(
+    pool: &sqlx::Pool<DB>,
+    rows: &BTreeMap<EventId, OutboxRow>,
+    total: u32,
+) {
     let dead: Vec<_> = rows.values().filter(|r| r.status == Status::Dead).collect();
     assert_eq!(
         dead.len(),
@@ -127,7 +133,7 @@ async fn batches_settle_every_event_once<DB: TestBackend>(pool: sqlx::Pool<DB>) 
         dead[0].last_error
     );
 
-    let effects = DB::effects(&pool).await;
+    let effects = DB::effects(pool).await;
     let per_event = effects_per_event(&effects);
     assert_eq!(
         per_event.len(),
@@ -143,6 +149,47 @@ async fn batches_settle_every_event_once<DB: TestBackend>(pool: sqlx::Pool<DB>) 
         "the dead event left no effect"
     );
     assert_key_order(&effects);
+}
+
+async fn all_settled<DB: TestBackend>(
+    pool: &sqlx::Pool<DB>,
+    catalog: &Catalog,
+) -> BTreeMap<EventId, OutboxRow> {
+    eventually("every event settled", Duration::from_secs(60), || {
+        let (pool, catalog) = (pool.clone(), catalog.clone());
+        async move {
+            let rows = all_rows(&pool, &catalog).await;
+            rows.values()
+                .all(|r| matches!(r.status, Status::Consumed | Status::Dead))
+                .then_some(rows)
+        }
+    })
+    .await
+}
+
+async fn batches_settle_every_event_once<DB: TestBackend>(pool: sqlx::Pool<DB>) {
+    let broker = TestBroker::mock().await;
+    let Relayed {
+        catalog,
+        config,
+        kafka,
+        relay,
+        total,
+    } = relayed_backlog(&pool, &broker).await;
+    // Keep the relay running: the failures go back to pending and are re-published.
+    let consumer = OutboxRuntime::new(catalog.clone(), pool.clone(), kafka)
+        .config(config)
+        .services(["task"])
+        .relays(false)
+        .start()
+        .await
+        .unwrap();
+
+    let rows = all_settled(&pool, &catalog).await;
+    let stats = consumer.consumer_stats("task").unwrap().clone();
+    consumer.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+    assert_settled_once(&pool, &rows, total).await;
 
     let batched = stats.batched.load(Ordering::Relaxed);
     assert!(
@@ -154,6 +201,70 @@ async fn batches_settle_every_event_once<DB: TestBackend>(pool: sqlx::Pool<DB>) 
         "the transient failure and the panic were retried"
     );
     assert_eq!(stats.dead.load(Ordering::Relaxed), 1);
+}
+
+/// A batch that meets a row another transaction holds (as a relay's mark would) waits
+/// for it holding no lock of its own, then settles; nothing is lost or done twice.
+/// PostgreSQL and MySQL/MariaDB: on SQLite no one else can hold a row.
+async fn batches_wait_out_a_held_row<DB: TestBackend>(pool: sqlx::Pool<DB>) {
+    let broker = TestBroker::mock().await;
+    let Relayed {
+        catalog,
+        config,
+        kafka,
+        relay,
+        total,
+    } = relayed_backlog(&pool, &broker).await;
+    // Hold a row in the middle of the backlog, where the lane's batches are full.
+    let table = catalog.route("task").expect("route").table.clone();
+    let rows = all_rows(&pool, &catalog).await;
+    let mut by_id: Vec<_> = rows.values().collect();
+    by_id.sort_by_key(|r| r.id);
+    let held = by_id[by_id.len() / 3].event_id;
+    let mut holder = DB::begin(&pool).await.unwrap();
+    DB::lock_for_consume(&mut *holder, &table, "task", held)
+        .await
+        .unwrap()
+        .expect("row");
+
+    let consumer = OutboxRuntime::new(catalog.clone(), pool.clone(), kafka)
+        .config(config)
+        .services(["task"])
+        .relays(false)
+        .start()
+        .await
+        .unwrap();
+    let stats = consumer.consumer_stats("task").unwrap().clone();
+    eventually(
+        "a batch waiting for the held row",
+        Duration::from_secs(30),
+        || {
+            let stats = stats.clone();
+            async move { (stats.batch_lock_waits.load(Ordering::Relaxed) > 0).then_some(()) }
+        },
+    )
+    .await;
+    holder.commit().await.unwrap();
+
+    let rows = all_settled(&pool, &catalog).await;
+    consumer.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+    assert_settled_once(&pool, &rows, total).await;
+    assert!(stats.batched.load(Ordering::Relaxed) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_batches_wait_out_a_held_row() {
+    let db = TestPg::create().await;
+    batches_wait_out_a_held_row(db.pool().clone()).await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_batches_wait_out_a_held_row() {
+    let db = TestMySql::create().await;
+    batches_wait_out_a_held_row(db.pool().clone()).await;
+    db.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -632,7 +632,7 @@ async fn consumer_failures_fenced_by_attempts<T: TestDatabase>() {
             .expect("retry")
     );
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    T::DB::mark_consumed(&mut *tx, TABLE, id)
+    T::DB::mark_consumed(&mut *tx, TABLE, &[id])
         .await
         .expect("consumed");
     T::DB::defer(&mut *tx, TABLE, id, Duration::ZERO)
@@ -670,7 +670,7 @@ async fn terminal_states_and_defer<T: TestDatabase>() {
         .expect("lock")
         .expect("found");
     assert_eq!(st.status, Status::Published);
-    T::DB::mark_consumed(&mut *tx, TABLE, id)
+    T::DB::mark_consumed(&mut *tx, TABLE, &[id])
         .await
         .expect("consumed");
     tx.commit().await.expect("commit");
@@ -680,7 +680,7 @@ async fn terminal_states_and_defer<T: TestDatabase>() {
 
     // Everything after is a no-op.
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    T::DB::mark_consumed(&mut *tx, TABLE, id)
+    T::DB::mark_consumed(&mut *tx, TABLE, &[id])
         .await
         .expect("consumed");
     T::DB::defer(&mut *tx, TABLE, id, Duration::ZERO)
@@ -740,7 +740,7 @@ async fn terminal_states_and_defer<T: TestDatabase>() {
     // Consumed while still pending (the consumer beat the relay's mark): the late mark
     // changes nothing.
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    T::DB::mark_consumed(&mut *tx, TABLE, fid)
+    T::DB::mark_consumed(&mut *tx, TABLE, &[fid])
         .await
         .expect("consumed");
     tx.commit().await.expect("commit");
@@ -804,7 +804,7 @@ async fn open_predecessors<T: TestDatabase>() {
     assert!(has("k", k2_id).await, "published predecessor");
 
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    T::DB::mark_consumed(&mut *tx, TABLE, k1_id)
+    T::DB::mark_consumed(&mut *tx, TABLE, &[k1_id])
         .await
         .expect("consumed");
     tx.commit().await.expect("commit");
@@ -817,6 +817,93 @@ async fn open_predecessors<T: TestDatabase>() {
         .await
         .expect("dead"));
     assert!(!has("k", k3_id).await, "dead predecessor");
+    db.cleanup().await;
+}
+
+/// A consumer batch's up-front lock never waits: it returns the states of the rows it
+/// could lock (of its service), leaving out rows another transaction holds; the batch's
+/// open-rows read and its one consumed mark for several rows.
+async fn batch_lock_and_batch_reads<T: TestDatabase>() {
+    let db = setup::<T>().await;
+    let pool = db.pool();
+    let k1 = publish(pool, SVC, Some("k")).await;
+    let k2 = publish(pool, SVC, Some("k")).await;
+    let free = publish(pool, SVC, None).await;
+    let other = publish(pool, OTHER_SVC, Some("k")).await;
+    let (k1_id, k2_id, free_id) = (
+        fetch(pool, k1).await.id,
+        fetch(pool, k2).await.id,
+        fetch(pool, free).await.id,
+    );
+    let batch = [k1, k2, free, other, Uuid::now_v7()];
+
+    // SQLite has one writer at a time: nothing else can hold a row.
+    let one_writer = T::LABEL == "sqlite";
+    let holder = if one_writer {
+        None
+    } else {
+        let mut holder = T::DB::begin(pool).await.expect("begin");
+        T::DB::lock_for_consume(&mut *holder, TABLE, SVC, k2)
+            .await
+            .expect("lock")
+            .expect("row");
+        Some(holder)
+    };
+    let mut tx = T::DB::begin(pool).await.expect("begin");
+    let mut locked = T::DB::lock_batch_for_consume(&mut *tx, TABLE, SVC, &batch)
+        .await
+        .expect("batch lock (must not wait for the held row)");
+    locked.sort_by_key(|(_, r)| r.id);
+    let got: Vec<(Uuid, i64, Option<&str>)> = locked
+        .iter()
+        .map(|(e, r)| (*e, r.id, r.key.as_deref()))
+        .collect();
+    let mut want = vec![(k1, k1_id, Some("k"))];
+    if one_writer {
+        want.push((k2, k2_id, Some("k")));
+    }
+    want.push((free, free_id, None));
+    assert_eq!(
+        got, want,
+        "the free rows of the service, none held by another"
+    );
+    assert!(locked.iter().all(|(_, r)| r.status == Status::Pending));
+
+    // The open rows of key "k" (its service only), below a bound.
+    let mut open = T::DB::open_rows_of_keys(&mut *tx, TABLE, SVC, &["k".to_owned()], k2_id + 1, 10)
+        .await
+        .expect("open rows");
+    open.sort();
+    assert_eq!(open, vec![("k".to_owned(), k1_id), ("k".to_owned(), k2_id)]);
+    let open = T::DB::open_rows_of_keys(&mut *tx, TABLE, SVC, &["k".to_owned()], k2_id, 10)
+        .await
+        .expect("open rows");
+    assert_eq!(open, vec![("k".to_owned(), k1_id)], "below is exclusive");
+    let open = T::DB::open_rows_of_keys(&mut *tx, TABLE, SVC, &["k".to_owned()], k2_id + 1, 1)
+        .await
+        .expect("open rows");
+    assert_eq!(open.len(), 1, "at most limit rows");
+
+    // One consumed mark for several rows.
+    T::DB::mark_consumed(&mut *tx, TABLE, &[k1_id, free_id])
+        .await
+        .expect("consumed");
+    let open = T::DB::open_rows_of_keys(&mut *tx, TABLE, SVC, &["k".to_owned()], k2_id + 1, 10)
+        .await
+        .expect("open rows");
+    assert_eq!(
+        open,
+        vec![("k".to_owned(), k2_id)],
+        "consumed rows are closed"
+    );
+    tx.commit().await.expect("commit");
+    if let Some(holder) = holder {
+        holder.commit().await.expect("commit");
+    }
+    assert_eq!(fetch(pool, k1).await.status, Status::Consumed);
+    assert_eq!(fetch(pool, free).await.status, Status::Consumed);
+    assert_eq!(fetch(pool, k2).await.status, Status::Pending);
+    assert_eq!(fetch(pool, other).await.status, Status::Pending);
     db.cleanup().await;
 }
 
@@ -884,7 +971,7 @@ async fn services_share_a_table<T: TestDatabase>() {
         1
     );
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    T::DB::mark_consumed(&mut *tx, TABLE, a1_id)
+    T::DB::mark_consumed(&mut *tx, TABLE, &[a1_id])
         .await
         .expect("consumed");
     let pred = T::DB::has_open_predecessor(&mut *tx, TABLE, SVC, "k", a2_id)
@@ -1147,6 +1234,7 @@ contract!(
     consumer_failures_fenced_by_attempts,
     terminal_states_and_defer,
     open_predecessors,
+    batch_lock_and_batch_reads,
     services_share_a_table,
     times_from_the_database_clock,
     concurrent_writers_and_claimers,

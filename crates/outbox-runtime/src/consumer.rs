@@ -27,7 +27,7 @@
 //! record is processed again after a backoff: the row lock and status check make that
 //! safe, so an ambiguous commit is retried and de-duplicated, never dead-lettered.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +38,7 @@ use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use sqlx::{Pool, Transaction};
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 use crate::backend::{AttemptsFence, Backend, RowState};
 use crate::catalog::{Catalog, Route};
@@ -70,6 +71,9 @@ pub struct ConsumerStats {
     /// Records settled in a transaction shared with other records (a batch that
     /// committed); the rest had one transaction each.
     pub batched: AtomicU64,
+    /// Times a batch found one of its rows locked by another transaction (a relay
+    /// marking it published, usually), rolled back and waited for it holding no lock.
+    pub batch_lock_waits: AtomicU64,
 }
 
 /// What processing one record did.
@@ -106,6 +110,40 @@ enum Step {
     /// Roll the transaction back, then settle the record outside it.
     Abort(Abort),
 }
+
+/// What a batch transaction knows besides what it wrote (see [`Consumer::process_batch`]).
+struct BatchState {
+    /// The rows' states as locked at the start, by event id; taken by the first record
+    /// of each event (a repeat sees what the first one did).
+    locked: HashMap<Uuid, RowState>,
+    /// Open rows of the batch's keys below its highest row id, by key, as read after the
+    /// lock; `None` when there were too many to read (then each record asks the database).
+    open: Option<HashMap<String, Vec<i64>>>,
+    /// Rows handled so far; they are marked consumed in one statement before COMMIT.
+    handled: HashSet<i64>,
+    /// Events handled so far, so a repeat in the same batch is a duplicate.
+    handled_events: HashSet<Uuid>,
+}
+
+impl BatchState {
+    /// Whether a row of `key` older than `id` is still open: open when the batch began
+    /// and not handled in it since. `None` when the batch does not know.
+    fn has_open_predecessor(&self, key: &str, id: i64) -> Option<bool> {
+        let open = self.open.as_ref()?;
+        Some(
+            open.get(key)
+                .is_some_and(|ids| ids.iter().any(|j| *j < id && !self.handled.contains(j))),
+        )
+    }
+}
+
+/// How many times a batch retries its up-front lock after waiting for a row another
+/// transaction held, before settling its records one by one.
+const BATCH_LOCK_ATTEMPTS: usize = 3;
+
+/// Most open rows of its keys a batch reads up front (beyond that, a parked key's
+/// backlog: each record asks the database).
+const BATCH_OPEN_ROWS: u32 = 1024;
 
 /// What must be recorded after a rollback.
 enum Abort {
@@ -390,7 +428,7 @@ impl<DB: Backend> Consumer<DB> {
         let tx = DB::begin(&self.pool)
             .await
             .map_err(|e| self.db_error("beginning to consume", msg, e))?;
-        let (tx, step) = self.step(tx, msg).await?;
+        let (tx, step) = self.step(tx, msg, None).await?;
         match step {
             Step::InTx(outcome) => {
                 self.commit(tx, msg).await?;
@@ -406,27 +444,35 @@ impl<DB: Backend> Consumer<DB> {
 
     /// Processes several records of one lane in ONE transaction (see
     /// [`OutboxConfig::consumer_batch_size`]). `Ok(None)` when a record needs more
-    /// than the happy path (a handler failed, a dead letter, a record with no row): the
-    /// transaction was rolled back and the records must be processed one by one.
+    /// than the happy path (a handler failed, a dead letter, a record with no row) or
+    /// its rows stayed locked by others: the transaction was rolled back and the
+    /// records must be processed one by one.
+    ///
+    /// Statements per batch: the lock (which also reads the rows), one read of the open
+    /// rows of its keys, one consumed mark for all, COMMIT; plus the handlers' own.
     async fn process_batch<M: Message>(&self, msgs: &[M]) -> Result<Option<Vec<Outcome>>> {
         let Some(first) = msgs.first() else {
             return Ok(Some(Vec::new()));
         };
-        let mut tx = DB::begin(&self.pool)
-            .await
-            .map_err(|e| self.db_error("beginning to consume", first, e))?;
-        // Every row of the batch locked up front, in id order (see
-        // `Backend::lock_batch_for_consume`): no deadlock with a relay marking them.
-        let event_ids: Vec<_> = msgs
+        let mut event_ids: Vec<_> = msgs
             .iter()
             .filter_map(|m| Envelope::event_id_of(m).map(|id| id.0))
             .collect();
-        DB::lock_batch_for_consume(&mut tx, &self.route.table, &self.route.service, &event_ids)
-            .await
-            .map_err(|e| self.db_error("locking the rows of a batch with", first, e))?;
+        event_ids.sort_unstable();
+        event_ids.dedup();
+        let Some((mut tx, locked)) = self.lock_batch(first, &event_ids).await? else {
+            return Ok(None);
+        };
+        let open = self.open_rows(&mut tx, first, &locked).await?;
+        let mut state = BatchState {
+            locked,
+            open,
+            handled: HashSet::new(),
+            handled_events: HashSet::new(),
+        };
         let mut outcomes = Vec::with_capacity(msgs.len());
         for msg in msgs {
-            let (t, step) = self.step(tx, msg).await?;
+            let (t, step) = self.step(tx, msg, Some(&mut state)).await?;
             tx = t;
             match step {
                 Step::InTx(outcome) => outcomes.push(outcome),
@@ -435,6 +481,12 @@ impl<DB: Backend> Consumer<DB> {
                     return Ok(None);
                 }
             }
+        }
+        if !state.handled.is_empty() {
+            let ids: Vec<i64> = state.handled.iter().copied().collect();
+            DB::mark_consumed(&mut tx, &self.route.table, &ids)
+                .await
+                .map_err(|e| self.db_error("marking consumed the batch starting with", first, e))?;
         }
         self.commit(tx, first).await?;
         for outcome in &outcomes {
@@ -446,13 +498,97 @@ impl<DB: Backend> Consumer<DB> {
         Ok(Some(outcomes))
     }
 
+    /// Begins a batch's transaction and locks the rows of `event_ids` without waiting
+    /// (`Backend::lock_batch_for_consume`). When another transaction holds one (a relay
+    /// marking it published, usually), rolls back, waits for that row in a statement of
+    /// its own, holding no other lock, and tries again: a batch never waits for a row
+    /// while holding others, so it cannot deadlock with a relay's mark. `None` when a
+    /// row does not exist or the rows stayed busy.
+    async fn lock_batch<M: Message>(
+        &self,
+        first: &M,
+        event_ids: &[Uuid],
+    ) -> Result<Option<(Transaction<'static, DB>, HashMap<Uuid, RowState>)>> {
+        let route = &self.route;
+        for _ in 0..BATCH_LOCK_ATTEMPTS {
+            let mut tx = DB::begin(&self.pool)
+                .await
+                .map_err(|e| self.db_error("beginning to consume", first, e))?;
+            let locked: HashMap<_, _> =
+                DB::lock_batch_for_consume(&mut tx, &route.table, &route.service, event_ids)
+                    .await
+                    .map_err(|e| self.db_error("locking the rows of a batch with", first, e))?
+                    .into_iter()
+                    .collect();
+            let Some(busy) = event_ids.iter().find(|id| !locked.contains_key(id)) else {
+                return Ok(Some((tx, locked)));
+            };
+            let _ = tx.rollback().await;
+            self.stats.batch_lock_waits.fetch_add(1, Ordering::Relaxed);
+            let mut conn = self
+                .pool
+                .acquire()
+                .await
+                .map_err(|e| self.db_error("waiting for a row of a batch with", first, e))?;
+            // Autocommit: the lock is taken once the holder commits, and let go at once.
+            let exists = DB::lock_for_consume(&mut conn, &route.table, &route.service, *busy)
+                .await
+                .map_err(|e| self.db_error("waiting for a row of a batch with", first, e))?
+                .is_some();
+            if !exists {
+                return Ok(None);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The open rows of the keys of a batch's `locked` rows, below the highest of them
+    /// (`None` if there are more than [`BATCH_OPEN_ROWS`]).
+    async fn open_rows<M: Message>(
+        &self,
+        tx: &mut Transaction<'static, DB>,
+        first: &M,
+        locked: &HashMap<Uuid, RowState>,
+    ) -> Result<Option<HashMap<String, Vec<i64>>>> {
+        let mut keys: Vec<String> = locked.values().filter_map(|r| r.key.clone()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut open: HashMap<String, Vec<i64>> = HashMap::new();
+        let Some(below) = locked.values().map(|r| r.id).max() else {
+            return Ok(Some(open));
+        };
+        if keys.is_empty() {
+            return Ok(Some(open));
+        }
+        let rows = DB::open_rows_of_keys(
+            &mut **tx,
+            &self.route.table,
+            &self.route.service,
+            &keys,
+            below,
+            BATCH_OPEN_ROWS,
+        )
+        .await
+        .map_err(|e| self.db_error("reading the open rows of the batch with", first, e))?;
+        if rows.len() >= BATCH_OPEN_ROWS as usize {
+            return Ok(None);
+        }
+        for (key, id) in rows {
+            open.entry(key).or_default().push(id);
+        }
+        Ok(Some(open))
+    }
+
     /// Does what can be done for `msg` inside `tx`: the row lock, the duplicate and
     /// predecessor checks, the handler and the consumed mark. Returns the transaction
-    /// (to commit on [`Step::InTx`], to roll back on [`Step::Abort`]).
+    /// (to commit on [`Step::InTx`], to roll back on [`Step::Abort`]). In a batch,
+    /// `batch` supplies the row's locked state and its key's open rows, and collects
+    /// the consumed mark for one statement at the end.
     async fn step<M: Message>(
         &self,
         mut tx: Transaction<'static, DB>,
         msg: &M,
+        mut batch: Option<&mut BatchState>,
     ) -> Result<(Transaction<'static, DB>, Step)> {
         let route = &self.route;
         let Some(event_id) = Envelope::event_id_of(msg) else {
@@ -473,9 +609,19 @@ impl<DB: Backend> Consumer<DB> {
                 route.service, route.table
             )
         };
-        let row = DB::lock_for_consume(&mut tx, &route.table, &route.service, event_id.0)
-            .await
-            .map_err(|e| Error::db(ctx("locking"), e))?;
+        let locked = match batch.as_deref_mut() {
+            Some(b) if b.handled_events.contains(&event_id.0) => {
+                return Ok((tx, Step::InTx(Outcome::Duplicate)));
+            }
+            Some(b) => b.locked.remove(&event_id.0),
+            None => None,
+        };
+        let row = match locked {
+            Some(row) => Some(row),
+            None => DB::lock_for_consume(&mut tx, &route.table, &route.service, event_id.0)
+                .await
+                .map_err(|e| Error::db(ctx("locking"), e))?,
+        };
         let Some(row) = row else {
             let reason = format!(
                 "no outbox row for event {event_id} in service {} (table {})",
@@ -494,9 +640,17 @@ impl<DB: Backend> Consumer<DB> {
             }
         };
         if let Some(key) = &row.key {
-            let open = DB::has_open_predecessor(&mut tx, &route.table, &route.service, key, row.id)
-                .await
-                .map_err(|e| Error::db(ctx("checking the predecessors of"), e))?;
+            let known = batch
+                .as_deref()
+                .and_then(|b| b.has_open_predecessor(key, row.id));
+            let open = match known {
+                Some(open) => open,
+                None => {
+                    DB::has_open_predecessor(&mut tx, &route.table, &route.service, key, row.id)
+                        .await
+                        .map_err(|e| Error::db(ctx("checking the predecessors of"), e))?
+                }
+            };
             if open {
                 DB::defer(&mut tx, &route.table, row.id, self.config.backoff.base)
                     .await
@@ -538,9 +692,15 @@ impl<DB: Backend> Consumer<DB> {
         let mut tx = hctx.into_transaction();
         let (kind, error) = match result {
             Ok(Ok(())) => {
-                DB::mark_consumed(&mut tx, &route.table, row.id)
-                    .await
-                    .map_err(|e| Error::db(ctx("marking consumed"), e))?;
+                match batch {
+                    Some(b) => {
+                        b.handled.insert(row.id);
+                        b.handled_events.insert(event_id.0);
+                    }
+                    None => DB::mark_consumed(&mut tx, &route.table, &[row.id])
+                        .await
+                        .map_err(|e| Error::db(ctx("marking consumed"), e))?,
+                }
                 return Ok((tx, Step::InTx(Outcome::Handled)));
             }
             Ok(Err(e)) => (e.kind(), e.message().to_owned()),

@@ -293,9 +293,9 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// Marks claimed rows published, fenced by the lease: only rows still pending with
     /// `lease_token = token` change. Returns how many did.
     ///
-    /// The UPDATE finds the rows through the primary key (in id order, as
-    /// [`lock_batch_for_consume`](Self::lock_batch_for_consume) locks them). Should a
-    /// deadlock with a consumer still happen, the relay retries the mark.
+    /// A consumer batch never waits for a row lock while holding others (see
+    /// [`lock_batch_for_consume`](Self::lock_batch_for_consume)), so the mark cannot
+    /// deadlock with one; should a mark fail anyway, the relay retries it.
     fn mark_published<'p>(
         pool: &'p Pool<Self>,
         table: &'p str,
@@ -334,18 +334,21 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         event_id: Uuid,
     ) -> impl Future<Output = Result<Option<RowState>, sqlx::Error>> + Send + 'c;
 
-    /// Consumer side, at the start of a batch transaction: locks the rows of
-    /// `event_ids` (those of `service` that exist) in id order, in one statement. The
-    /// batch's later [`lock_for_consume`](Self::lock_for_consume) calls then wait for
-    /// nothing, and since the relay's multi-row updates lock in id order too, a batch
-    /// and a relay never each hold a row the other waits for. No-op on SQLite (one
-    /// writer at a time).
+    /// Consumer side, at the start of a batch transaction: locks those rows of
+    /// `event_ids` (of `service`) that no other transaction holds, in one statement
+    /// that never waits (`SKIP LOCKED`), and returns their states by event id. Rows
+    /// that are missing from the answer either do not exist or are held by someone else
+    /// (a relay marking them published, usually); the caller rolls back and waits for
+    /// one of them holding no lock. A batch therefore never waits for a row lock while
+    /// holding others, so it cannot deadlock with a relay's multi-row mark, whatever
+    /// order that mark locks in. SQLite (one writer at a time, the caller's
+    /// `BEGIN IMMEDIATE` holding the write lock) reads the rows plainly.
     fn lock_batch_for_consume<'c>(
         conn: &'c mut Self::Connection,
         table: &'c str,
         service: &'c str,
         event_ids: &'c [Uuid],
-    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
+    ) -> impl Future<Output = Result<Vec<(Uuid, RowState)>, sqlx::Error>> + Send + 'c;
 
     /// Consumer side: whether an older row of the same service and key is still
     /// pending or published (so this one must wait to keep per-key order).
@@ -357,12 +360,27 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         id: i64,
     ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send + 'c;
 
-    /// Consumer side, in the handler's transaction: marks the row consumed (from pending
-    /// or published; `lease_token = 0`).
+    /// Consumer side, for a batch: the open (pending or published) rows of `service`
+    /// whose key is one of `keys` and whose id is below `below`, as `(key, id)`, at most
+    /// `limit` of them in no particular order (a caller that gets `limit` rows must not
+    /// rely on the answer being complete). One statement instead of a
+    /// [`has_open_predecessor`](Self::has_open_predecessor) per record.
+    fn open_rows_of_keys<'c>(
+        conn: &'c mut Self::Connection,
+        table: &'c str,
+        service: &'c str,
+        keys: &'c [String],
+        below: i64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<(String, i64)>, sqlx::Error>> + Send + 'c;
+
+    /// Consumer side, in the handler's transaction: marks the rows consumed (from
+    /// pending or published; `lease_token = 0`), one row for a single record, a batch's
+    /// rows in one statement.
     fn mark_consumed<'c>(
         conn: &'c mut Self::Connection,
         table: &'c str,
-        id: i64,
+        ids: &'c [i64],
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
 
     /// Consumer side: puts a row whose predecessor is still open back to pending, due

@@ -145,6 +145,17 @@ fn opt_text(r: &MySqlRow, col: &str) -> Result<Option<String>, sqlx::Error> {
         .transpose()
 }
 
+/// A consumer's view of a row: `id, status, attempts, max_retries, event_key`.
+fn row_state(r: &MySqlRow) -> Result<RowState, sqlx::Error> {
+    Ok(RowState {
+        id: r.try_get("id")?,
+        status: status(r.try_get("status")?)?,
+        attempts: r.try_get("attempts")?,
+        max_retries: r.try_get("max_retries")?,
+        key: opt_text(r, "event_key")?,
+    })
+}
+
 const ROW_COLUMNS: &str =
     "id, event_id, service, event_type, event_version, event_key, payload, status, \
      attempts, max_retries, next_attempt_at, last_error, created_at, updated_at, published_at, \
@@ -469,16 +480,7 @@ impl Backend for MySql {
         .bind(service)
         .fetch_optional(&mut *conn)
         .await?;
-        row.map(|r| {
-            Ok(RowState {
-                id: r.try_get("id")?,
-                status: status(r.try_get("status")?)?,
-                attempts: r.try_get("attempts")?,
-                max_retries: r.try_get("max_retries")?,
-                key: opt_text(&r, "event_key")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(row_state).transpose()
     }
 
     async fn lock_batch_for_consume<'c>(
@@ -486,12 +488,11 @@ impl Backend for MySql {
         table: &'c str,
         service: &'c str,
         event_ids: &'c [Uuid],
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<Vec<(Uuid, RowState)>, sqlx::Error> {
         if event_ids.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        // A plain read first (see `lock_for_consume`), then the locks by primary key,
-        // in id order.
+        // A plain read first (see `lock_for_consume`), then the locks by primary key.
         let sql = format!(
             "SELECT id FROM {table} WHERE service = ? AND event_id IN ({})",
             placeholders(event_ids.len())
@@ -502,18 +503,21 @@ impl Backend for MySql {
         }
         let ids = q.fetch_all(&mut *conn).await?;
         if ids.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let sql = format!(
-            "SELECT id FROM {table} WHERE id IN ({}) ORDER BY id FOR UPDATE",
+            "SELECT event_id, id, status, attempts, max_retries, event_key FROM {table} \
+              WHERE id IN ({}) FOR UPDATE SKIP LOCKED",
             placeholders(ids.len())
         );
         let mut q = sqlx::query(&sql);
         for id in &ids {
             q = q.bind(*id);
         }
-        q.execute(&mut *conn).await?;
-        Ok(())
+        let rows = q.fetch_all(&mut *conn).await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("event_id")?, row_state(r)?)))
+            .collect()
     }
 
     async fn has_open_predecessor<'c>(
@@ -536,19 +540,54 @@ impl Backend for MySql {
         Ok(found.is_some())
     }
 
+    async fn open_rows_of_keys<'c>(
+        conn: &'c mut MySqlConnection,
+        table: &'c str,
+        service: &'c str,
+        keys: &'c [String],
+        below: i64,
+        limit: u32,
+    ) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT event_key, id FROM {table} \
+              WHERE service = ? AND event_key IN ({}) AND status IN (0, 1) AND id < ? LIMIT ?",
+            placeholders(keys.len())
+        );
+        let mut q = sqlx::query(&sql).bind(service);
+        for k in keys {
+            q = q.bind(k);
+        }
+        let rows = q.bind(below).bind(limit).fetch_all(conn).await?;
+        rows.iter()
+            .map(|r| {
+                let key = opt_text(r, "event_key")?.unwrap_or_default();
+                Ok((key, r.try_get("id")?))
+            })
+            .collect()
+    }
+
     async fn mark_consumed<'c>(
         conn: &'c mut MySqlConnection,
         table: &'c str,
-        id: i64,
+        ids: &'c [i64],
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(&format!(
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
             "UPDATE {table} SET status = 2, consumed_at = UTC_TIMESTAMP(6), locked_until = NULL, \
                     lease_token = 0, updated_at = UTC_TIMESTAMP(6) \
-              WHERE id = ? AND status IN (0, 1)"
-        ))
-        .bind(id)
-        .execute(conn)
-        .await?;
+              WHERE id IN ({}) AND status IN (0, 1)",
+            placeholders(ids.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for id in ids {
+            q = q.bind(*id);
+        }
+        q.execute(conn).await?;
         Ok(())
     }
 

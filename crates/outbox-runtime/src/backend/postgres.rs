@@ -25,6 +25,17 @@ fn status(v: i16) -> Result<Status, sqlx::Error> {
         .ok_or_else(|| sqlx::Error::Decode(format!("unknown outbox status {v}").into()))
 }
 
+/// A consumer's view of a row: `id, status, attempts, max_retries, event_key`.
+fn row_state(r: &PgRow) -> Result<RowState, sqlx::Error> {
+    Ok(RowState {
+        id: r.try_get("id")?,
+        status: status(r.try_get("status")?)?,
+        attempts: r.try_get("attempts")?,
+        max_retries: r.try_get("max_retries")?,
+        key: r.try_get("event_key")?,
+    })
+}
+
 /// Seconds for `make_interval`, capped at 100 years so a huge `Duration` cannot make
 /// the statement fail.
 fn secs(d: Duration) -> f64 {
@@ -268,16 +279,7 @@ impl Backend for Postgres {
         .bind(service)
         .fetch_optional(conn)
         .await?;
-        row.map(|r| {
-            Ok(RowState {
-                id: r.try_get("id")?,
-                status: status(r.try_get("status")?)?,
-                attempts: r.try_get("attempts")?,
-                max_retries: r.try_get("max_retries")?,
-                key: r.try_get("event_key")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(row_state).transpose()
     }
 
     async fn lock_batch_for_consume<'c>(
@@ -285,15 +287,18 @@ impl Backend for Postgres {
         table: &'c str,
         service: &'c str,
         event_ids: &'c [Uuid],
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(&format!(
-            "SELECT id FROM {table} WHERE event_id = ANY($1) AND service = $2 ORDER BY id FOR UPDATE"
+    ) -> Result<Vec<(Uuid, RowState)>, sqlx::Error> {
+        let rows = sqlx::query(&format!(
+            "SELECT event_id, id, status, attempts, max_retries, event_key FROM {table} \
+              WHERE event_id = ANY($1) AND service = $2 FOR UPDATE SKIP LOCKED"
         ))
         .bind(event_ids)
         .bind(service)
-        .execute(conn)
+        .fetch_all(conn)
         .await?;
-        Ok(())
+        rows.iter()
+            .map(|r| Ok((r.try_get("event_id")?, row_state(r)?)))
+            .collect()
     }
 
     async fn has_open_predecessor<'c>(
@@ -314,17 +319,38 @@ impl Backend for Postgres {
         .await
     }
 
+    async fn open_rows_of_keys<'c>(
+        conn: &'c mut PgConnection,
+        table: &'c str,
+        service: &'c str,
+        keys: &'c [String],
+        below: i64,
+        limit: u32,
+    ) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT event_key, id FROM {table} \
+              WHERE service = $1 AND event_key = ANY($2) AND id < $3 AND status IN (0, 1) \
+              LIMIT $4"
+        ))
+        .bind(service)
+        .bind(keys)
+        .bind(below)
+        .bind(i64::from(limit))
+        .fetch_all(conn)
+        .await
+    }
+
     async fn mark_consumed<'c>(
         conn: &'c mut PgConnection,
         table: &'c str,
-        id: i64,
+        ids: &'c [i64],
     ) -> Result<(), sqlx::Error> {
         sqlx::query(&format!(
             "UPDATE {table} SET status = 2, consumed_at = now(), locked_until = NULL, lease_token = 0, \
                     updated_at = now() \
-              WHERE id = $1 AND status IN (0, 1)"
+              WHERE id = ANY($1) AND status IN (0, 1)"
         ))
-        .bind(id)
+        .bind(ids)
         .execute(conn)
         .await?;
         Ok(())

@@ -80,6 +80,17 @@ pub fn sqlite_outbox_options(options: SqliteConnectOptions) -> SqliteConnectOpti
         .create_if_missing(true)
 }
 
+/// A consumer's view of a row: `id, status, attempts, max_retries, event_key`.
+fn row_state(r: &SqliteRow) -> Result<RowState, sqlx::Error> {
+    Ok(RowState {
+        id: r.try_get("id")?,
+        status: status(r.try_get("status")?)?,
+        attempts: r.try_get("attempts")?,
+        max_retries: r.try_get("max_retries")?,
+        key: r.try_get("event_key")?,
+    })
+}
+
 impl super::sealed::Sealed for Sqlite {}
 
 /// A delay in microseconds, clamped to [`MAX_DELAY_MICROS`].
@@ -102,6 +113,15 @@ fn json_ids(ids: &[i64]) -> String {
     }
     s.push(']');
     s
+}
+
+/// Most parameters bound to one statement (SQLite's limit is 32,766 since 3.32, 999
+/// before).
+const MAX_BINDS: usize = 900;
+
+/// `?, ?, ?` with `n` placeholders.
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
 }
 
 fn status(v: i16) -> Result<Status, sqlx::Error> {
@@ -332,26 +352,32 @@ impl Backend for Sqlite {
         .bind(service)
         .fetch_optional(conn)
         .await?;
-        row.map(|r| {
-            Ok(RowState {
-                id: r.try_get("id")?,
-                status: status(r.try_get("status")?)?,
-                attempts: r.try_get("attempts")?,
-                max_retries: r.try_get("max_retries")?,
-                key: r.try_get("event_key")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(row_state).transpose()
     }
 
     async fn lock_batch_for_consume<'c>(
-        _conn: &'c mut SqliteConnection,
-        _table: &'c str,
-        _service: &'c str,
-        _event_ids: &'c [Uuid],
-    ) -> Result<(), sqlx::Error> {
-        // `BEGIN IMMEDIATE` already holds the database's one write lock.
-        Ok(())
+        conn: &'c mut SqliteConnection,
+        table: &'c str,
+        service: &'c str,
+        event_ids: &'c [Uuid],
+    ) -> Result<Vec<(Uuid, RowState)>, sqlx::Error> {
+        // The caller's BEGIN IMMEDIATE already holds the database's one write lock.
+        let mut states = Vec::with_capacity(event_ids.len());
+        for chunk in event_ids.chunks(MAX_BINDS) {
+            let sql = format!(
+                "SELECT event_id, id, status, attempts, max_retries, event_key FROM {table} \
+                  WHERE service = ? AND event_id IN ({})",
+                placeholders(chunk.len())
+            );
+            let mut q = sqlx::query(&sql).bind(service);
+            for e in chunk {
+                q = q.bind(*e);
+            }
+            for r in q.fetch_all(&mut *conn).await? {
+                states.push((r.try_get("event_id")?, row_state(&r)?));
+            }
+        }
+        Ok(states)
     }
 
     async fn has_open_predecessor<'c>(
@@ -374,17 +400,43 @@ impl Backend for Sqlite {
         Ok(found.is_some())
     }
 
+    async fn open_rows_of_keys<'c>(
+        conn: &'c mut SqliteConnection,
+        table: &'c str,
+        service: &'c str,
+        keys: &'c [String],
+        below: i64,
+        limit: u32,
+    ) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        let mut rows = Vec::new();
+        // Keys chunked (bound one per parameter); `limit` is per chunk, which only
+        // makes an incomplete answer less likely.
+        for chunk in keys.chunks(MAX_BINDS) {
+            let sql = format!(
+                "SELECT event_key, id FROM {table} \
+                  WHERE service = ? AND event_key IN ({}) AND status IN (0, 1) AND id < ? LIMIT ?",
+                placeholders(chunk.len())
+            );
+            let mut q = sqlx::query_as::<_, (String, i64)>(&sql).bind(service);
+            for k in chunk {
+                q = q.bind(k);
+            }
+            rows.extend(q.bind(below).bind(limit).fetch_all(&mut *conn).await?);
+        }
+        Ok(rows)
+    }
+
     async fn mark_consumed<'c>(
         conn: &'c mut SqliteConnection,
         table: &'c str,
-        id: i64,
+        ids: &'c [i64],
     ) -> Result<(), sqlx::Error> {
         sqlx::query(&format!(
             "UPDATE {table} SET status = 2, consumed_at = {NOW}, locked_until = NULL, lease_token = 0, \
                     updated_at = {NOW} \
-              WHERE id = ? AND status IN (0, 1)"
+              WHERE id IN (SELECT value FROM json_each(?)) AND status IN (0, 1)"
         ))
-        .bind(id)
+        .bind(json_ids(ids))
         .execute(conn)
         .await?;
         Ok(())
