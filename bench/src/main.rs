@@ -148,6 +148,8 @@ struct Args {
     rates: Vec<u64>,
     out: Option<String>,
     partitions: i32,
+    /// `OutboxConfig::consumer_batch_size` of section c's framework (None: the default).
+    consumer_batch: Option<usize>,
 }
 
 /// Parses a comma-separated list (`--rates 100,1000`).
@@ -185,6 +187,7 @@ impl Args {
             rates: vec![100, 1000, 5000],
             out: None,
             partitions: 6,
+            consumer_batch: None,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -206,6 +209,7 @@ impl Args {
                 "--rates" => a.rates = list(&val()?)?,
                 "--partitions" => a.partitions = val()?.parse()?,
                 "--out" => a.out = Some(val()?),
+                "--consumer-batch" => a.consumer_batch = Some(val()?.parse()?),
                 "--quick" => {
                     a.repeats = 3;
                     a.backlog = 20_000;
@@ -256,6 +260,7 @@ const HELP: &str = "outbox-bench [flags]   (normally run through scripts/bench.s
   --rates R1,R2       latency rates in events/s (default 100,1000,5000)
   --partitions N      partitions of every topic (default 6)
   --out FILE          write the markdown report there (e.g. BENCHMARKS.md)
+  --consumer-batch N  consumer_batch_size of section c's framework (default: the library's)
   --quick             small sizes, for trying the harness
 Environment: OUTBOX_BENCH_PENDING_KEY_INDEX=1 adds a partial index (service, event_key, id)
 WHERE status = 0 to every PostgreSQL outbox table (an experiment on the head-of-key probe).";
@@ -1647,7 +1652,12 @@ async fn latency_framework(ctx: &Ctx<Postgres>, rate: u64) -> Res<((f64, f64, f6
         .await?;
     let rt_pool = small_pool(ctx, 8).await?;
     reset_peak_rss();
+    let mut config = OutboxConfig::default();
+    if let Some(n) = ctx.args.consumer_batch {
+        config.consumer_batch_size = n;
+    }
     let handle = OutboxRuntime::new(catalog.clone(), rt_pool.clone(), ctx.kafka())
+        .config(config)
         .start()
         .await?;
     let outbox = Outbox::<Bench, Postgres>::new(ctx.pool.clone(), &catalog)?;
@@ -1674,6 +1684,20 @@ async fn latency_framework(ctx: &Ctx<Postgres>, rate: u64) -> Res<((f64, f64, f6
     let seqs = steady(rate, ctx.args.latency_secs, publish).await?;
     let l = latencies(&seqs).await;
     let mem = peak_rss_mib();
+    // Counters, for reading a slow run.
+    let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    for r in handle.relay_stats(&route.service) {
+        log(format!(
+            "c: {rate:>5}/s framework relay: published {} rounds {} idles {} fenced {} released {} errors {}",
+            c(&r.published), c(&r.rounds), c(&r.idles), c(&r.fenced), c(&r.released), c(&r.errors)
+        ));
+    }
+    if let Some(s) = handle.consumer_stats(&route.service) {
+        log(format!(
+            "c: {rate:>5}/s framework consumer: handled {} batched {} batch lock waits {} deferred {} duplicates {} db retries {}",
+            c(&s.handled), c(&s.batched), c(&s.batch_lock_waits), c(&s.deferred), c(&s.duplicates), c(&s.db_retries)
+        ));
+    }
     handle.shutdown().await?;
     rt_pool.close().await;
     Ok((l, mem))
@@ -2027,7 +2051,7 @@ fn machine(servers: &[String], broker: &str, args: &Args) -> String {
         "- date: {}\n- machine: {} cores ({cpu}), {mem} RAM, {}\n{servers}\
          - broker: {broker}; librdkafka {rdk}; {}\n- settings: repeats {}, backlog {}, large table {}, \
          small table {}, many-relays backlog {} on {:?} keys, {} s per transaction measurement, {} s \
-         per latency measurement, rates {:?}, {} partitions per topic; framework: `OutboxConfig::default()` \
+         per latency measurement, rates {:?}, {} partitions per topic; framework: `OutboxConfig::default()`{} \
          and the framework's Kafka defaults\n",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -2043,6 +2067,9 @@ fn machine(servers: &[String], broker: &str, args: &Args) -> String {
         args.latency_secs,
         args.rates,
         args.partitions,
+        args.consumer_batch
+            .map(|n| format!(" except `consumer_batch_size` {n} in section c"))
+            .unwrap_or_default(),
     )
 }
 

@@ -50,7 +50,7 @@ pub struct EventMeta {
 /// The handler's view of the consumer's transaction: write through [`conn`](Self::conn)
 /// and the writes commit atomically with the event's `consumed` mark.
 ///
-/// With batching on, under load the transaction is shared with the handlers of the other records queued
+/// Under load the transaction is shared with the handlers of the other records queued
 /// in the same lane ([`crate::OutboxConfig::consumer_batch_size`]), run one after
 /// another: a handler sees the writes of those before it, as if they had committed.
 /// Do not change state that outlives your handler (`SET`, `SET LOCAL`, advisory locks,
