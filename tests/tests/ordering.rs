@@ -6,6 +6,9 @@
 //!   records of an event are the re-publishes of retries and deferrals);
 //! - no row was produced twice except for those re-publishes (no crash here, so no
 //!   lost lease; a mark is only fenced when the consumer settled the row first).
+//!
+//! And: a relay whose claims came back short (so it claims within a window of the
+//! oldest due rows) still finds heads of key behind a parked key's long backlog.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -171,6 +174,104 @@ async fn four_relays_keep_per_key_order_with_a_failing_head() {
         "per-key order violations: {violations:?}"
     );
 
+    db.cleanup().await;
+}
+
+/// The relay's claim fallback (`relay.rs` `claim_batch`): once a claim comes back short,
+/// the relay claims among the oldest `4 × batch` due rows only, and runs the full claim
+/// again at most once per poll interval. A parked head (not due for an hour) whose key
+/// has a backlog longer than that window fills the window with rows that are not heads;
+/// new events of other keys behind it must still go out, and none of the parked key's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn heads_behind_a_parked_keys_backlog_go_out() {
+    const BATCH: u32 = 10;
+    const PARKED_BACKLOG: u32 = 100; // > 4 × BATCH
+    const OTHERS: u32 = 20;
+    let broker = TestBroker::mock().await;
+    let db = TestPg::create().await;
+    let pool = db.pool().clone();
+    let catalog = fresh_catalog(&broker).await;
+    let route = catalog.route("task").expect("task route").clone();
+    let config = outbox_runtime::OutboxConfig {
+        relay_batch_size: BATCH,
+        relay_poll_interval: Duration::from_millis(200),
+        ..test_config()
+    };
+    let outbox = Outbox::<Task, Postgres>::with_config(pool.clone(), &catalog, config.clone())
+        .expect("outbox");
+    outbox.migrate().await.expect("migrate");
+    let publish = |key: String, seq: u32| {
+        let outbox = outbox.clone();
+        async move {
+            let mut tx = outbox.begin().await.expect("begin");
+            tx.publish(&TaskCreated {
+                task_id: key,
+                seq,
+                script: Script::default(),
+            })
+            .await
+            .expect("publish");
+            tx.commit().await.expect("commit");
+        }
+    };
+    for seq in 0..=PARKED_BACKLOG {
+        publish("parked".into(), seq).await;
+    }
+    // Park the head, as a failed delivery's backoff would.
+    let parked = sqlx::query(&format!(
+        "UPDATE {} SET next_attempt_at = now() + interval '1 hour' \
+          WHERE id = (SELECT min(id) FROM {0} WHERE event_key = $1)",
+        route.table
+    ))
+    .bind("parked")
+    .execute(&pool)
+    .await
+    .expect("park");
+    assert_eq!(parked.rows_affected(), 1);
+
+    let handle = OutboxRuntime::new(catalog.clone(), pool.clone(), broker_config(&broker))
+        .config(config)
+        .services(["task"])
+        .consumers(false)
+        .start()
+        .await
+        .expect("runtime");
+    // Nothing is claimable: the first claim comes back short, so the relay is in window
+    // mode from then on.
+    let stats = handle.relay_stats("task")[0].clone();
+    eventually("a short claim", Duration::from_secs(10), || {
+        let stats = stats.clone();
+        async move { (stats.idles.load(Ordering::Relaxed) > 0).then_some(()) }
+    })
+    .await;
+    for k in 0..OTHERS {
+        publish(format!("other-{k}"), 0).await;
+    }
+    let counts = eventually(
+        "the other keys' heads published",
+        Duration::from_secs(20),
+        || {
+            let pool = pool.clone();
+            let table = route.table.clone();
+            async move {
+                let rows: Vec<(String, i16)> =
+                    sqlx::query_as(&format!("SELECT event_key, status FROM {table}"))
+                        .fetch_all(&pool)
+                        .await
+                        .expect("rows");
+                let published = |prefix: &str| {
+                    rows.iter()
+                        .filter(|(k, s)| k.starts_with(prefix) && *s != 0)
+                        .count()
+                };
+                let (others, parked) = (published("other-"), published("parked"));
+                (others == OTHERS as usize).then_some(parked)
+            }
+        },
+    )
+    .await;
+    assert_eq!(counts, 0, "nothing of the parked key went out");
+    handle.shutdown().await.expect("shutdown");
     db.cleanup().await;
 }
 

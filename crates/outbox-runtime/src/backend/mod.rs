@@ -260,7 +260,11 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// pending, `next_attempt_at <= now`, lease free or expired, and no older pending
     /// row with the same key (head of key, so per-key order survives many relays and a
     /// failing head parks only its own key). Sets `lease_token = token` and
-    /// `locked_until = now + lease`. Rows come back in id order.
+    /// `locked_until = now + lease`. Which rows, when more are due than `limit`: the
+    /// first in id order (MySQL, SQLite: their claim index leads with status), or in due
+    /// order, `next_attempt_at` then id (PostgreSQL: an order only its partial due index
+    /// gives, so the planner cannot walk the primary key past every row already
+    /// published). Rows come back in id order.
     fn claim<'p>(
         pool: &'p Pool<Self>,
         table: &'p str,
@@ -271,7 +275,7 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     ) -> impl Future<Output = Result<Vec<ClaimedRow>, sqlx::Error>> + Send + 'p;
 
     /// [`claim`](Self::claim), looking only at the first `window` due, unleased rows in
-    /// id order: bounded cost, however deep the backlog behind heads that are leased to
+    /// the claim's order: bounded cost, however deep the backlog behind heads that are leased to
     /// other relays or parked. It can miss heads further back (behind a parked key's
     /// long backlog); the relay falls back to the full [`claim`](Self::claim) when that
     /// finds more. The default (SQLite, MySQL) is the full claim

@@ -69,7 +69,8 @@ fn outbox_row(r: &PgRow) -> Result<OutboxRow, sqlx::Error> {
     })
 }
 
-/// The claim: heads of key among the due, unleased rows in id order, all of them or
+/// The claim: heads of key among the due, unleased rows in due order (`next_attempt_at`,
+/// then id; see the migration's due index), all of them or
 /// (`window`) only among the first `window` of them.
 async fn claim_heads(
     pool: &Pool<Postgres>,
@@ -80,13 +81,15 @@ async fn claim_heads(
     lease: Duration,
     token: i64,
 ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
-    // The bound is an InitPlan: the pending index is walked up to the window's last id.
+    // The bound is an InitPlan: the due index is walked up to the window's last due
+    // time (rows due at the same instant as the window's last are inside it too).
     let bound = if window.is_some() {
         format!(
-            "AND o.id <= (SELECT max(w.id) FROM (SELECT w.id FROM {table} w \
-                           WHERE w.service = $1 AND w.status = 0 AND w.next_attempt_at <= now() \
-                             AND (w.locked_until IS NULL OR w.locked_until <= now()) \
-                           ORDER BY w.id LIMIT $5) w)"
+            "AND o.next_attempt_at <= (SELECT max(w.next_attempt_at) FROM ( \
+                           SELECT w.next_attempt_at FROM {table} w \
+                            WHERE w.service = $1 AND w.status = 0 AND w.next_attempt_at <= now() \
+                              AND (w.locked_until IS NULL OR w.locked_until <= now()) \
+                            ORDER BY w.next_attempt_at, w.id LIMIT $5) w)"
         )
     } else {
         String::new()
@@ -101,7 +104,7 @@ async fn claim_heads(
                               SELECT 1 FROM {table} p \
                                WHERE p.service = o.service AND p.event_key = o.event_key \
                                  AND p.status = 0 AND p.id < o.id)) \
-                      ORDER BY o.id \
+                      ORDER BY o.next_attempt_at, o.id \
                       LIMIT $2 \
                       FOR NO KEY UPDATE SKIP LOCKED) AS due \
               WHERE t.id = due.id \
