@@ -81,15 +81,17 @@ async fn claim_heads(
     lease: Duration,
     token: i64,
 ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
-    // The bound is an InitPlan: the due index is walked up to the window's last due
-    // time (rows due at the same instant as the window's last are inside it too).
+    // The bound is an InitPlan: the due index is walked up to the window's last row,
+    // compared as (next_attempt_at, id) so rows that share a due time (one
+    // transaction's rows share `now()`) are cut at the window's last id too.
     let bound = if window.is_some() {
         format!(
-            "AND o.next_attempt_at <= (SELECT max(w.next_attempt_at) FROM ( \
-                           SELECT w.next_attempt_at FROM {table} w \
+            "AND (o.next_attempt_at, o.id) <= (SELECT win.next_attempt_at, win.id FROM ( \
+                           SELECT w.next_attempt_at, w.id FROM {table} w \
                             WHERE w.service = $1 AND w.status = 0 AND w.next_attempt_at <= now() \
                               AND (w.locked_until IS NULL OR w.locked_until <= now()) \
-                            ORDER BY w.next_attempt_at, w.id LIMIT $5) w)"
+                            ORDER BY w.next_attempt_at, w.id LIMIT $5) win \
+                          ORDER BY win.next_attempt_at DESC, win.id DESC LIMIT 1)"
         )
     } else {
         String::new()
