@@ -120,7 +120,17 @@ async fn claim_heads(
     if let Some(window) = window {
         query = query.bind(i64::from(window));
     }
-    let rows = query.fetch_all(pool).await?;
+    // Claims of one service take turns (a transaction-scoped advisory lock): concurrent
+    // claims would walk the same heads of key and lock rows the other is about to
+    // lease, which made extra relays slower than one on few keys. Each claim's
+    // statement then sees the previous claim's leases committed.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("outbox-claim:{table}:{service}"))
+        .execute(&mut *tx)
+        .await?;
+    let rows = query.fetch_all(&mut *tx).await?;
+    tx.commit().await?;
     let mut claimed = rows
         .iter()
         .map(|r| {
