@@ -571,6 +571,19 @@ impl<T: Into<SqlValue>> From<Option<T>> for SqlValue {
 pub type WakeStream = futures::stream::BoxStream<'static, Result<String, sqlx::Error>>;
 
 /// Folds `(status, count)` pairs into [`StatusCounts`] (shared by the backends).
+/// `?, ?, ?` with `n` placeholders (MySQL and SQLite bind lists one parameter each).
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+pub(crate) fn placeholders(n: usize) -> String {
+    let mut s = String::with_capacity(n * 3);
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push('?');
+    }
+    s
+}
+
 pub(crate) fn counts_from(rows: impl IntoIterator<Item = (i16, i64)>) -> StatusCounts {
     let mut c = StatusCounts::default();
     for (status, n) in rows {

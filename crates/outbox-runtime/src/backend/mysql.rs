@@ -26,7 +26,8 @@ use sqlx::{MySql, MySqlConnection, Pool, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, RowState, SqlValue, Status, StatusCounts,
+    placeholders, AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, RowState, SqlValue,
+    Status, StatusCounts,
 };
 
 const MIGRATION: &str = include_str!("../../../../migrations/mysql/outbox_table.sql");
@@ -103,18 +104,6 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros())
         .unwrap_or(i64::MAX)
         .min(MAX_DELAY_MICROS)
-}
-
-/// `?, ?, ?` with `n` placeholders.
-fn placeholders(n: usize) -> String {
-    let mut s = String::with_capacity(n * 3);
-    for i in 0..n {
-        if i > 0 {
-            s.push_str(", ");
-        }
-        s.push('?');
-    }
-    s
 }
 
 fn status(v: i16) -> Result<Status, sqlx::Error> {

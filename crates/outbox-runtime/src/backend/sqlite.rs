@@ -26,7 +26,8 @@ use sqlx::{Pool, Row, Sqlite, SqliteConnection, Transaction};
 use uuid::Uuid;
 
 use super::{
-    AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, RowState, SqlValue, Status, StatusCounts,
+    placeholders, AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, RowState, SqlValue,
+    Status, StatusCounts,
 };
 
 const MIGRATION: &str = include_str!("../../../../migrations/sqlite/outbox_table.sql");
@@ -118,11 +119,6 @@ fn json_ids(ids: &[i64]) -> String {
 /// Most parameters bound to one statement (SQLite's limit is 32,766 since 3.32, 999
 /// before).
 const MAX_BINDS: usize = 900;
-
-/// `?, ?, ?` with `n` placeholders.
-fn placeholders(n: usize) -> String {
-    vec!["?"; n].join(", ")
-}
 
 fn status(v: i16) -> Result<Status, sqlx::Error> {
     Status::from_i16(v)
