@@ -1933,8 +1933,9 @@ async fn section_c(ctx: &Ctx<Postgres>, report: &mut Report) -> Res<()> {
              built from the framework's own `KafkaConfig` (producer {}, {}, {}, {}; consumer {}, \
              {}, {}), offsets stored automatically. Framework: `OutboxTx` publish + commit; \
              `OutboxRuntime` (one relay, one consumer, own pool of 8); the handler runs in the \
-             consumer's transaction (row lock, predecessor check, consumed mark, COMMIT: one more \
-             fsync than the raw consumer, which does no database work). Latency is measured at \
+             consumer's transaction (row lock, predecessor check, consumed mark, COMMIT, shared by \
+             the records queued in a lane, up to `consumer_batch_size`: one more fsync per batch \
+             than the raw consumer, which does no database work). Latency is measured at \
              handler entry. 1,000 keys.",
             setting(&producer, "linger.ms"),
             setting(&producer, "enable.idempotence"),
