@@ -69,22 +69,21 @@ fn outbox_row(r: &PgRow) -> Result<OutboxRow, sqlx::Error> {
     })
 }
 
-/// The claim: heads of key among the due, unleased rows in due order (`next_attempt_at`,
-/// then id; see the migration's due index), all of them or
-/// (`window`) only among the first `window` of them.
-async fn claim_heads(
-    pool: &Pool<Postgres>,
-    table: &str,
-    service: &str,
-    limit: u32,
-    window: Option<u32>,
-    lease: Duration,
-    token: i64,
-) -> Result<Vec<ClaimedRow>, sqlx::Error> {
+/// The relay's claim statement on PostgreSQL, for `table`: heads of key among the
+/// due, unleased rows of one service, in due order (`next_attempt_at`, then id; the
+/// migration's `{table}_due_idx`), leased to a token; with `windowed`, only among the
+/// first `$5` of those rows (the relay's default, [`Backend::claim_window`]).
+///
+/// Parameters: `$1` service (text), `$2` limit (bigint), `$3` lease token (bigint),
+/// `$4` lease in seconds (double precision), `$5` window (bigint, only if `windowed`).
+/// It returns the claimed rows. Public so operators can `EXPLAIN` it against their
+/// own table; the relay runs it under a per-service advisory lock (claims take turns).
+/// `table` must already have been checked against the name grammar.
+pub fn claim_sql(table: &str, windowed: bool) -> String {
     // The bound is an InitPlan: the due index is walked up to the window's last row,
     // compared as (next_attempt_at, id) so rows that share a due time (one
     // transaction's rows share `now()`) are cut at the window's last id too.
-    let bound = if window.is_some() {
+    let bound = if windowed {
         format!(
             "AND (o.next_attempt_at, o.id) <= (SELECT win.next_attempt_at, win.id FROM ( \
                            SELECT w.next_attempt_at, w.id FROM {table} w \
@@ -96,22 +95,35 @@ async fn claim_heads(
     } else {
         String::new()
     };
-    let sql = format!(
-            "UPDATE {table} AS t \
-                SET lease_token = $3, locked_until = now() + make_interval(secs => $4), updated_at = now() \
-               FROM (SELECT o.id FROM {table} o \
-                      WHERE o.service = $1 AND o.status = 0 AND o.next_attempt_at <= now() \
-                        AND (o.locked_until IS NULL OR o.locked_until <= now()) {bound} \
-                        AND (o.event_key IS NULL OR NOT EXISTS ( \
-                              SELECT 1 FROM {table} p \
-                               WHERE p.service = o.service AND p.event_key = o.event_key \
-                                 AND p.status = 0 AND p.id < o.id)) \
-                      ORDER BY o.next_attempt_at, o.id \
-                      LIMIT $2 \
-                      FOR NO KEY UPDATE SKIP LOCKED) AS due \
-              WHERE t.id = due.id \
-             RETURNING t.id, t.event_id, t.event_type, t.event_version, t.event_key, t.payload, t.attempts, t.created_at"
-    );
+    format!(
+        "UPDATE {table} AS t \
+            SET lease_token = $3, locked_until = now() + make_interval(secs => $4), updated_at = now() \
+           FROM (SELECT o.id FROM {table} o \
+                  WHERE o.service = $1 AND o.status = 0 AND o.next_attempt_at <= now() \
+                    AND (o.locked_until IS NULL OR o.locked_until <= now()) {bound} \
+                    AND (o.event_key IS NULL OR NOT EXISTS ( \
+                          SELECT 1 FROM {table} p \
+                           WHERE p.service = o.service AND p.event_key = o.event_key \
+                             AND p.status = 0 AND p.id < o.id)) \
+                  ORDER BY o.next_attempt_at, o.id \
+                  LIMIT $2 \
+                  FOR NO KEY UPDATE SKIP LOCKED) AS due \
+          WHERE t.id = due.id \
+         RETURNING t.id, t.event_id, t.event_type, t.event_version, t.event_key, t.payload, t.attempts, t.created_at"
+    )
+}
+
+/// Runs [`claim_sql`] (with a window if `window` is given) under the service's claim lock.
+async fn claim_heads(
+    pool: &Pool<Postgres>,
+    table: &str,
+    service: &str,
+    limit: u32,
+    window: Option<u32>,
+    lease: Duration,
+    token: i64,
+) -> Result<Vec<ClaimedRow>, sqlx::Error> {
+    let sql = claim_sql(table, window.is_some());
     let mut query = sqlx::query(&sql)
         .bind(service)
         .bind(i64::from(limit))
