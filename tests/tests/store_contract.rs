@@ -1463,6 +1463,58 @@ mod postgres_specific {
         db.cleanup().await;
     }
 
+    /// The relays of a service take turns at the claim, under the advisory lock the
+    /// README documents: while another session holds it, a claim waits (seen in
+    /// `pg_locks`), then claims once it is released. Another service's claim does not
+    /// wait.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn claims_take_turns() {
+        let db = setup::<TestPg>().await;
+        let pool = db.pool().clone();
+        let mine = publish(&pool, SVC, Some("k")).await;
+        let other = publish(&pool, OTHER_SVC, Some("k")).await;
+
+        let mut holder = pool.begin().await.expect("begin");
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!("outbox-claim:{TABLE}:{SVC}"))
+            .execute(&mut *holder)
+            .await
+            .expect("take the claim lock");
+
+        let waiting = {
+            let pool = pool.clone();
+            tokio::spawn(async move { claim(&pool, SVC, 10, LONG, token()).await })
+        };
+        let pool_ref = &pool;
+        poll_until("the claim to wait for the advisory lock", || async move {
+            let waiters: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks \
+                  WHERE locktype = 'advisory' AND NOT granted \
+                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .fetch_one(pool_ref)
+            .await
+            .expect("pg_locks");
+            (waiters == 1).then_some(())
+        })
+        .await;
+        let others = claim(&pool, OTHER_SVC, 10, LONG, token()).await;
+        assert_eq!(
+            event_ids(&others),
+            vec![other],
+            "another service does not wait"
+        );
+        assert!(
+            !waiting.is_finished(),
+            "the claim waits while the lock is held"
+        );
+
+        holder.commit().await.expect("release");
+        let rows = waiting.await.expect("claim task");
+        assert_eq!(event_ids(&rows), vec![mine], "claims once the lock is free");
+        db.cleanup().await;
+    }
+
     /// The claim walks the due index, on a table where most rows are published and
     /// the statistics know it. The plan it replaced walked the primary key from its
     /// start under the claim's LIMIT, past every published row: 2,000 rows/s and
