@@ -1435,7 +1435,7 @@ mod sqlite_specific {
 
 mod postgres_specific {
     use super::*;
-    use outbox_runtime::backend::postgres::claim_sql;
+    use outbox_runtime::backend::postgres::{claim_sql, take_claim_turn};
     use outbox_tests::db::TestPg;
 
     /// The migration ran completely: the due index replaced the old pending index.
@@ -1463,8 +1463,8 @@ mod postgres_specific {
         db.cleanup().await;
     }
 
-    /// The relays of a service take turns at the claim, under the advisory lock the
-    /// README documents: while another session holds it, a claim waits (seen in
+    /// The relays of a service take turns at the claim ([`take_claim_turn`], the
+    /// advisory lock the README documents): while another transaction holds it, a claim waits (seen in
     /// `pg_locks`), then claims once it is released. Another service's claim does not
     /// wait.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1475,9 +1475,7 @@ mod postgres_specific {
         let other = publish(&pool, OTHER_SVC, Some("k")).await;
 
         let mut holder = pool.begin().await.expect("begin");
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(format!("outbox-claim:{TABLE}:{SVC}"))
-            .execute(&mut *holder)
+        take_claim_turn(&mut holder, TABLE, SVC)
             .await
             .expect("take the claim lock");
 

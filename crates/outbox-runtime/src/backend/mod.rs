@@ -570,7 +570,6 @@ impl<T: Into<SqlValue>> From<Option<T>> for SqlValue {
 /// only costs latency, since relays also poll.
 pub type WakeStream = futures::stream::BoxStream<'static, Result<String, sqlx::Error>>;
 
-/// Folds `(status, count)` pairs into [`StatusCounts`] (shared by the backends).
 /// `?, ?, ?` with `n` placeholders (MySQL and SQLite bind lists one parameter each).
 #[cfg(any(feature = "mysql", feature = "sqlite"))]
 pub(crate) fn placeholders(n: usize) -> String {
@@ -584,6 +583,7 @@ pub(crate) fn placeholders(n: usize) -> String {
     s
 }
 
+/// Folds `(status, count)` pairs into [`StatusCounts`] (shared by the backends).
 pub(crate) fn counts_from(rows: impl IntoIterator<Item = (i16, i64)>) -> StatusCounts {
     let mut c = StatusCounts::default();
     for (status, n) in rows {

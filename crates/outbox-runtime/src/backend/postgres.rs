@@ -113,7 +113,25 @@ pub fn claim_sql(table: &str, windowed: bool) -> String {
     )
 }
 
-/// Runs [`claim_sql`] (with a window if `window` is given) under the service's claim lock.
+/// Takes `service`'s claim turn on `table` for the rest of the transaction on `conn`:
+/// the relays of that service claim one at a time under this lock (a
+/// transaction-scoped advisory lock on
+/// `hashtextextended('outbox-claim:<table>:<service>', 0)`), so an operator's
+/// transaction that takes it holds them off until it ends. Other services do not wait.
+pub async fn take_claim_turn(
+    conn: &mut PgConnection,
+    table: &str,
+    service: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("outbox-claim:{table}:{service}"))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Runs [`claim_sql`] (with a window if `window` is given) in its own short
+/// transaction, after [`take_claim_turn`].
 async fn claim_heads(
     pool: &Pool<Postgres>,
     table: &str,
@@ -137,10 +155,7 @@ async fn claim_heads(
     // lease, which made extra relays slower than one on few keys. Each claim's
     // statement then sees the previous claim's leases committed.
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(format!("outbox-claim:{table}:{service}"))
-        .execute(&mut *tx)
-        .await?;
+    take_claim_turn(&mut tx, table, service).await?;
     let rows = query.fetch_all(&mut *tx).await?;
     tx.commit().await?;
     let mut claimed = rows
