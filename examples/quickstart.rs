@@ -104,7 +104,10 @@ async fn main() -> Result<(), AnyError> {
     for r in catalog.routes() {
         println!(
             "  {:<13} table {:<20} topic {:<21} group {}",
-            r.service, r.table, r.topic, r.group
+            r.service(),
+            r.table(),
+            r.topic(),
+            r.group()
         );
     }
 
@@ -215,8 +218,13 @@ async fn run<DB: Backend>(
     println!("Relaying and handling:");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let t = DB::counts(&pool, &tasks.route().table, "task").await?;
-        let n = DB::counts(&pool, &notifications.route().table, "notification").await?;
+        let t = DB::counts(&pool, tasks.route().table(), tasks.route().service()).await?;
+        let n = DB::counts(
+            &pool,
+            notifications.route().table(),
+            notifications.route().service(),
+        )
+        .await?;
         if t.consumed + t.dead == 2 && n.consumed == 1 {
             break;
         }
@@ -230,11 +238,9 @@ async fn run<DB: Backend>(
     runtime.shutdown().await?;
 
     println!("Report:");
-    for (service, table) in [
-        ("task", &tasks.route().table),
-        ("notification", &notifications.route().table),
-    ] {
-        for row in DB::fetch_all(&pool, table, service).await? {
+    for route in [tasks.route(), notifications.route()] {
+        let service = route.service().as_str();
+        for row in DB::fetch_all(&pool, route.table(), route.service()).await? {
             let status = match row.status {
                 Status::Consumed => "consumed".to_owned(),
                 Status::Dead => format!("DEAD: {}", row.last_error.unwrap_or_default()),

@@ -251,10 +251,16 @@ async fn run(url: &str, catalog: &Catalog) -> Result<(), AnyError> {
 
     println!("Outbox rows by service (pending/published/consumed/dead):");
     for r in catalog.routes() {
-        let c = <Postgres as outbox_runtime::Backend>::counts(&pool, &r.table, &r.service).await?;
+        let c =
+            <Postgres as outbox_runtime::Backend>::counts(&pool, r.table(), r.service()).await?;
         println!(
             "  {:<17} {:<29} {}/{}/{}/{}",
-            r.service, r.table, c.pending, c.published, c.consumed, c.dead
+            r.service(),
+            r.table(),
+            c.pending,
+            c.published,
+            c.consumed,
+            c.dead
         );
     }
     pool.close().await;

@@ -935,12 +935,19 @@ const ACCOUNTS: i32 = 10_000;
 impl<DB: BenchDb> Ctx<DB> {
     /// The framework's route with a fresh topic (created) and group, and `table`.
     async fn route_with_fresh_topic(&self, table: &str) -> Res<Route> {
-        let mut r = self.route.clone();
-        r.table = table.to_owned();
-        r.topic = fresh("bench-");
-        r.group = format!("{}.g", r.topic);
+        let service = self.route.service().as_str();
+        let topic = fresh("bench-");
+        let catalog = Catalog::builder()
+            .table(service, table)
+            .topic(service, &topic)
+            .group(service, format!("{topic}.g"))
+            .build()?;
+        let r = catalog
+            .route(service)
+            .cloned()
+            .ok_or("the bench service has no route")?;
         self.broker
-            .create_topic(&r.topic, self.args.partitions)
+            .create_topic(r.topic().as_str(), self.args.partitions)
             .await?;
         Ok(r)
     }
@@ -969,7 +976,7 @@ impl<DB: BenchDb> Ctx<DB> {
             DB::insert_rows(
                 &self.pool,
                 table,
-                &self.route.service,
+                self.route.service().as_str(),
                 keys,
                 status,
                 start,
@@ -1091,7 +1098,7 @@ async fn section_a<DB: BenchDb>(ctx: &Ctx<DB>, report: &mut Report) -> Res<()> {
     let outbox = Outbox::<Bench, DB>::new(ctx.pool.clone(), &ctx.catalog)?;
     let mut rows = Vec::new();
     for writers in [1usize, 4, 16] {
-        for t in [RAW_TABLE, &ctx.route.table] {
+        for t in [RAW_TABLE, ctx.route.table().as_str()] {
             DB::exec(&ctx.pool, &DB::truncate_sql(t)).await?;
         }
         let mut rates: HashMap<&str, Vec<f64>> = HashMap::new();
@@ -1306,8 +1313,10 @@ async fn section_b<DB: BenchDb>(ctx: &Ctx<DB>, report: &mut Report) -> Res<()> {
                 log(format!("{name}: raw loop   {r:>8.0} events/s"));
                 raw.push(r);
             } else {
-                ctx.load(&ctx.route.table, 0, n, 10_000).await?;
-                let route = ctx.route_with_fresh_topic(&ctx.route.table).await?;
+                ctx.load(ctx.route.table().as_str(), 0, n, 10_000).await?;
+                let route = ctx
+                    .route_with_fresh_topic(ctx.route.table().as_str())
+                    .await?;
                 reset_peak_rss();
                 let (r, _) = framework_drain(ctx, &route, n, 1).await?;
                 fw_mem = fw_mem.max(peak_rss_mib());
@@ -1434,10 +1443,12 @@ async fn section_d(ctx: &Ctx<Postgres>, report: &mut Report) -> Res<()> {
         for rep in 0..ctx.args.repeats {
             for j in 0..3 {
                 let i = (j + rep) % 3;
-                ctx.load(&ctx.route.table, 0, n, keys).await?;
-                let route = ctx.route_with_fresh_topic(&ctx.route.table).await?;
+                ctx.load(ctx.route.table().as_str(), 0, n, keys).await?;
+                let route = ctx
+                    .route_with_fresh_topic(ctx.route.table().as_str())
+                    .await?;
                 let (r, f) = framework_drain(ctx, &route, n, counts[i]).await?;
-                let (got, v, d) = read_back(ctx, &route.topic, n as usize).await?;
+                let (got, v, d) = read_back(ctx, route.topic().as_str(), n as usize).await?;
                 log(format!(
                     "d: {keys} keys, {} relay(s) {r:>8.0} events/s; read back {got}, order violations {v}, duplicates {d}, fenced {f}",
                     counts[i]
@@ -1651,9 +1662,9 @@ async fn latency_framework(ctx: &Ctx<Postgres>, rate: u64) -> Res<((f64, f64, f6
         .build()?;
     let route = catalog.route_of::<Bench>()?.clone();
     ctx.broker
-        .create_topic(&route.topic, ctx.args.partitions)
+        .create_topic(route.topic().as_str(), ctx.args.partitions)
         .await?;
-    sqlx::query(&format!("TRUNCATE {}", route.table))
+    sqlx::query(&format!("TRUNCATE {}", route.table()))
         .execute(&ctx.pool)
         .await?;
     let rt_pool = small_pool(ctx, 8).await?;
@@ -1692,13 +1703,13 @@ async fn latency_framework(ctx: &Ctx<Postgres>, rate: u64) -> Res<((f64, f64, f6
     let mem = peak_rss_mib();
     // Counters, for reading a slow run.
     let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    for r in handle.relay_stats(&route.service) {
+    for r in handle.relay_stats(route.service().as_str()) {
         log(format!(
             "c: {rate:>5}/s framework relay: published {} rounds {} idles {} fenced {} released {} errors {}",
             c(&r.published), c(&r.rounds), c(&r.idles), c(&r.fenced), c(&r.released), c(&r.errors)
         ));
     }
-    if let Some(s) = handle.consumer_stats(&route.service) {
+    if let Some(s) = handle.consumer_stats(route.service().as_str()) {
         log(format!(
             "c: {rate:>5}/s framework consumer: handled {} batched {} batch lock waits {} deferred {} duplicates {} db retries {}",
             c(&s.handled), c(&s.batched), c(&s.batch_lock_waits), c(&s.deferred), c(&s.duplicates), c(&s.db_retries)
@@ -2159,8 +2170,8 @@ async fn sections<DB: BenchDb>(
 ) -> Res<()> {
     let catalog = Catalog::builder().build()?;
     let route = catalog.route_of::<Bench>()?.clone();
-    for t in [route.table.as_str(), RAW_TABLE, LARGE_TABLE, SMALL_TABLE] {
-        DB::migrate(&pool, t).await?;
+    for t in [route.table().as_str(), RAW_TABLE, LARGE_TABLE, SMALL_TABLE] {
+        DB::migrate(&pool, &outbox_runtime::TableName::new(t)?).await?;
         if DB::BACKEND_NAME == "postgres"
             && std::env::var("OUTBOX_BENCH_PENDING_KEY_INDEX").is_ok_and(|v| v == "1")
         {

@@ -27,7 +27,7 @@ pub fn broker(catalog: &Catalog) -> Result<ExampleBroker, KafkaError> {
     }
     let mock = MockCluster::new(1)?;
     for r in catalog.routes() {
-        mock.create_topic(&r.topic, 3, 1)?;
+        mock.create_topic(r.topic().as_str(), 3, 1)?;
     }
     Ok(ExampleBroker {
         kafka: KafkaConfig::new(mock.bootstrap_servers()),

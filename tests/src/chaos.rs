@@ -185,8 +185,8 @@ impl<B: ChaosBackend> ChaosEnv<B> {
             db,
             catalog,
             prefix,
-            table: route.table,
-            topic: route.topic,
+            table: route.table().to_string(),
+            topic: route.topic().to_string(),
         }
     }
 
@@ -271,7 +271,7 @@ pub async fn prepare<B: ChaosBackend>(
         .expect("migrate");
     create_effects(pool).await;
     oracle::create_ledger(pool).await;
-    let topic = catalog.route("task").expect("task").topic.clone();
+    let topic = catalog.route("task").expect("task").topic().to_string();
     broker.create_topic(&topic, partitions).await;
     (catalog, prefix)
 }

@@ -124,7 +124,7 @@ pub async fn fresh_catalog(broker: &TestBroker) -> Catalog {
         .build()
         .expect("the test catalog is valid");
     for route in catalog.routes() {
-        broker.create_topic(&route.topic, 3).await;
+        broker.create_topic(route.topic().as_str(), 3).await;
     }
     catalog
 }
@@ -133,9 +133,13 @@ pub async fn fresh_catalog(broker: &TestBroker) -> Catalog {
 /// `effects` table created: the common start of a test.
 pub async fn prepare<DB: Backend>(pool: &Pool<DB>, broker: &TestBroker) -> Catalog {
     let catalog = fresh_catalog(broker).await;
-    outbox_runtime::runtime::migrate(pool, &catalog, catalog.routes().map(|r| r.service.as_str()))
-        .await
-        .expect("migrate");
+    outbox_runtime::runtime::migrate(
+        pool,
+        &catalog,
+        catalog.routes().map(|r| r.service().as_str()),
+    )
+    .await
+    .expect("migrate");
     create_effects(pool).await;
     catalog
 }
@@ -174,7 +178,7 @@ pub async fn all_rows<DB: Backend>(
 ) -> BTreeMap<EventId, OutboxRow> {
     let mut rows = BTreeMap::new();
     for route in catalog.routes() {
-        for row in DB::fetch_all(pool, &route.table, &route.service)
+        for row in DB::fetch_all(pool, route.table(), route.service())
             .await
             .expect("fetch_all")
         {
@@ -241,7 +245,7 @@ pub async fn full_flow<DB: TestBackend>(pool: Pool<DB>, broker: &TestBroker) {
     outbox_runtime::runtime::migrate(
         &pool,
         &catalog,
-        catalog.routes().map(|r| r.service.as_str()),
+        catalog.routes().map(|r| r.service().as_str()),
     )
     .await
     .expect("migrate");
@@ -521,9 +525,13 @@ pub async fn full_flow<DB: TestBackend>(pool: Pool<DB>, broker: &TestBroker) {
 
     // The shared legacy table: each service sees only its rows.
     for (service, owned) in [("agent", "agent"), ("memory", "memory")] {
-        let rows = DB::fetch_all(&pool, "outbox_events", service)
-            .await
-            .expect("fetch");
+        let rows = DB::fetch_all(
+            &pool,
+            &"outbox_events".parse().unwrap(),
+            &service.parse().unwrap(),
+        )
+        .await
+        .expect("fetch");
         assert!(!rows.is_empty());
         assert!(rows.iter().all(|r| r.service == owned));
     }

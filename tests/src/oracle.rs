@@ -397,7 +397,7 @@ pub async fn check<B: ChaosBackend>(
         .filter(|e| e.service == "task")
         .map(|e| (e.id, e.event_id, e.event_key, e.seq))
         .collect();
-    let rows = B::fetch_all(pool, table, "task")
+    let rows = B::fetch_all(pool, &table.parse().unwrap(), &"task".parse().unwrap())
         .await
         .expect("reading the outbox");
 
@@ -468,7 +468,9 @@ pub async fn check<B: ChaosBackend>(
 /// Rows of service `task` in `table` that are still open (pending or published), and
 /// the ledger's size: the usual "settled" condition is `open == 0`.
 pub async fn open_rows<B: ChaosBackend>(pool: &Pool<B>, table: &str) -> (u64, u64) {
-    let c = B::counts(pool, table, "task").await.unwrap_or_default();
+    let c = B::counts(pool, &table.parse().unwrap(), &"task".parse().unwrap())
+        .await
+        .unwrap_or_default();
     let n = B::ledger_len(pool).await.unwrap_or(0);
     (c.pending + c.published, n as u64)
 }

@@ -96,7 +96,7 @@ async fn replay_after_fix<DB: TestBackend>(pool: sqlx::Pool<DB>) {
         "the replayed event to be consumed",
         Duration::from_secs(30),
         || async {
-            let row = DB::fetch(&pool, "notification_outbox", broken.0)
+            let row = DB::fetch(&pool, &"notification_outbox".parse().unwrap(), broken.0)
                 .await
                 .unwrap()?;
             (row.status == Status::Consumed).then_some(())

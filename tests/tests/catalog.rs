@@ -10,17 +10,23 @@ fn routes_follow_the_documented_rule_and_agent_keeps_the_legacy_table() {
     let task = catalog.route_of::<Task>().unwrap();
     assert_eq!(
         (
-            task.table.as_str(),
-            task.topic.as_str(),
-            task.group.as_str()
+            task.table().as_str(),
+            task.topic().as_str(),
+            task.group().as_str()
         ),
         ("task_outbox", "outbox.task", "outbox.task.consumer")
     );
     let sched = catalog.route_of::<ActiveScheduler>().unwrap();
-    assert_eq!(sched.table, "active_scheduler_outbox");
-    assert_eq!(sched.topic, "outbox.active-scheduler");
-    assert_eq!(catalog.route_of::<Agent>().unwrap().table, "outbox_events");
-    assert_eq!(catalog.route_of::<Memory>().unwrap().table, "outbox_events");
+    assert_eq!(sched.table(), "active_scheduler_outbox");
+    assert_eq!(sched.topic(), "outbox.active-scheduler");
+    assert_eq!(
+        catalog.route_of::<Agent>().unwrap().table(),
+        "outbox_events"
+    );
+    assert_eq!(
+        catalog.route_of::<Memory>().unwrap().table(),
+        "outbox_events"
+    );
     assert_eq!(
         catalog.tables().len(),
         4,
@@ -59,13 +65,13 @@ fn overrides_apply_and_are_validated() {
         .topic("task", "tasks.v2")
         .build()
         .unwrap();
-    assert_eq!(catalog.route("task").unwrap().topic, "staging.tasks.v2");
+    assert_eq!(catalog.route("task").unwrap().topic(), "staging.tasks.v2");
     assert_eq!(
-        catalog.route("notification").unwrap().table,
+        catalog.route("notification").unwrap().table(),
         "notification_outbox_v2"
     );
     assert_eq!(
-        catalog.route("agent").unwrap().group,
+        catalog.route("agent").unwrap().group(),
         "staging.outbox.agent.consumer"
     );
 

@@ -126,7 +126,9 @@ async fn chaos_i_out_of_order_commits() {
         "the later events to be consumed while the held one is open",
         Duration::from_secs(60),
         || async {
-            let c = Postgres::counts(&pool, &table, "task").await.ok()?;
+            let c = Postgres::counts(&pool, &table.parse().unwrap(), &"task".parse().unwrap())
+                .await
+                .ok()?;
             (c.consumed >= 302).then_some(())
         },
     )
@@ -164,15 +166,17 @@ async fn chaos_i_out_of_order_commits() {
     let report = env.check("i-out-of-order", dups).await;
     report.assert_pass();
     assert_eq!(report.unledgered_rows, 0);
-    let row = Postgres::fetch(&pool, &table, held_id.0)
+    let row = Postgres::fetch(&pool, &table.parse().unwrap(), held_id.0)
         .await
         .unwrap()
         .expect("held row");
     assert_eq!(row.status, Status::Consumed, "{row:?}");
-    assert!(Postgres::fetch(&pool, &table, aborted_id.0)
-        .await
-        .unwrap()
-        .is_none());
+    assert!(
+        Postgres::fetch(&pool, &table.parse().unwrap(), aborted_id.0)
+            .await
+            .unwrap()
+            .is_none()
+    );
     let (effects_of_aborted,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM effects WHERE event_id = $1")
             .bind(aborted_id.to_string())
@@ -235,7 +239,7 @@ async fn hold<'o>(
     .expect("ledger");
     let (row_id,): (i64,) = sqlx::query_as(&format!(
         "SELECT id FROM {} WHERE event_id = $1",
-        outbox.route().table
+        outbox.route().table()
     ))
     .bind(id.0)
     .fetch_one(&mut **tx.transaction())

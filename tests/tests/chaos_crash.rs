@@ -189,7 +189,9 @@ async fn zombie_relay<B: ChaosBackend>() {
         "B to publish everything",
         Duration::from_secs(60),
         || async {
-            let c = B::counts(&pool, &table, "task").await.ok()?;
+            let c = B::counts(&pool, &table.parse().unwrap(), &"task".parse().unwrap())
+                .await
+                .ok()?;
             (c.pending == 0 && c.published > 0).then_some(())
         },
     )
@@ -223,7 +225,13 @@ async fn zombie_relay<B: ChaosBackend>() {
         dups >= a_claimed as u64,
         "each zombie record was a duplicate"
     );
-    let rows = B::fetch_all(env.pool(), &env.table, "task").await.unwrap();
+    let rows = B::fetch_all(
+        env.pool(),
+        &env.table.parse().unwrap(),
+        &"task".parse().unwrap(),
+    )
+    .await
+    .unwrap();
     assert!(rows.iter().all(|r| r.status == Status::Consumed));
     env.db.cleanup().await;
 }

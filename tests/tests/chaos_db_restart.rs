@@ -35,7 +35,7 @@ async fn chaos_g_database_restart() {
         .expect("private server");
     let broker = TestBroker::mock().await;
     let (catalog, _prefix) = prepare(&pool, &broker, 3).await;
-    let table = catalog.route("task").unwrap().table.clone();
+    let table = catalog.route("task").unwrap().table().clone();
     let kafka = chaos_kafka(&broker.bootstrap_servers());
     let runtime = start_runtime(&pool, &catalog, &kafka, 2, true, chaos_config()).await;
     let outbox: Outbox<Task, Postgres> =
@@ -79,9 +79,13 @@ async fn chaos_g_database_restart() {
         let table2 = table.clone();
         let target = 150 * (r + 1);
         poll("traffic to flow", Duration::from_secs(60), || async {
-            let c = <Postgres as outbox_runtime::Backend>::counts(&pool2, &table2, "task")
-                .await
-                .ok()?;
+            let c = <Postgres as outbox_runtime::Backend>::counts(
+                &pool2,
+                &table2,
+                &"task".parse().unwrap(),
+            )
+            .await
+            .ok()?;
             (c.consumed >= target).then_some(())
         })
         .await;
@@ -98,9 +102,13 @@ async fn chaos_g_database_restart() {
         "traffic after the restart",
         Duration::from_secs(60),
         || async {
-            let c = <Postgres as outbox_runtime::Backend>::counts(&pool2, &table2, "task")
-                .await
-                .ok()?;
+            let c = <Postgres as outbox_runtime::Backend>::counts(
+                &pool2,
+                &table2,
+                &"task".parse().unwrap(),
+            )
+            .await
+            .ok()?;
             (c.consumed >= target).then_some(())
         },
     )
@@ -112,14 +120,14 @@ async fn chaos_g_database_restart() {
         ok += o;
         failed += f;
     }
-    settled(&pool, &table, Duration::from_secs(90)).await;
+    settled(&pool, table.as_str(), Duration::from_secs(90)).await;
     let stats: Arc<ConsumerStats> = runtime.consumer_stats("task").unwrap().clone();
     let relay_errors = relay_sum(&runtime, |s| &s.errors);
     runtime.shutdown().await.expect("shutdown");
     let report = oracle::check(
         "g-database-restart",
         &pool,
-        &table,
+        table.as_str(),
         stats.duplicates.load(Ordering::Relaxed),
     )
     .await;

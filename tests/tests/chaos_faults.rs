@@ -87,7 +87,9 @@ async fn chaos_d_broker_outage() {
     let pool = env.pool().clone();
     let table = env.table.clone();
     poll("traffic to flow", Duration::from_secs(30), || async {
-        let c = Postgres::counts(&pool, &table, "task").await.ok()?;
+        let c = Postgres::counts(&pool, &table.parse().unwrap(), &"task".parse().unwrap())
+            .await
+            .ok()?;
         (c.consumed >= 100).then_some(())
     })
     .await;
@@ -237,7 +239,9 @@ async fn handler_failures<B: ChaosBackend>() {
         "the other keys to be consumed",
         Duration::from_secs(60),
         || async {
-            let rows = B::fetch_all(&pool, &table, "task").await.ok()?;
+            let rows = B::fetch_all(&pool, &table.parse().unwrap(), &"task".parse().unwrap())
+                .await
+                .ok()?;
             let others_done = rows
                 .iter()
                 .filter(|r| r.key.as_deref().is_some_and(|k| k.starts_with('k')))
@@ -257,7 +261,12 @@ async fn handler_failures<B: ChaosBackend>() {
     let row = |id: EventId| {
         let pool = env.pool().clone();
         let table = env.table.clone();
-        async move { B::fetch(&pool, &table, id.0).await.unwrap().expect("row") }
+        async move {
+            B::fetch(&pool, &table.parse().unwrap(), id.0)
+                .await
+                .unwrap()
+                .expect("row")
+        }
     };
     let secs = |a: chrono::DateTime<chrono::Utc>, b: chrono::DateTime<chrono::Utc>| {
         (b - a).num_milliseconds() as f64 / 1000.0
@@ -355,7 +364,13 @@ async fn malformed_records<B: ChaosBackend>() {
             other => panic!("{other:?}"),
         }
     }
-    let rows = B::fetch_all(env.pool(), &env.table, "task").await.unwrap();
+    let rows = B::fetch_all(
+        env.pool(),
+        &env.table.parse().unwrap(),
+        &"task".parse().unwrap(),
+    )
+    .await
+    .unwrap();
     let payload_of = |id: EventId| {
         rows.iter()
             .find(|r| r.event_id == id.0)
@@ -505,7 +520,9 @@ async fn malformed_records<B: ChaosBackend>() {
         "the neighbours handled and the bad rows dead",
         Duration::from_secs(60),
         || async {
-            let rows = B::fetch_all(&pool, &table, "task").await.ok()?;
+            let rows = B::fetch_all(&pool, &table.parse().unwrap(), &"task".parse().unwrap())
+                .await
+                .ok()?;
             let done = rows.iter().all(|r| r.status.is_terminal());
             let raws = raw_ids.iter().all(|id| {
                 rows.iter()
@@ -521,13 +538,13 @@ async fn malformed_records<B: ChaosBackend>() {
     })
     .await;
     let dups = consumer_duplicates(&[&runtime]);
-    let group = env.catalog.route("task").unwrap().group.clone();
+    let group = env.catalog.route("task").unwrap().group().clone();
     runtime.shutdown().await.expect("shutdown");
 
     // The group's committed offset is past the last record.
     let consumer: BaseConsumer = broker
         .client_config()
-        .set("group.id", &group)
+        .set("group.id", group.as_str())
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();

@@ -88,7 +88,7 @@ struct World {
     pool: SqlitePool,
     outbox: Outbox<Task, Sqlite>,
     consumer: Consumer<Sqlite>,
-    table: String,
+    table: outbox_runtime::TableName,
     relays: [Option<Claim>; 2],
     log: Vec<OwnedMessage>,
     cursor: usize,
@@ -118,7 +118,7 @@ impl World {
             .await
             .unwrap();
         create_effects(&pool).await;
-        let table = catalog.route("task").unwrap().table.clone();
+        let table = catalog.route("task").unwrap().table().clone();
         World {
             outbox: Outbox::with_config(pool.clone(), &catalog, config()).unwrap(),
             consumer: Consumer::new(pool.clone(), &catalog, "task", Arc::new(config())).unwrap(),
@@ -192,7 +192,7 @@ impl World {
                 let rows = Sqlite::claim(
                     &self.pool,
                     &self.table,
-                    "task",
+                    &"task".parse().unwrap(),
                     4,
                     Duration::from_secs(3600),
                     token,

@@ -216,13 +216,13 @@ async fn batches_wait_out_a_held_row<DB: TestBackend>(pool: sqlx::Pool<DB>) {
         total,
     } = relayed_backlog(&pool, &broker).await;
     // Hold a row in the middle of the backlog, where the lane's batches are full.
-    let table = catalog.route("task").expect("route").table.clone();
+    let table = catalog.route("task").expect("route").table().clone();
     let rows = all_rows(&pool, &catalog).await;
     let mut by_id: Vec<_> = rows.values().collect();
     by_id.sort_by_key(|r| r.id);
     let held = by_id[by_id.len() / 3].event_id;
     let mut holder = DB::begin(&pool).await.unwrap();
-    DB::lock_for_consume(&mut *holder, &table, "task", held)
+    DB::lock_for_consume(&mut *holder, &table, &"task".parse().unwrap(), held)
         .await
         .unwrap()
         .expect("row");

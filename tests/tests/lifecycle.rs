@@ -147,23 +147,35 @@ async fn shutdown_mid_stream_loses_nothing_and_a_new_runtime_finishes() {
     };
     let first = start().await.unwrap();
     eventually("some events consumed", Duration::from_secs(60), || async {
-        let c = <sqlx::Postgres as Backend>::counts(&pool, "task_outbox", "task")
-            .await
-            .unwrap();
+        let c = <sqlx::Postgres as Backend>::counts(
+            &pool,
+            &"task_outbox".parse().unwrap(),
+            &"task".parse().unwrap(),
+        )
+        .await
+        .unwrap();
         (c.consumed > 0).then_some(())
     })
     .await;
     first.shutdown().await.expect("graceful shutdown");
-    let after_first = <sqlx::Postgres as Backend>::counts(&pool, "task_outbox", "task")
-        .await
-        .unwrap();
+    let after_first = <sqlx::Postgres as Backend>::counts(
+        &pool,
+        &"task_outbox".parse().unwrap(),
+        &"task".parse().unwrap(),
+    )
+    .await
+    .unwrap();
     println!("after the first runtime: {after_first:?}");
 
     let second = start().await.unwrap();
     eventually("every event consumed", Duration::from_secs(90), || async {
-        let c = <sqlx::Postgres as Backend>::counts(&pool, "task_outbox", "task")
-            .await
-            .unwrap();
+        let c = <sqlx::Postgres as Backend>::counts(
+            &pool,
+            &"task_outbox".parse().unwrap(),
+            &"task".parse().unwrap(),
+        )
+        .await
+        .unwrap();
         (c.consumed == ids.len() as u64).then_some(())
     })
     .await;
@@ -214,9 +226,10 @@ async fn a_published_event_whose_record_the_consumer_never_saw_is_published_agai
         "the event to be published",
         Duration::from_secs(30),
         || async {
-            let row = <sqlx::Postgres as Backend>::fetch(&pool, "task_outbox", id.0)
-                .await
-                .unwrap()?;
+            let row =
+                <sqlx::Postgres as Backend>::fetch(&pool, &"task_outbox".parse().unwrap(), id.0)
+                    .await
+                    .unwrap()?;
             (row.status == Status::Published).then_some(())
         },
     )
@@ -239,9 +252,10 @@ async fn a_published_event_whose_record_the_consumer_never_saw_is_published_agai
         "the stranded event to be consumed",
         Duration::from_secs(60),
         || async {
-            let row = <sqlx::Postgres as Backend>::fetch(&pool, "task_outbox", id.0)
-                .await
-                .unwrap()?;
+            let row =
+                <sqlx::Postgres as Backend>::fetch(&pool, &"task_outbox".parse().unwrap(), id.0)
+                    .await
+                    .unwrap()?;
             (row.status == Status::Consumed).then_some(())
         },
     )

@@ -58,9 +58,13 @@ async fn publish_refuses_oversized_payloads_and_keys_inside_the_transaction() {
         .await
         .expect("a 255-byte key is fine");
     tx.commit().await.unwrap();
-    let rows = <Postgres as Backend>::fetch_all(&pool, "task_outbox", "task")
-        .await
-        .unwrap();
+    let rows = <Postgres as Backend>::fetch_all(
+        &pool,
+        &"task_outbox".parse().unwrap(),
+        &"task".parse().unwrap(),
+    )
+    .await
+    .unwrap();
     assert_eq!(rows.len(), 1, "only the valid event was written");
     db.cleanup().await;
 }
@@ -104,12 +108,13 @@ async fn a_record_the_broker_refuses_is_dead_at_once_with_the_reason() {
 
     let (huge_row, neighbour_row) =
         eventually("both events settled", Duration::from_secs(30), || async {
-            let h = <Postgres as Backend>::fetch(&pool, "task_outbox", huge.0)
+            let h = <Postgres as Backend>::fetch(&pool, &"task_outbox".parse().unwrap(), huge.0)
                 .await
                 .unwrap()?;
-            let n = <Postgres as Backend>::fetch(&pool, "task_outbox", neighbour.0)
-                .await
-                .unwrap()?;
+            let n =
+                <Postgres as Backend>::fetch(&pool, &"task_outbox".parse().unwrap(), neighbour.0)
+                    .await
+                    .unwrap()?;
             (h.status.is_terminal() && n.status.is_terminal()).then_some((h, n))
         })
         .await;

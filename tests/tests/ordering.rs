@@ -81,9 +81,9 @@ async fn four_relays_keep_per_key_order_with_a_failing_head() {
 
     eventually("every event consumed", Duration::from_secs(45), || {
         let pool = pool.clone();
-        let table = route.table.clone();
+        let table = route.table().clone();
         async move {
-            let c = Postgres::counts(&pool, &table, "task")
+            let c = Postgres::counts(&pool, &table, &"task".parse().unwrap())
                 .await
                 .expect("counts");
             (c.consumed == total).then_some(())
@@ -153,7 +153,7 @@ async fn four_relays_keep_per_key_order_with_a_failing_head() {
 
     // The topic: as many records as were produced, first records in per-key order.
     let produced = published + fenced;
-    let records = read_topic(&broker, &route.topic, produced as usize).await;
+    let records = read_topic(&broker, route.topic().as_str(), produced as usize).await;
     assert_eq!(records.len() as u64, produced, "records in the topic");
     let mut seen: HashSet<String> = HashSet::new();
     let mut first_seq: HashMap<String, i64> = HashMap::new();
@@ -221,7 +221,7 @@ async fn heads_behind_a_parked_keys_backlog_go_out() {
     let parked = sqlx::query(&format!(
         "UPDATE {} SET next_attempt_at = now() + interval '1 hour' \
           WHERE id = (SELECT min(id) FROM {0} WHERE event_key = $1)",
-        route.table
+        route.table()
     ))
     .bind("parked")
     .execute(&pool)
@@ -252,7 +252,7 @@ async fn heads_behind_a_parked_keys_backlog_go_out() {
         Duration::from_secs(20),
         || {
             let pool = pool.clone();
-            let table = route.table.clone();
+            let table = route.table().clone();
             async move {
                 let rows: Vec<(String, i16)> =
                     sqlx::query_as(&format!("SELECT event_key, status FROM {table}"))

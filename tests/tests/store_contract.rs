@@ -7,18 +7,19 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox_runtime::backend::{AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, Status};
+use outbox_runtime::{ServiceName, TableName};
 use outbox_tests::db::TestDatabase;
 use sqlx::types::chrono::{DateTime, Utc};
 use sqlx::Pool;
 use uuid::Uuid;
 
-const TABLE: &str = "outbox_events";
-const SVC: &str = "orders";
-const OTHER_SVC: &str = "billing";
+static TABLE: LazyLock<TableName> = LazyLock::new(|| TableName::new("outbox_events").unwrap());
+static SVC: LazyLock<ServiceName> = LazyLock::new(|| ServiceName::new("orders").unwrap());
+static OTHER_SVC: LazyLock<ServiceName> = LazyLock::new(|| ServiceName::new("billing").unwrap());
 /// A lease that outlives every test.
 const LONG: Duration = Duration::from_secs(600);
 /// Deadline of every poll.
@@ -37,15 +38,15 @@ fn token() -> i64 {
 /// A fresh database with the outbox table.
 async fn setup<T: TestDatabase>() -> T {
     let db = T::create().await;
-    T::DB::migrate(db.pool(), TABLE).await.expect("migrate");
+    T::DB::migrate(db.pool(), &TABLE).await.expect("migrate");
     db
 }
 
 /// Inserts one row in its own transaction, the way `publish` does; returns its event id.
 async fn publish_to<DB: Backend>(
     pool: &Pool<DB>,
-    table: &str,
-    service: &str,
+    table: &TableName,
+    service: &ServiceName,
     key: Option<&str>,
 ) -> Uuid {
     let event_id = Uuid::now_v7();
@@ -65,12 +66,12 @@ async fn publish_to<DB: Backend>(
     event_id
 }
 
-async fn publish<DB: Backend>(pool: &Pool<DB>, service: &str, key: Option<&str>) -> Uuid {
-    publish_to(pool, TABLE, service, key).await
+async fn publish<DB: Backend>(pool: &Pool<DB>, service: &ServiceName, key: Option<&str>) -> Uuid {
+    publish_to(pool, &TABLE, service, key).await
 }
 
 async fn fetch<DB: Backend>(pool: &Pool<DB>, event_id: Uuid) -> OutboxRow {
-    DB::fetch(pool, TABLE, event_id)
+    DB::fetch(pool, &TABLE, event_id)
         .await
         .expect("fetch")
         .unwrap_or_else(|| panic!("row {event_id} exists"))
@@ -78,12 +79,12 @@ async fn fetch<DB: Backend>(pool: &Pool<DB>, event_id: Uuid) -> OutboxRow {
 
 async fn claim<DB: Backend>(
     pool: &Pool<DB>,
-    service: &str,
+    service: &ServiceName,
     limit: u32,
     lease: Duration,
     token: i64,
 ) -> Vec<ClaimedRow> {
-    DB::claim(pool, TABLE, service, limit, lease, token)
+    DB::claim(pool, &TABLE, service, limit, lease, token)
         .await
         .expect("claim")
 }
@@ -119,7 +120,7 @@ where
 async fn claim_until<DB: Backend>(pool: &Pool<DB>, event_id: Uuid) -> (ClaimedRow, i64) {
     poll_until("the row to become claimable", || async move {
         let t = token();
-        let rows = claim(pool, SVC, 10, LONG, t).await;
+        let rows = claim(pool, &SVC, 10, LONG, t).await;
         rows.into_iter()
             .find(|r| r.event_id == event_id)
             .map(|r| (r, t))
@@ -152,20 +153,20 @@ fn assert_due_after(row: &OutboxRow, delay: Duration) {
 async fn migrate_is_idempotent<T: TestDatabase>() {
     let db = T::create().await;
     let pool = db.pool();
-    let sql = T::DB::migration_sql(TABLE);
-    assert!(sql.contains(TABLE), "{sql}");
+    let sql = T::DB::migration_sql(&TABLE);
+    assert!(sql.contains(TABLE.as_str()), "{sql}");
     assert!(!sql.contains("{table}"), "{sql}");
 
-    T::DB::migrate(pool, TABLE).await.expect("first migrate");
-    let e = publish(pool, SVC, None).await;
-    T::DB::migrate(pool, TABLE).await.expect("second migrate");
+    T::DB::migrate(pool, &TABLE).await.expect("first migrate");
+    let e = publish(pool, &SVC, None).await;
+    T::DB::migrate(pool, &TABLE).await.expect("second migrate");
     assert_eq!(
         fetch(pool, e).await.status,
         Status::Pending,
         "data survives a second migrate"
     );
     assert_eq!(
-        T::DB::fetch_all(pool, TABLE, SVC)
+        T::DB::fetch_all(pool, &TABLE, &SVC)
             .await
             .expect("fetch_all")
             .len(),
@@ -173,12 +174,12 @@ async fn migrate_is_idempotent<T: TestDatabase>() {
     );
 
     // Several processes migrating one fresh table at once.
-    let other = "outbox_concurrent";
+    let other = &TableName::new("outbox_concurrent").unwrap();
     let runs = (0..4).map(|_| T::DB::migrate(pool, other));
     for r in futures::future::join_all(runs).await {
         r.expect("concurrent migrate");
     }
-    let e = publish_to(pool, other, SVC, Some("k")).await;
+    let e = publish_to(pool, other, &SVC, Some("k")).await;
     assert!(T::DB::fetch(pool, other, e).await.expect("fetch").is_some());
     db.cleanup().await;
 }
@@ -189,12 +190,12 @@ async fn claim_lease_and_fencing<T: TestDatabase>() {
     let db = setup::<T>().await;
     let pool = db.pool();
 
-    let e1 = publish(pool, SVC, None).await;
-    let e2 = publish(pool, SVC, Some("k")).await;
+    let e1 = publish(pool, &SVC, None).await;
+    let e2 = publish(pool, &SVC, Some("k")).await;
     let before = fetch(pool, e1).await;
 
     let t1 = token();
-    let claimed = claim(pool, SVC, 10, LONG, t1).await;
+    let claimed = claim(pool, &SVC, 10, LONG, t1).await;
     assert_eq!(
         event_ids(&claimed),
         vec![e1, e2],
@@ -211,23 +212,23 @@ async fn claim_lease_and_fencing<T: TestDatabase>() {
     assert_eq!(claimed[1].key.as_deref(), Some("k"));
 
     // Leased rows are not claimable again.
-    assert!(claim(pool, SVC, 10, LONG, token()).await.is_empty());
+    assert!(claim(pool, &SVC, 10, LONG, token()).await.is_empty());
     assert!(
-        claim(pool, SVC, 0, LONG, token()).await.is_empty(),
+        claim(pool, &SVC, 0, LONG, token()).await.is_empty(),
         "limit 0 claims nothing"
     );
 
     // Marks are fenced by the token.
     let ids = row_ids(&claimed);
     assert_eq!(
-        T::DB::mark_published(pool, TABLE, &ids, token())
+        T::DB::mark_published(pool, &TABLE, &ids, token())
             .await
             .expect("mark"),
         0
     );
     assert_eq!(fetch(pool, e1).await.status, Status::Pending);
     assert_eq!(
-        T::DB::mark_published(pool, TABLE, &ids[..1], t1)
+        T::DB::mark_published(pool, &TABLE, &ids[..1], t1)
             .await
             .expect("mark"),
         1
@@ -236,25 +237,25 @@ async fn claim_lease_and_fencing<T: TestDatabase>() {
     assert_eq!(r1.status, Status::Published);
     assert!(r1.published_at.is_some());
     assert_eq!(
-        T::DB::mark_published(pool, TABLE, &ids[..1], t1)
+        T::DB::mark_published(pool, &TABLE, &ids[..1], t1)
             .await
             .expect("mark"),
         0,
         "once only"
     );
     assert_eq!(
-        T::DB::mark_published(pool, TABLE, &[], t1)
+        T::DB::mark_published(pool, &TABLE, &[], t1)
             .await
             .expect("mark"),
         0
     );
 
     // A relay's permanent failure: dead, fenced by the lease.
-    assert!(!T::DB::mark_dead_leased(pool, TABLE, ids[1], token(), "x")
+    assert!(!T::DB::mark_dead_leased(pool, &TABLE, ids[1], token(), "x")
         .await
         .expect("dead"));
     assert!(
-        T::DB::mark_dead_leased(pool, TABLE, ids[1], t1, "message too large")
+        T::DB::mark_dead_leased(pool, &TABLE, ids[1], t1, "message too large")
             .await
             .expect("dead")
     );
@@ -263,21 +264,21 @@ async fn claim_lease_and_fencing<T: TestDatabase>() {
     assert_eq!(r2.last_error.as_deref(), Some("message too large"));
     assert!(r2.dead_at.is_some());
     assert_eq!(r2.attempts, 1);
-    assert!(!T::DB::mark_dead_leased(pool, TABLE, ids[1], t1, "again")
+    assert!(!T::DB::mark_dead_leased(pool, &TABLE, ids[1], t1, "again")
         .await
         .expect("dead"));
 
     // An expired lease can be taken over; the old holder is then fenced.
-    let e3 = publish(pool, SVC, None).await;
+    let e3 = publish(pool, &SVC, None).await;
     let t_old = token();
     let lease = Duration::from_millis(400);
     let started = Instant::now();
     assert_eq!(
-        event_ids(&claim(pool, SVC, 10, lease, t_old).await),
+        event_ids(&claim(pool, &SVC, 10, lease, t_old).await),
         vec![e3]
     );
     assert!(
-        claim(pool, SVC, 10, LONG, token()).await.is_empty(),
+        claim(pool, &SVC, 10, LONG, token()).await.is_empty(),
         "live lease"
     );
     let (taken, t_new) = claim_until(pool, e3).await;
@@ -288,14 +289,14 @@ async fn claim_lease_and_fencing<T: TestDatabase>() {
     );
     assert_eq!(taken.attempts, 0);
     assert_eq!(
-        T::DB::mark_published(pool, TABLE, &[taken.id], t_old)
+        T::DB::mark_published(pool, &TABLE, &[taken.id], t_old)
             .await
             .expect("mark"),
         0,
         "zombie fenced"
     );
     assert_eq!(
-        T::DB::mark_published(pool, TABLE, &[taken.id], t_new)
+        T::DB::mark_published(pool, &TABLE, &[taken.id], t_new)
             .await
             .expect("mark"),
         1
@@ -304,7 +305,7 @@ async fn claim_lease_and_fencing<T: TestDatabase>() {
     // event_id is unique.
     let dup = NewRow {
         event_id: e3,
-        service: SVC,
+        service: &SVC,
         event_type: "OrderPlaced",
         version: 1,
         key: None,
@@ -312,7 +313,7 @@ async fn claim_lease_and_fencing<T: TestDatabase>() {
         max_retries: 3,
     };
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    let err = T::DB::insert(&mut *tx, TABLE, &dup)
+    let err = T::DB::insert(&mut *tx, &TABLE, &dup)
         .await
         .expect_err("duplicate event id");
     assert!(
@@ -330,64 +331,64 @@ async fn head_of_key<T: TestDatabase>() {
     let db = setup::<T>().await;
     let pool = db.pool();
 
-    let a1 = publish(pool, SVC, Some("a")).await;
-    let b1 = publish(pool, SVC, Some("b")).await;
-    let a2 = publish(pool, SVC, Some("a")).await;
-    let n1 = publish(pool, SVC, None).await;
-    let n2 = publish(pool, SVC, None).await;
-    let b2 = publish(pool, SVC, Some("b")).await;
+    let a1 = publish(pool, &SVC, Some("a")).await;
+    let b1 = publish(pool, &SVC, Some("b")).await;
+    let a2 = publish(pool, &SVC, Some("a")).await;
+    let n1 = publish(pool, &SVC, None).await;
+    let n2 = publish(pool, &SVC, None).await;
+    let b2 = publish(pool, &SVC, Some("b")).await;
 
     let t = token();
-    let first = claim(pool, SVC, 10, LONG, t).await;
+    let first = claim(pool, &SVC, 10, LONG, t).await;
     assert_eq!(event_ids(&first), vec![a1, b1, n1, n2]);
     assert!(
-        claim(pool, SVC, 10, LONG, token()).await.is_empty(),
+        claim(pool, &SVC, 10, LONG, token()).await.is_empty(),
         "a2 and b2 wait for their heads"
     );
 
     // a1 published: a2 becomes the head of `a`.
     let a1_id = first[0].id;
     assert_eq!(
-        T::DB::mark_published(pool, TABLE, &[a1_id], t)
+        T::DB::mark_published(pool, &TABLE, &[a1_id], t)
             .await
             .expect("mark"),
         1
     );
     let t2 = token();
-    let second = claim(pool, SVC, 10, LONG, t2).await;
+    let second = claim(pool, &SVC, 10, LONG, t2).await;
     assert_eq!(event_ids(&second), vec![a2]);
 
     // b1 released with a long backoff: it parks `b` only.
     let b1_id = first[1].id;
     assert_eq!(
-        T::DB::release(pool, TABLE, &[b1_id], t, LONG, "broker down")
+        T::DB::release(pool, &TABLE, &[b1_id], t, LONG, "broker down")
             .await
             .expect("release"),
         1
     );
-    let c1 = publish(pool, SVC, Some("c")).await;
+    let c1 = publish(pool, &SVC, Some("c")).await;
     assert_eq!(
-        event_ids(&claim(pool, SVC, 10, LONG, token()).await),
+        event_ids(&claim(pool, &SVC, 10, LONG, token()).await),
         vec![c1],
         "other keys flow"
     );
 
     // b1 dead (consumer side): b2 is the head now.
     assert!(
-        T::DB::mark_dead(pool, TABLE, b1_id, AttemptsFence(0), "poison")
+        T::DB::mark_dead(pool, &TABLE, b1_id, AttemptsFence(0), "poison")
             .await
             .expect("dead")
     );
     assert_eq!(
-        event_ids(&claim(pool, SVC, 10, LONG, token()).await),
+        event_ids(&claim(pool, &SVC, 10, LONG, token()).await),
         vec![b2]
     );
 
     // A limit smaller than the due set takes the oldest.
-    let d1 = publish(pool, SVC, None).await;
-    let _d2 = publish(pool, SVC, None).await;
+    let d1 = publish(pool, &SVC, None).await;
+    let _d2 = publish(pool, &SVC, None).await;
     assert_eq!(
-        event_ids(&claim(pool, SVC, 1, LONG, token()).await),
+        event_ids(&claim(pool, &SVC, 1, LONG, token()).await),
         vec![d1]
     );
     db.cleanup().await;
@@ -402,41 +403,41 @@ async fn heads_behind_a_deep_backlog<T: TestDatabase>() {
     const LIMIT: u32 = 4;
 
     // Key `p` first, 10 × LIMIT rows deep; its head then parks for a long time.
-    let p1 = publish(pool, SVC, Some("p")).await;
+    let p1 = publish(pool, &SVC, Some("p")).await;
     for _ in 1..10 * LIMIT {
-        publish(pool, SVC, Some("p")).await;
+        publish(pool, &SVC, Some("p")).await;
     }
     let (head, t) = claim_until(pool, p1).await;
     assert_eq!(
-        T::DB::release(pool, TABLE, &[head.id], t, LONG, "broker down")
+        T::DB::release(pool, &TABLE, &[head.id], t, LONG, "broker down")
             .await
             .expect("release"),
         1
     );
-    let q1 = publish(pool, SVC, Some("q")).await;
-    let q2 = publish(pool, SVC, Some("q")).await;
-    let n1 = publish(pool, SVC, None).await;
-    let r1 = publish(pool, SVC, Some("r")).await;
+    let q1 = publish(pool, &SVC, Some("q")).await;
+    let q2 = publish(pool, &SVC, Some("q")).await;
+    let n1 = publish(pool, &SVC, None).await;
+    let r1 = publish(pool, &SVC, Some("r")).await;
 
     let t1 = token();
-    let taken = claim(pool, SVC, LIMIT, LONG, t1).await;
+    let taken = claim(pool, &SVC, LIMIT, LONG, t1).await;
     assert_eq!(
         event_ids(&taken),
         vec![q1, n1, r1],
         "the parked key's successors hide nothing"
     );
     // Every head is leased or parked now: nothing more, not `p`'s successors, not q2.
-    assert!(claim(pool, SVC, LIMIT, LONG, token()).await.is_empty());
+    assert!(claim(pool, &SVC, LIMIT, LONG, token()).await.is_empty());
 
     // q1 published: q2 is found behind `p`'s backlog.
     assert_eq!(
-        T::DB::mark_published(pool, TABLE, &[taken[0].id], t1)
+        T::DB::mark_published(pool, &TABLE, &[taken[0].id], t1)
             .await
             .expect("mark"),
         1
     );
     assert_eq!(
-        event_ids(&claim(pool, SVC, LIMIT, LONG, token()).await),
+        event_ids(&claim(pool, &SVC, LIMIT, LONG, token()).await),
         vec![q2]
     );
     db.cleanup().await;
@@ -449,17 +450,17 @@ async fn claim_window_is_bounded<T: TestDatabase>() {
     let db = setup::<T>().await;
     let pool = db.pool();
     const LIMIT: u32 = 4;
-    let p1 = publish(pool, SVC, Some("p")).await;
+    let p1 = publish(pool, &SVC, Some("p")).await;
     for _ in 1..10 * LIMIT {
-        publish(pool, SVC, Some("p")).await;
+        publish(pool, &SVC, Some("p")).await;
     }
     let (head, t) = claim_until(pool, p1).await;
-    T::DB::release(pool, TABLE, &[head.id], t, LONG, "broker down")
+    T::DB::release(pool, &TABLE, &[head.id], t, LONG, "broker down")
         .await
         .expect("release");
-    let q1 = publish(pool, SVC, Some("q")).await;
+    let q1 = publish(pool, &SVC, Some("q")).await;
 
-    let windowed = T::DB::claim_window(pool, TABLE, SVC, LIMIT, 2 * LIMIT, LONG, token())
+    let windowed = T::DB::claim_window(pool, &TABLE, &SVC, LIMIT, 2 * LIMIT, LONG, token())
         .await
         .expect("claim_window");
     if T::DB::BOUNDED_CLAIM {
@@ -468,7 +469,7 @@ async fn claim_window_is_bounded<T: TestDatabase>() {
             "the window holds only the parked key's successors"
         );
         assert_eq!(
-            event_ids(&claim(pool, SVC, LIMIT, LONG, token()).await),
+            event_ids(&claim(pool, &SVC, LIMIT, LONG, token()).await),
             vec![q1]
         );
     } else {
@@ -482,19 +483,19 @@ async fn release_backs_off_without_attempt<T: TestDatabase>() {
     let db = setup::<T>().await;
     let pool = db.pool();
 
-    let e = publish(pool, SVC, Some("k")).await;
+    let e = publish(pool, &SVC, Some("k")).await;
     let t = token();
-    let id = claim(pool, SVC, 10, LONG, t).await[0].id;
+    let id = claim(pool, &SVC, 10, LONG, t).await[0].id;
 
     assert_eq!(
-        T::DB::release(pool, TABLE, &[id], token(), Duration::ZERO, "x")
+        T::DB::release(pool, &TABLE, &[id], token(), Duration::ZERO, "x")
             .await
             .expect("release"),
         0
     );
     let delay = Duration::from_millis(1500);
     assert_eq!(
-        T::DB::release(pool, TABLE, &[id], t, delay, "broker down")
+        T::DB::release(pool, &TABLE, &[id], t, delay, "broker down")
             .await
             .expect("release"),
         1
@@ -505,14 +506,14 @@ async fn release_backs_off_without_attempt<T: TestDatabase>() {
     assert_eq!(r.last_error.as_deref(), Some("broker down"));
     assert_due_after(&r, delay);
     assert_eq!(
-        T::DB::release(pool, TABLE, &[id], t, delay, "again")
+        T::DB::release(pool, &TABLE, &[id], t, delay, "again")
             .await
             .expect("release"),
         0,
         "release ends the lease"
     );
     assert!(
-        claim(pool, SVC, 10, LONG, token()).await.is_empty(),
+        claim(pool, &SVC, 10, LONG, token()).await.is_empty(),
         "not due yet"
     );
 
@@ -522,7 +523,7 @@ async fn release_backs_off_without_attempt<T: TestDatabase>() {
     // Errors are truncated on a character boundary.
     let long_error = "é".repeat(3000);
     assert_eq!(
-        T::DB::release(pool, TABLE, &[id], t2, Duration::ZERO, &long_error)
+        T::DB::release(pool, &TABLE, &[id], t2, Duration::ZERO, &long_error)
             .await
             .expect("release"),
         1
@@ -534,7 +535,7 @@ async fn release_backs_off_without_attempt<T: TestDatabase>() {
     // Released with no delay: due at once.
     let (_, t3) = claim_until(pool, e).await;
     assert_eq!(
-        T::DB::mark_published(pool, TABLE, &[id], t3)
+        T::DB::mark_published(pool, &TABLE, &[id], t3)
             .await
             .expect("mark"),
         1
@@ -548,18 +549,18 @@ async fn consumer_failures_fenced_by_attempts<T: TestDatabase>() {
     let db = setup::<T>().await;
     let pool = db.pool();
 
-    let e = publish(pool, SVC, Some("k")).await;
+    let e = publish(pool, &SVC, Some("k")).await;
     let t = token();
-    let id = claim(pool, SVC, 10, LONG, t).await[0].id;
+    let id = claim(pool, &SVC, 10, LONG, t).await[0].id;
     assert_eq!(
-        T::DB::mark_published(pool, TABLE, &[id], t)
+        T::DB::mark_published(pool, &TABLE, &[id], t)
             .await
             .expect("mark"),
         1
     );
 
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    let st = T::DB::lock_for_consume(&mut *tx, TABLE, SVC, e)
+    let st = T::DB::lock_for_consume(&mut *tx, &TABLE, &SVC, e)
         .await
         .expect("lock")
         .expect("row found");
@@ -568,12 +569,12 @@ async fn consumer_failures_fenced_by_attempts<T: TestDatabase>() {
         (id, Status::Published, 0, 3)
     );
     assert_eq!(st.key.as_deref(), Some("k"));
-    assert!(T::DB::lock_for_consume(&mut *tx, TABLE, OTHER_SVC, e)
+    assert!(T::DB::lock_for_consume(&mut *tx, &TABLE, &OTHER_SVC, e)
         .await
         .expect("lock")
         .is_none());
     assert!(
-        T::DB::lock_for_consume(&mut *tx, TABLE, SVC, Uuid::now_v7())
+        T::DB::lock_for_consume(&mut *tx, &TABLE, &SVC, Uuid::now_v7())
             .await
             .expect("lock")
             .is_none()
@@ -582,7 +583,7 @@ async fn consumer_failures_fenced_by_attempts<T: TestDatabase>() {
 
     let delay = Duration::from_secs(1);
     assert!(
-        T::DB::retry_later(pool, TABLE, id, AttemptsFence(0), delay, "handler failed")
+        T::DB::retry_later(pool, &TABLE, id, AttemptsFence(0), delay, "handler failed")
             .await
             .expect("retry")
     );
@@ -593,11 +594,11 @@ async fn consumer_failures_fenced_by_attempts<T: TestDatabase>() {
 
     // A second consumer that read attempts = 0 is fenced.
     assert!(
-        !T::DB::retry_later(pool, TABLE, id, AttemptsFence(0), delay, "x")
+        !T::DB::retry_later(pool, &TABLE, id, AttemptsFence(0), delay, "x")
             .await
             .expect("retry")
     );
-    assert!(!T::DB::mark_dead(pool, TABLE, id, AttemptsFence(0), "x")
+    assert!(!T::DB::mark_dead(pool, &TABLE, id, AttemptsFence(0), "x")
         .await
         .expect("dead"));
     assert_eq!(fetch(pool, e).await.attempts, 1);
@@ -606,14 +607,14 @@ async fn consumer_failures_fenced_by_attempts<T: TestDatabase>() {
     let (again, t2) = claim_until(pool, e).await;
     assert_eq!(again.attempts, 1);
     assert_eq!(
-        T::DB::mark_published(pool, TABLE, &[id], t2)
+        T::DB::mark_published(pool, &TABLE, &[id], t2)
             .await
             .expect("mark"),
         1
     );
 
     assert!(
-        T::DB::mark_dead(pool, TABLE, id, AttemptsFence(1), "undecodable")
+        T::DB::mark_dead(pool, &TABLE, id, AttemptsFence(1), "undecodable")
             .await
             .expect("dead")
     );
@@ -623,19 +624,19 @@ async fn consumer_failures_fenced_by_attempts<T: TestDatabase>() {
     assert!(r.dead_at.is_some());
 
     // Dead is terminal.
-    assert!(!T::DB::mark_dead(pool, TABLE, id, AttemptsFence(2), "x")
+    assert!(!T::DB::mark_dead(pool, &TABLE, id, AttemptsFence(2), "x")
         .await
         .expect("dead"));
     assert!(
-        !T::DB::retry_later(pool, TABLE, id, AttemptsFence(2), Duration::ZERO, "x")
+        !T::DB::retry_later(pool, &TABLE, id, AttemptsFence(2), Duration::ZERO, "x")
             .await
             .expect("retry")
     );
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    T::DB::mark_consumed(&mut *tx, TABLE, &[id])
+    T::DB::mark_consumed(&mut *tx, &TABLE, &[id])
         .await
         .expect("consumed");
-    T::DB::defer(&mut *tx, TABLE, id, Duration::ZERO)
+    T::DB::defer(&mut *tx, &TABLE, id, Duration::ZERO)
         .await
         .expect("defer");
     tx.commit().await.expect("commit");
@@ -644,7 +645,7 @@ async fn consumer_failures_fenced_by_attempts<T: TestDatabase>() {
         (r2.status, r2.attempts, r2.dead_at),
         (Status::Dead, 2, r.dead_at)
     );
-    assert!(claim(pool, SVC, 10, LONG, token()).await.is_empty());
+    assert!(claim(pool, &SVC, 10, LONG, token()).await.is_empty());
     db.cleanup().await;
 }
 
@@ -654,23 +655,23 @@ async fn terminal_states_and_defer<T: TestDatabase>() {
     let db = setup::<T>().await;
     let pool = db.pool();
 
-    let e = publish(pool, SVC, None).await;
+    let e = publish(pool, &SVC, None).await;
     let t = token();
-    let id = claim(pool, SVC, 10, LONG, t).await[0].id;
+    let id = claim(pool, &SVC, 10, LONG, t).await[0].id;
     assert_eq!(
-        T::DB::mark_published(pool, TABLE, &[id], t)
+        T::DB::mark_published(pool, &TABLE, &[id], t)
             .await
             .expect("mark"),
         1
     );
 
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    let st = T::DB::lock_for_consume(&mut *tx, TABLE, SVC, e)
+    let st = T::DB::lock_for_consume(&mut *tx, &TABLE, &SVC, e)
         .await
         .expect("lock")
         .expect("found");
     assert_eq!(st.status, Status::Published);
-    T::DB::mark_consumed(&mut *tx, TABLE, &[id])
+    T::DB::mark_consumed(&mut *tx, &TABLE, &[id])
         .await
         .expect("consumed");
     tx.commit().await.expect("commit");
@@ -680,34 +681,34 @@ async fn terminal_states_and_defer<T: TestDatabase>() {
 
     // Everything after is a no-op.
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    T::DB::mark_consumed(&mut *tx, TABLE, &[id])
+    T::DB::mark_consumed(&mut *tx, &TABLE, &[id])
         .await
         .expect("consumed");
-    T::DB::defer(&mut *tx, TABLE, id, Duration::ZERO)
+    T::DB::defer(&mut *tx, &TABLE, id, Duration::ZERO)
         .await
         .expect("defer");
     tx.commit().await.expect("commit");
     assert!(
-        !T::DB::retry_later(pool, TABLE, id, AttemptsFence(0), Duration::ZERO, "x")
+        !T::DB::retry_later(pool, &TABLE, id, AttemptsFence(0), Duration::ZERO, "x")
             .await
             .expect("retry")
     );
-    assert!(!T::DB::mark_dead(pool, TABLE, id, AttemptsFence(0), "x")
+    assert!(!T::DB::mark_dead(pool, &TABLE, id, AttemptsFence(0), "x")
         .await
         .expect("dead"));
     assert_eq!(
-        T::DB::mark_published(pool, TABLE, &[id], t)
+        T::DB::mark_published(pool, &TABLE, &[id], t)
             .await
             .expect("mark"),
         0
     );
     assert_eq!(
-        T::DB::release(pool, TABLE, &[id], t, Duration::ZERO, "x")
+        T::DB::release(pool, &TABLE, &[id], t, Duration::ZERO, "x")
             .await
             .expect("release"),
         0
     );
-    assert!(!T::DB::mark_dead_leased(pool, TABLE, id, t, "x")
+    assert!(!T::DB::mark_dead_leased(pool, &TABLE, id, t, "x")
         .await
         .expect("dead"));
     let r2 = fetch(pool, e).await;
@@ -717,17 +718,17 @@ async fn terminal_states_and_defer<T: TestDatabase>() {
     );
 
     // defer: published -> pending, due now, attempts unchanged; the relay picks it up.
-    let f = publish(pool, SVC, Some("k")).await;
+    let f = publish(pool, &SVC, Some("k")).await;
     let t = token();
-    let fid = claim(pool, SVC, 10, LONG, t).await[0].id;
+    let fid = claim(pool, &SVC, 10, LONG, t).await[0].id;
     assert_eq!(
-        T::DB::mark_published(pool, TABLE, &[fid], t)
+        T::DB::mark_published(pool, &TABLE, &[fid], t)
             .await
             .expect("mark"),
         1
     );
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    T::DB::defer(&mut *tx, TABLE, fid, Duration::ZERO)
+    T::DB::defer(&mut *tx, &TABLE, fid, Duration::ZERO)
         .await
         .expect("defer");
     tx.commit().await.expect("commit");
@@ -740,19 +741,19 @@ async fn terminal_states_and_defer<T: TestDatabase>() {
     // Consumed while still pending (the consumer beat the relay's mark): the late mark
     // changes nothing.
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    T::DB::mark_consumed(&mut *tx, TABLE, &[fid])
+    T::DB::mark_consumed(&mut *tx, &TABLE, &[fid])
         .await
         .expect("consumed");
     tx.commit().await.expect("commit");
     assert_eq!(
-        T::DB::mark_published(pool, TABLE, &[fid], t2)
+        T::DB::mark_published(pool, &TABLE, &[fid], t2)
             .await
             .expect("mark"),
         0
     );
     assert_eq!(fetch(pool, f).await.status, Status::Consumed);
 
-    let counts = T::DB::counts(pool, TABLE, SVC).await.expect("counts");
+    let counts = T::DB::counts(pool, &TABLE, &SVC).await.expect("counts");
     assert_eq!(
         (
             counts.pending,
@@ -771,9 +772,9 @@ async fn open_predecessors<T: TestDatabase>() {
     let db = setup::<T>().await;
     let pool = db.pool();
 
-    let k1 = publish(pool, SVC, Some("k")).await;
-    let k2 = publish(pool, SVC, Some("k")).await;
-    let j1 = publish(pool, SVC, Some("j")).await;
+    let k1 = publish(pool, &SVC, Some("k")).await;
+    let k2 = publish(pool, &SVC, Some("k")).await;
+    let j1 = publish(pool, &SVC, Some("j")).await;
     let (k1_id, k2_id, j1_id) = (
         fetch(pool, k1).await.id,
         fetch(pool, k2).await.id,
@@ -782,7 +783,7 @@ async fn open_predecessors<T: TestDatabase>() {
 
     let has = |key: &'static str, id: i64| async move {
         let mut tx = T::DB::begin(pool).await.expect("begin");
-        let v = T::DB::has_open_predecessor(&mut *tx, TABLE, SVC, key, id)
+        let v = T::DB::has_open_predecessor(&mut *tx, &TABLE, &SVC, key, id)
             .await
             .expect("predecessor");
         tx.commit().await.expect("commit");
@@ -793,10 +794,10 @@ async fn open_predecessors<T: TestDatabase>() {
     assert!(!has("j", j1_id).await, "other keys do not count");
 
     let t = token();
-    let claimed = claim(pool, SVC, 10, LONG, t).await;
+    let claimed = claim(pool, &SVC, 10, LONG, t).await;
     assert_eq!(event_ids(&claimed), vec![k1, j1]);
     assert_eq!(
-        T::DB::mark_published(pool, TABLE, &[k1_id], t)
+        T::DB::mark_published(pool, &TABLE, &[k1_id], t)
             .await
             .expect("mark"),
         1
@@ -804,16 +805,16 @@ async fn open_predecessors<T: TestDatabase>() {
     assert!(has("k", k2_id).await, "published predecessor");
 
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    T::DB::mark_consumed(&mut *tx, TABLE, &[k1_id])
+    T::DB::mark_consumed(&mut *tx, &TABLE, &[k1_id])
         .await
         .expect("consumed");
     tx.commit().await.expect("commit");
     assert!(!has("k", k2_id).await, "consumed predecessor");
 
-    let k3 = publish(pool, SVC, Some("k")).await;
+    let k3 = publish(pool, &SVC, Some("k")).await;
     let k3_id = fetch(pool, k3).await.id;
     assert!(has("k", k3_id).await, "k2 pending");
-    assert!(T::DB::mark_dead(pool, TABLE, k2_id, AttemptsFence(0), "x")
+    assert!(T::DB::mark_dead(pool, &TABLE, k2_id, AttemptsFence(0), "x")
         .await
         .expect("dead"));
     assert!(!has("k", k3_id).await, "dead predecessor");
@@ -826,10 +827,10 @@ async fn open_predecessors<T: TestDatabase>() {
 async fn batch_lock_and_batch_reads<T: TestDatabase>() {
     let db = setup::<T>().await;
     let pool = db.pool();
-    let k1 = publish(pool, SVC, Some("k")).await;
-    let k2 = publish(pool, SVC, Some("k")).await;
-    let free = publish(pool, SVC, None).await;
-    let other = publish(pool, OTHER_SVC, Some("k")).await;
+    let k1 = publish(pool, &SVC, Some("k")).await;
+    let k2 = publish(pool, &SVC, Some("k")).await;
+    let free = publish(pool, &SVC, None).await;
+    let other = publish(pool, &OTHER_SVC, Some("k")).await;
     let (k1_id, k2_id, free_id) = (
         fetch(pool, k1).await.id,
         fetch(pool, k2).await.id,
@@ -843,14 +844,14 @@ async fn batch_lock_and_batch_reads<T: TestDatabase>() {
         None
     } else {
         let mut holder = T::DB::begin(pool).await.expect("begin");
-        T::DB::lock_for_consume(&mut *holder, TABLE, SVC, k2)
+        T::DB::lock_for_consume(&mut *holder, &TABLE, &SVC, k2)
             .await
             .expect("lock")
             .expect("row");
         Some(holder)
     };
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    let mut locked = T::DB::lock_batch_for_consume(&mut *tx, TABLE, SVC, &batch)
+    let mut locked = T::DB::lock_batch_for_consume(&mut *tx, &TABLE, &SVC, &batch)
         .await
         .expect("batch lock (must not wait for the held row)");
     locked.sort_by_key(|(_, r)| r.id);
@@ -870,25 +871,26 @@ async fn batch_lock_and_batch_reads<T: TestDatabase>() {
     assert!(locked.iter().all(|(_, r)| r.status == Status::Pending));
 
     // The open rows of key "k" (its service only), below a bound.
-    let mut open = T::DB::open_rows_of_keys(&mut *tx, TABLE, SVC, &["k".to_owned()], k2_id + 1, 10)
-        .await
-        .expect("open rows");
+    let mut open =
+        T::DB::open_rows_of_keys(&mut *tx, &TABLE, &SVC, &["k".to_owned()], k2_id + 1, 10)
+            .await
+            .expect("open rows");
     open.sort();
     assert_eq!(open, vec![("k".to_owned(), k1_id), ("k".to_owned(), k2_id)]);
-    let open = T::DB::open_rows_of_keys(&mut *tx, TABLE, SVC, &["k".to_owned()], k2_id, 10)
+    let open = T::DB::open_rows_of_keys(&mut *tx, &TABLE, &SVC, &["k".to_owned()], k2_id, 10)
         .await
         .expect("open rows");
     assert_eq!(open, vec![("k".to_owned(), k1_id)], "below is exclusive");
-    let open = T::DB::open_rows_of_keys(&mut *tx, TABLE, SVC, &["k".to_owned()], k2_id + 1, 1)
+    let open = T::DB::open_rows_of_keys(&mut *tx, &TABLE, &SVC, &["k".to_owned()], k2_id + 1, 1)
         .await
         .expect("open rows");
     assert_eq!(open.len(), 1, "at most limit rows");
 
     // One consumed mark for several rows.
-    T::DB::mark_consumed(&mut *tx, TABLE, &[k1_id, free_id])
+    T::DB::mark_consumed(&mut *tx, &TABLE, &[k1_id, free_id])
         .await
         .expect("consumed");
-    let open = T::DB::open_rows_of_keys(&mut *tx, TABLE, SVC, &["k".to_owned()], k2_id + 1, 10)
+    let open = T::DB::open_rows_of_keys(&mut *tx, &TABLE, &SVC, &["k".to_owned()], k2_id + 1, 10)
         .await
         .expect("open rows");
     assert_eq!(
@@ -912,52 +914,62 @@ async fn services_share_a_table<T: TestDatabase>() {
     let db = setup::<T>().await;
     let pool = db.pool();
 
-    let b1 = publish(pool, OTHER_SVC, Some("k")).await;
-    let a1 = publish(pool, SVC, Some("k")).await;
-    let a2 = publish(pool, SVC, Some("k")).await;
+    let b1 = publish(pool, &OTHER_SVC, Some("k")).await;
+    let a1 = publish(pool, &SVC, Some("k")).await;
+    let a2 = publish(pool, &SVC, Some("k")).await;
     let (b1_id, a2_id) = (fetch(pool, b1).await.id, fetch(pool, a2).await.id);
 
     let ta = token();
     assert_eq!(
-        event_ids(&claim(pool, SVC, 10, LONG, ta).await),
+        event_ids(&claim(pool, &SVC, 10, LONG, ta).await),
         vec![a1],
         "billing's k is another key"
     );
     let tb = token();
     assert_eq!(
-        event_ids(&claim(pool, OTHER_SVC, 10, LONG, tb).await),
+        event_ids(&claim(pool, &OTHER_SVC, 10, LONG, tb).await),
         vec![b1]
     );
-    assert!(claim(pool, "nobody", 10, LONG, token()).await.is_empty());
+    assert!(claim(
+        pool,
+        &ServiceName::new("nobody").unwrap(),
+        10,
+        LONG,
+        token()
+    )
+    .await
+    .is_empty());
 
-    let mine: Vec<Uuid> = T::DB::fetch_all(pool, TABLE, SVC)
+    let mine: Vec<Uuid> = T::DB::fetch_all(pool, &TABLE, &SVC)
         .await
         .expect("fetch_all")
         .iter()
         .map(|r| {
-            assert_eq!(r.service, SVC);
+            assert_eq!(r.service, SVC.as_str());
             r.event_id
         })
         .collect();
     assert_eq!(mine, vec![a1, a2]);
-    let counts = T::DB::counts(pool, TABLE, SVC).await.expect("counts");
+    let counts = T::DB::counts(pool, &TABLE, &SVC).await.expect("counts");
     assert_eq!((counts.pending, counts.published), (2, 0));
-    let counts = T::DB::counts(pool, TABLE, OTHER_SVC).await.expect("counts");
+    let counts = T::DB::counts(pool, &TABLE, &OTHER_SVC)
+        .await
+        .expect("counts");
     assert_eq!((counts.pending, counts.published), (1, 0));
 
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    assert!(T::DB::lock_for_consume(&mut *tx, TABLE, OTHER_SVC, a1)
+    assert!(T::DB::lock_for_consume(&mut *tx, &TABLE, &OTHER_SVC, a1)
         .await
         .expect("lock")
         .is_none());
-    assert!(T::DB::lock_for_consume(&mut *tx, TABLE, SVC, b1)
+    assert!(T::DB::lock_for_consume(&mut *tx, &TABLE, &SVC, b1)
         .await
         .expect("lock")
         .is_none());
     // b1 (billing, key k, older, pending) does not hold back billing's... nor orders' a2
     // beyond orders' own a1.
     assert!(
-        !T::DB::has_open_predecessor(&mut *tx, TABLE, OTHER_SVC, "k", b1_id)
+        !T::DB::has_open_predecessor(&mut *tx, &TABLE, &OTHER_SVC, "k", b1_id)
             .await
             .expect("pred")
     );
@@ -965,16 +977,16 @@ async fn services_share_a_table<T: TestDatabase>() {
 
     let a1_id = fetch(pool, a1).await.id;
     assert_eq!(
-        T::DB::mark_published(pool, TABLE, &[a1_id], ta)
+        T::DB::mark_published(pool, &TABLE, &[a1_id], ta)
             .await
             .expect("mark"),
         1
     );
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    T::DB::mark_consumed(&mut *tx, TABLE, &[a1_id])
+    T::DB::mark_consumed(&mut *tx, &TABLE, &[a1_id])
         .await
         .expect("consumed");
-    let pred = T::DB::has_open_predecessor(&mut *tx, TABLE, SVC, "k", a2_id)
+    let pred = T::DB::has_open_predecessor(&mut *tx, &TABLE, &SVC, "k", a2_id)
         .await
         .expect("pred");
     tx.commit().await.expect("commit");
@@ -994,7 +1006,7 @@ async fn times_from_the_database_clock<T: TestDatabase>() {
     let pool = db.pool();
 
     let db_before = T::DB::now(pool).await.expect("now");
-    let e = publish(pool, SVC, None).await;
+    let e = publish(pool, &SVC, None).await;
     let db_after = T::DB::now(pool).await.expect("now");
     let r = fetch(pool, e).await;
     assert!(
@@ -1018,10 +1030,10 @@ async fn times_from_the_database_clock<T: TestDatabase>() {
     );
 
     let t = token();
-    let id = claim(pool, SVC, 10, LONG, t).await[0].id;
+    let id = claim(pool, &SVC, 10, LONG, t).await[0].id;
     let ninety = Duration::from_secs(90);
     assert_eq!(
-        T::DB::release(pool, TABLE, &[id], t, ninety, "x")
+        T::DB::release(pool, &TABLE, &[id], t, ninety, "x")
             .await
             .expect("release"),
         1
@@ -1030,11 +1042,11 @@ async fn times_from_the_database_clock<T: TestDatabase>() {
 
     // Long delays are plain database arithmetic.
     let t = token();
-    let f = publish(pool, SVC, None).await;
-    let fid = claim(pool, SVC, 10, LONG, t).await[0].id;
+    let f = publish(pool, &SVC, None).await;
+    let fid = claim(pool, &SVC, 10, LONG, t).await[0].id;
     assert!(T::DB::retry_later(
         pool,
-        TABLE,
+        &TABLE,
         fid,
         AttemptsFence(0),
         Duration::from_secs(86_400 * 365 * 50),
@@ -1078,14 +1090,14 @@ async fn concurrent_writers_and_claimers<T: TestDatabase>() {
                     let payload = format!(r#"{{"writer":{w}}}"#);
                     let row = NewRow {
                         event_id,
-                        service: SVC,
+                        service: &SVC,
                         event_type: "OrderPlaced",
                         version: 1,
                         key: key.as_deref(),
                         payload: &payload,
                         max_retries: 3,
                     };
-                    T::DB::insert(&mut *tx, TABLE, &row).await?;
+                    T::DB::insert(&mut *tx, &TABLE, &row).await?;
                     written.push(event_id);
                 }
                 tx.commit().await?;
@@ -1106,7 +1118,7 @@ async fn concurrent_writers_and_claimers<T: TestDatabase>() {
             let mut claims = 0u64;
             loop {
                 let t = token();
-                let rows = T::DB::claim(&pool, TABLE, SVC, 16, LONG, t).await?;
+                let rows = T::DB::claim(&pool, &TABLE, &SVC, 16, LONG, t).await?;
                 if rows.is_empty() {
                     if stop.load(Ordering::SeqCst) {
                         return Ok::<u64, sqlx::Error>(claims);
@@ -1124,7 +1136,7 @@ async fn concurrent_writers_and_claimers<T: TestDatabase>() {
                     }
                 }
                 let ids = row_ids(&rows);
-                let marked = T::DB::mark_published(&pool, TABLE, &ids, t).await?;
+                let marked = T::DB::mark_published(&pool, &TABLE, &ids, t).await?;
                 assert_eq!(
                     marked as usize,
                     ids.len(),
@@ -1148,7 +1160,7 @@ async fn concurrent_writers_and_claimers<T: TestDatabase>() {
 
     let pool_ref = &pool;
     poll_until("every row published", || async move {
-        let c = T::DB::counts(pool_ref, TABLE, SVC).await.expect("counts");
+        let c = T::DB::counts(pool_ref, &TABLE, &SVC).await.expect("counts");
         (c.published == total).then_some(())
     })
     .await;
@@ -1175,7 +1187,7 @@ async fn concurrent_writers_and_claimers<T: TestDatabase>() {
         written.len(),
         "nothing claimed that was not written"
     );
-    let counts = T::DB::counts(&pool, TABLE, SVC).await.expect("counts");
+    let counts = T::DB::counts(&pool, &TABLE, &SVC).await.expect("counts");
     assert_eq!((counts.pending, counts.published), (0, total));
 
     // Per key, claims happened in id order (each key has a single sequential writer).
@@ -1257,13 +1269,13 @@ mod mysql_specific {
     async fn begin_is_read_committed() {
         let db = setup::<TestMySql>().await;
         let pool = db.pool();
-        let count = format!("SELECT COUNT(*) FROM {TABLE}");
+        let count = format!("SELECT COUNT(*) FROM {}", *TABLE);
         let mut tx = MySql::begin(pool).await.expect("begin");
         let before: i64 = sqlx::query_scalar(&count)
             .fetch_one(&mut *tx)
             .await
             .expect("count");
-        publish(pool, SVC, None).await;
+        publish(pool, &SVC, None).await;
         let after: i64 = sqlx::query_scalar(&count)
             .fetch_one(&mut *tx)
             .await
@@ -1285,7 +1297,7 @@ mod mysql_specific {
             "SELECT DISTINCT CAST(index_name AS CHAR) FROM information_schema.statistics \
               WHERE table_schema = DATABASE() AND table_name = ?",
         )
-        .bind(TABLE)
+        .bind(TABLE.as_str())
         .fetch_all(db.pool())
         .await
         .expect("statistics");
@@ -1300,11 +1312,11 @@ mod mysql_specific {
     async fn lock_wait_timeouts_are_retried() {
         let db = setup::<TestMySql>().await;
         let pool = db.pool();
-        let e = publish(pool, SVC, None).await;
+        let e = publish(pool, &SVC, None).await;
         let t = token();
-        let id = claim(pool, SVC, 10, LONG, t).await[0].id;
+        let id = claim(pool, &SVC, 10, LONG, t).await[0].id;
         assert_eq!(
-            MySql::mark_published(pool, TABLE, &[id], t)
+            MySql::mark_published(pool, &TABLE, &[id], t)
                 .await
                 .expect("mark"),
             1
@@ -1327,15 +1339,22 @@ mod mysql_specific {
         let before = mysql_retry_count();
         // A consumer holds the row lock.
         let mut holder = MySql::begin(pool).await.expect("begin");
-        MySql::lock_for_consume(&mut *holder, TABLE, SVC, e)
+        MySql::lock_for_consume(&mut *holder, &TABLE, &SVC, e)
             .await
             .expect("lock")
             .expect("row");
         let waiter = {
             let impatient = impatient.clone();
             tokio::spawn(async move {
-                MySql::retry_later(&impatient, TABLE, id, AttemptsFence(0), Duration::ZERO, "x")
-                    .await
+                MySql::retry_later(
+                    &impatient,
+                    &TABLE,
+                    id,
+                    AttemptsFence(0),
+                    Duration::ZERO,
+                    "x",
+                )
+                .await
             })
         };
         // (The counter is process-wide: another test's retry could end this wait early,
@@ -1420,14 +1439,17 @@ mod sqlite_specific {
         let mut names: Vec<String> = sqlx::query_scalar(
             "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND sql IS NOT NULL",
         )
-        .bind(TABLE)
+        .bind(TABLE.as_str())
         .fetch_all(db.pool())
         .await
         .expect("indexes");
         names.sort();
         assert_eq!(
             names,
-            vec![format!("{TABLE}_claim_idx"), format!("{TABLE}_key_idx")]
+            vec![
+                format!("{}_claim_idx", *TABLE),
+                format!("{}_key_idx", *TABLE)
+            ]
         );
         db.cleanup().await;
     }
@@ -1444,7 +1466,7 @@ mod postgres_specific {
         let db = setup::<TestPg>().await;
         let mut names: Vec<String> =
             sqlx::query_scalar("SELECT indexname::text FROM pg_indexes WHERE tablename = $1")
-                .bind(TABLE)
+                .bind(TABLE.as_str())
                 .fetch_all(db.pool())
                 .await
                 .expect("pg_indexes");
@@ -1457,7 +1479,7 @@ mod postgres_specific {
             "pkey",
         ]
         .iter()
-        .map(|s| format!("{TABLE}_{s}"))
+        .map(|s| format!("{}_{s}", *TABLE))
         .collect();
         assert_eq!(names, want);
         db.cleanup().await;
@@ -1471,17 +1493,17 @@ mod postgres_specific {
     async fn claims_take_turns() {
         let db = setup::<TestPg>().await;
         let pool = db.pool().clone();
-        let mine = publish(&pool, SVC, Some("k")).await;
-        let other = publish(&pool, OTHER_SVC, Some("k")).await;
+        let mine = publish(&pool, &SVC, Some("k")).await;
+        let other = publish(&pool, &OTHER_SVC, Some("k")).await;
 
         let mut holder = pool.begin().await.expect("begin");
-        take_claim_turn(&mut holder, TABLE, SVC)
+        take_claim_turn(&mut holder, &TABLE, &SVC)
             .await
             .expect("take the claim lock");
 
         let waiting = {
             let pool = pool.clone();
-            tokio::spawn(async move { claim(&pool, SVC, 10, LONG, token()).await })
+            tokio::spawn(async move { claim(&pool, &SVC, 10, LONG, token()).await })
         };
         let pool_ref = &pool;
         poll_until("the claim to wait for the advisory lock", || async move {
@@ -1496,7 +1518,7 @@ mod postgres_specific {
             (waiters == 1).then_some(())
         })
         .await;
-        let others = claim(&pool, OTHER_SVC, 10, LONG, token()).await;
+        let others = claim(&pool, &OTHER_SVC, 10, LONG, token()).await;
         assert_eq!(
             event_ids(&others),
             vec![other],
@@ -1525,29 +1547,30 @@ mod postgres_specific {
         let db = setup::<TestPg>().await;
         let pool = db.pool();
         sqlx::query(&format!(
-            "INSERT INTO {TABLE} (event_id, service, event_type, event_version, event_key, \
+            "INSERT INTO {} (event_id, service, event_type, event_version, event_key, \
                                   payload, max_retries, status, published_at) \
              SELECT gen_random_uuid(), $1, 'OrderPlaced', 1, 'k' || (g % 100), '{{}}', 3, \
                     CASE WHEN g <= $2 THEN 1 ELSE 0 END, \
                     CASE WHEN g <= $2 THEN now() END \
-               FROM generate_series(1, $3::bigint) AS g"
+               FROM generate_series(1, $3::bigint) AS g",
+            *TABLE
         ))
-        .bind(SVC)
+        .bind(SVC.as_str())
         .bind(PUBLISHED)
         .bind(PUBLISHED + PENDING)
         .execute(pool)
         .await
         .expect("fill");
-        sqlx::query(&format!("ANALYZE {TABLE}"))
+        sqlx::query(&format!("ANALYZE {}", *TABLE))
             .execute(pool)
             .await
             .expect("analyze");
 
         for windowed in [false, true] {
-            let sql = claim_sql(TABLE, windowed);
+            let sql = claim_sql(&TABLE, windowed);
             let explain = format!("EXPLAIN {sql}");
             let mut query = sqlx::query_scalar::<_, String>(&explain)
-                .bind(SVC)
+                .bind(SVC.as_str())
                 .bind(500_i64)
                 .bind(token())
                 .bind(30.0_f64);
@@ -1560,7 +1583,7 @@ mod postgres_specific {
             for alias in aliases {
                 let scans: Vec<&str> = plan
                     .lines()
-                    .filter(|l| l.contains(&format!(" on {TABLE} {alias} ")))
+                    .filter(|l| l.contains(&format!(" on {} {alias} ", *TABLE)))
                     .collect();
                 assert!(
                     !scans.is_empty(),
@@ -1568,7 +1591,7 @@ mod postgres_specific {
                 );
                 for scan in scans {
                     assert!(
-                        scan.contains(&format!("using {TABLE}_due_idx on")),
+                        scan.contains(&format!("using {}_due_idx on", *TABLE)),
                         "`{alias}` (windowed: {windowed}) is not read through the due \
                          index: {scan}\n{plan}"
                     );
@@ -1576,7 +1599,7 @@ mod postgres_specific {
             }
         }
         // The statement EXPLAINed is the one the relay runs: it claims the first heads.
-        let rows = claim(pool, SVC, 500, LONG, token()).await;
+        let rows = claim(pool, &SVC, 500, LONG, token()).await;
         assert_eq!(rows.len(), 100, "one head per key");
         assert!(
             rows.iter().all(|r| r.id > PUBLISHED),

@@ -45,19 +45,19 @@ impl<DB: Backend> Admin<DB> {
     /// Rows of `service` by status.
     pub async fn counts(&self, service: &str) -> Result<StatusCounts> {
         let r = self.route(service)?;
-        DB::counts(&self.pool, &r.table, &r.service)
+        DB::counts(&self.pool, r.table(), r.service())
             .await
-            .map_err(|e| Error::db(format!("counting rows of {service} in {}", r.table), e))
+            .map_err(|e| Error::db(format!("counting rows of {service} in {}", r.table()), e))
     }
 
     /// The oldest `limit` dead events of `service`, with their reasons in `last_error`.
     pub async fn dead_letters(&self, service: &str, limit: u32) -> Result<Vec<OutboxRow>> {
         let r = self.route(service)?;
-        DB::fetch_dead(&self.pool, &r.table, &r.service, limit)
+        DB::fetch_dead(&self.pool, r.table(), r.service(), limit)
             .await
             .map_err(|e| {
                 Error::db(
-                    format!("listing dead letters of {service} in {}", r.table),
+                    format!("listing dead letters of {service} in {}", r.table()),
                     e,
                 )
             })
@@ -75,17 +75,17 @@ impl<DB: Backend> Admin<DB> {
 
     async fn revive(&self, service: &str, event_id: Option<Uuid>, limit: u32) -> Result<u64> {
         let r = self.route(service)?;
-        let n = DB::revive(&self.pool, &r.table, &r.service, event_id, limit)
+        let n = DB::revive(&self.pool, r.table(), r.service(), event_id, limit)
             .await
             .map_err(|e| {
                 Error::db(
-                    format!("replaying dead letters of {service} in {}", r.table),
+                    format!("replaying dead letters of {service} in {}", r.table()),
                     e,
                 )
             })?;
         if n > 0 {
             tracing::info!(service, replayed = n, "dead letters replayed");
-            wakeup::wake_local(&r.table, &r.service);
+            wakeup::wake_local(r.table(), r.service());
         }
         Ok(n)
     }

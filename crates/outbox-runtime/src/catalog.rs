@@ -16,22 +16,10 @@ use serde::Serialize;
 use crate::event::{Event, EventRegistration};
 use crate::handler::HandlerRegistration;
 use crate::names::{check_name, NameKind};
+use crate::route::{GroupName, ServiceName, TableName, TopicName};
 use crate::service::{Service, ServiceRegistration};
 
-/// Where one service's events go.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Route {
-    /// The service name.
-    pub service: String,
-    /// Its outbox table.
-    pub table: String,
-    /// Its Kafka topic.
-    pub topic: String,
-    /// Its consumer group.
-    pub group: String,
-    /// Where the service is declared.
-    pub rust_type: String,
-}
+pub use crate::route::Route;
 
 /// One event type in the catalog.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -135,7 +123,7 @@ impl Catalog {
         self.inner
             .routes
             .values()
-            .map(|r| r.table.as_str())
+            .map(|r| r.table().as_str())
             .collect()
     }
 
@@ -299,11 +287,14 @@ impl CatalogBuilder {
 
         // Services and their routes.
         let mut routes: BTreeMap<String, Route> = BTreeMap::new();
+        let mut invalid: BTreeSet<&str> = BTreeSet::new();
         for s in services {
             if let Some(existing) = routes.get(s.name) {
                 problems.insert(format!(
                     "service `{}` is declared twice: by `{}` and by `{}`",
-                    s.name, existing.rust_type, s.rust_type
+                    s.name,
+                    existing.rust_type(),
+                    s.rust_type
                 ));
                 continue;
             }
@@ -328,26 +319,35 @@ impl CatalogBuilder {
                     .map(String::as_str)
                     .unwrap_or(s.group)
             );
-            for (kind, name) in [
-                (NameKind::Service, s.name),
-                (NameKind::Table, table),
-                (NameKind::Topic, topic.as_str()),
-                (NameKind::Group, group.as_str()),
-            ] {
-                if let Err(why) = check_name(kind, name) {
-                    problems.insert(format!("service `{}`: {}", s.name, why));
+            let checked = (
+                ServiceName::new(s.name),
+                TableName::new(table),
+                TopicName::new(&topic),
+                GroupName::new(&group),
+            );
+            match checked {
+                (Ok(service), Ok(table), Ok(topic), Ok(group)) => {
+                    routes.insert(
+                        s.name.to_owned(),
+                        Route::new(service, table, topic, group, s.rust_type),
+                    );
+                }
+                (service, table, topic, group) => {
+                    for e in [service.err(), table.err(), topic.err(), group.err()]
+                        .into_iter()
+                        .flatten()
+                    {
+                        let why = match e {
+                            crate::Error::InvalidName(why) => why,
+                            other => other.to_string(),
+                        };
+                        problems.insert(format!("service `{}`: {}", s.name, why));
+                    }
+                    // Still known as declared, so events of it are not reported as
+                    // belonging to an undeclared service.
+                    invalid.insert(s.name);
                 }
             }
-            routes.insert(
-                s.name.to_owned(),
-                Route {
-                    service: s.name.to_owned(),
-                    table: table.to_owned(),
-                    topic,
-                    group,
-                    rust_type: s.rust_type.to_owned(),
-                },
-            );
         }
         for overridden in self
             .tables
@@ -355,7 +355,7 @@ impl CatalogBuilder {
             .chain(self.topics.keys())
             .chain(self.groups.keys())
         {
-            if !routes.contains_key(overridden) {
+            if !routes.contains_key(overridden) && !invalid.contains(overridden.as_str()) {
                 problems.insert(format!(
                     "an override names service `{overridden}`, which is not declared"
                 ));
@@ -364,16 +364,20 @@ impl CatalogBuilder {
         let mut by_topic: BTreeMap<&str, &str> = BTreeMap::new();
         let mut by_group: BTreeMap<&str, &str> = BTreeMap::new();
         for r in routes.values() {
-            if let Some(other) = by_topic.insert(&r.topic, &r.service) {
+            if let Some(other) = by_topic.insert(r.topic().as_str(), r.service().as_str()) {
                 problems.insert(format!(
                     "services `{}` and `{}` share topic `{}`; each service needs its own",
-                    other, r.service, r.topic
+                    other,
+                    r.service(),
+                    r.topic()
                 ));
             }
-            if let Some(other) = by_group.insert(&r.group, &r.service) {
+            if let Some(other) = by_group.insert(r.group().as_str(), r.service().as_str()) {
                 problems.insert(format!(
                     "services `{}` and `{}` share consumer group `{}`; each service needs its own",
-                    other, r.service, r.group
+                    other,
+                    r.service(),
+                    r.group()
                 ));
             }
         }
@@ -392,14 +396,12 @@ impl CatalogBuilder {
                 problems.insert(format!("event `{}`: {}", e.rust_type, why));
             }
             match routes.get(e.service) {
+                None if invalid.contains(e.service) => {}
                 None => {
                     problems.insert(format!(
                         "event `{}` (`{}`) belongs to service `{}`, which has no route (no table, topic or group); declare it with #[outbox_service]",
                         e.event_type, e.rust_type, e.service
                     ));
-                }
-                Some(r) if r.table.is_empty() => {
-                    problems.insert(format!("service `{}` has no table", e.service));
                 }
                 Some(_) => {}
             }

@@ -255,19 +255,18 @@ impl<DB: Backend> Consumer<DB> {
     /// queued are not processed and are delivered again later (and found settled if they
     /// were). Dropping the future instead is safe too, with more redeliveries.
     pub async fn run(self, kafka: &KafkaConfig, mut shutdown: ShutdownSignal) -> Result<()> {
-        let consumer: StreamConsumer =
-            kafka
-                .consumer_config(&self.route.group)
-                .create()
-                .map_err(|e| {
-                    Error::kafka(
-                        format!("creating the consumer of service {}", self.route.service),
-                        e,
-                    )
-                })?;
+        let consumer: StreamConsumer = kafka
+            .consumer_config(self.route.group().as_str())
+            .create()
+            .map_err(|e| {
+                Error::kafka(
+                    format!("creating the consumer of service {}", self.route.service()),
+                    e,
+                )
+            })?;
         consumer
-            .subscribe(&[&self.route.topic])
-            .map_err(|e| Error::kafka(format!("subscribing to {}", self.route.topic), e))?;
+            .subscribe(&[self.route.topic().as_str()])
+            .map_err(|e| Error::kafka(format!("subscribing to {}", self.route.topic()), e))?;
 
         let this = Arc::new(self);
         let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<(i32, i64)>();
@@ -310,7 +309,7 @@ impl<DB: Backend> Consumer<DB> {
 
         let mut offsets = OffsetTracker::default();
         // One topic per consumer (its route's): offsets are tracked by partition.
-        let topic = this.route.topic.as_str();
+        let topic = this.route.topic().as_str();
         let store = |offsets: &mut OffsetTracker, partition: i32, offset: i64| {
             if let Some(upto) = offsets.settled(partition, offset) {
                 failpoint!("consumer.before_offset_store");
@@ -347,7 +346,7 @@ impl<DB: Backend> Consumer<DB> {
                     Err(e) => {
                         recv_errors += 1;
                         let delay = this.config.consumer_failure_backoff.delay(recv_errors);
-                        tracing::warn!(service = %this.route.service, error = %e, ?delay, "consumer receive failed");
+                        tracing::warn!(service = %this.route.service(), error = %e, ?delay, "consumer receive failed");
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}
                             _ = shutdown.changed() => {}
@@ -370,7 +369,7 @@ impl<DB: Backend> Consumer<DB> {
                 rdkafka::types::RDKafkaErrorCode::NoOffset,
             )) => {}
             Err(e) => {
-                tracing::warn!(service = %this.route.service, error = %e, "final offset commit failed")
+                tracing::warn!(service = %this.route.service(), error = %e, "final offset commit failed")
             }
         }
         Ok(())
@@ -388,7 +387,7 @@ impl<DB: Backend> Consumer<DB> {
                     // One by one next, where each record is retried in place with a
                     // backoff: a record that fails every time then holds up only itself.
                     self.stats.db_retries.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(service = %self.route.service, records = msgs.len(), error = %e,
+                    tracing::warn!(service = %self.route.service(), records = msgs.len(), error = %e,
                         "a batch failed on the database; settling its records one by one");
                 }
             }
@@ -412,7 +411,7 @@ impl<DB: Backend> Consumer<DB> {
                     failures += 1;
                     self.stats.db_retries.fetch_add(1, Ordering::Relaxed);
                     let delay = self.config.consumer_failure_backoff.delay(failures);
-                    tracing::warn!(service = %self.route.service, offset = msg.offset(), error = %e, ?delay,
+                    tracing::warn!(service = %self.route.service(), offset = msg.offset(), error = %e, ?delay,
                         "processing failed on the database; retrying the same record");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -488,7 +487,7 @@ impl<DB: Backend> Consumer<DB> {
         }
         if !state.handled.is_empty() {
             let ids: Vec<i64> = state.handled.iter().copied().collect();
-            DB::mark_consumed(&mut tx, &self.route.table, &ids)
+            DB::mark_consumed(&mut tx, self.route.table(), &ids)
                 .await
                 .map_err(|e| self.db_error("marking consumed the batch starting with", first, e))?;
         }
@@ -519,7 +518,7 @@ impl<DB: Backend> Consumer<DB> {
                 .await
                 .map_err(|e| self.db_error("beginning to consume", first, e))?;
             let locked: HashMap<_, _> =
-                DB::lock_batch_for_consume(&mut tx, &route.table, &route.service, event_ids)
+                DB::lock_batch_for_consume(&mut tx, route.table(), route.service(), event_ids)
                     .await
                     .map_err(|e| self.db_error("locking the rows of a batch with", first, e))?
                     .into_iter()
@@ -535,7 +534,7 @@ impl<DB: Backend> Consumer<DB> {
                 .await
                 .map_err(|e| self.db_error("waiting for a row of a batch with", first, e))?;
             // Autocommit: the lock is taken once the holder commits, and let go at once.
-            let exists = DB::lock_for_consume(&mut conn, &route.table, &route.service, *busy)
+            let exists = DB::lock_for_consume(&mut conn, route.table(), route.service(), *busy)
                 .await
                 .map_err(|e| self.db_error("waiting for a row of a batch with", first, e))?
                 .is_some();
@@ -566,8 +565,8 @@ impl<DB: Backend> Consumer<DB> {
         }
         let rows = DB::open_rows_of_keys(
             &mut **tx,
-            &self.route.table,
-            &self.route.service,
+            self.route.table(),
+            self.route.service(),
             &keys,
             below,
             BATCH_OPEN_ROWS,
@@ -610,7 +609,8 @@ impl<DB: Backend> Consumer<DB> {
         let ctx = |what: &str| {
             format!(
                 "{what} event {event_id} of service {} in {}",
-                route.service, route.table
+                route.service(),
+                route.table()
             )
         };
         let locked = match batch.as_deref_mut() {
@@ -622,14 +622,15 @@ impl<DB: Backend> Consumer<DB> {
         };
         let row = match locked {
             Some(row) => Some(row),
-            None => DB::lock_for_consume(&mut tx, &route.table, &route.service, event_id.0)
+            None => DB::lock_for_consume(&mut tx, route.table(), route.service(), event_id.0)
                 .await
                 .map_err(|e| Error::db(ctx("locking"), e))?,
         };
         let Some(row) = row else {
             let reason = format!(
                 "no outbox row for event {event_id} in service {} (table {})",
-                route.service, route.table
+                route.service(),
+                route.table()
             );
             return Ok((tx, Step::Abort(Abort::Skip(reason))));
         };
@@ -650,13 +651,13 @@ impl<DB: Backend> Consumer<DB> {
             let open = match known {
                 Some(open) => open,
                 None => {
-                    DB::has_open_predecessor(&mut tx, &route.table, &route.service, key, row.id)
+                    DB::has_open_predecessor(&mut tx, route.table(), route.service(), key, row.id)
                         .await
                         .map_err(|e| Error::db(ctx("checking the predecessors of"), e))?
                 }
             };
             if open {
-                DB::defer(&mut tx, &route.table, row.id, self.config.backoff.base)
+                DB::defer(&mut tx, route.table(), row.id, self.config.backoff.base)
                     .await
                     .map_err(|e| Error::db(ctx("deferring"), e))?;
                 return Ok((tx, Step::InTx(Outcome::Deferred)));
@@ -668,7 +669,8 @@ impl<DB: Backend> Consumer<DB> {
             } else {
                 format!(
                     "no handler for event type `{}` in service `{}`",
-                    envelope.event_type, route.service
+                    envelope.event_type,
+                    route.service()
                 )
             };
             return Ok((tx, Step::Abort(Abort::Dead(row, reason))));
@@ -685,7 +687,7 @@ impl<DB: Backend> Consumer<DB> {
             event_id,
             event_type: envelope.event_type.clone(),
             version: envelope.version,
-            service: route.service.clone(),
+            service: route.service().to_string(),
             key: row.key.clone(),
             attempt: u32::try_from(row.attempts).unwrap_or(0) + 1,
         };
@@ -701,7 +703,7 @@ impl<DB: Backend> Consumer<DB> {
                         b.handled.insert(row.id);
                         b.handled_events.insert(event_id.0);
                     }
-                    None => DB::mark_consumed(&mut tx, &route.table, &[row.id])
+                    None => DB::mark_consumed(&mut tx, route.table(), &[row.id])
                         .await
                         .map_err(|e| Error::db(ctx("marking consumed"), e))?,
                 }
@@ -751,7 +753,7 @@ impl<DB: Backend> Consumer<DB> {
                 Decision::RetryAfter(delay) => {
                     DB::retry_later(
                         &self.pool,
-                        &route.table,
+                        route.table(),
                         row.id,
                         AttemptsFence(row.attempts),
                         delay,
@@ -760,12 +762,12 @@ impl<DB: Backend> Consumer<DB> {
                     .await
                     .map_err(|e| {
                         Error::db(
-                            format!("scheduling a retry of row {} of {}", row.id, route.table),
+                            format!("scheduling a retry of row {} of {}", row.id, route.table()),
                             e,
                         )
                     })?;
                     self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(service = %route.service, row = row.id, ?delay, %error, "handler failed; retrying later");
+                    tracing::info!(service = %route.service(), row = row.id, ?delay, %error, "handler failed; retrying later");
                     Ok(Outcome::Retry { error })
                 }
                 Decision::Dead => {
@@ -787,8 +789,8 @@ impl<DB: Backend> Consumer<DB> {
                 msg.topic(),
                 msg.partition(),
                 msg.offset(),
-                self.route.service,
-                self.route.table
+                self.route.service(),
+                self.route.table()
             ),
             e,
         )
@@ -798,21 +800,26 @@ impl<DB: Backend> Consumer<DB> {
         let route = &self.route;
         DB::mark_dead(
             &self.pool,
-            &route.table,
+            route.table(),
             row.id,
             AttemptsFence(row.attempts),
             &reason,
         )
         .await
-        .map_err(|e| Error::db(format!("marking row {} of {} dead", row.id, route.table), e))?;
+        .map_err(|e| {
+            Error::db(
+                format!("marking row {} of {} dead", row.id, route.table()),
+                e,
+            )
+        })?;
         self.stats.dead.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(service = %route.service, row = row.id, %reason, "outbox event is dead");
+        tracing::error!(service = %route.service(), row = row.id, %reason, "outbox event is dead");
         Ok(Outcome::Dead { reason })
     }
 
     fn skipped(&self, reason: String) -> Outcome {
         self.stats.skipped.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(service = %self.route.service, %reason, "record skipped");
+        tracing::error!(service = %self.route.service(), %reason, "record skipped");
         Outcome::Skipped { reason }
     }
 }

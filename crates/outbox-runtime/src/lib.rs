@@ -93,6 +93,7 @@ pub mod names;
 pub mod outbox;
 pub mod relay;
 pub mod retry;
+pub mod route;
 pub mod runtime;
 pub mod service;
 mod wakeup;
@@ -110,6 +111,7 @@ pub use handler::{EventMeta, FailureKind, HandlerContext, HandlerError};
 pub use kafka::KafkaConfig;
 pub use outbox::{Outbox, OutboxTx, PublishOptions, RawEvent};
 pub use outbox_macros::{outbox_event, outbox_handler, outbox_service};
+pub use route::{GroupName, Route, ServiceName, TableName, TopicName};
 pub use runtime::{OutboxRuntime, RuntimeHandle};
 pub use service::Service;
 

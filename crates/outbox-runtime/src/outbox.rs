@@ -118,9 +118,9 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
 
     /// Creates the service's outbox table if missing (idempotent).
     pub async fn migrate(&self) -> Result<()> {
-        DB::migrate(&self.pool, &self.route.table)
+        DB::migrate(&self.pool, self.route.table())
             .await
-            .map_err(|e| Error::db(format!("migrating outbox table {}", self.route.table), e))
+            .map_err(|e| Error::db(format!("migrating outbox table {}", self.route.table()), e))
     }
 
     /// Writes `event` into the outbox on `conn`: pass your transaction (`&mut tx`). The
@@ -214,20 +214,20 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
         let id = event_id.unwrap_or_default();
         let row = NewRow {
             event_id: id.0,
-            service: S::NAME,
+            service: self.route.service(),
             event_type,
             version: i32::try_from(version).unwrap_or(i32::MAX),
             key,
             payload,
             max_retries: i32::try_from(max_retries).unwrap_or(i32::MAX),
         };
-        DB::insert(conn, &self.route.table, &row)
+        DB::insert(conn, self.route.table(), &row)
             .await
             .map_err(|e| {
                 Error::db(
                     format!(
                         "publishing `{event_type}` into {} (service {})",
-                        self.route.table,
+                        self.route.table(),
                         S::NAME
                     ),
                     e,
@@ -240,8 +240,9 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
     /// in this process at once, and in other processes through LISTEN/NOTIFY on
     /// PostgreSQL (coalesced, outside your transaction). Optional: relays also poll.
     pub fn notify_committed(&self) {
-        wakeup::wake_local(&self.route.table, S::NAME);
-        self.notifier.signal(&self.pool, &self.route.table, S::NAME);
+        wakeup::wake_local(self.route.table(), self.route.service());
+        self.notifier
+            .signal(&self.pool, self.route.table(), self.route.service());
     }
 
     /// Begins a transaction that publishes through this outbox and wakes the relays

@@ -157,7 +157,8 @@ impl<DB: Backend> Relay<DB> {
             Error::db(
                 format!(
                     "claiming due rows of service {} from {}",
-                    route.service, route.table
+                    route.service(),
+                    route.table()
                 ),
                 e,
             )
@@ -171,8 +172,8 @@ impl<DB: Backend> Relay<DB> {
         let mut rows = if bounded {
             DB::claim_window(
                 &self.pool,
-                &route.table,
-                &route.service,
+                route.table(),
+                route.service(),
                 limit,
                 limit.saturating_mul(CLAIM_WINDOW),
                 lease,
@@ -182,8 +183,8 @@ impl<DB: Backend> Relay<DB> {
         } else {
             DB::claim(
                 &self.pool,
-                &route.table,
-                &route.service,
+                route.table(),
+                route.service(),
                 limit,
                 lease,
                 token,
@@ -198,8 +199,8 @@ impl<DB: Backend> Relay<DB> {
             // keeps finding rows, else at most once per poll interval.
             let more = DB::claim(
                 &self.pool,
-                &route.table,
-                &route.service,
+                route.table(),
+                route.service(),
                 limit - rows.len() as u32,
                 lease,
                 token,
@@ -295,17 +296,17 @@ impl<DB: Backend> Relay<DB> {
                 // Marking unblocks the next event of each of these keys: wake the
                 // service's other relays in this process that went idle because every
                 // head of key was leased (they would otherwise wait for the poll).
-                wakeup::local_waker(&route.table, &route.service).notify_waiters();
+                wakeup::local_waker(route.table(), route.service()).notify_waiters();
             }
         }
         for (id, reason) in &dead {
-            let changed = DB::mark_dead_leased(&self.pool, &route.table, *id, token, reason)
+            let changed = DB::mark_dead_leased(&self.pool, route.table(), *id, token, reason)
                 .await
-                .map_err(|e| Error::db(format!("marking row {id} of {} dead", route.table), e))?;
+                .map_err(|e| Error::db(format!("marking row {id} of {} dead", route.table()), e))?;
             if changed {
                 report.dead += 1;
                 self.stats.dead.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(service = %route.service, row = id, %reason, "outbox event is dead: the broker refuses it");
+                tracing::error!(service = %route.service(), row = id, %reason, "outbox event is dead: the broker refuses it");
             }
         }
         if retry.is_empty() {
@@ -313,18 +314,24 @@ impl<DB: Backend> Relay<DB> {
         } else {
             let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
             let delay = self.config.relay_failure_backoff.delay(failures);
-            let released =
-                DB::release(&self.pool, &route.table, &retry, token, delay, &retry_error)
-                    .await
-                    .map_err(|e| {
-                        Error::db(
-                            format!("giving back {} rows of {}", retry.len(), route.table),
-                            e,
-                        )
-                    })?;
+            let released = DB::release(
+                &self.pool,
+                route.table(),
+                &retry,
+                token,
+                delay,
+                &retry_error,
+            )
+            .await
+            .map_err(|e| {
+                Error::db(
+                    format!("giving back {} rows of {}", retry.len(), route.table()),
+                    e,
+                )
+            })?;
             report.released = released;
             self.stats.released.fetch_add(released, Ordering::Relaxed);
-            tracing::warn!(service = %route.service, rows = retry.len(), ?delay, error = %retry_error,
+            tracing::warn!(service = %route.service(), rows = retry.len(), ?delay, error = %retry_error,
                 "broker failed to take events; they are due again after the delay");
         }
         Ok(report)
@@ -339,16 +346,16 @@ impl<DB: Backend> Relay<DB> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match DB::mark_published(&self.pool, &route.table, ids, token).await {
+            match DB::mark_published(&self.pool, route.table(), ids, token).await {
                 Ok(marked) => return Ok(marked),
                 Err(e) if attempt < MARK_ATTEMPTS => {
                     let delay = self.config.relay_failure_backoff.delay(attempt);
-                    tracing::warn!(service = %route.service, error = %e, ?delay, "marking rows published failed; retrying");
+                    tracing::warn!(service = %route.service(), error = %e, ?delay, "marking rows published failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
                 Err(e) => {
                     return Err(Error::db(
-                        format!("marking {} rows of {} published", ids.len(), route.table),
+                        format!("marking {} rows of {} published", ids.len(), route.table()),
                         e,
                     ))
                 }
@@ -363,14 +370,14 @@ impl<DB: Backend> Relay<DB> {
         for row in rows {
             let envelope = Envelope {
                 event_id: EventId(row.event_id),
-                service: self.route.service.clone(),
+                service: self.route.service().to_string(),
                 event_type: row.event_type.clone(),
                 version: u32::try_from(row.version).unwrap_or(0),
                 key: row.key.clone(),
                 time: row.created_at,
                 payload: Vec::new(),
             };
-            let mut record = FutureRecord::to(&self.route.topic)
+            let mut record = FutureRecord::to(self.route.topic().as_str())
                 .payload(row.payload.as_bytes())
                 .headers(envelope.headers());
             if let Some(key) = &row.key {
@@ -406,15 +413,15 @@ impl<DB: Backend> Relay<DB> {
     /// leased: they are relayed again after the lease, possibly a second time.
     pub async fn run(self, mut shutdown: ShutdownSignal) -> Result<()> {
         let route = self.route.clone();
-        let waker = wakeup::local_waker(&route.table, &route.service);
+        let waker = wakeup::local_waker(route.table(), route.service());
         let mut hints = match DB::listen(&self.pool, wakeup::CHANNEL).await {
             Ok(stream) => stream,
             Err(e) => {
-                tracing::warn!(service = %route.service, error = %e, "LISTEN failed; relying on polling");
+                tracing::warn!(service = %route.service(), error = %e, "LISTEN failed; relying on polling");
                 None
             }
         };
-        let my_hint = wakeup::hint(&route.table, &route.service);
+        let my_hint = wakeup::hint(route.table(), route.service());
         let mut error_streak = 0u32;
         // Pipelining: the batch whose delivery reports are still coming is finished
         // (awaited, then marked) while the next batch is claimed. Per-key order holds:
@@ -428,7 +435,7 @@ impl<DB: Backend> Relay<DB> {
                 if let Some(batch) = in_flight.take() {
                     if let Err(e) = self.finish(batch).await {
                         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(service = %route.service, error = %e, "last relay round failed at shutdown");
+                        tracing::warn!(service = %route.service(), error = %e, "last relay round failed at shutdown");
                     }
                 }
                 break;
@@ -450,7 +457,7 @@ impl<DB: Backend> Relay<DB> {
                 Some(Ok(_)) | None => {}
                 Some(Err(e)) => {
                     failed = true;
-                    tracing::warn!(service = %route.service, error = %e, "relay round failed; retrying");
+                    tracing::warn!(service = %route.service(), error = %e, "relay round failed; retrying");
                 }
             }
             match claimed {
@@ -458,7 +465,7 @@ impl<DB: Backend> Relay<DB> {
                 Ok(None) => {}
                 Err(e) => {
                     failed = true;
-                    tracing::warn!(service = %route.service, error = %e, "relay claim failed; retrying");
+                    tracing::warn!(service = %route.service(), error = %e, "relay claim failed; retrying");
                 }
             }
             if failed {

@@ -101,7 +101,11 @@ impl<DB: Backend> OutboxRuntime<DB> {
     pub async fn start(self) -> Result<RuntimeHandle> {
         let services: Vec<String> = match &self.services {
             Some(s) => s.clone(),
-            None => self.catalog.routes().map(|r| r.service.clone()).collect(),
+            None => self
+                .catalog
+                .routes()
+                .map(|r| r.service().to_string())
+                .collect(),
         };
         for s in &services {
             if self.catalog.route(s).is_none() {
@@ -213,14 +217,14 @@ async fn housekeeping<DB: Backend>(
             return Ok(());
         }
         if let Some(after) = config.redeliver_after {
-            match DB::redeliver_stale(&pool, &route.table, &route.service, after, BATCH).await {
+            match DB::redeliver_stale(&pool, route.table(), route.service(), after, BATCH).await {
                 Ok(0) => {}
                 Ok(n) => {
-                    tracing::warn!(service = %route.service, rows = n, "published events never consumed; publishing them again");
-                    crate::wakeup::wake_local(&route.table, &route.service);
+                    tracing::warn!(service = %route.service(), rows = n, "published events never consumed; publishing them again");
+                    crate::wakeup::wake_local(route.table(), route.service());
                 }
                 Err(e) => {
-                    tracing::warn!(service = %route.service, error = %e, "redelivery sweep failed; trying again later")
+                    tracing::warn!(service = %route.service(), error = %e, "redelivery sweep failed; trying again later")
                 }
             }
         }
@@ -228,8 +232,8 @@ async fn housekeeping<DB: Backend>(
             loop {
                 match DB::purge(
                     &pool,
-                    &route.table,
-                    &route.service,
+                    route.table(),
+                    route.service(),
                     retention.consumed_after,
                     retention.dead_after,
                     retention.batch,
@@ -239,7 +243,7 @@ async fn housekeeping<DB: Backend>(
                     Ok(n) if n >= u64::from(retention.batch) && !*shutdown.borrow() => continue,
                     Ok(_) => break,
                     Err(e) => {
-                        tracing::warn!(service = %route.service, error = %e, "retention sweep failed; trying again later");
+                        tracing::warn!(service = %route.service(), error = %e, "retention sweep failed; trying again later");
                         break;
                     }
                 }
@@ -263,7 +267,7 @@ pub async fn migrate<'a, DB: Backend>(
         let route = catalog
             .route(s)
             .ok_or_else(|| Error::UnknownService(s.to_owned()))?;
-        tables.insert(route.table.clone());
+        tables.insert(route.table().clone());
     }
     for t in tables {
         DB::migrate(pool, &t)

@@ -22,6 +22,7 @@ use sqlx::Pool;
 use tokio::sync::{mpsc, Notify};
 
 use crate::backend::Backend;
+use crate::route::{ServiceName, TableName};
 
 /// The shortest time between two NOTIFY rounds of one notifier: bounds the extra
 /// statements under load, and costs other processes' relays at most this much latency
@@ -39,22 +40,22 @@ fn registry() -> &'static Mutex<HashMap<Key, Arc<Notify>>> {
 }
 
 /// The wake-up of the relays of `(table, service)` in this process.
-pub(crate) fn local_waker(table: &str, service: &str) -> Arc<Notify> {
+pub(crate) fn local_waker(table: &TableName, service: &ServiceName) -> Arc<Notify> {
     let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
-    reg.entry((table.to_owned(), service.to_owned()))
+    reg.entry((table.to_string(), service.to_string()))
         .or_insert_with(|| Arc::new(Notify::new()))
         .clone()
 }
 
 /// Wakes the relays of `(table, service)` in this process.
-pub(crate) fn wake_local(table: &str, service: &str) {
+pub(crate) fn wake_local(table: &TableName, service: &ServiceName) {
     let n = local_waker(table, service);
     n.notify_waiters();
     n.notify_one();
 }
 
 /// The hint payload for a table and service.
-pub(crate) fn hint(table: &str, service: &str) -> String {
+pub(crate) fn hint(table: &TableName, service: &ServiceName) -> String {
     format!("{table}:{service}")
 }
 
@@ -74,7 +75,12 @@ impl Notifier {
 
     /// Queues a wake-up for `(table, service)`; it is sent soon, on its own connection.
     /// Hints queued while a NOTIFY is in flight are merged into the next round.
-    pub(crate) fn signal<DB: Backend>(&self, pool: &Pool<DB>, table: &str, service: &str) {
+    pub(crate) fn signal<DB: Backend>(
+        &self,
+        pool: &Pool<DB>,
+        table: &TableName,
+        service: &ServiceName,
+    ) {
         if !DB::HAS_NOTIFY {
             return;
         }

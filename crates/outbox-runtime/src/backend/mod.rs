@@ -30,6 +30,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
+use crate::route::{ServiceName, TableName};
+
 #[cfg(feature = "mysql")]
 pub mod mysql;
 #[cfg(feature = "postgres")]
@@ -80,7 +82,7 @@ pub struct NewRow<'a> {
     /// The event id (unique).
     pub event_id: Uuid,
     /// The owning service.
-    pub service: &'a str,
+    pub service: &'a ServiceName,
     /// The event type name.
     pub event_type: &'a str,
     /// The schema version.
@@ -243,16 +245,16 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// from several processes at once.
     fn migrate(
         pool: &Pool<Self>,
-        table: &str,
+        table: &TableName,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
     /// The DDL that [`migrate`](Self::migrate) runs, for users' own migration tools.
-    fn migration_sql(table: &str) -> String;
+    fn migration_sql(table: &TableName) -> String;
 
     /// Inserts one pending row, due now, on the caller's connection (its transaction).
     fn insert<'c>(
         conn: &'c mut Self::Connection,
-        table: &'c str,
+        table: &'c TableName,
         row: &'c NewRow<'c>,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
 
@@ -267,8 +269,8 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// published). Rows come back in id order.
     fn claim<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         limit: u32,
         lease: Duration,
         token: i64,
@@ -283,8 +285,8 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     #[allow(clippy::too_many_arguments)]
     fn claim_window<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         limit: u32,
         window: u32,
         lease: Duration,
@@ -302,7 +304,7 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// deadlock with one; should a mark fail anyway, the relay retries it.
     fn mark_published<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         ids: &'p [i64],
         token: i64,
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'p;
@@ -312,7 +314,7 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// is not the event's fault and never makes it dead). Returns how many changed.
     fn release<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         ids: &'p [i64],
         token: i64,
         delay: Duration,
@@ -323,7 +325,7 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// lease. Returns whether it changed.
     fn mark_dead_leased<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         id: i64,
         token: i64,
         reason: &'p str,
@@ -333,8 +335,8 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// locks it (`FOR UPDATE`; SQLite's `BEGIN IMMEDIATE` already holds the write lock).
     fn lock_for_consume<'c>(
         conn: &'c mut Self::Connection,
-        table: &'c str,
-        service: &'c str,
+        table: &'c TableName,
+        service: &'c ServiceName,
         event_id: Uuid,
     ) -> impl Future<Output = Result<Option<RowState>, sqlx::Error>> + Send + 'c;
 
@@ -349,8 +351,8 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// `BEGIN IMMEDIATE` holding the write lock) reads the rows plainly.
     fn lock_batch_for_consume<'c>(
         conn: &'c mut Self::Connection,
-        table: &'c str,
-        service: &'c str,
+        table: &'c TableName,
+        service: &'c ServiceName,
         event_ids: &'c [Uuid],
     ) -> impl Future<Output = Result<Vec<(Uuid, RowState)>, sqlx::Error>> + Send + 'c;
 
@@ -358,8 +360,8 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// pending or published (so this one must wait to keep per-key order).
     fn has_open_predecessor<'c>(
         conn: &'c mut Self::Connection,
-        table: &'c str,
-        service: &'c str,
+        table: &'c TableName,
+        service: &'c ServiceName,
         key: &'c str,
         id: i64,
     ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send + 'c;
@@ -371,8 +373,8 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// [`has_open_predecessor`](Self::has_open_predecessor) per record.
     fn open_rows_of_keys<'c>(
         conn: &'c mut Self::Connection,
-        table: &'c str,
-        service: &'c str,
+        table: &'c TableName,
+        service: &'c ServiceName,
         keys: &'c [String],
         below: i64,
         limit: u32,
@@ -383,7 +385,7 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// rows in one statement.
     fn mark_consumed<'c>(
         conn: &'c mut Self::Connection,
-        table: &'c str,
+        table: &'c TableName,
         ids: &'c [i64],
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
 
@@ -393,7 +395,7 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// long from turning this into a hot re-publish loop.)
     fn defer<'c>(
         conn: &'c mut Self::Connection,
-        table: &'c str,
+        table: &'c TableName,
         id: i64,
         delay: Duration,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
@@ -404,8 +406,8 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// bounded batches, so no long lock is ever held.
     fn purge<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         consumed_age: Duration,
         dead_age: Option<Duration>,
         limit: u32,
@@ -416,7 +418,7 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// attempts count read under the lock and a non-terminal status.
     fn retry_later<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         id: i64,
         fence: AttemptsFence,
         delay: Duration,
@@ -427,7 +429,7 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// [`retry_later`](Self::retry_later).
     fn mark_dead<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         id: i64,
         fence: AttemptsFence,
         reason: &'p str,
@@ -440,8 +442,8 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// `limit` rows; returns how many.
     fn redeliver_stale<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         older_than: Duration,
         limit: u32,
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'p;
@@ -449,8 +451,8 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// Dead rows of a service, oldest first, for operators.
     fn fetch_dead<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send + 'p;
 
@@ -459,8 +461,8 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// the next failure. Returns how many changed.
     fn revive<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         event_id: Option<Uuid>,
         limit: u32,
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'p;
@@ -468,22 +470,22 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// One row by event id, for operators and tests.
     fn fetch<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         event_id: Uuid,
     ) -> impl Future<Output = Result<Option<OutboxRow>, sqlx::Error>> + Send + 'p;
 
     /// All rows of a service in id order, for operators and tests.
     fn fetch_all<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
     ) -> impl Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send + 'p;
 
     /// Rows of a service by status.
     fn counts<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
     ) -> impl Future<Output = Result<StatusCounts, sqlx::Error>> + Send + 'p;
 
     /// The database clock.

@@ -25,6 +25,8 @@ use sqlx::mysql::{MySqlDatabaseError, MySqlRow};
 use sqlx::{MySql, MySqlConnection, Pool, Row, Transaction};
 use uuid::Uuid;
 
+use crate::route::{ServiceName, TableName};
+
 use super::{
     placeholders, AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, RowState, SqlValue,
     Status, StatusCounts,
@@ -189,7 +191,7 @@ fn claimed_row(r: &MySqlRow) -> Result<ClaimedRow, sqlx::Error> {
 }
 
 /// The name of the `GET_LOCK` lock that serialises migrations of `table`.
-fn migrate_lock_name(table: &str) -> String {
+fn migrate_lock_name(table: &TableName) -> String {
     let mut name = format!("outbox_migrate:{table}");
     // Table names are ASCII (checked against the name grammar), so any cut is on a
     // character boundary; a cut only makes unrelated tables share the lock.
@@ -202,8 +204,8 @@ fn migrate_lock_name(table: &str) -> String {
 /// One claim attempt: a short READ COMMITTED transaction.
 async fn claim_once(
     pool: &Pool<MySql>,
-    table: &str,
-    service: &str,
+    table: &TableName,
+    service: &ServiceName,
     limit: u32,
     lease_us: i64,
     token: i64,
@@ -221,7 +223,7 @@ async fn claim_once(
           LIMIT ? \
           FOR UPDATE SKIP LOCKED"
     ))
-    .bind(service)
+    .bind(service.as_str())
     .bind(i64::from(limit))
     .fetch_all(&mut *tx)
     .await?;
@@ -310,7 +312,7 @@ impl Backend for MySql {
         begin_rc(pool).await
     }
 
-    async fn migrate(pool: &Pool<Self>, table: &str) -> Result<(), sqlx::Error> {
+    async fn migrate(pool: &Pool<Self>, table: &TableName) -> Result<(), sqlx::Error> {
         let sql = Self::migration_sql(table);
         let lock = migrate_lock_name(table);
         let mut conn = pool.acquire().await?;
@@ -343,13 +345,13 @@ impl Backend for MySql {
         Ok(())
     }
 
-    fn migration_sql(table: &str) -> String {
-        MIGRATION.replace("{table}", table)
+    fn migration_sql(table: &TableName) -> String {
+        MIGRATION.replace("{table}", table.as_str())
     }
 
     async fn insert<'c>(
         conn: &'c mut MySqlConnection,
-        table: &'c str,
+        table: &'c TableName,
         row: &'c NewRow<'c>,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(&format!(
@@ -358,7 +360,7 @@ impl Backend for MySql {
              VALUES (?, ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))"
         ))
         .bind(row.event_id)
-        .bind(row.service)
+        .bind(row.service.as_str())
         .bind(row.event_type)
         .bind(row.version)
         .bind(row.key)
@@ -371,8 +373,8 @@ impl Backend for MySql {
 
     async fn claim<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         limit: u32,
         lease: Duration,
         token: i64,
@@ -386,7 +388,7 @@ impl Backend for MySql {
 
     async fn mark_published<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         ids: &'p [i64],
         token: i64,
     ) -> Result<u64, sqlx::Error> {
@@ -400,7 +402,7 @@ impl Backend for MySql {
 
     async fn release<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         ids: &'p [i64],
         token: i64,
         delay: Duration,
@@ -420,7 +422,7 @@ impl Backend for MySql {
 
     async fn mark_dead_leased<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         id: i64,
         token: i64,
         reason: &'p str,
@@ -445,8 +447,8 @@ impl Backend for MySql {
 
     async fn lock_for_consume<'c>(
         conn: &'c mut MySqlConnection,
-        table: &'c str,
-        service: &'c str,
+        table: &'c TableName,
+        service: &'c ServiceName,
         event_id: Uuid,
     ) -> Result<Option<RowState>, sqlx::Error> {
         // A plain read first: a locking read of a row that does not exist would lock a
@@ -455,7 +457,7 @@ impl Backend for MySql {
             "SELECT id FROM {table} WHERE event_id = ? AND service = ?"
         ))
         .bind(event_id)
-        .bind(service)
+        .bind(service.as_str())
         .fetch_optional(&mut *conn)
         .await?;
         let Some(id) = id else {
@@ -466,7 +468,7 @@ impl Backend for MySql {
               WHERE id = ? AND service = ? FOR UPDATE"
         ))
         .bind(id)
-        .bind(service)
+        .bind(service.as_str())
         .fetch_optional(&mut *conn)
         .await?;
         row.as_ref().map(row_state).transpose()
@@ -474,8 +476,8 @@ impl Backend for MySql {
 
     async fn lock_batch_for_consume<'c>(
         conn: &'c mut MySqlConnection,
-        table: &'c str,
-        service: &'c str,
+        table: &'c TableName,
+        service: &'c ServiceName,
         event_ids: &'c [Uuid],
     ) -> Result<Vec<(Uuid, RowState)>, sqlx::Error> {
         if event_ids.is_empty() {
@@ -486,7 +488,7 @@ impl Backend for MySql {
             "SELECT id FROM {table} WHERE service = ? AND event_id IN ({})",
             placeholders(event_ids.len())
         );
-        let mut q = sqlx::query_scalar::<_, i64>(&sql).bind(service);
+        let mut q = sqlx::query_scalar::<_, i64>(&sql).bind(service.as_str());
         for e in event_ids {
             q = q.bind(*e);
         }
@@ -511,8 +513,8 @@ impl Backend for MySql {
 
     async fn has_open_predecessor<'c>(
         conn: &'c mut MySqlConnection,
-        table: &'c str,
-        service: &'c str,
+        table: &'c TableName,
+        service: &'c ServiceName,
         key: &'c str,
         id: i64,
     ) -> Result<bool, sqlx::Error> {
@@ -521,7 +523,7 @@ impl Backend for MySql {
               WHERE service = ? AND event_key = ? AND status IN (0, 1) AND id < ? \
               LIMIT 1"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .bind(key)
         .bind(id)
         .fetch_optional(conn)
@@ -531,8 +533,8 @@ impl Backend for MySql {
 
     async fn open_rows_of_keys<'c>(
         conn: &'c mut MySqlConnection,
-        table: &'c str,
-        service: &'c str,
+        table: &'c TableName,
+        service: &'c ServiceName,
         keys: &'c [String],
         below: i64,
         limit: u32,
@@ -545,7 +547,7 @@ impl Backend for MySql {
               WHERE service = ? AND event_key IN ({}) AND status IN (0, 1) AND id < ? LIMIT ?",
             placeholders(keys.len())
         );
-        let mut q = sqlx::query(&sql).bind(service);
+        let mut q = sqlx::query(&sql).bind(service.as_str());
         for k in keys {
             q = q.bind(k);
         }
@@ -560,7 +562,7 @@ impl Backend for MySql {
 
     async fn mark_consumed<'c>(
         conn: &'c mut MySqlConnection,
-        table: &'c str,
+        table: &'c TableName,
         ids: &'c [i64],
     ) -> Result<(), sqlx::Error> {
         if ids.is_empty() {
@@ -582,7 +584,7 @@ impl Backend for MySql {
 
     async fn defer<'c>(
         conn: &'c mut MySqlConnection,
-        table: &'c str,
+        table: &'c TableName,
         id: i64,
         delay: Duration,
     ) -> Result<(), sqlx::Error> {
@@ -600,8 +602,8 @@ impl Backend for MySql {
 
     async fn purge<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         consumed_age: Duration,
         dead_age: Option<Duration>,
         limit: u32,
@@ -617,7 +619,7 @@ impl Backend for MySql {
         let dead = dead_age.map(micros);
         let done = with_retry(|| {
             sqlx::query(&sql)
-                .bind(service)
+                .bind(service.as_str())
                 .bind(consumed)
                 .bind(dead)
                 .bind(dead.unwrap_or(0))
@@ -630,7 +632,7 @@ impl Backend for MySql {
 
     async fn retry_later<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         id: i64,
         fence: AttemptsFence,
         delay: Duration,
@@ -658,7 +660,7 @@ impl Backend for MySql {
 
     async fn mark_dead<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         id: i64,
         fence: AttemptsFence,
         reason: &'p str,
@@ -683,7 +685,7 @@ impl Backend for MySql {
 
     async fn fetch<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         event_id: Uuid,
     ) -> Result<Option<OutboxRow>, sqlx::Error> {
         sqlx::query(&format!(
@@ -699,8 +701,8 @@ impl Backend for MySql {
 
     async fn redeliver_stale<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         older_than: Duration,
         limit: u32,
     ) -> Result<u64, sqlx::Error> {
@@ -713,7 +715,7 @@ impl Backend for MySql {
         let older = micros(older_than);
         let done = with_retry(|| {
             sqlx::query(&sql)
-                .bind(service)
+                .bind(service.as_str())
                 .bind(older)
                 .bind(i64::from(limit))
                 .execute(pool)
@@ -724,14 +726,14 @@ impl Backend for MySql {
 
     async fn fetch_dead<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         limit: u32,
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
         sqlx::query(&format!(
             "SELECT {ROW_COLUMNS} FROM {table} WHERE service = ? AND status = 3 ORDER BY id LIMIT ?"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .bind(i64::from(limit))
         .fetch_all(pool)
         .await?
@@ -742,8 +744,8 @@ impl Backend for MySql {
 
     async fn revive<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         event_id: Option<Uuid>,
         limit: u32,
     ) -> Result<u64, sqlx::Error> {
@@ -754,7 +756,7 @@ impl Backend for MySql {
         );
         let done = with_retry(|| {
             sqlx::query(&sql)
-                .bind(service)
+                .bind(service.as_str())
                 .bind(event_id)
                 .bind(event_id)
                 .bind(i64::from(limit))
@@ -766,13 +768,13 @@ impl Backend for MySql {
 
     async fn fetch_all<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
         sqlx::query(&format!(
             "SELECT {ROW_COLUMNS} FROM {table} WHERE service = ? ORDER BY id"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .fetch_all(pool)
         .await?
         .iter()
@@ -782,13 +784,13 @@ impl Backend for MySql {
 
     async fn counts<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
     ) -> Result<StatusCounts, sqlx::Error> {
         let rows: Vec<(i16, i64)> = sqlx::query_as(&format!(
             "SELECT status, COUNT(*) FROM {table} WHERE service = ? GROUP BY status"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .fetch_all(pool)
         .await?;
         Ok(super::counts_from(rows))
@@ -837,16 +839,16 @@ mod tests {
     #[test]
     fn lock_names_fit_get_lock() {
         let long = "t".repeat(63);
-        assert!(migrate_lock_name(&long).len() <= LOCK_NAME_MAX);
+        assert!(migrate_lock_name(&TableName::new(&long).unwrap()).len() <= LOCK_NAME_MAX);
         assert_eq!(
-            migrate_lock_name("orders_outbox"),
+            migrate_lock_name(&TableName::new("orders_outbox").unwrap()),
             "outbox_migrate:orders_outbox"
         );
     }
 
     #[test]
     fn migration_sql_names_the_table() {
-        let sql = <MySql as Backend>::migration_sql("orders_outbox");
+        let sql = <MySql as Backend>::migration_sql(&TableName::new("orders_outbox").unwrap());
         assert!(sql.contains("CREATE TABLE IF NOT EXISTS orders_outbox ("));
         assert!(!sql.contains("{table}"));
     }

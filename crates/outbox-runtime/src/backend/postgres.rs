@@ -8,6 +8,8 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Pool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
+use crate::route::{ServiceName, TableName};
+
 use super::{
     AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, RowState, SqlValue, Status,
     StatusCounts, WakeStream,
@@ -79,7 +81,7 @@ fn outbox_row(r: &PgRow) -> Result<OutboxRow, sqlx::Error> {
 /// It returns the claimed rows. Public so operators can `EXPLAIN` it against their
 /// own table; the relay runs it under a per-service advisory lock (claims take turns).
 /// `table` must already have been checked against the name grammar.
-pub fn claim_sql(table: &str, windowed: bool) -> String {
+pub fn claim_sql(table: &TableName, windowed: bool) -> String {
     // The bound is an InitPlan: the due index is walked up to the window's last row,
     // compared as (next_attempt_at, id) so rows that share a due time (one
     // transaction's rows share `now()`) are cut at the window's last id too.
@@ -120,8 +122,8 @@ pub fn claim_sql(table: &str, windowed: bool) -> String {
 /// transaction that takes it holds them off until it ends. Other services do not wait.
 pub async fn take_claim_turn(
     conn: &mut PgConnection,
-    table: &str,
-    service: &str,
+    table: &TableName,
+    service: &ServiceName,
 ) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(format!("outbox-claim:{table}:{service}"))
@@ -134,8 +136,8 @@ pub async fn take_claim_turn(
 /// transaction, after [`take_claim_turn`].
 async fn claim_heads(
     pool: &Pool<Postgres>,
-    table: &str,
-    service: &str,
+    table: &TableName,
+    service: &ServiceName,
     limit: u32,
     window: Option<u32>,
     lease: Duration,
@@ -143,7 +145,7 @@ async fn claim_heads(
 ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
     let sql = claim_sql(table, window.is_some());
     let mut query = sqlx::query(&sql)
-        .bind(service)
+        .bind(service.as_str())
         .bind(i64::from(limit))
         .bind(token)
         .bind(secs(lease));
@@ -188,7 +190,7 @@ impl Backend for Postgres {
         pool.begin().await
     }
 
-    async fn migrate(pool: &Pool<Self>, table: &str) -> Result<(), sqlx::Error> {
+    async fn migrate(pool: &Pool<Self>, table: &TableName) -> Result<(), sqlx::Error> {
         let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(MIGRATE_LOCK)
@@ -199,13 +201,13 @@ impl Backend for Postgres {
         tx.commit().await
     }
 
-    fn migration_sql(table: &str) -> String {
-        MIGRATION.replace("{table}", table)
+    fn migration_sql(table: &TableName) -> String {
+        MIGRATION.replace("{table}", table.as_str())
     }
 
     async fn insert<'c>(
         conn: &'c mut PgConnection,
-        table: &'c str,
+        table: &'c TableName,
         row: &'c NewRow<'c>,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(&format!(
@@ -213,7 +215,7 @@ impl Backend for Postgres {
              VALUES ($1, $2, $3, $4, $5, $6, $7)"
         ))
         .bind(row.event_id)
-        .bind(row.service)
+        .bind(row.service.as_str())
         .bind(row.event_type)
         .bind(row.version)
         .bind(row.key)
@@ -226,8 +228,8 @@ impl Backend for Postgres {
 
     async fn claim<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         limit: u32,
         lease: Duration,
         token: i64,
@@ -237,8 +239,8 @@ impl Backend for Postgres {
 
     async fn claim_window<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         limit: u32,
         window: u32,
         lease: Duration,
@@ -249,7 +251,7 @@ impl Backend for Postgres {
 
     async fn mark_published<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         ids: &'p [i64],
         token: i64,
     ) -> Result<u64, sqlx::Error> {
@@ -267,7 +269,7 @@ impl Backend for Postgres {
 
     async fn release<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         ids: &'p [i64],
         token: i64,
         delay: Duration,
@@ -289,7 +291,7 @@ impl Backend for Postgres {
 
     async fn mark_dead_leased<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         id: i64,
         token: i64,
         reason: &'p str,
@@ -309,8 +311,8 @@ impl Backend for Postgres {
 
     async fn lock_for_consume<'c>(
         conn: &'c mut PgConnection,
-        table: &'c str,
-        service: &'c str,
+        table: &'c TableName,
+        service: &'c ServiceName,
         event_id: Uuid,
     ) -> Result<Option<RowState>, sqlx::Error> {
         let row = sqlx::query(&format!(
@@ -318,7 +320,7 @@ impl Backend for Postgres {
               WHERE event_id = $1 AND service = $2 FOR UPDATE"
         ))
         .bind(event_id)
-        .bind(service)
+        .bind(service.as_str())
         .fetch_optional(conn)
         .await?;
         row.as_ref().map(row_state).transpose()
@@ -326,8 +328,8 @@ impl Backend for Postgres {
 
     async fn lock_batch_for_consume<'c>(
         conn: &'c mut PgConnection,
-        table: &'c str,
-        service: &'c str,
+        table: &'c TableName,
+        service: &'c ServiceName,
         event_ids: &'c [Uuid],
     ) -> Result<Vec<(Uuid, RowState)>, sqlx::Error> {
         let rows = sqlx::query(&format!(
@@ -335,7 +337,7 @@ impl Backend for Postgres {
               WHERE event_id = ANY($1) AND service = $2 FOR UPDATE SKIP LOCKED"
         ))
         .bind(event_ids)
-        .bind(service)
+        .bind(service.as_str())
         .fetch_all(conn)
         .await?;
         rows.iter()
@@ -345,8 +347,8 @@ impl Backend for Postgres {
 
     async fn has_open_predecessor<'c>(
         conn: &'c mut PgConnection,
-        table: &'c str,
-        service: &'c str,
+        table: &'c TableName,
+        service: &'c ServiceName,
         key: &'c str,
         id: i64,
     ) -> Result<bool, sqlx::Error> {
@@ -354,7 +356,7 @@ impl Backend for Postgres {
             "SELECT EXISTS (SELECT 1 FROM {table} \
               WHERE service = $1 AND event_key = $2 AND id < $3 AND status IN (0, 1))"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .bind(key)
         .bind(id)
         .fetch_one(conn)
@@ -363,8 +365,8 @@ impl Backend for Postgres {
 
     async fn open_rows_of_keys<'c>(
         conn: &'c mut PgConnection,
-        table: &'c str,
-        service: &'c str,
+        table: &'c TableName,
+        service: &'c ServiceName,
         keys: &'c [String],
         below: i64,
         limit: u32,
@@ -374,7 +376,7 @@ impl Backend for Postgres {
               WHERE service = $1 AND event_key = ANY($2) AND id < $3 AND status IN (0, 1) \
               LIMIT $4"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .bind(keys)
         .bind(below)
         .bind(i64::from(limit))
@@ -384,7 +386,7 @@ impl Backend for Postgres {
 
     async fn mark_consumed<'c>(
         conn: &'c mut PgConnection,
-        table: &'c str,
+        table: &'c TableName,
         ids: &'c [i64],
     ) -> Result<(), sqlx::Error> {
         sqlx::query(&format!(
@@ -400,7 +402,7 @@ impl Backend for Postgres {
 
     async fn defer<'c>(
         conn: &'c mut PgConnection,
-        table: &'c str,
+        table: &'c TableName,
         id: i64,
         delay: Duration,
     ) -> Result<(), sqlx::Error> {
@@ -418,7 +420,7 @@ impl Backend for Postgres {
 
     async fn retry_later<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         id: i64,
         fence: AttemptsFence,
         delay: Duration,
@@ -441,7 +443,7 @@ impl Backend for Postgres {
 
     async fn mark_dead<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         id: i64,
         fence: AttemptsFence,
         reason: &'p str,
@@ -461,8 +463,8 @@ impl Backend for Postgres {
 
     async fn purge<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         consumed_age: Duration,
         dead_age: Option<Duration>,
         limit: u32,
@@ -473,7 +475,7 @@ impl Backend for Postgres {
                  OR ($3::float8 IS NOT NULL AND status = 3 AND dead_at < now() - make_interval(secs => $3))) \
               LIMIT $4)"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .bind(secs(consumed_age))
         .bind(dead_age.map(secs))
         .bind(i64::from(limit))
@@ -484,8 +486,8 @@ impl Backend for Postgres {
 
     async fn redeliver_stale<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         older_than: Duration,
         limit: u32,
     ) -> Result<u64, sqlx::Error> {
@@ -495,7 +497,7 @@ impl Backend for Postgres {
               WHERE id IN (SELECT id FROM {table} WHERE service = $1 AND status = 1 \
                              AND published_at < now() - make_interval(secs => $2) ORDER BY id LIMIT $3)"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .bind(secs(older_than))
         .bind(i64::from(limit))
         .execute(pool)
@@ -505,14 +507,14 @@ impl Backend for Postgres {
 
     async fn fetch_dead<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         limit: u32,
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
         sqlx::query(&format!(
             "SELECT {ROW_COLUMNS} FROM {table} WHERE service = $1 AND status = 3 ORDER BY id LIMIT $2"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .bind(i64::from(limit))
         .fetch_all(pool)
         .await?
@@ -523,8 +525,8 @@ impl Backend for Postgres {
 
     async fn revive<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         event_id: Option<Uuid>,
         limit: u32,
     ) -> Result<u64, sqlx::Error> {
@@ -534,7 +536,7 @@ impl Backend for Postgres {
               WHERE id IN (SELECT id FROM {table} WHERE service = $1 AND status = 3 \
                              AND ($2::uuid IS NULL OR event_id = $2) ORDER BY id LIMIT $3)"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .bind(event_id)
         .bind(i64::from(limit))
         .execute(pool)
@@ -544,7 +546,7 @@ impl Backend for Postgres {
 
     async fn fetch<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         event_id: Uuid,
     ) -> Result<Option<OutboxRow>, sqlx::Error> {
         sqlx::query(&format!(
@@ -560,13 +562,13 @@ impl Backend for Postgres {
 
     async fn fetch_all<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
         sqlx::query(&format!(
             "SELECT {ROW_COLUMNS} FROM {table} WHERE service = $1 ORDER BY id"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .fetch_all(pool)
         .await?
         .iter()
@@ -576,13 +578,13 @@ impl Backend for Postgres {
 
     async fn counts<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
     ) -> Result<StatusCounts, sqlx::Error> {
         let rows: Vec<(i16, i64)> = sqlx::query_as(&format!(
             "SELECT status, count(*) FROM {table} WHERE service = $1 GROUP BY status"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .fetch_all(pool)
         .await?;
         Ok(super::counts_from(rows))

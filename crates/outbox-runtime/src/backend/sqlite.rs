@@ -25,6 +25,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteRow, SqliteSyn
 use sqlx::{Pool, Row, Sqlite, SqliteConnection, Transaction};
 use uuid::Uuid;
 
+use crate::route::{ServiceName, TableName};
+
 use super::{
     placeholders, AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, RowState, SqlValue,
     Status, StatusCounts,
@@ -179,7 +181,7 @@ impl Backend for Sqlite {
         pool.begin_with("BEGIN IMMEDIATE").await
     }
 
-    async fn migrate(pool: &Pool<Self>, table: &str) -> Result<(), sqlx::Error> {
+    async fn migrate(pool: &Pool<Self>, table: &TableName) -> Result<(), sqlx::Error> {
         // One write transaction: concurrent migrations queue on the write lock, and the
         // second one finds everything in place.
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
@@ -189,13 +191,13 @@ impl Backend for Sqlite {
         tx.commit().await
     }
 
-    fn migration_sql(table: &str) -> String {
-        MIGRATION.replace("{table}", table)
+    fn migration_sql(table: &TableName) -> String {
+        MIGRATION.replace("{table}", table.as_str())
     }
 
     async fn insert<'c>(
         conn: &'c mut SqliteConnection,
-        table: &'c str,
+        table: &'c TableName,
         row: &'c NewRow<'c>,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(&format!(
@@ -204,7 +206,7 @@ impl Backend for Sqlite {
              VALUES (?, ?, ?, ?, ?, ?, ?, {NOW}, {NOW}, {NOW})"
         ))
         .bind(row.event_id)
-        .bind(row.service)
+        .bind(row.service.as_str())
         .bind(row.event_type)
         .bind(row.version)
         .bind(row.key)
@@ -217,8 +219,8 @@ impl Backend for Sqlite {
 
     async fn claim<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         limit: u32,
         lease: Duration,
         token: i64,
@@ -243,7 +245,7 @@ impl Backend for Sqlite {
         ))
         .bind(token)
         .bind(micros(lease))
-        .bind(service)
+        .bind(service.as_str())
         .bind(i64::from(limit))
         .fetch_all(pool)
         .await?;
@@ -269,7 +271,7 @@ impl Backend for Sqlite {
 
     async fn mark_published<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         ids: &'p [i64],
         token: i64,
     ) -> Result<u64, sqlx::Error> {
@@ -290,7 +292,7 @@ impl Backend for Sqlite {
 
     async fn release<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         ids: &'p [i64],
         token: i64,
         delay: Duration,
@@ -315,7 +317,7 @@ impl Backend for Sqlite {
 
     async fn mark_dead_leased<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         id: i64,
         token: i64,
         reason: &'p str,
@@ -335,8 +337,8 @@ impl Backend for Sqlite {
 
     async fn lock_for_consume<'c>(
         conn: &'c mut SqliteConnection,
-        table: &'c str,
-        service: &'c str,
+        table: &'c TableName,
+        service: &'c ServiceName,
         event_id: Uuid,
     ) -> Result<Option<RowState>, sqlx::Error> {
         // The caller's BEGIN IMMEDIATE already holds the database's write lock.
@@ -345,7 +347,7 @@ impl Backend for Sqlite {
               WHERE event_id = ? AND service = ?"
         ))
         .bind(event_id)
-        .bind(service)
+        .bind(service.as_str())
         .fetch_optional(conn)
         .await?;
         row.as_ref().map(row_state).transpose()
@@ -353,8 +355,8 @@ impl Backend for Sqlite {
 
     async fn lock_batch_for_consume<'c>(
         conn: &'c mut SqliteConnection,
-        table: &'c str,
-        service: &'c str,
+        table: &'c TableName,
+        service: &'c ServiceName,
         event_ids: &'c [Uuid],
     ) -> Result<Vec<(Uuid, RowState)>, sqlx::Error> {
         // The caller's BEGIN IMMEDIATE already holds the database's one write lock.
@@ -365,7 +367,7 @@ impl Backend for Sqlite {
                   WHERE service = ? AND event_id IN ({})",
                 placeholders(chunk.len())
             );
-            let mut q = sqlx::query(&sql).bind(service);
+            let mut q = sqlx::query(&sql).bind(service.as_str());
             for e in chunk {
                 q = q.bind(*e);
             }
@@ -378,8 +380,8 @@ impl Backend for Sqlite {
 
     async fn has_open_predecessor<'c>(
         conn: &'c mut SqliteConnection,
-        table: &'c str,
-        service: &'c str,
+        table: &'c TableName,
+        service: &'c ServiceName,
         key: &'c str,
         id: i64,
     ) -> Result<bool, sqlx::Error> {
@@ -388,7 +390,7 @@ impl Backend for Sqlite {
               WHERE service = ? AND event_key = ? AND status IN (0, 1) AND id < ? \
               LIMIT 1"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .bind(key)
         .bind(id)
         .fetch_optional(conn)
@@ -398,8 +400,8 @@ impl Backend for Sqlite {
 
     async fn open_rows_of_keys<'c>(
         conn: &'c mut SqliteConnection,
-        table: &'c str,
-        service: &'c str,
+        table: &'c TableName,
+        service: &'c ServiceName,
         keys: &'c [String],
         below: i64,
         limit: u32,
@@ -413,7 +415,7 @@ impl Backend for Sqlite {
                   WHERE service = ? AND event_key IN ({}) AND status IN (0, 1) AND id < ? LIMIT ?",
                 placeholders(chunk.len())
             );
-            let mut q = sqlx::query_as::<_, (String, i64)>(&sql).bind(service);
+            let mut q = sqlx::query_as::<_, (String, i64)>(&sql).bind(service.as_str());
             for k in chunk {
                 q = q.bind(k);
             }
@@ -424,7 +426,7 @@ impl Backend for Sqlite {
 
     async fn mark_consumed<'c>(
         conn: &'c mut SqliteConnection,
-        table: &'c str,
+        table: &'c TableName,
         ids: &'c [i64],
     ) -> Result<(), sqlx::Error> {
         sqlx::query(&format!(
@@ -440,7 +442,7 @@ impl Backend for Sqlite {
 
     async fn defer<'c>(
         conn: &'c mut SqliteConnection,
-        table: &'c str,
+        table: &'c TableName,
         id: i64,
         delay: Duration,
     ) -> Result<(), sqlx::Error> {
@@ -458,8 +460,8 @@ impl Backend for Sqlite {
 
     async fn purge<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         consumed_age: Duration,
         dead_age: Option<Duration>,
         limit: u32,
@@ -470,7 +472,7 @@ impl Backend for Sqlite {
                  OR (? IS NOT NULL AND status = 3 AND dead_at < {NOW} - ?)) \
               LIMIT ?)"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .bind(micros(consumed_age))
         .bind(dead_age.map(micros))
         .bind(dead_age.map(micros).unwrap_or(0))
@@ -482,7 +484,7 @@ impl Backend for Sqlite {
 
     async fn retry_later<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         id: i64,
         fence: AttemptsFence,
         delay: Duration,
@@ -504,7 +506,7 @@ impl Backend for Sqlite {
 
     async fn mark_dead<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         id: i64,
         fence: AttemptsFence,
         reason: &'p str,
@@ -524,7 +526,7 @@ impl Backend for Sqlite {
 
     async fn fetch<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
+        table: &'p TableName,
         event_id: Uuid,
     ) -> Result<Option<OutboxRow>, sqlx::Error> {
         sqlx::query(&format!(
@@ -540,8 +542,8 @@ impl Backend for Sqlite {
 
     async fn redeliver_stale<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         older_than: Duration,
         limit: u32,
     ) -> Result<u64, sqlx::Error> {
@@ -551,7 +553,7 @@ impl Backend for Sqlite {
               WHERE id IN (SELECT id FROM {table} WHERE service = ? AND status = 1 \
                              AND published_at < {NOW} - ? ORDER BY id LIMIT ?)"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .bind(micros(older_than))
         .bind(i64::from(limit))
         .execute(pool)
@@ -561,14 +563,14 @@ impl Backend for Sqlite {
 
     async fn fetch_dead<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         limit: u32,
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
         sqlx::query(&format!(
             "SELECT {ROW_COLUMNS} FROM {table} WHERE service = ? AND status = 3 ORDER BY id LIMIT ?"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .bind(i64::from(limit))
         .fetch_all(pool)
         .await?
@@ -579,8 +581,8 @@ impl Backend for Sqlite {
 
     async fn revive<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
         event_id: Option<Uuid>,
         limit: u32,
     ) -> Result<u64, sqlx::Error> {
@@ -590,7 +592,7 @@ impl Backend for Sqlite {
               WHERE id IN (SELECT id FROM {table} WHERE service = ? AND status = 3 \
                              AND (? IS NULL OR event_id = ?) ORDER BY id LIMIT ?)"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .bind(event_id)
         .bind(event_id)
         .bind(i64::from(limit))
@@ -601,13 +603,13 @@ impl Backend for Sqlite {
 
     async fn fetch_all<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
         sqlx::query(&format!(
             "SELECT {ROW_COLUMNS} FROM {table} WHERE service = ? ORDER BY id"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .fetch_all(pool)
         .await?
         .iter()
@@ -617,13 +619,13 @@ impl Backend for Sqlite {
 
     async fn counts<'p>(
         pool: &'p Pool<Self>,
-        table: &'p str,
-        service: &'p str,
+        table: &'p TableName,
+        service: &'p ServiceName,
     ) -> Result<StatusCounts, sqlx::Error> {
         let rows: Vec<(i16, i64)> = sqlx::query_as(&format!(
             "SELECT status, COUNT(*) FROM {table} WHERE service = ? GROUP BY status"
         ))
-        .bind(service)
+        .bind(service.as_str())
         .fetch_all(pool)
         .await?;
         Ok(super::counts_from(rows))
@@ -689,7 +691,7 @@ mod tests {
 
     #[test]
     fn migration_sql_names_the_table() {
-        let sql = <Sqlite as Backend>::migration_sql("orders_outbox");
+        let sql = <Sqlite as Backend>::migration_sql(&TableName::new("orders_outbox").unwrap());
         assert!(sql.contains("CREATE TABLE IF NOT EXISTS orders_outbox ("));
         assert!(sql.contains("orders_outbox_claim_idx"));
         assert!(!sql.contains("{table}"));
