@@ -78,6 +78,14 @@ pub struct ConsumerStats {
     /// Times a batch found one of its rows locked by another transaction (a relay
     /// marking it published, usually), rolled back and waited for it holding no lock.
     pub batch_lock_waits: AtomicU64,
+    /// Records whose headers, key or payload disagree with the outbox row their event id
+    /// names (a forged or corrupted record): counted, logged without payload, and the
+    /// row left as it was. The row, written in the business transaction, is the truth.
+    pub mismatched: AtomicU64,
+    /// Records for a row that is pending and not yet due (a stale copy arriving during
+    /// a retry backoff or a deferral): left alone; the relay publishes the row again
+    /// when it is due.
+    pub not_due: AtomicU64,
 }
 
 /// What processing one record did.

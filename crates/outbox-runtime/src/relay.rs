@@ -53,6 +53,12 @@ pub struct RelayStats {
     /// Times the relay found nothing due and went idle (waiting for a wake-up or the
     /// poll interval).
     pub idles: AtomicU64,
+    /// Producers this relay replaced because the old one could no longer work (a fatal
+    /// or fenced client error, or one that kept failing while the broker answered).
+    pub producer_restarts: AtomicU64,
+    /// Broker probes that failed while the relay waited, without claiming, for its
+    /// producer to be able to deliver.
+    pub failed_probes: AtomicU64,
 }
 
 /// What one round did.
