@@ -147,7 +147,7 @@ fn disagreement<M: Message>(
 ) -> Option<String> {
     let envelope = match record {
         Ok(e) => e,
-        Err(e) => return Some(format!("its envelope is unreadable ({e})")),
+        Err(e) => return Some(format!("has an unreadable envelope ({e})")),
     };
     let mut differs = Vec::new();
     if envelope.service != route.service().as_str() {
@@ -171,7 +171,7 @@ fn disagreement<M: Message>(
         ));
     }
     (!differs.is_empty())
-        .then(|| format!("its {} differ from the stored event", differs.join(", ")))
+        .then(|| format!("disagrees with the stored event in: {}", differs.join(", ")))
 }
 
 /// What [`Consumer::step`] did with one record inside the transaction.
@@ -782,8 +782,8 @@ impl<DB: Backend> Consumer<DB> {
         };
         if let Some(differs) = disagreement(&record, msg, &row, route) {
             let reason = format!(
-                "record at {}:{}@{} names event {event_id} but {differs}; the stored event \
-                 is left as it is",
+                "record at {}:{}@{} names event {event_id} but {differs}; the stored \
+                 event is left as it is",
                 msg.topic(),
                 msg.partition(),
                 msg.offset()
