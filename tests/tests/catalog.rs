@@ -94,6 +94,32 @@ fn overrides_apply_and_are_validated() {
 }
 
 #[test]
+fn reserved_words_and_system_names_as_tables_are_catalog_problems() {
+    // They pass the grammar but would fail mid-migration (or name PostgreSQL's own
+    // catalog): refused at startup, every one listed, each with its fix.
+    let err = Catalog::builder()
+        .table("task", "pg_class")
+        .table("notification", "user")
+        .table("memory", "sqlite_sequence")
+        .table("active-scheduler", "mysql")
+        .build()
+        .unwrap_err();
+    let text = err.to_string();
+    assert_eq!(err.problems.len(), 4, "{text}");
+    for expected in [
+        "service `task`: table name `pg_class` starts with `pg_`, which PostgreSQL reserves \
+         for its system catalogs; choose another table name, e.g. `class_outbox`",
+        "service `notification`: table name `user` is a reserved word in SQL; choose \
+         another table name, e.g. `user_outbox`",
+        "service `memory`: table name `sqlite_sequence` starts with `sqlite_`",
+        "service `active-scheduler`: table name `mysql` is the name of MySQL's and \
+         MariaDB's system schema",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+}
+
+#[test]
 fn exports_as_json() {
     let json = Catalog::global().unwrap().to_json();
     let services: Vec<&str> = json["services"]
