@@ -51,12 +51,14 @@ pub struct PublishOptions {
 }
 
 /// An untyped event, for the compatibility route (rows written as the legacy system
-/// wrote them). The consumer dead-letters unknown types with a reason.
+/// wrote them). The type is checked against the route catalog when it is published:
+/// it must be registered, owned by the publishing service, and not newer than the
+/// catalog's version; only the payload is taken as given.
 #[derive(Debug, Clone)]
 pub struct RawEvent {
-    /// The event type name (checked against the grammar).
+    /// The event type name: one of the publishing service's types in the catalog.
     pub event_type: String,
-    /// The schema version.
+    /// The schema version: at most the catalog's version of the type.
     pub version: u32,
     /// The ordering key.
     pub key: Option<String>,
@@ -71,6 +73,8 @@ pub struct RawEvent {
 pub struct Outbox<S: Service, DB: Backend> {
     pool: Pool<DB>,
     route: Arc<Route>,
+    // For `publish_raw`'s checks: which service owns a type, at which version.
+    catalog: Catalog,
     config: Arc<OutboxConfig>,
     notifier: Notifier,
     _service: PhantomData<fn() -> S>,
@@ -81,6 +85,7 @@ impl<S: Service, DB: Backend> Clone for Outbox<S, DB> {
         Outbox {
             pool: self.pool.clone(),
             route: self.route.clone(),
+            catalog: self.catalog.clone(),
             config: self.config.clone(),
             notifier: self.notifier.clone(),
             _service: PhantomData,
@@ -100,6 +105,7 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
         Ok(Outbox {
             pool,
             route: Arc::new(route),
+            catalog: catalog.clone(),
             config: Arc::new(config),
             notifier: Notifier::new(),
             _service: PhantomData,
@@ -167,13 +173,17 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
         })
     }
 
-    /// Writes an untyped event (the compatibility route).
+    /// Writes an untyped event (the compatibility route). Refused, before anything is
+    /// written, when the type is not in the route catalog
+    /// ([`Error::UnknownEventType`]), belongs to another service
+    /// ([`Error::EventOfOtherService`]) or is newer than the catalog's version
+    /// ([`Error::EventVersionTooNew`]): each would only die later in a consumer.
     pub async fn publish_raw(
         &self,
         conn: &mut DB::Connection,
         event: &RawEvent,
     ) -> Result<EventId> {
-        check_name(NameKind::EventType, &event.event_type).map_err(Error::InvalidName)?;
+        self.check_raw(event)?;
         self.insert(
             conn,
             &event.event_type,
@@ -184,6 +194,43 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
             None,
         )
         .await
+    }
+
+    /// What the catalog says about a raw event's type and version.
+    fn check_raw(&self, event: &RawEvent) -> Result<()> {
+        check_name(NameKind::EventType, &event.event_type).map_err(Error::InvalidName)?;
+        let service = self.route.service().as_str();
+        let Some(info) = self.catalog.event(&event.event_type) else {
+            return Err(Error::UnknownEventType {
+                event_type: event.event_type.clone(),
+                service: service.to_owned(),
+                known: self
+                    .catalog
+                    .events_of_service(service)
+                    .map(|e| e.event_type.clone())
+                    .collect(),
+            });
+        };
+        if info.service != service {
+            return Err(Error::EventOfOtherService {
+                event_type: event.event_type.clone(),
+                owner: info.service.clone(),
+                owner_type: self
+                    .catalog
+                    .route(&info.service)
+                    .map(|r| r.rust_type().to_owned())
+                    .unwrap_or_else(|| info.service.clone()),
+                service: service.to_owned(),
+            });
+        }
+        if event.version > info.version {
+            return Err(Error::EventVersionTooNew {
+                event_type: event.event_type.clone(),
+                version: event.version,
+                known: info.version,
+            });
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
