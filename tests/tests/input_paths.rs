@@ -3,6 +3,7 @@
 //! - `publish_raw` refuses an unknown event type, another service's type and a version
 //!   newer than the catalog's, before writing anything: the business transaction
 //!   stays usable and commits its other writes;
+//! - keys are trimmed, and an empty or blank key is stored as no key (NULL);
 //! - a poison payload ends dead with a `last_error` that says where and why, never the
 //!   values it carried (a consumer run on librdkafka's in-process mock cluster).
 //!
@@ -11,8 +12,8 @@
 use std::time::Duration;
 
 use outbox_runtime::{
-    Backend, Catalog, Error, EventId, KafkaConfig, Outbox, OutboxRow, OutboxRuntime, RawEvent,
-    SqlValue, Status,
+    Backend, Catalog, Error, EventId, KafkaConfig, Outbox, OutboxRow, OutboxRuntime,
+    PublishOptions, RawEvent, SqlValue, Status,
 };
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::TestDatabase;
@@ -257,6 +258,87 @@ async fn publish_raw_refusals<T: TestDatabase>() {
     db.cleanup().await;
 }
 
+/// Keys are trimmed; empty and blank keys are no key (NULL), on every publish path;
+/// the length limit applies to the trimmed key.
+async fn keys_are_trimmed_and_blank_keys_are_none<T: TestDatabase>() {
+    let (db, catalog) = setup::<T>().await;
+    let pool = db.pool();
+    let outbox = Outbox::<Task, T::DB>::new(pool.clone(), &catalog).unwrap();
+    let mut tx = outbox.begin().await.unwrap();
+    let mut expect: Vec<(EventId, Option<&str>, &str)> = Vec::new();
+
+    // Typed publish: the event's `key = task_id`.
+    for (key, stored) in [
+        ("  t-1 \t", Some("t-1")),
+        ("t-1", Some("t-1")),
+        ("", None),
+        ("   ", None),
+        ("\n\t ", None),
+        ("a b", Some("a b")),
+    ] {
+        let id = tx.publish(&task(key)).await.unwrap();
+        expect.push((id, stored, "typed"));
+    }
+    // PublishOptions::key overrides the event's key; a blank override means no key.
+    for (key, stored) in [(" k-2 ", Some("k-2")), ("  ", None), ("", None)] {
+        let id = tx
+            .publish_with(
+                &task("t-9"),
+                PublishOptions {
+                    key: Some(key.into()),
+                    ..PublishOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+        expect.push((id, stored, "options"));
+    }
+    // RawEvent::key.
+    for (key, stored) in [
+        (Some(" r-3\n"), Some("r-3")),
+        (Some(""), None),
+        (Some(" "), None),
+        (None, None),
+    ] {
+        let id = tx.publish_raw(&raw("TaskCreated", 1, key)).await.unwrap();
+        expect.push((id, stored, "raw"));
+    }
+    // The limit (255 bytes) counts the trimmed key.
+    let long = "k".repeat(255);
+    let id = tx
+        .publish(&task(&format!("   {long}   ")))
+        .await
+        .expect("255 bytes once trimmed");
+    expect.push((id, Some(long.as_str()), "typed, long"));
+    match tx
+        .publish_raw(&raw("TaskCreated", 1, Some(&format!(" {long}k "))))
+        .await
+    {
+        Err(Error::KeyTooLong {
+            len: 256,
+            limit: 255,
+            ..
+        }) => {}
+        other => panic!("expected KeyTooLong for 256 trimmed bytes, got {other:?}"),
+    }
+    tx.commit().await.unwrap();
+
+    for (id, stored, path) in &expect {
+        let r = row(pool, "task_outbox", *id).await;
+        assert_eq!(r.key.as_deref(), *stored, "{path} publish, row {r:?}");
+    }
+    let keyless = rows_of(pool, "task_outbox", "task")
+        .await
+        .iter()
+        .filter(|r| r.key.is_none())
+        .count();
+    assert_eq!(
+        keyless, 8,
+        "blank keys are stored as NULL, not as one shared key"
+    );
+    db.cleanup().await;
+}
+
 /// A poison payload goes dead with serde's reason, redacted: the category, position,
 /// expected type and field names are there, the payload's values are not.
 async fn poison_payload_reason_carries_no_values<T: TestDatabase>() {
@@ -375,5 +457,6 @@ macro_rules! every_backend {
 
 every_backend!(
     publish_raw_refusals,
+    keys_are_trimmed_and_blank_keys_are_none,
     poison_payload_reason_carries_no_values,
 );

@@ -43,7 +43,10 @@ use crate::wakeup::{self, Notifier};
 pub struct PublishOptions {
     /// Retries before the event goes dead (overrides the event type and the config).
     pub max_retries: Option<u32>,
-    /// The ordering key (overrides the event's `key = field`).
+    /// The ordering key (overrides the event's `key = field`). Surrounding whitespace is
+    /// trimmed; a key that is empty after trimming means the event has no key (no
+    /// ordering), so `Some("")` publishes a keyed event type without one. The length
+    /// limit ([`crate::backend::MAX_KEY_LEN`]) applies to the trimmed key.
     pub key: Option<String>,
     /// The event id (default: a fresh UUIDv7). Set it to make a retried business call
     /// idempotent: publishing the same id twice fails with a unique violation.
@@ -60,7 +63,8 @@ pub struct RawEvent {
     pub event_type: String,
     /// The schema version: at most the catalog's version of the type.
     pub version: u32,
-    /// The ordering key.
+    /// The ordering key. Surrounding whitespace is trimmed; empty after trimming means
+    /// no key. The length limit applies to the trimmed key.
     pub key: Option<String>,
     /// The payload; should be JSON, is not checked (so a poison payload can be stored
     /// and handled as the consumer handles any undecodable payload).
@@ -251,6 +255,9 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
                 limit: self.config.max_payload_bytes,
             });
         }
+        // Keys that differ only by surrounding whitespace are one key, and a blank key is
+        // none: otherwise every blank-keyed event would wait on every other one.
+        let key = key.map(str::trim).filter(|k| !k.is_empty());
         if let Some(key) = key.filter(|k| k.len() > crate::backend::MAX_KEY_LEN) {
             return Err(Error::KeyTooLong {
                 event_type: event_type.to_owned(),
