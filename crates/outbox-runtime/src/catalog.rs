@@ -204,9 +204,9 @@ pub struct CatalogBuilder {
 /// The per-service environment variables' suffixes and what they override.
 const ENV_SUFFIXES: [&str; 3] = ["_TABLE", "_TOPIC", "_GROUP"];
 
-/// Variable families of the project's own tools (tests, fault suite, broker, bench):
-/// never service overrides, even when they end like one, unless a service with that
-/// stem is declared.
+/// Variable families that are not service overrides even when they end like one (the
+/// broker settings, and the test suite's, fault suite's, tansu's and bench's
+/// variables), unless a service with that stem is declared.
 const TOOL_ENV_PREFIXES: &[&str] = &[
     "OUTBOX_TEST_",
     "OUTBOX_CHAOS_",

@@ -57,7 +57,8 @@ pub fn redact_json_error(err: &serde_json::Error) -> String {
 /// The message of `err` and of each of its sources, joined with `: `, with every
 /// `serde_json` error in the chain redacted by [`redact_json_error`], also where an
 /// outer error repeats its message (`error occurred while decoding column 0: invalid
-/// type: string "…"`).
+/// type: string "…"`). A source whose message the previous one already ends with is
+/// not repeated.
 pub fn redacted_error_chain(err: &(dyn StdError + 'static)) -> String {
     let mut chain = Vec::new();
     let mut next = Some(err);
