@@ -32,7 +32,7 @@ use super::{
     Status, StatusCounts,
 };
 
-const MIGRATION: &str = include_str!("../../../../migrations/mysql/outbox_table.sql");
+const MIGRATION: &str = include_str!("../../migrations/mysql/outbox_table.sql");
 
 /// How often a deadlocked or timed-out statement is tried again before the error is
 /// returned.

@@ -7,9 +7,9 @@
 //! ([`RESERVED_WORDS`]) or system names (`pg_*`, `sqlite_*`, `mysql`, ...), which pass
 //! the grammar but fail, on one backend, in the middle of a migration.
 //!
-//! This file is shared, byte for byte, with `outbox-macros` (which includes it with
-//! `#[path]`), so the compile-time and the startup checks can never disagree. It
-//! must stay free of dependencies.
+//! A crate of its own, used by `outbox-macros` (at compile time) and `outbox-runtime`
+//! (at startup, as `outbox_runtime::names`), so the two checks can never disagree. It
+//! has no dependencies.
 
 /// What kind of name is being checked; selects the grammar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

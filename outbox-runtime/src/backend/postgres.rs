@@ -15,7 +15,7 @@ use super::{
     StatusCounts, WakeStream,
 };
 
-const MIGRATION: &str = include_str!("../../../../migrations/postgres/outbox_table.sql");
+const MIGRATION: &str = include_str!("../../migrations/postgres/outbox_table.sql");
 
 /// Serialises concurrent `migrate` calls (CREATE … IF NOT EXISTS races on the catalog).
 const MIGRATE_LOCK: i64 = 0x6f7574626f78; // "outbox"

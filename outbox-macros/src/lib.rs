@@ -15,9 +15,7 @@
 mod attr;
 mod event;
 mod handler;
-#[path = "../../outbox-runtime/src/names.rs"]
-#[allow(dead_code)]
-mod names;
+use outbox_names as names;
 mod service;
 
 use proc_macro::TokenStream;

@@ -89,7 +89,8 @@ pub mod error;
 pub mod event;
 pub mod handler;
 pub mod kafka;
-pub mod names;
+/// The name grammar (the `outbox-names` crate, which the macros share).
+pub use outbox_names as names;
 pub mod outbox;
 pub mod redact;
 pub mod relay;

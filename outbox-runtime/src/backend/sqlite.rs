@@ -32,7 +32,7 @@ use super::{
     Status, StatusCounts,
 };
 
-const MIGRATION: &str = include_str!("../../../../migrations/sqlite/outbox_table.sql");
+const MIGRATION: &str = include_str!("../../migrations/sqlite/outbox_table.sql");
 
 /// The database clock as unix microseconds: `julianday('now')` is kept in whole
 /// milliseconds, so rounding recovers it exactly. `'now'` is fixed for the duration of

@@ -1,0 +1,39 @@
+-- One outbox table (MySQL 8.0.1+ / MariaDB 10.6+: SKIP LOCKED). The service's table
+-- name, checked against the name grammar first, replaces the placeholder. A single
+-- statement with the indexes inline, so it is idempotent on MySQL and MariaDB alike
+-- (MySQL has no CREATE INDEX IF NOT EXISTS) and no one ever sees the table without its
+-- indexes. Used by outbox_runtime's migrate call; usable as-is by your own migration
+-- tool after the replacement (see `Backend::migration_sql`).
+--
+-- Times are DATETIME(6) in UTC, always written from UTC_TIMESTAMP(6) (the database
+-- clock, independent of the session time zone); there are deliberately no time
+-- defaults, because CURRENT_TIMESTAMP would follow the session time zone.
+-- Names and keys compare byte-wise (utf8mb4_bin): Kafka keys `A` and `a` differ.
+CREATE TABLE IF NOT EXISTS {table} (
+    id              BIGINT       NOT NULL AUTO_INCREMENT,
+    event_id        BINARY(16)   NOT NULL,
+    service         VARCHAR(64)  CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    event_type      VARCHAR(128) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    event_version   INT          NOT NULL,
+    event_key       VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+    payload         LONGTEXT     CHARACTER SET utf8mb4 NOT NULL,
+    status          SMALLINT     NOT NULL DEFAULT 0,  -- 0 pending, 1 published, 2 consumed, 3 dead
+    attempts        INT          NOT NULL DEFAULT 0,  -- failures so far
+    max_retries     INT          NOT NULL,
+    next_attempt_at DATETIME(6)  NOT NULL,
+    lease_token     BIGINT       NOT NULL DEFAULT 0,  -- fences relays; 0 = no lease
+    locked_until    DATETIME(6)  NULL,
+    last_error      TEXT         CHARACTER SET utf8mb4 NULL,
+    created_at      DATETIME(6)  NOT NULL,
+    updated_at      DATETIME(6)  NOT NULL,
+    published_at    DATETIME(6)  NULL,
+    consumed_at     DATETIME(6)  NULL,
+    dead_at         DATETIME(6)  NULL,
+    PRIMARY KEY (id),
+    UNIQUE KEY uq_event_id (event_id),
+    -- The claim walks pending rows of one service in id order (InnoDB appends the
+    -- primary key to every secondary index; it is spelled out for clarity).
+    KEY ix_claim (service, status, id),
+    -- Head-of-key (relay) and open-predecessor (consumer) checks.
+    KEY ix_key (service, event_key, status, id)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4

@@ -1,0 +1,42 @@
+-- One outbox table (PostgreSQL). `{table}` is replaced by the service's table name,
+-- checked against the name grammar first. Idempotent: safe to run again.
+-- Used by outbox_runtime's migrate call; usable as-is by your own migration tool after
+-- the replacement (see `Backend::migration_sql`).
+CREATE TABLE IF NOT EXISTS {table} (
+    id              BIGSERIAL PRIMARY KEY,
+    event_id        UUID        NOT NULL UNIQUE,
+    service         TEXT        NOT NULL,
+    event_type      TEXT        NOT NULL,
+    event_version   INTEGER     NOT NULL,
+    event_key       TEXT        NULL,
+    payload         TEXT        NOT NULL,
+    status          SMALLINT    NOT NULL DEFAULT 0,  -- 0 pending, 1 published, 2 consumed, 3 dead
+    attempts        INTEGER     NOT NULL DEFAULT 0,  -- failures so far
+    max_retries     INTEGER     NOT NULL,
+    next_attempt_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    lease_token     BIGINT      NOT NULL DEFAULT 0,  -- fences relays; 0 = no lease
+    locked_until    TIMESTAMPTZ NULL,
+    last_error      TEXT        NULL,
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    published_at    TIMESTAMPTZ NULL,
+    consumed_at     TIMESTAMPTZ NULL,
+    dead_at         TIMESTAMPTZ NULL
+);
+-- The claim walks the pending rows of one service in due order (next_attempt_at, id).
+-- Not (service, id): the primary key gives id order too, and with a LIMIT the planner
+-- may walk the primary key from its start, past every row already published
+-- (measured: 2,000 rows/s, quadratic, on a 1,000,000-row backlog); no other index gives
+-- this order. (Replaces the earlier {table}_pending_idx.)
+CREATE INDEX IF NOT EXISTS {table}_due_idx ON {table} (service, next_attempt_at, id) WHERE status = 0;
+DROP INDEX IF EXISTS {table}_pending_idx;
+-- Open-predecessor check (consumer): pending or published rows of a key.
+CREATE INDEX IF NOT EXISTS {table}_open_key_idx ON {table} (service, event_key, id)
+    WHERE status IN (0, 1) AND event_key IS NOT NULL;
+-- Head-of-key check (relay claim): pending rows of a key only, so the check does not
+-- walk a key's published rows (measured: 1.3x on a 1-relay drain, 2-3x with several
+-- relays on few keys; see BENCHMARKS.md).
+CREATE INDEX IF NOT EXISTS {table}_pending_key_idx ON {table} (service, event_key, id)
+    WHERE status = 0 AND event_key IS NOT NULL;
+-- A queue table churns: vacuum it early.
+ALTER TABLE {table} SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);

@@ -1,0 +1,37 @@
+-- One outbox table (SQLite 3.35+: RETURNING). The service's table name, checked
+-- against the name grammar first, replaces the placeholder. Idempotent: safe to run
+-- again.
+-- Used by outbox_runtime's migrate call (inside one BEGIN IMMEDIATE transaction);
+-- usable as-is by your own migration tool after the replacement (see
+-- `Backend::migration_sql`).
+--
+-- Times are INTEGER unix microseconds (UTC), always computed in SQL from the database
+-- clock (`julianday('now')`, millisecond resolution), so comparisons are plain integer
+-- comparisons and never depend on a text format. There are no time defaults: every
+-- statement writes its times explicitly.
+CREATE TABLE IF NOT EXISTS {table} (
+    -- AUTOINCREMENT: ids never come back after deletes, so they keep ordering events.
+    id              INTEGER      PRIMARY KEY AUTOINCREMENT,
+    event_id        BLOB         NOT NULL UNIQUE,     -- 16 bytes
+    service         VARCHAR(64)  NOT NULL,
+    event_type      VARCHAR(128) NOT NULL,
+    event_version   INTEGER      NOT NULL,
+    event_key       VARCHAR(255) NULL,
+    payload         TEXT         NOT NULL,
+    status          SMALLINT     NOT NULL DEFAULT 0,  -- 0 pending, 1 published, 2 consumed, 3 dead
+    attempts        INTEGER      NOT NULL DEFAULT 0,  -- failures so far
+    max_retries     INTEGER      NOT NULL,
+    next_attempt_at INTEGER      NOT NULL,            -- unix µs
+    lease_token     BIGINT       NOT NULL DEFAULT 0,  -- fences relays; 0 = no lease
+    locked_until    INTEGER      NULL,                -- unix µs
+    last_error      TEXT         NULL,
+    created_at      INTEGER      NOT NULL,            -- unix µs
+    updated_at      INTEGER      NOT NULL,            -- unix µs
+    published_at    INTEGER      NULL,                -- unix µs
+    consumed_at     INTEGER      NULL,                -- unix µs
+    dead_at         INTEGER      NULL                 -- unix µs
+);
+-- The claim walks pending rows of one service in id order.
+CREATE INDEX IF NOT EXISTS {table}_claim_idx ON {table} (service, status, id);
+-- Head-of-key (relay) and open-predecessor (consumer) checks.
+CREATE INDEX IF NOT EXISTS {table}_key_idx ON {table} (service, event_key, status, id);
