@@ -24,7 +24,7 @@
 //! librdkafka's rule is that a producer in a fatal state never works again, so an
 //! unusable producer is replaced ([`Producers::replace`]), once per failure however
 //! many relays share it. After any round that delivered nothing, after a replacement,
-//! after its lease was fenced, and at start, a relay claims nothing until a probe
+//! and at start, a relay claims nothing until a probe
 //! (a metadata request for its topic) shows the broker answering with a leader for
 //! every partition: rows it cannot produce stay unleased, due at once, for relays that
 //! can. Rows of such a round are given back due now; the relay itself is what waits.
@@ -406,7 +406,6 @@ impl<DB: Backend> Relay<DB> {
             },
             unusable: unusable.map(|why| (generation, why)),
             delivered_none: acked.is_empty() && dead.is_empty() && !rows.is_empty(),
-            lease_lost: false,
         };
         let report = &mut finished.report;
         if !acked.is_empty() {
@@ -414,9 +413,11 @@ impl<DB: Backend> Relay<DB> {
             report.published = marked;
             failpoint!("relay.after_mark");
             self.stats.published.fetch_add(marked, Ordering::Relaxed);
+            // Fewer marked than acknowledged: a consumer got there first (the usual case
+            // under load), or another relay took the lease over. Neither says anything
+            // about the producer.
             let fenced = acked.len() as u64 - marked.min(acked.len() as u64);
             self.stats.fenced.fetch_add(fenced, Ordering::Relaxed);
-            finished.lease_lost = fenced > 0;
             if marked > 0 {
                 // Marking unblocks the next event of each of these keys: wake the
                 // service's other relays in this process that went idle because every
@@ -759,11 +760,6 @@ impl<DB: Backend> Relay<DB> {
                     } else {
                         failed_rounds = 0;
                     }
-                    if f.lease_lost {
-                        // Paused past its lease (another relay took the rows over):
-                        // check the broker again before claiming more.
-                        ready = false;
-                    }
                 }
                 Some(Err(e)) => {
                     failed = true;
@@ -855,8 +851,6 @@ struct Finished {
     unusable: Option<(u64, String)>,
     /// Rows were claimed and the broker took none of them.
     delivered_none: bool,
-    /// Some acknowledged rows were no longer leased to this relay.
-    lease_lost: bool,
 }
 
 /// Waits for every delivery report of a batch, in order.

@@ -134,11 +134,21 @@ pub async fn take_claim_turn(
     service: &ServiceName,
 ) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(format!("outbox-claim:{table}:{service}"))
+        .bind(claim_lock_key(table, service))
         .execute(conn)
         .await?;
     Ok(())
 }
+
+fn claim_lock_key(table: &TableName, service: &ServiceName) -> String {
+    format!("outbox-claim:{table}:{service}")
+}
+
+/// How long a relay's claim transaction may sit idle (its process paused: SIGSTOP, a
+/// frozen VM, a debugger) before PostgreSQL ends its session. It holds the service's
+/// claim turn, which every other relay of the service waits for; a healthy claim goes
+/// from statement to statement in milliseconds.
+const CLAIM_IDLE_TIMEOUT: &str = "5s";
 
 /// Runs [`claim_sql`] (with a window if `window` is given) in its own short
 /// transaction, after [`take_claim_turn`].
@@ -165,7 +175,15 @@ async fn claim_heads(
     // lease, which made extra relays slower than one on few keys. Each claim's
     // statement then sees the previous claim's leases committed.
     let mut tx = pool.begin().await?;
-    take_claim_turn(&mut tx, table, service).await?;
+    // The turn, and a bound on how long a paused relay can hold it (one statement).
+    sqlx::query(
+        "SELECT set_config('idle_in_transaction_session_timeout', $2, true), \
+                pg_advisory_xact_lock(hashtextextended($1, 0))",
+    )
+    .bind(claim_lock_key(table, service))
+    .bind(CLAIM_IDLE_TIMEOUT)
+    .execute(&mut *tx)
+    .await?;
     let rows = query.fetch_all(&mut *tx).await?;
     tx.commit().await?;
     let mut claimed = rows
