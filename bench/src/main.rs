@@ -1797,7 +1797,9 @@ async fn latency_raw(
     let consumer = {
         let group = format!("{topic}.g");
         let config = if tuned {
-            let mut c = ctx.kafka().consumer_config(&group);
+            let mut c = ctx
+                .kafka()
+                .consumer_config(&group, OutboxConfig::default().max_payload_bytes);
             // A plain consumer: offsets stored as records are returned (the framework
             // stores them after the handler's commit).
             c.set("enable.auto.offset.store", "true");
@@ -1916,7 +1918,10 @@ async fn section_c(ctx: &Ctx<Postgres>, report: &mut Report) -> Res<()> {
     }
     // The settings the tuned raw pipeline shares with the framework, as configured now.
     let kafka = ctx.kafka();
-    let (producer, consumer) = (kafka.producer_config(), kafka.consumer_config("g"));
+    let (producer, consumer) = (
+        kafka.producer_config(),
+        kafka.consumer_config("g", OutboxConfig::default().max_payload_bytes),
+    );
     let setting = |c: &ClientConfig, k: &str| format!("`{k}` {}", c.get(k).unwrap_or("unset"));
     report.section(
         &format!(

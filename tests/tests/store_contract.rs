@@ -520,7 +520,7 @@ async fn release_backs_off_without_attempt<T: TestDatabase>() {
     let (again, t2) = claim_until(pool, e).await;
     assert_eq!(again.attempts, 0);
 
-    // Errors are truncated on a character boundary.
+    // Errors are kept to 2,000 characters (not bytes), cut on a character boundary.
     let long_error = "é".repeat(3000);
     assert_eq!(
         T::DB::release(pool, &TABLE, &[id], t2, Duration::ZERO, &long_error)
@@ -530,7 +530,10 @@ async fn release_backs_off_without_attempt<T: TestDatabase>() {
     );
     let r = fetch(pool, e).await;
     let stored = r.last_error.expect("error kept");
-    assert!(stored.len() <= outbox_runtime::backend::MAX_ERROR_LEN && !stored.is_empty());
+    assert_eq!(
+        stored.chars().count(),
+        outbox_runtime::backend::MAX_ERROR_LEN
+    );
     assert!(long_error.starts_with(&stored));
     // Released with no delay: due at once.
     let (_, t3) = claim_until(pool, e).await;
@@ -636,7 +639,7 @@ async fn consumer_failures_fenced_by_attempts<T: TestDatabase>() {
     T::DB::mark_consumed(&mut *tx, &TABLE, &[id])
         .await
         .expect("consumed");
-    T::DB::defer(&mut *tx, &TABLE, id, Duration::ZERO)
+    T::DB::defer(&mut *tx, &TABLE, &SVC, "none", id, Duration::ZERO)
         .await
         .expect("defer");
     tx.commit().await.expect("commit");
@@ -684,7 +687,7 @@ async fn terminal_states_and_defer<T: TestDatabase>() {
     T::DB::mark_consumed(&mut *tx, &TABLE, &[id])
         .await
         .expect("consumed");
-    T::DB::defer(&mut *tx, &TABLE, id, Duration::ZERO)
+    T::DB::defer(&mut *tx, &TABLE, &SVC, "none", id, Duration::ZERO)
         .await
         .expect("defer");
     tx.commit().await.expect("commit");
@@ -728,7 +731,7 @@ async fn terminal_states_and_defer<T: TestDatabase>() {
         1
     );
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    T::DB::defer(&mut *tx, &TABLE, fid, Duration::ZERO)
+    T::DB::defer(&mut *tx, &TABLE, &SVC, "k", fid, Duration::ZERO)
         .await
         .expect("defer");
     tx.commit().await.expect("commit");
@@ -1211,6 +1214,113 @@ async fn concurrent_writers_and_claimers<T: TestDatabase>() {
     db.cleanup().await;
 }
 
+/// The consumer's lock reads the event as the business transaction stored it (type,
+/// version, key, payload) and whether it is due, by the database clock.
+async fn lock_reads_the_stored_event<T: TestDatabase>() {
+    let db = setup::<T>().await;
+    let pool = db.pool();
+    let e = publish(pool, &SVC, Some("k")).await;
+    let mut tx = T::DB::begin(pool).await.expect("begin");
+    let st = T::DB::lock_for_consume(&mut *tx, &TABLE, &SVC, e)
+        .await
+        .expect("lock")
+        .expect("found");
+    assert_eq!(
+        (st.event_type.as_str(), st.version, st.key.as_deref()),
+        ("OrderPlaced", 2, Some("k"))
+    );
+    assert_eq!(st.payload, format!(r#"{{"event":"{e}"}}"#));
+    assert!(st.due, "a fresh row is due");
+    let batch = T::DB::lock_batch_for_consume(&mut *tx, &TABLE, &SVC, &[e])
+        .await
+        .expect("batch lock");
+    assert_eq!(batch.len(), 1);
+    assert_eq!(
+        (batch[0].1.payload.as_str(), batch[0].1.due),
+        (st.payload.as_str(), true)
+    );
+    tx.rollback().await.expect("rollback");
+
+    // In a retry backoff: pending, not due.
+    let t = token();
+    let id = claim(pool, &SVC, 10, LONG, t).await[0].id;
+    assert!(
+        T::DB::retry_later(pool, &TABLE, id, AttemptsFence(0), LONG, "boom")
+            .await
+            .expect("retry")
+    );
+    let mut tx = T::DB::begin(pool).await.expect("begin");
+    let st = T::DB::lock_for_consume(&mut *tx, &TABLE, &SVC, e)
+        .await
+        .expect("lock")
+        .expect("found");
+    assert_eq!((st.status, st.due), (Status::Pending, false));
+    tx.rollback().await.expect("rollback");
+    db.cleanup().await;
+}
+
+/// Deferring a row behind an open predecessor sends its key's *published* predecessors
+/// back to pending, due now (their records never reached the consumer), and leaves
+/// pending predecessors, later rows and other keys alone. The head-of-key claim then
+/// takes them in order.
+async fn defer_sends_lost_predecessors_again<T: TestDatabase>() {
+    let db = setup::<T>().await;
+    let pool = db.pool();
+    let a1 = publish(pool, &SVC, Some("a")).await;
+    let a2 = publish(pool, &SVC, Some("a")).await;
+    let b1 = publish(pool, &SVC, Some("b")).await;
+    // a1 and b1 published (their records lost), then a2 published too.
+    let t = token();
+    let first: Vec<i64> = claim(pool, &SVC, 10, LONG, t)
+        .await
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(first.len(), 2, "heads a1 and b1");
+    T::DB::mark_published(pool, &TABLE, &first, t)
+        .await
+        .expect("mark");
+    let t = token();
+    let second = claim(pool, &SVC, 10, LONG, t).await;
+    assert_eq!(event_ids(&second), vec![a2]);
+    T::DB::mark_published(pool, &TABLE, &[second[0].id], t)
+        .await
+        .expect("mark");
+    let a3 = publish(pool, &SVC, Some("a")).await;
+
+    // a2's record arrives; a1 is open.
+    let a2_id = fetch(pool, a2).await.id;
+    let mut tx = T::DB::begin(pool).await.expect("begin");
+    assert!(
+        T::DB::has_open_predecessor(&mut *tx, &TABLE, &SVC, "a", a2_id)
+            .await
+            .expect("predecessors")
+    );
+    let republished = T::DB::defer(&mut *tx, &TABLE, &SVC, "a", a2_id, LONG)
+        .await
+        .expect("defer");
+    tx.commit().await.expect("commit");
+    assert_eq!(republished, 1, "only a1");
+    let r1 = fetch(pool, a1).await;
+    assert_eq!((r1.status, r1.attempts), (Status::Pending, 0));
+    assert_due_after(&r1, Duration::ZERO);
+    let r2 = fetch(pool, a2).await;
+    assert_eq!(r2.status, Status::Pending);
+    assert_due_after(&r2, LONG);
+    assert_eq!(
+        fetch(pool, b1).await.status,
+        Status::Published,
+        "other keys untouched"
+    );
+    assert_eq!(fetch(pool, a3).await.status, Status::Pending);
+
+    // The claim sends a1 first; a2 waits behind it (and is not due yet anyway).
+    let t = token();
+    let again = claim(pool, &SVC, 10, LONG, t).await;
+    assert_eq!(event_ids(&again), vec![a1]);
+    db.cleanup().await;
+}
+
 // ---------------------------------------------------------------------------------
 // Every behaviour on every backend.
 // ---------------------------------------------------------------------------------
@@ -1250,6 +1360,8 @@ contract!(
     services_share_a_table,
     times_from_the_database_clock,
     concurrent_writers_and_claimers,
+    lock_reads_the_stored_event,
+    defer_sends_lost_predecessors_again,
 );
 
 // ---------------------------------------------------------------------------------

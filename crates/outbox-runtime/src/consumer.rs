@@ -39,18 +39,19 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use sqlx::{Pool, Transaction};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::backend::{AttemptsFence, Backend, RowState};
+use crate::backend::{AttemptsFence, Backend, RowState, Status};
 use crate::catalog::{Catalog, Route};
 use crate::config::OutboxConfig;
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, EnvelopeError};
 use crate::error::{Error, Result};
 use crate::handler::{EventMeta, FailureKind, HandlerContext, HandlerFn};
-use crate::kafka::KafkaConfig;
+use crate::kafka::{ClientLog, KafkaConfig};
 use crate::relay::ShutdownSignal;
 use crate::retry::{decide, Decision};
 
@@ -86,6 +87,9 @@ pub struct ConsumerStats {
     /// a retry backoff or a deferral): left alone; the relay publishes the row again
     /// when it is due.
     pub not_due: AtomicU64,
+    /// Published predecessors made pending again because a later event of their key
+    /// arrived first (their records were lost, e.g. with a broker's log).
+    pub republished: AtomicU64,
 }
 
 /// What processing one record did.
@@ -113,6 +117,61 @@ pub enum Outcome {
         /// Why.
         reason: String,
     },
+    /// The record disagrees with the row its event id names (type, version, source, key
+    /// or payload); the row was left as it was.
+    Mismatch {
+        /// What differs (names of fields and sizes, never payload values).
+        reason: String,
+    },
+    /// The row is pending and not yet due (in a retry backoff or deferred): the record
+    /// is a stale copy and was left alone.
+    NotDue,
+}
+
+/// How one consumer client's session ended.
+enum SessionEnd {
+    /// Shutdown was requested.
+    Shutdown,
+    /// The client can no longer work (a fatal error); a new one takes over.
+    Unusable(String),
+}
+
+/// How `record` (the Kafka message `msg`, decoded) disagrees with `row`, the outbox row
+/// its event id names, or `None` if it is a faithful copy. Names the fields that differ
+/// and sizes, never values from the payload.
+fn disagreement<M: Message>(
+    record: &std::result::Result<Envelope, EnvelopeError>,
+    msg: &M,
+    row: &RowState,
+    route: &Route,
+) -> Option<String> {
+    let envelope = match record {
+        Ok(e) => e,
+        Err(e) => return Some(format!("has an unreadable envelope ({e})")),
+    };
+    let mut differs = Vec::new();
+    if envelope.service != route.service().as_str() {
+        differs.push("ce_source".to_owned());
+    }
+    if envelope.event_type != row.event_type {
+        differs.push("ce_type".to_owned());
+    }
+    if i64::from(envelope.version) != i64::from(row.version) {
+        differs.push("ce_eventversion".to_owned());
+    }
+    if envelope.key != row.key {
+        differs.push("key".to_owned());
+    }
+    let payload = msg.payload().unwrap_or_default();
+    if payload != row.payload.as_bytes() {
+        differs.push(format!(
+            "payload ({} bytes; the row's has {})",
+            payload.len(),
+            row.payload.len()
+        ));
+    }
+    (!differs.is_empty())
+        .then(|| format!("disagrees with the stored event in: {}", differs.join(", ")))
 }
 
 /// What [`Consumer::step`] did with one record inside the transaction.
@@ -256,6 +315,10 @@ impl<DB: Backend> Consumer<DB> {
     /// is stored only up to its oldest record not yet settled, so a crash never skips a
     /// record whose transaction had not committed.
     ///
+    /// Error events from the client (brokers down, transport errors) are logged,
+    /// rate-limited, and never slow the receive loop: the consumer resumes as soon as
+    /// the broker is back. A client that reports a fatal error is replaced.
+    ///
     /// # Cancel safety
     ///
     /// Shutdown is checked between transactions: each lane settles the batch or record
@@ -263,9 +326,38 @@ impl<DB: Backend> Consumer<DB> {
     /// queued are not processed and are delivered again later (and found settled if they
     /// were). Dropping the future instead is safe too, with more redeliveries.
     pub async fn run(self, kafka: &KafkaConfig, mut shutdown: ShutdownSignal) -> Result<()> {
-        let consumer: StreamConsumer = kafka
-            .consumer_config(self.route.group().as_str())
-            .create()
+        let this = Arc::new(self);
+        let mut replaced = 0u32;
+        loop {
+            match this.session(kafka, &mut shutdown).await? {
+                SessionEnd::Shutdown => return Ok(()),
+                SessionEnd::Unusable(why) => {
+                    replaced += 1;
+                    tracing::warn!(service = %this.route.service(), reason = %why,
+                        "the Kafka consumer can no longer work; replacing it with a new one");
+                    let delay = this.config.consumer_failure_backoff.delay(replaced);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    if *shutdown.borrow() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// One client's life: subscribe, receive and settle until shutdown, or until the
+    /// client reports that it can no longer work.
+    async fn session(
+        self: &Arc<Self>,
+        kafka: &KafkaConfig,
+        shutdown: &mut ShutdownSignal,
+    ) -> Result<SessionEnd> {
+        let consumer: StreamConsumer<ClientLog> = kafka
+            .consumer_config(self.route.group().as_str(), self.config.max_payload_bytes)
+            .create_with_context(ClientLog::new("consumer"))
             .map_err(|e| {
                 Error::kafka(
                     format!("creating the consumer of service {}", self.route.service()),
@@ -276,24 +368,28 @@ impl<DB: Backend> Consumer<DB> {
             .subscribe(&[self.route.topic().as_str()])
             .map_err(|e| Error::kafka(format!("subscribing to {}", self.route.topic()), e))?;
 
-        let this = Arc::new(self);
-        let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<(i32, i64)>();
+        let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<(i32, u64, i64)>();
         let mut lanes = Vec::new();
         let mut lane_tasks = Vec::new();
-        let batch_size = this.config.consumer_batch_size.max(1);
-        for _ in 0..this.config.consumer_lanes.max(1) {
-            let (tx, mut rx) = mpsc::channel::<OwnedMessage>(LANE_DEPTH.max(batch_size));
-            let this = this.clone();
+        let batch_size = self.config.consumer_batch_size.max(1);
+        for _ in 0..self.config.consumer_lanes.max(1) {
+            let (tx, mut rx) = mpsc::channel::<(u64, OwnedMessage)>(LANE_DEPTH.max(batch_size));
+            let this = self.clone();
             let settled_tx = settled_tx.clone();
             let mut shutdown = shutdown.clone();
             lane_tasks.push(tokio::spawn(async move {
                 let mut batch = Vec::with_capacity(batch_size);
-                while let Some(msg) = rx.recv().await {
+                let mut epochs = Vec::with_capacity(batch_size);
+                while let Some((epoch, msg)) = rx.recv().await {
                     // Take what is already queued; never wait to fill a batch.
                     batch.push(msg);
+                    epochs.push(epoch);
                     while batch.len() < batch_size {
                         match rx.try_recv() {
-                            Ok(msg) => batch.push(msg),
+                            Ok((epoch, msg)) => {
+                                batch.push(msg);
+                                epochs.push(epoch);
+                            }
                             Err(_) => break,
                         }
                     }
@@ -302,13 +398,14 @@ impl<DB: Backend> Consumer<DB> {
                     } else {
                         this.settle_batch(&batch, &mut shutdown).await
                     };
-                    for msg in &batch[..settled] {
-                        let _ = settled_tx.send((msg.partition(), msg.offset()));
+                    for (msg, epoch) in batch[..settled].iter().zip(&epochs) {
+                        let _ = settled_tx.send((msg.partition(), *epoch, msg.offset()));
                     }
                     if settled < batch.len() {
                         break; // shutting down; what did not settle keeps its offset unstored
                     }
                     batch.clear();
+                    epochs.clear();
                 }
             }));
             lanes.push(tx);
@@ -317,9 +414,9 @@ impl<DB: Backend> Consumer<DB> {
 
         let mut offsets = OffsetTracker::default();
         // One topic per consumer (its route's): offsets are tracked by partition.
-        let topic = this.route.topic().as_str();
-        let store = |offsets: &mut OffsetTracker, partition: i32, offset: i64| {
-            if let Some(upto) = offsets.settled(partition, offset) {
+        let topic = self.route.topic().as_str();
+        let store = |offsets: &mut OffsetTracker, partition: i32, epoch: u64, offset: i64| {
+            if let Some(upto) = offsets.settled(partition, epoch, offset) {
                 failpoint!("consumer.before_offset_store");
                 if let Err(e) = consumer.store_offset(topic, partition, upto) {
                     // Stale after a rebalance; the new owner re-reads the record and finds
@@ -328,7 +425,8 @@ impl<DB: Backend> Consumer<DB> {
                 }
             }
         };
-        let mut recv_errors = 0u32;
+        let mut rebalances = consumer.context().rebalances();
+        let mut end = SessionEnd::Shutdown;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -336,28 +434,46 @@ impl<DB: Backend> Consumer<DB> {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                Some((partition, offset)) = settled_rx.recv() => {
-                    store(&mut offsets, partition, offset);
+                Some((partition, epoch, offset)) = settled_rx.recv() => {
+                    store(&mut offsets, partition, epoch, offset);
                 }
-                msg = consumer.recv() => match msg {
-                    Ok(m) => {
-                        recv_errors = 0;
-                        let m = m.detach();
-                        offsets.received(m.partition(), m.offset());
-                        let lane = lane_of(&m, lanes.len());
-                        // Waits when the lane is full (backpressure); other lanes go on,
-                        // and settled offsets queue up unboundedly meanwhile.
-                        if lanes[lane].send(m).await.is_err() {
-                            break; // the lane stopped: shutting down
-                        }
+                msg = consumer.recv() => {
+                    let seen = consumer.context().rebalances();
+                    if seen != rebalances {
+                        // Records received from now on may come from another position (the
+                        // committed offset) or another log (a broker that lost its own):
+                        // settlements of records received before are not stored.
+                        rebalances = seen;
+                        offsets.rebalanced();
                     }
-                    Err(e) => {
-                        recv_errors += 1;
-                        let delay = this.config.consumer_failure_backoff.delay(recv_errors);
-                        tracing::warn!(service = %this.route.service(), error = %e, ?delay, "consumer receive failed");
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = shutdown.changed() => {}
+                    match msg {
+                        Ok(m) => {
+                            let m = m.detach();
+                            let epoch = offsets.received(m.partition(), m.offset());
+                            let lane = lane_of(&m, lanes.len());
+                            // Waits when the lane is full (backpressure); other lanes go
+                            // on, and settled offsets queue up unboundedly meanwhile.
+                            if lanes[lane].send((epoch, m)).await.is_err() {
+                                break; // the lane stopped: shutting down
+                            }
+                        }
+                        Err(KafkaError::MessageConsumptionFatal(code)) => {
+                            end = SessionEnd::Unusable(format!("fatal consumer error {code:?}"));
+                            break;
+                        }
+                        Err(e) => {
+                            if let Some((code, reason)) = consumer.client().fatal_error() {
+                                end = SessionEnd::Unusable(format!("fatal error {code:?}: {reason}"));
+                                break;
+                            }
+                            // An error event (brokers down, a transport error, a topic
+                            // not there yet): librdkafka recovers by itself and queues many
+                            // of these during an outage. Never wait on them.
+                            let kind = format!("recv:{:?}", e.rdkafka_error_code());
+                            if let Some(suppressed) = consumer.context().allow(&kind) {
+                                tracing::warn!(service = %self.route.service(), error = %e, suppressed,
+                                    "consumer error event; the client recovers by itself");
+                            }
                         }
                     }
                 },
@@ -368,8 +484,8 @@ impl<DB: Backend> Consumer<DB> {
         for task in lane_tasks {
             let _ = task.await;
         }
-        while let Some((partition, offset)) = settled_rx.recv().await {
-            store(&mut offsets, partition, offset);
+        while let Some((partition, epoch, offset)) = settled_rx.recv().await {
+            store(&mut offsets, partition, epoch, offset);
         }
         match consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(())
@@ -377,10 +493,10 @@ impl<DB: Backend> Consumer<DB> {
                 rdkafka::types::RDKafkaErrorCode::NoOffset,
             )) => {}
             Err(e) => {
-                tracing::warn!(service = %this.route.service(), error = %e, "final offset commit failed")
+                tracing::warn!(service = %self.route.service(), error = %e, "final offset commit failed")
             }
         }
-        Ok(())
+        Ok(end)
     }
 
     /// Settles a lane's queued records: in one transaction when there are several and
@@ -590,11 +706,15 @@ impl<DB: Backend> Consumer<DB> {
         Ok(Some(open))
     }
 
-    /// Does what can be done for `msg` inside `tx`: the row lock, the duplicate and
-    /// predecessor checks, the handler and the consumed mark. Returns the transaction
-    /// (to commit on [`Step::InTx`], to roll back on [`Step::Abort`]). In a batch,
-    /// `batch` supplies the row's locked state and its key's open rows, and collects
-    /// the consumed mark for one statement at the end.
+    /// Does what can be done for `msg` inside `tx`: the row lock, the checks of the
+    /// record against its row, the predecessor check, the handler and the consumed
+    /// mark. Returns the transaction (to commit on [`Step::InTx`], to roll back on
+    /// [`Step::Abort`]). In a batch, `batch` supplies the row's locked state and its
+    /// key's open rows, and collects the consumed mark for one statement at the end.
+    ///
+    /// The row is the truth: it was written in the business transaction, and the
+    /// handler receives its type, version and payload. A record only says which row is
+    /// ready; one that disagrees with its row changes nothing.
     async fn step<M: Message>(
         &self,
         mut tx: Transaction<'static, DB>,
@@ -602,8 +722,26 @@ impl<DB: Backend> Consumer<DB> {
         mut batch: Option<&mut BatchState>,
     ) -> Result<(Transaction<'static, DB>, Step)> {
         let route = &self.route;
-        let Some(event_id) = Envelope::event_id_of(msg) else {
-            let reason = match Envelope::decode(msg) {
+        let size = msg.payload().map_or(0, <[u8]>::len);
+        if size > self.config.max_payload_bytes {
+            let reason = format!(
+                "record at {}:{}@{} has a {size}-byte payload, over the {}-byte limit \
+                 (OutboxConfig::max_payload_bytes): not an event of this outbox",
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+                self.config.max_payload_bytes
+            );
+            return Ok((tx, Step::Abort(Abort::Skip(reason))));
+        }
+        let record = Envelope::decode(msg);
+        let Some(event_id) = record
+            .as_ref()
+            .ok()
+            .map(|e| e.event_id)
+            .or_else(|| Envelope::event_id_of(msg))
+        else {
+            let reason = match &record {
                 Err(e) => format!(
                     "record at {}:{}@{} is not an outbox envelope: {e}",
                     msg.topic(),
@@ -642,16 +780,24 @@ impl<DB: Backend> Consumer<DB> {
             );
             return Ok((tx, Step::Abort(Abort::Skip(reason))));
         };
+        if let Some(differs) = disagreement(&record, msg, &row, route) {
+            let reason = format!(
+                "record at {}:{}@{} names event {event_id} but {differs}; the stored \
+                 event is left as it is",
+                msg.topic(),
+                msg.partition(),
+                msg.offset()
+            );
+            return Ok((tx, Step::InTx(Outcome::Mismatch { reason })));
+        }
         if row.status.is_terminal() {
             return Ok((tx, Step::InTx(Outcome::Duplicate)));
         }
-        let envelope = match Envelope::decode(msg) {
-            Ok(e) => e,
-            Err(e) => {
-                let reason = format!("unreadable envelope: {e}");
-                return Ok((tx, Step::Abort(Abort::Dead(row, reason))));
-            }
-        };
+        if row.status == Status::Pending && !row.due {
+            // Waiting out a retry backoff or a deferral: a stale copy of its record. The
+            // relay publishes the row again when it is due.
+            return Ok((tx, Step::InTx(Outcome::NotDue)));
+        }
         if let Some(key) = &row.key {
             let known = batch
                 .as_deref()
@@ -665,42 +811,58 @@ impl<DB: Backend> Consumer<DB> {
                 }
             };
             if open {
-                DB::defer(&mut tx, route.table(), row.id, self.config.backoff.base)
-                    .await
-                    .map_err(|e| Error::db(ctx("deferring"), e))?;
+                let republished = DB::defer(
+                    &mut tx,
+                    route.table(),
+                    route.service(),
+                    key,
+                    row.id,
+                    self.config.backoff.base,
+                )
+                .await
+                .map_err(|e| Error::db(ctx("deferring"), e))?;
+                if republished > 0 {
+                    self.stats
+                        .republished
+                        .fetch_add(republished, Ordering::Relaxed);
+                    tracing::warn!(service = %route.service(), row = row.id, predecessors = republished,
+                        "published predecessors of this event never reached the consumer before it \
+                         (lost with the broker?); publishing them again");
+                }
                 return Ok((tx, Step::InTx(Outcome::Deferred)));
             }
         }
-        let Some(handler) = self.handlers.get(&envelope.event_type) else {
-            let reason = if self.catalog.event(&envelope.event_type).is_none() {
-                format!("unknown event type `{}`", envelope.event_type)
+        let Some(handler) = self.handlers.get(&row.event_type) else {
+            let reason = if self.catalog.event(&row.event_type).is_none() {
+                format!("unknown event type `{}`", row.event_type)
             } else {
                 format!(
                     "no handler for event type `{}` in service `{}`",
-                    envelope.event_type,
+                    row.event_type,
                     route.service()
                 )
             };
             return Ok((tx, Step::Abort(Abort::Dead(row, reason))));
         };
-        if envelope.version > handler.version {
+        let version = u32::try_from(row.version).unwrap_or(0);
+        if version > handler.version {
             let reason = format!(
                 "event `{}` has schema version {}, newer than the handler's {}",
-                envelope.event_type, envelope.version, handler.version
+                row.event_type, row.version, handler.version
             );
             return Ok((tx, Step::Abort(Abort::Dead(row, reason))));
         }
 
         let meta = EventMeta {
             event_id,
-            event_type: envelope.event_type.clone(),
-            version: envelope.version,
+            event_type: row.event_type.clone(),
+            version,
             service: route.service().to_string(),
             key: row.key.clone(),
             attempt: u32::try_from(row.attempts).unwrap_or(0) + 1,
         };
         let mut hctx = HandlerContext::new(tx, meta);
-        let result = AssertUnwindSafe((handler.call)(&mut hctx, &envelope.payload))
+        let result = AssertUnwindSafe((handler.call)(&mut hctx, row.payload.as_bytes()))
             .catch_unwind()
             .await;
         let mut tx = hctx.into_transaction();
@@ -742,6 +904,11 @@ impl<DB: Backend> Consumer<DB> {
             Outcome::Handled => &self.stats.handled,
             Outcome::Duplicate => &self.stats.duplicates,
             Outcome::Deferred => &self.stats.deferred,
+            Outcome::NotDue => &self.stats.not_due,
+            Outcome::Mismatch { reason } => {
+                tracing::warn!(service = %self.route.service(), %reason, "record does not match its outbox row");
+                &self.stats.mismatched
+            }
             _ => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -779,9 +946,9 @@ impl<DB: Backend> Consumer<DB> {
                     Ok(Outcome::Retry { error })
                 }
                 Decision::Dead => {
-                    let reason = format!(
-                        "failed {} times, retries exhausted; last error: {error}",
-                        row.attempts + 1
+                    let reason = crate::backend::error_with_note(
+                        &error,
+                        &format!(" [retries exhausted: failed {} times]", row.attempts + 1),
                     );
                     self.dead(&row, reason).await
                 }
@@ -860,35 +1027,57 @@ fn lane_of<M: Message>(msg: &M, lanes: usize) -> usize {
 
 /// Which offsets may be stored: per partition of the consumer's one topic, up to just
 /// before the oldest record received and not yet settled.
+///
+/// Each record is tagged with its partition's *epoch* when received. A rebalance, or a
+/// partition whose offsets go back without one (its position was reset: the broker lost
+/// its log, or the records it held), starts a new epoch, and settlements tagged with an
+/// older one are not stored: an offset of one log must never be stored against
+/// another, where it would skip records nobody has read.
 #[derive(Debug, Default)]
 struct OffsetTracker {
     partitions: HashMap<i32, PartitionOffsets>,
+    /// The last epoch handed out; epochs never repeat.
+    epochs: u64,
 }
 
 #[derive(Debug, Default)]
 struct PartitionOffsets {
+    epoch: u64,
     in_flight: BTreeSet<i64>,
+    highest_received: Option<i64>,
     highest_settled: Option<i64>,
     stored: Option<i64>,
 }
 
 impl OffsetTracker {
-    fn received(&mut self, partition: i32, offset: i64) {
+    /// Records a received record; returns the epoch to tag it with.
+    fn received(&mut self, partition: i32, offset: i64) -> u64 {
         let p = self.partitions.entry(partition).or_default();
-        if p.stored.is_some_and(|s| offset <= s) {
-            // Re-read from an older position (a rebalance resumed from the committed
-            // offset): store again from here. Records settled before stay settled, so
-            // nothing unsettled can be skipped.
-            p.stored = None;
+        if p.epoch == 0 || p.highest_received.is_some_and(|h| offset <= h) {
+            // New, or the position went back: a fresh epoch, from this record on.
+            self.epochs += 1;
+            *p = PartitionOffsets {
+                epoch: self.epochs,
+                ..Default::default()
+            };
         }
+        p.highest_received = Some(offset);
         p.in_flight.insert(offset);
+        p.epoch
     }
 
-    /// Marks `offset` settled; returns the offset to store (the last record of an
-    /// unbroken settled prefix) if it moved forward.
-    fn settled(&mut self, partition: i32, offset: i64) -> Option<i64> {
+    /// After a rebalance: every partition starts a new epoch with its next record.
+    fn rebalanced(&mut self) {
+        self.partitions.clear();
+    }
+
+    /// Marks `offset` (received in `epoch`) settled; returns the offset to store (the
+    /// last record of an unbroken settled prefix) if it moved forward.
+    fn settled(&mut self, partition: i32, epoch: u64, offset: i64) -> Option<i64> {
         let p = self.partitions.get_mut(&partition)?;
-        p.in_flight.remove(&offset);
+        if p.epoch != epoch || !p.in_flight.remove(&offset) {
+            return None;
+        }
         p.highest_settled = p.highest_settled.max(Some(offset));
         let upto = match p.in_flight.first() {
             Some(&oldest) => oldest - 1,
@@ -910,42 +1099,52 @@ mod tests {
     #[test]
     fn offsets_are_stored_only_up_to_the_oldest_unsettled_record() {
         let mut t = OffsetTracker::default();
+        let mut e = 0;
         for o in 10..15 {
-            t.received(0, o);
+            e = t.received(0, o);
         }
-        t.received(1, 3);
+        let e1 = t.received(1, 3);
         // 10 and 11 are still in flight: nothing past 9 (the committed position stays 10).
-        assert_eq!(t.settled(0, 12), Some(9));
-        assert_eq!(t.settled(0, 11), None);
-        assert_eq!(t.settled(0, 10), Some(12));
-        assert_eq!(t.settled(1, 3), Some(3));
-        assert_eq!(t.settled(0, 14), None);
-        assert_eq!(t.settled(0, 13), Some(14));
+        assert_eq!(t.settled(0, e, 12), Some(9));
+        assert_eq!(t.settled(0, e, 11), None);
+        assert_eq!(t.settled(0, e, 10), Some(12));
+        assert_eq!(t.settled(1, e1, 3), Some(3));
+        assert_eq!(t.settled(0, e, 14), None);
+        assert_eq!(t.settled(0, e, 13), Some(14));
         assert_eq!(
-            t.settled(0, 13),
+            t.settled(0, e, 13),
             None,
             "a repeated settlement changes nothing"
         );
-        assert_eq!(t.settled(9, 1), None, "unknown partition");
+        assert_eq!(t.settled(9, e, 1), None, "unknown partition");
     }
 
     #[test]
-    fn a_partition_re_read_after_a_rebalance_stores_offsets_again() {
+    fn a_position_that_goes_back_starts_a_new_epoch() {
         let mut t = OffsetTracker::default();
-        for o in 0..5 {
-            t.received(0, o);
-            t.settled(0, o);
-        }
-        // The group resumed from committed offset 2: records 2.. come again. Storing is
-        // enabled again, up to what had settled (records 0..=4 all did).
-        t.received(0, 2);
-        assert_eq!(t.settled(0, 2), Some(4));
-        t.received(0, 3);
-        t.received(0, 4);
-        t.received(0, 5);
-        assert_eq!(t.settled(0, 3), Some(3), "4 and 5 in flight");
-        assert_eq!(t.settled(0, 5), None, "4 still in flight");
-        assert_eq!(t.settled(0, 4), Some(5));
+        let old = t.received(0, 5000);
+        t.received(0, 5001);
+        assert_eq!(t.settled(0, old, 5000), Some(5000));
+        // The broker lost its log: the partition starts again at 0 while 5001 is still
+        // being settled. Its settlement must not be stored against the new log.
+        let new = t.received(0, 0);
+        assert_ne!(new, old);
+        assert_eq!(t.settled(0, old, 5001), None, "an offset of the old log");
+        assert_eq!(t.settled(0, new, 0), Some(0));
+        t.received(0, 1);
+        assert_eq!(t.settled(0, new, 1), Some(1));
+    }
+
+    #[test]
+    fn settlements_from_before_a_rebalance_are_not_stored() {
+        let mut t = OffsetTracker::default();
+        let old = t.received(0, 7);
+        t.rebalanced();
+        // The group resumed from the committed offset 7: the same record again.
+        let new = t.received(0, 7);
+        assert_ne!(new, old);
+        assert_eq!(t.settled(0, old, 7), None);
+        assert_eq!(t.settled(0, new, 7), Some(7));
     }
 
     #[test]

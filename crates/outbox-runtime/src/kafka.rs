@@ -1,9 +1,19 @@
-//! Kafka client settings: what the relay's producer and the consumers always set, and
-//! what users may add.
+//! Kafka clients: what the relay's producer and the consumers always set, what users
+//! may add, and the client context every one of them runs with.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
+
+use crate::error::{Error, Result};
 
 /// How to reach Kafka, plus extra librdkafka properties.
 ///
@@ -28,8 +38,13 @@ pub struct KafkaConfig {
 /// Producer properties the framework sets and users cannot override.
 const PRODUCER_FIXED: &[(&str, &str)] = &[("enable.idempotence", "true"), ("acks", "all")];
 
-/// Producer defaults users may override.
-const PRODUCER_DEFAULTS: &[(&str, &str)] = &[("linger.ms", "2"), ("message.timeout.ms", "30000")];
+/// Producer defaults users may override. Reconnects back off to at most 1 s (librdkafka:
+/// 10 s), so a relay is producing again within seconds of a broker's return.
+const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    ("linger.ms", "2"),
+    ("message.timeout.ms", "30000"),
+    ("reconnect.backoff.max.ms", "1000"),
+];
 
 /// Consumer properties the framework sets and users cannot override.
 const CONSUMER_FIXED: &[(&str, &str)] = &[
@@ -37,14 +52,32 @@ const CONSUMER_FIXED: &[(&str, &str)] = &[
     ("enable.auto.commit", "true"),
 ];
 
-/// Consumer defaults users may override.
+/// Consumer defaults users may override. Reconnects back off to at most 1 s and topic
+/// metadata is refreshed every 5 s (librdkafka: 10 s and 5 min), so a consumer finds a
+/// restarted broker, and a topic created again on it, within seconds.
 const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("auto.offset.reset", "earliest"),
     ("auto.commit.interval.ms", "1000"),
     ("fetch.wait.max.ms", "10"),
     ("session.timeout.ms", "10000"),
     ("heartbeat.interval.ms", "1000"),
+    ("reconnect.backoff.max.ms", "1000"),
+    ("topic.metadata.refresh.interval.ms", "5000"),
 ];
+
+/// Extra room for a record's headers and framing beyond its payload, in fetch sizes.
+const RECORD_OVERHEAD: usize = 64 * 1024;
+
+/// The largest fetch response a consumer accepts by default (`receive.message.max.bytes`):
+/// 1 GiB. A broker always returns the first record batch of a fetch whole, however
+/// large, and a response over this limit fails the connection and is fetched again
+/// forever, stalling every partition behind it. With this limit, any record a broker
+/// will store (Kafka's default `message.max.bytes` is 1 MB) is received, and one larger
+/// than `max_payload_bytes` is skipped with a reason. The cost is memory: a hostile
+/// writer can make the consumer hold one record of up to this size. Lower it (a
+/// consumer property) to what your consumers can hold, and cap the topic's
+/// `max.message.bytes`.
+const RECEIVE_MAX_BYTES: usize = 1 << 30;
 
 impl KafkaConfig {
     /// A config for these bootstrap servers.
@@ -93,12 +126,26 @@ impl KafkaConfig {
         c
     }
 
-    /// A consumer's configuration for `group`.
-    pub fn consumer_config(&self, group: &str) -> ClientConfig {
+    /// A consumer's configuration for `group`. Fetch sizes follow `max_payload_bytes`
+    /// (the largest event the outbox accepts): `max.partition.fetch.bytes` holds at least
+    /// one such record, and `receive.message.max.bytes` lets a larger foreign record be
+    /// received and skipped instead of stalling the consumer (see [`RECEIVE_MAX_BYTES`]).
+    pub fn consumer_config(&self, group: &str, max_payload_bytes: usize) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap_servers);
         c.set("group.id", group);
         apply(&mut c, CONSUMER_DEFAULTS.iter().copied());
+        let record = max_payload_bytes.saturating_add(RECORD_OVERHEAD);
+        let partition_fetch = record.max(1 << 20);
+        let fetch = partition_fetch.saturating_mul(4).max(50 << 20);
+        let receive = RECEIVE_MAX_BYTES.max(fetch.saturating_add(1 << 20));
+        for (k, v) in [
+            ("max.partition.fetch.bytes", partition_fetch),
+            ("fetch.max.bytes", fetch),
+            ("receive.message.max.bytes", receive),
+        ] {
+            c.set(k, v.min(i32::MAX as usize).to_string());
+        }
         apply(
             &mut c,
             self.common.iter().map(|(k, v)| (k.as_str(), v.as_str())),
@@ -118,6 +165,98 @@ fn apply<'a>(c: &mut ClientConfig, props: impl Iterator<Item = (&'a str, &'a str
     }
 }
 
+/// The relay's producer: the framework's fixed settings (idempotence on) plus the
+/// user's, with the runtime's [`ClientLog`] context.
+pub(crate) fn create_producer(kafka: &KafkaConfig) -> Result<FutureProducer<ClientLog>> {
+    kafka
+        .producer_config()
+        .create_with_context(ClientLog::new("producer"))
+        .map_err(|e| Error::kafka("creating the relay's producer", e))
+}
+
+/// How often one kind of client log line or error is written at most; the lines in
+/// between are counted and the count is given with the next one.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The context of every client the runtime creates: librdkafka's log lines and global
+/// errors go to `tracing`, each kind at most once per [`LOG_EVERY`] (during an outage
+/// librdkafka reports the same failure many times a second), and a consumer counts its
+/// rebalances.
+pub struct ClientLog {
+    client: &'static str,
+    last: Mutex<HashMap<String, (Instant, u64)>>,
+    rebalances: AtomicU64,
+}
+
+impl ClientLog {
+    pub(crate) fn new(client: &'static str) -> Self {
+        ClientLog {
+            client,
+            last: Mutex::new(HashMap::new()),
+            rebalances: AtomicU64::new(0),
+        }
+    }
+
+    /// Rebalances this consumer has seen (assignments and revocations).
+    pub(crate) fn rebalances(&self) -> u64 {
+        self.rebalances.load(Ordering::Acquire)
+    }
+
+    /// `Some(lines suppressed since the last one)` if a line of `kind` may be written now.
+    pub(crate) fn allow(&self, kind: &str) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match last.get_mut(kind) {
+            Some((at, suppressed)) if now.duration_since(*at) < LOG_EVERY => {
+                *suppressed += 1;
+                None
+            }
+            Some((at, suppressed)) => {
+                *at = now;
+                Some(std::mem::take(suppressed))
+            }
+            None => {
+                last.insert(kind.to_owned(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+impl ClientContext for ClientLog {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        let kind = format!("log:{fac}");
+        if (level as i32) > (RDKafkaLogLevel::Warning as i32) {
+            tracing::debug!(client = self.client, fac, "librdkafka: {log_message}");
+            return;
+        }
+        if let Some(suppressed) = self.allow(&kind) {
+            tracing::warn!(
+                client = self.client,
+                fac,
+                suppressed,
+                "librdkafka: {log_message}"
+            );
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let kind = format!("error:{:?}", error.rdkafka_error_code());
+        if let Some(suppressed) = self.allow(&kind) {
+            tracing::warn!(client = self.client, %error, suppressed, "kafka client error: {reason}");
+        }
+    }
+}
+
+impl ConsumerContext for ClientLog {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Error(e) = rebalance {
+            tracing::warn!(client = self.client, error = %e, "consumer rebalance failed");
+        }
+        self.rebalances.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,8 +271,35 @@ mod tests {
         assert_eq!(p.get("enable.idempotence"), Some("true"));
         assert_eq!(p.get("acks"), Some("all"));
         assert_eq!(p.get("linger.ms"), Some("0"));
-        let c = k.consumer_config("g");
+        let c = k.consumer_config("g", 900_000);
         assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(c.get("group.id"), Some("g"));
+    }
+
+    #[test]
+    fn consumer_fetch_sizes_follow_the_payload_limit() {
+        let k = KafkaConfig::new("b:1");
+        let c = k.consumer_config("g", 900_000);
+        let get = |c: &ClientConfig, k: &str| c.get(k).unwrap().parse::<usize>().unwrap();
+        assert!(get(&c, "max.partition.fetch.bytes") >= 900_000 + RECORD_OVERHEAD);
+        assert!(get(&c, "receive.message.max.bytes") >= get(&c, "fetch.max.bytes") + 512);
+        assert_eq!(get(&c, "receive.message.max.bytes"), RECEIVE_MAX_BYTES);
+        let big = k.consumer_config("g", 100 << 20);
+        assert!(get(&big, "max.partition.fetch.bytes") > 100 << 20);
+        assert!(get(&big, "receive.message.max.bytes") >= get(&big, "fetch.max.bytes") + 512);
+        // A user's own limit wins over the default.
+        let mine = k
+            .consumer_property("receive.message.max.bytes", "200000000")
+            .consumer_config("g", 900_000);
+        assert_eq!(mine.get("receive.message.max.bytes"), Some("200000000"));
+    }
+
+    #[test]
+    fn log_lines_of_one_kind_are_rate_limited() {
+        let log = ClientLog::new("test");
+        assert_eq!(log.allow("a"), Some(0));
+        assert_eq!(log.allow("a"), None);
+        assert_eq!(log.allow("a"), None);
+        assert_eq!(log.allow("b"), Some(0));
     }
 }

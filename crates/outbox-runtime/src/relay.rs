@@ -8,18 +8,41 @@
 //!    the [`crate::envelope`], and wait for every delivery report;
 //! 3. **mark** the acknowledged rows published in one statement fenced by the token
 //!    (a relay that lost its lease changes nothing); give transiently failed rows
-//!    back with a backoff (a broker outage never makes an event dead); mark rows the
-//!    broker can never take (too large, invalid) dead with the reason.
+//!    back (a broker outage never makes an event dead); mark rows the broker can never
+//!    take (too large, invalid) dead with the reason.
 //!
 //! A relay never holds a database transaction across a Kafka round-trip, never
 //! reads by id cursor (ids commit out of order), and never marks a row published
 //! before the broker acknowledged it.
+//!
+//! ## When the producer cannot deliver
+//!
+//! Every failure is classified ([`Produced`]): *retriable* (timeouts, brokers down),
+//! *permanent* for the record (too large, invalid: the row goes dead), or the producer
+//! is *unusable* (librdkafka's fatal error, or the broker fenced or forgot the
+//! idempotent producer: `ProducerFenced`, `UnknownProducerId`, out-of-order sequence).
+//! librdkafka's rule is that a producer in a fatal state never works again, so an
+//! unusable producer is replaced ([`Producers::replace`]), once per failure however
+//! many relays share it. After any round that delivered nothing, after a replacement,
+//! after its lease was fenced, and at start, a relay claims nothing until a probe
+//! (a metadata request for its topic) shows the broker answering with a leader for
+//! every partition: rows it cannot produce stay unleased, due at once, for relays that
+//! can. Rows of such a round are given back due now; the relay itself is what waits.
+//! A producer that keeps failing whole rounds while the probes pass is replaced too.
+//!
+//! ## Records lost with the broker
+//!
+//! A relay remembers the highest offset acknowledged per partition. An acknowledgement
+//! below it means the partition's log went back (a broker restarted without its data,
+//! the topic deleted and created again): the records of rows marked published before
+//! are gone, so those rows (published, not consumed) are made pending again at once,
+//! in bounded batches, and published again. Consumers de-duplicate by event id.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use sqlx::Pool;
@@ -31,7 +54,8 @@ use crate::config::OutboxConfig;
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::event::EventId;
-use crate::kafka::KafkaConfig;
+use crate::kafka::{create_producer, ClientLog, KafkaConfig};
+use crate::retry::Backoff;
 use crate::wakeup;
 
 /// Counters of one relay, for tests, examples and metrics.
@@ -59,6 +83,9 @@ pub struct RelayStats {
     /// Broker probes that failed while the relay waited, without claiming, for its
     /// producer to be able to deliver.
     pub failed_probes: AtomicU64,
+    /// Rows made pending again because the partition log they were published to went
+    /// back (records lost with the broker).
+    pub redelivered_lost: AtomicU64,
 }
 
 /// What one round did.
@@ -77,15 +104,56 @@ pub struct RoundReport {
 /// A shutdown signal for long-running loops: `true` once shutdown was requested.
 pub type ShutdownSignal = watch::Receiver<bool>;
 
+/// The producer the relays of one process share, replaced when it can no longer work.
+pub(crate) struct Producers {
+    kafka: KafkaConfig,
+    current: Mutex<(u64, FutureProducer<ClientLog>)>,
+}
+
+impl Producers {
+    /// A shared producer for `kafka`.
+    pub(crate) fn new(kafka: &KafkaConfig) -> Result<Arc<Producers>> {
+        Ok(Arc::new(Producers {
+            kafka: kafka.clone(),
+            current: Mutex::new((0, create_producer(kafka)?)),
+        }))
+    }
+
+    /// The producer now, with its generation.
+    fn current(&self) -> (u64, FutureProducer<ClientLog>) {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        (current.0, current.1.clone())
+    }
+
+    /// Replaces the producer of `generation` with a new one, unless another relay
+    /// already did; `Ok(true)` if this call replaced it. The old producer is dropped
+    /// off the async threads (dropping purges and may block briefly) once the last
+    /// relay holding it lets go.
+    fn replace(&self, generation: u64) -> Result<bool> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.0 != generation {
+            return Ok(false);
+        }
+        let fresh = create_producer(&self.kafka)?;
+        let old = std::mem::replace(&mut current.1, fresh);
+        current.0 += 1;
+        drop(current);
+        tokio::task::spawn_blocking(move || drop(old));
+        Ok(true)
+    }
+}
+
 /// The relay of one service.
 pub struct Relay<DB: Backend> {
     pool: Pool<DB>,
     route: Route,
-    producer: FutureProducer,
+    producers: Arc<Producers>,
     config: Arc<OutboxConfig>,
     stats: Arc<RelayStats>,
     consecutive_failures: AtomicU32,
     claim: Mutex<ClaimState>,
+    /// Highest offset acknowledged per partition of the route's topic.
+    high_water: Mutex<HashMap<i32, i64>>,
 }
 
 /// How the relay claims next (see [`Relay::claim_batch`]).
@@ -105,6 +173,23 @@ const MARK_ATTEMPTS: u32 = 4;
 /// The bounded claim looks at this many due rows per row it may claim.
 const CLAIM_WINDOW: u32 = 4;
 
+/// How long a broker probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The wait between failed probes: short, so a relay is producing again within seconds
+/// of a broker's return (a probe is one small metadata request).
+const PROBE_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(100),
+    cap: Duration::from_secs(2),
+};
+
+/// Whole rounds that may fail, with the broker answering probes in between, before
+/// the producer is taken to be stuck and replaced.
+const STUCK_ROUNDS: u32 = 3;
+
+/// Rows per statement when making rows lost with the broker pending again.
+const LOST_BATCH: u32 = 1000;
+
 impl<DB: Backend> Relay<DB> {
     /// A relay for `route`, with its own producer.
     pub fn new(
@@ -113,25 +198,30 @@ impl<DB: Backend> Relay<DB> {
         kafka: &KafkaConfig,
         config: Arc<OutboxConfig>,
     ) -> Result<Self> {
-        let producer = create_producer(kafka)?;
-        Ok(Self::with_producer(pool, route, producer, config))
+        Ok(Self::with_producers(
+            pool,
+            route,
+            Producers::new(kafka)?,
+            config,
+        ))
     }
 
-    /// A relay for `route` sharing `producer` with other relays of this process.
-    pub fn with_producer(
+    /// A relay for `route` sharing `producers` with other relays of this process.
+    pub(crate) fn with_producers(
         pool: Pool<DB>,
         route: Route,
-        producer: FutureProducer,
+        producers: Arc<Producers>,
         config: Arc<OutboxConfig>,
     ) -> Self {
         Relay {
             pool,
             route,
-            producer,
+            producers,
             config,
             stats: Arc::new(RelayStats::default()),
             consecutive_failures: AtomicU32::new(0),
             claim: Mutex::new(ClaimState::default()),
+            high_water: Mutex::new(HashMap::new()),
         }
     }
 
@@ -142,13 +232,14 @@ impl<DB: Backend> Relay<DB> {
 
     /// One claim → produce → mark round. Returns what it did; `claimed == 0` means
     /// nothing was due. ([`run`](Self::run) pipelines these rounds: it claims the next
-    /// batch while the previous one's delivery reports come back.)
+    /// batch while the previous one's delivery reports come back, and probes the broker
+    /// before claiming after a failure.)
     pub async fn relay_once(&self) -> Result<RoundReport> {
         match self.claim_batch().await? {
             None => Ok(RoundReport::default()),
             Some(batch) => {
                 let batch = self.enqueue(batch).await;
-                self.finish(batch).await
+                Ok(self.finish(batch).await?.report)
             }
         }
     }
@@ -247,25 +338,30 @@ impl<DB: Backend> Relay<DB> {
         state.full_productive = productive;
     }
 
-    /// Enqueues a claimed batch on the producer, in id order (no waiting for delivery).
+    /// Enqueues a claimed batch on the current producer, in id order (no waiting for
+    /// delivery).
     async fn enqueue(&self, batch: Claimed) -> InFlight {
-        let pending = self.produce(&batch.rows).await;
+        let (generation, producer) = self.producers.current();
+        let pending = self.produce(&producer, &batch.rows).await;
         InFlight {
             rows: batch.rows,
             token: batch.token,
             pending,
+            producer,
+            generation,
         }
     }
 
     /// Waits for a batch's delivery reports, then marks it: acknowledged rows published
-    /// (fenced by the lease token), transient failures given back after a backoff,
-    /// permanent ones dead.
-    async fn finish(&self, batch: InFlight) -> Result<RoundReport> {
+    /// (fenced by the lease token), permanent failures dead, the rest given back.
+    async fn finish(&self, batch: InFlight) -> Result<Finished> {
         let route = &self.route;
         let InFlight {
             rows,
             token,
             pending,
+            producer,
+            generation,
         } = batch;
         let outcomes = wait_for_reports(pending).await;
         failpoint!("relay.after_produce");
@@ -274,30 +370,51 @@ impl<DB: Backend> Relay<DB> {
         let mut retry: Vec<i64> = Vec::new();
         let mut retry_error = String::new();
         let mut dead: Vec<(i64, String)> = Vec::new();
+        let mut unusable = producer
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("fatal error {code:?}: {reason}"));
+        let mut log_went_back = false;
         for (row, outcome) in rows.iter().zip(outcomes) {
             match outcome {
-                Produced::Acked => acked.push(row.id),
-                Produced::Transient(e) => {
+                Produced::Acked { partition, offset } => {
+                    acked.push(row.id);
+                    log_went_back |= self.acknowledged(partition, offset);
+                }
+                Produced::Retriable(e) => {
                     retry.push(row.id);
+                    retry_error = e;
+                }
+                Produced::Unusable(e) => {
+                    retry.push(row.id);
+                    unusable.get_or_insert_with(|| e.clone());
                     retry_error = e;
                 }
                 Produced::Permanent(e) => dead.push((row.id, e)),
             }
         }
+        if log_went_back {
+            self.redeliver_lost();
+        }
 
-        let mut report = RoundReport {
-            claimed: rows.len(),
-            ..Default::default()
+        let mut finished = Finished {
+            report: RoundReport {
+                claimed: rows.len(),
+                ..Default::default()
+            },
+            unusable: unusable.map(|why| (generation, why)),
+            delivered_none: acked.is_empty() && dead.is_empty() && !rows.is_empty(),
+            lease_lost: false,
         };
+        let report = &mut finished.report;
         if !acked.is_empty() {
             let marked = self.mark_published(&acked, token).await?;
             report.published = marked;
             failpoint!("relay.after_mark");
             self.stats.published.fetch_add(marked, Ordering::Relaxed);
-            self.stats.fenced.fetch_add(
-                acked.len() as u64 - marked.min(acked.len() as u64),
-                Ordering::Relaxed,
-            );
+            let fenced = acked.len() as u64 - marked.min(acked.len() as u64);
+            self.stats.fenced.fetch_add(fenced, Ordering::Relaxed);
+            finished.lease_lost = fenced > 0;
             if marked > 0 {
                 // Marking unblocks the next event of each of these keys: wake the
                 // service's other relays in this process that went idle because every
@@ -318,29 +435,97 @@ impl<DB: Backend> Relay<DB> {
         if retry.is_empty() {
             self.consecutive_failures.store(0, Ordering::Relaxed);
         } else {
-            let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-            let delay = self.config.relay_failure_backoff.delay(failures);
-            let released = DB::release(
-                &self.pool,
-                route.table(),
-                &retry,
-                token,
-                delay,
-                &retry_error,
-            )
+            // A round that delivered nothing, or a producer that cannot work: the relay
+            // stops claiming until a probe passes, so its rows are due again at once for
+            // any relay that can deliver them. Some records failing among acknowledged
+            // ones (one partition without a leader): those wait out a backoff.
+            let delay = if finished.delivered_none || finished.unusable.is_some() {
+                Duration::ZERO
+            } else {
+                let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                self.config.relay_failure_backoff.delay(failures)
+            };
+            report.released = self.give_back(&retry, token, delay, &retry_error).await?;
+        }
+        Ok(finished)
+    }
+
+    /// Gives leased rows back, due after `delay`, fenced by the lease token.
+    async fn give_back(&self, ids: &[i64], token: i64, delay: Duration, why: &str) -> Result<u64> {
+        let route = &self.route;
+        let released = DB::release(&self.pool, route.table(), ids, token, delay, why)
             .await
             .map_err(|e| {
                 Error::db(
-                    format!("giving back {} rows of {}", retry.len(), route.table()),
+                    format!("giving back {} rows of {}", ids.len(), route.table()),
                     e,
                 )
             })?;
-            report.released = released;
-            self.stats.released.fetch_add(released, Ordering::Relaxed);
-            tracing::warn!(service = %route.service(), rows = retry.len(), ?delay, error = %retry_error,
-                "broker failed to take events; they are due again after the delay");
-        }
-        Ok(report)
+        self.stats.released.fetch_add(released, Ordering::Relaxed);
+        tracing::warn!(service = %route.service(), rows = ids.len(), ?delay, error = %why,
+            "the broker did not take events; they are due again after the delay");
+        Ok(released)
+    }
+
+    /// Records an acknowledged offset; `true` if it is below one acknowledged before on
+    /// that partition. (A relay's acknowledgements of one partition arrive in offset
+    /// order: it produces in order and finishes its batches one after another.)
+    fn acknowledged(&self, partition: i32, offset: i64) -> bool {
+        let mut high = self.high_water.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = high.entry(partition).or_insert(offset);
+        let went_back = offset < *seen;
+        *seen = offset;
+        went_back
+    }
+
+    /// Makes the rows published before now and not consumed pending again, in bounded
+    /// batches, in a task of its own: their records were in a log that went back.
+    fn redeliver_lost(&self) {
+        let detected = Instant::now();
+        let pool = self.pool.clone();
+        let route = self.route.clone();
+        let stats = self.stats.clone();
+        tracing::warn!(service = %route.service(), topic = %route.topic(),
+            "the broker acknowledged an offset below one it acknowledged before: records were \
+             lost with its log; publishing the events not yet consumed again");
+        tokio::spawn(async move {
+            let mut total = 0;
+            let mut failures = 0;
+            loop {
+                // Published before the loss was seen: `elapsed` is a delay on the
+                // database clock, never an instant from this one.
+                match DB::redeliver_stale(
+                    &pool,
+                    route.table(),
+                    route.service(),
+                    detected.elapsed(),
+                    LOST_BATCH,
+                )
+                .await
+                {
+                    Ok(n) => {
+                        total += n;
+                        stats.redelivered_lost.fetch_add(n, Ordering::Relaxed);
+                        wakeup::wake_local(route.table(), route.service());
+                        if n < u64::from(LOST_BATCH) {
+                            break;
+                        }
+                    }
+                    Err(e) if failures < 10 => {
+                        failures += 1;
+                        tracing::warn!(service = %route.service(), error = %e,
+                            "making lost rows pending failed; retrying");
+                        tokio::time::sleep(PROBE_BACKOFF.delay(failures)).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(service = %route.service(), error = %e,
+                            "giving up making lost rows pending; the redelivery sweep will");
+                        break;
+                    }
+                }
+            }
+            tracing::info!(service = %route.service(), rows = total, "rows lost with the broker's log are pending again");
+        });
     }
 
     /// Marks acknowledged rows published, retrying a few times: the records are in the
@@ -371,12 +556,17 @@ impl<DB: Backend> Relay<DB> {
 
     /// Enqueues every row in id order; the delivery reports are awaited by
     /// [`wait_for_reports`].
-    async fn produce(&self, rows: &[ClaimedRow]) -> Vec<Pending> {
+    async fn produce(
+        &self,
+        producer: &FutureProducer<ClientLog>,
+        rows: &[ClaimedRow],
+    ) -> Vec<Pending> {
         let mut pending = Vec::with_capacity(rows.len());
+        let service = self.route.service().to_string();
         for row in rows {
             let envelope = Envelope {
                 event_id: EventId(row.event_id),
-                service: self.route.service().to_string(),
+                service: service.clone(),
                 event_type: row.event_type.clone(),
                 version: u32::try_from(row.version).unwrap_or(0),
                 key: row.key.clone(),
@@ -392,11 +582,11 @@ impl<DB: Backend> Relay<DB> {
             // Enqueue strictly in order: on a full queue, wait and retry the SAME record,
             // so no later record overtakes it.
             let enqueued = loop {
-                match self.producer.send_result(record) {
+                match producer.send_result(record) {
                     Ok(delivery) => break Ok(delivery),
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         record = back;
-                        self.producer.poll(Duration::from_millis(5));
+                        producer.poll(Duration::from_millis(5));
                         tokio::task::yield_now().await;
                     }
                     Err((e, _)) => break Err(e),
@@ -407,8 +597,50 @@ impl<DB: Backend> Relay<DB> {
         pending
     }
 
+    /// Whether the broker answers for this relay's topic: a metadata request on the
+    /// current producer's connections, every partition with a leader.
+    async fn probe(&self) -> std::result::Result<(), String> {
+        let (_, producer) = self.producers.current();
+        let topic = self.route.topic().to_string();
+        let answer = tokio::task::spawn_blocking(move || {
+            let metadata = producer
+                .client()
+                .fetch_metadata(Some(&topic), PROBE_TIMEOUT)
+                .map_err(|e| format!("metadata request failed: {e}"))?;
+            let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+                return Err(format!("topic {topic} is not in the broker's metadata"));
+            };
+            if let Some(e) = t.error() {
+                return Err(format!("topic {topic}: {:?}", RDKafkaErrorCode::from(e)));
+            }
+            if t.partitions().is_empty() || t.partitions().iter().any(|p| p.leader() < 0) {
+                return Err(format!("topic {topic} has a partition without a leader"));
+            }
+            Ok(())
+        })
+        .await;
+        answer.unwrap_or_else(|e| Err(format!("probe task failed: {e}")))
+    }
+
+    /// Replaces the producer of `generation` (unless another relay did), logging why.
+    fn replace_producer(&self, generation: u64, why: &str) {
+        match self.producers.replace(generation) {
+            Ok(true) => {
+                self.stats.producer_restarts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(service = %self.route.service(), reason = %why,
+                    "the Kafka producer can no longer deliver; replaced it with a new one");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(service = %self.route.service(), error = %e,
+                    "the Kafka producer can no longer deliver and a new one could not be created; retrying");
+            }
+        }
+    }
+
     /// Runs until `shutdown` turns true: relays due rows, sleeps until a wake-up (a
-    /// local commit, a NOTIFY on PostgreSQL) or the poll interval, backs off on errors.
+    /// local commit, a NOTIFY on PostgreSQL) or the poll interval, and after a failure
+    /// probes the broker before it claims again.
     ///
     /// # Cancel safety
     ///
@@ -420,15 +652,12 @@ impl<DB: Backend> Relay<DB> {
     pub async fn run(self, mut shutdown: ShutdownSignal) -> Result<()> {
         let route = self.route.clone();
         let waker = wakeup::local_waker(route.table(), route.service());
-        let mut hints = match DB::listen(&self.pool, wakeup::CHANNEL).await {
-            Ok(stream) => stream,
-            Err(e) => {
-                tracing::warn!(service = %route.service(), error = %e, "LISTEN failed; relying on polling");
-                None
-            }
-        };
-        let my_hint = wakeup::hint(route.table(), route.service());
         let mut error_streak = 0u32;
+        // Whether the broker was seen answering since the last failure: only then are
+        // rows claimed. Unknown at start.
+        let mut ready = false;
+        let mut probe_failures = 0u32;
+        let mut failed_rounds = 0u32;
         // Pipelining: the batch whose delivery reports are still coming is finished
         // (awaited, then marked) while the next batch is claimed. Per-key order holds:
         // until it is marked, every row of the batch in flight is still pending under
@@ -446,6 +675,43 @@ impl<DB: Backend> Relay<DB> {
                 }
                 break;
             }
+            if in_flight.is_none() {
+                let (generation, producer) = self.producers.current();
+                if let Some((code, reason)) = producer.client().fatal_error() {
+                    self.replace_producer(generation, &format!("fatal error {code:?}: {reason}"));
+                    ready = false;
+                }
+            }
+            if !ready && in_flight.is_none() {
+                // Never claim rows that cannot be produced.
+                let probe = tokio::select! {
+                    p = self.probe() => p,
+                    _ = shutdown.changed() => continue,
+                };
+                match probe {
+                    Ok(()) => {
+                        if probe_failures > 0 {
+                            tracing::info!(service = %route.service(), failed_probes = probe_failures,
+                                "the broker answers again; relaying");
+                        }
+                        ready = true;
+                        probe_failures = 0;
+                    }
+                    Err(why) => {
+                        probe_failures += 1;
+                        self.stats.failed_probes.fetch_add(1, Ordering::Relaxed);
+                        if probe_failures == 1 || probe_failures.is_power_of_two() {
+                            tracing::warn!(service = %route.service(), failed_probes = probe_failures, %why,
+                                "the broker cannot take events now; claiming nothing until it can");
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(PROBE_BACKOFF.delay(probe_failures)) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                        continue;
+                    }
+                }
+            }
             // Registered before claiming, so a wake-up that comes while the claim runs
             // (a sibling relay marked rows and unblocked their keys) is not lost.
             let woken = waker.notified();
@@ -460,14 +726,56 @@ impl<DB: Backend> Relay<DB> {
             };
             let mut failed = false;
             match finished {
-                Some(Ok(_)) | None => {}
+                None => {}
+                Some(Ok(f)) => {
+                    if let Some((generation, why)) = &f.unusable {
+                        self.replace_producer(*generation, why);
+                        ready = false;
+                        failed_rounds = 0;
+                    } else if f.delivered_none {
+                        ready = false;
+                        failed_rounds += 1;
+                        if failed_rounds >= STUCK_ROUNDS {
+                            // The broker answers probes, yet nothing was delivered
+                            // round after round: the producer is stuck.
+                            let (generation, _) = self.producers.current();
+                            self.replace_producer(
+                                generation,
+                                &format!("{failed_rounds} rounds delivered nothing while the broker answered"),
+                            );
+                            failed_rounds = 0;
+                        }
+                    } else {
+                        failed_rounds = 0;
+                    }
+                    if f.lease_lost {
+                        // Paused past its lease (another relay took the rows over):
+                        // check the broker again before claiming more.
+                        ready = false;
+                    }
+                }
                 Some(Err(e)) => {
                     failed = true;
                     tracing::warn!(service = %route.service(), error = %e, "relay round failed; retrying");
                 }
             }
             match claimed {
-                Ok(Some(batch)) => in_flight = Some(self.enqueue(batch).await),
+                Ok(Some(batch)) if ready => in_flight = Some(self.enqueue(batch).await),
+                Ok(Some(batch)) => {
+                    // Claimed while the round before was failing: give it back untouched.
+                    if let Err(e) = self
+                        .give_back(
+                            &batch.ids(),
+                            batch.token,
+                            Duration::ZERO,
+                            "not produced: the relay's producer was failing",
+                        )
+                        .await
+                    {
+                        failed = true;
+                        tracing::warn!(service = %route.service(), error = %e, "giving back a claim failed; its lease runs out");
+                    }
+                }
                 Ok(None) => {}
                 Err(e) => {
                     failed = true;
@@ -485,35 +793,21 @@ impl<DB: Backend> Relay<DB> {
                 continue;
             }
             error_streak = 0;
-            if in_flight.is_some() {
+            if in_flight.is_some() || !ready {
                 continue;
             }
-            // Idle: wait for a wake-up, the poll interval or shutdown.
+            // Idle: wait for a wake-up (a commit in this process, or a NOTIFY relayed by
+            // the runtime's listener), the poll interval or shutdown.
             self.stats.idles.fetch_add(1, Ordering::Relaxed);
-            let poll = tokio::time::sleep(self.config.relay_poll_interval);
-            tokio::pin!(poll);
-            loop {
-                tokio::select! {
-                    _ = &mut poll => break,
-                    _ = woken.as_mut() => break,
-                    _ = shutdown.changed() => break,
-                    hint = next_hint(&mut hints) => match hint {
-                        Some(Ok(h)) if h == my_hint => break,
-                        Some(Ok(_)) => continue,
-                        Some(Err(e)) => {
-                            tracing::debug!(error = %e, "LISTEN connection failed; it reconnects");
-                            continue;
-                        }
-                        None => {
-                            hints = None;
-                            continue;
-                        }
-                    },
-                }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.relay_poll_interval) => {}
+                _ = woken.as_mut() => {}
+                _ = shutdown.changed() => {}
             }
         }
         // Deliver what is already enqueued before returning.
-        let _ = self.producer.flush(Duration::from_secs(5));
+        let (_, producer) = self.producers.current();
+        let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
         Ok(())
     }
 }
@@ -524,14 +818,34 @@ struct Claimed {
     token: i64,
 }
 
+impl Claimed {
+    fn ids(&self) -> Vec<i64> {
+        self.rows.iter().map(|r| r.id).collect()
+    }
+}
+
 /// One record's enqueue result: its delivery report to come, or the enqueue error.
 type Pending = std::result::Result<DeliveryFuture, KafkaError>;
 
-/// A batch enqueued on the producer whose delivery reports are still coming.
+/// A batch enqueued on a producer whose delivery reports are still coming.
 struct InFlight {
     rows: Vec<ClaimedRow>,
     token: i64,
     pending: Vec<Pending>,
+    /// The producer it was enqueued on, and that producer's generation.
+    producer: FutureProducer<ClientLog>,
+    generation: u64,
+}
+
+/// What finishing a batch found besides its [`RoundReport`].
+struct Finished {
+    report: RoundReport,
+    /// The producer (of this generation) can no longer work, and why.
+    unusable: Option<(u64, String)>,
+    /// Rows were claimed and the broker took none of them.
+    delivered_none: bool,
+    /// Some acknowledged rows were no longer leased to this relay.
+    lease_lost: bool,
 }
 
 /// Waits for every delivery report of a batch, in order.
@@ -541,10 +855,13 @@ async fn wait_for_reports(pending: Vec<Pending>) -> Vec<Produced> {
         outcomes.push(match p {
             Err(e) => classify(&e),
             Ok(delivery) => match delivery.await {
-                Ok(Ok(_)) => Produced::Acked,
+                Ok(Ok(d)) => Produced::Acked {
+                    partition: d.partition,
+                    offset: d.offset,
+                },
                 Ok(Err((e, _))) => classify(&e),
                 Err(_canceled) => {
-                    Produced::Transient("producer dropped before the delivery report".into())
+                    Produced::Retriable("producer dropped before the delivery report".into())
                 }
             },
         });
@@ -552,24 +869,23 @@ async fn wait_for_reports(pending: Vec<Pending>) -> Vec<Produced> {
     outcomes
 }
 
-async fn next_hint(
-    hints: &mut Option<crate::backend::WakeStream>,
-) -> Option<Result<String, sqlx::Error>> {
-    match hints {
-        Some(s) => s.next().await,
-        None => std::future::pending().await,
-    }
-}
-
 /// The outcome of producing one row.
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Produced {
-    Acked,
-    Transient(String),
+    /// In the log at this partition and offset.
+    Acked { partition: i32, offset: i64 },
+    /// Not delivered this time (timeouts, brokers down, no leader, unknown topic while
+    /// it is being created): give the row back.
+    Retriable(String),
+    /// The broker will never accept this record: the row is dead.
     Permanent(String),
+    /// The producer itself can no longer deliver: give the row back, replace the
+    /// producer.
+    Unusable(String),
 }
 
-/// Permanent: the broker will never accept this record. Everything else (timeouts,
-/// brokers down, unknown topic while it is being created, ...) is transient.
+/// Sorts a produce error into [`Produced`]'s classes. (librdkafka's fatal-error state is
+/// also read from the client after each batch.)
 fn classify(e: &KafkaError) -> Produced {
     let code = match e {
         KafkaError::MessageProduction(code) => Some(*code),
@@ -583,7 +899,16 @@ fn classify(e: &KafkaError) -> Produced {
             | RDKafkaErrorCode::InvalidRecord
             | RDKafkaErrorCode::MessageBatchTooLarge,
         ) => Produced::Permanent(format!("the broker refuses the record: {e}")),
-        _ => Produced::Transient(format!("produce failed: {e}")),
+        Some(
+            RDKafkaErrorCode::Fatal
+            | RDKafkaErrorCode::Fenced
+            | RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::UnknownProducerId
+            | RDKafkaErrorCode::OutOfOrderSequenceNumber
+            | RDKafkaErrorCode::InvalidProducerIdMapping,
+        ) => Produced::Unusable(format!("the producer can no longer deliver: {e}")),
+        _ => Produced::Retriable(format!("produce failed: {e}")),
     }
 }
 
@@ -597,11 +922,39 @@ fn lease_token() -> i64 {
     }
 }
 
-/// The relay's producer: the framework's fixed settings (idempotence on) plus the
-/// user's.
-pub fn create_producer(kafka: &KafkaConfig) -> Result<FutureProducer> {
-    kafka
-        .producer_config()
-        .create()
-        .map_err(|e| Error::kafka("creating the relay's producer", e))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_classified() {
+        let produce = |code| KafkaError::MessageProduction(code);
+        assert!(matches!(
+            classify(&produce(RDKafkaErrorCode::MessageSizeTooLarge)),
+            Produced::Permanent(_)
+        ));
+        for code in [
+            RDKafkaErrorCode::Fatal,
+            RDKafkaErrorCode::ProducerFenced,
+            RDKafkaErrorCode::InvalidProducerEpoch,
+            RDKafkaErrorCode::UnknownProducerId,
+            RDKafkaErrorCode::OutOfOrderSequenceNumber,
+        ] {
+            assert!(
+                matches!(classify(&produce(code)), Produced::Unusable(_)),
+                "{code:?}"
+            );
+        }
+        for code in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::NotLeaderForPartition,
+        ] {
+            assert!(
+                matches!(classify(&produce(code)), Produced::Retriable(_)),
+                "{code:?}"
+            );
+        }
+    }
 }

@@ -22,7 +22,7 @@ use crate::config::OutboxConfig;
 use crate::consumer::{Consumer, ConsumerStats};
 use crate::error::{Error, Result};
 use crate::kafka::KafkaConfig;
-use crate::relay::{create_producer, Relay, RelayStats};
+use crate::relay::{Producers, Relay, RelayStats};
 
 /// What to run, and where.
 pub struct OutboxRuntime<DB: Backend> {
@@ -136,7 +136,7 @@ impl<DB: Backend> OutboxRuntime<DB> {
         let mut relay_stats = BTreeMap::new();
         let mut consumer_stats = BTreeMap::new();
         let producer = if self.run_relays && !services.is_empty() {
-            Some(create_producer(&self.kafka)?)
+            Some(Producers::new(&self.kafka)?)
         } else {
             None
         };
@@ -159,7 +159,7 @@ impl<DB: Backend> OutboxRuntime<DB> {
             if let Some(producer) = &producer {
                 let mut stats = Vec::new();
                 for _ in 0..self.relays_per_service {
-                    let relay = Relay::with_producer(
+                    let relay = Relay::with_producers(
                         self.pool.clone(),
                         route.clone(),
                         producer.clone(),
@@ -183,6 +183,19 @@ impl<DB: Backend> OutboxRuntime<DB> {
                     ));
                 }
             }
+        }
+        if producer.is_some() && DB::HAS_NOTIFY {
+            // One LISTEN connection for the whole runtime, outside the pool: it wakes
+            // this process's relays when another process commits events.
+            let pool = self.pool.clone();
+            let rx = stop_rx.clone();
+            tasks.push((
+                "wake-up listener".to_owned(),
+                tokio::spawn(async move {
+                    crate::wakeup::listen_for_wakeups(&pool, rx).await;
+                    Ok(())
+                }),
+            ));
         }
         Ok(RuntimeHandle {
             stop,

@@ -59,6 +59,69 @@ pub(crate) fn hint(table: &TableName, service: &ServiceName) -> String {
     format!("{table}:{service}")
 }
 
+/// Wakes the relays in this process that a hint payload names, if there are any (a
+/// hint for relays that do not run here creates nothing).
+fn wake_hinted(payload: &str) {
+    let Some((table, service)) = payload.split_once(':') else {
+        return;
+    };
+    let reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = reg.get(&(table.to_owned(), service.to_owned())) {
+        n.notify_waiters();
+        n.notify_one();
+    }
+}
+
+/// Until `shutdown`: LISTENs for wake-up hints on one connection of its own (outside
+/// `pool`, so it never takes a connection from the application), and wakes the relays
+/// of this process they name. Reconnects with a backoff when the connection fails;
+/// meanwhile relays poll. A no-op on databases without LISTEN.
+///
+/// # Cancel safety
+///
+/// Holds no state but the connection: stopping it only costs wake-up latency.
+pub(crate) async fn listen_for_wakeups<DB: Backend>(
+    pool: &Pool<DB>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    use futures::StreamExt;
+    const BACKOFF: crate::retry::Backoff = crate::retry::Backoff {
+        base: std::time::Duration::from_millis(500),
+        cap: std::time::Duration::from_secs(30),
+    };
+    let mut failures = 0u32;
+    while !*shutdown.borrow() {
+        let stream = match DB::listen(pool, CHANNEL).await {
+            Ok(Some(stream)) => Some(stream),
+            Ok(None) => return,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "LISTEN for relay wake-ups failed; relays poll meanwhile");
+                None
+            }
+        };
+        if let Some(mut stream) = stream {
+            failures = 0;
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    hint = stream.next() => match hint {
+                        Some(Ok(h)) => wake_hinted(&h),
+                        Some(Err(e)) => {
+                            tracing::debug!(error = %e, "LISTEN connection failed; it reconnects");
+                        }
+                        None => break,
+                    },
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(BACKOFF.delay(failures.max(1))) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
 /// Sends coalesced cross-process wake-ups after commits (PostgreSQL only; a no-op
 /// elsewhere). Its task ends when the last clone is dropped.
 #[derive(Clone)]

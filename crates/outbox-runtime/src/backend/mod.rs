@@ -116,7 +116,9 @@ pub struct ClaimedRow {
     pub created_at: DateTime<Utc>,
 }
 
-/// The consumer's view of a row, read under a row lock inside its transaction.
+/// The consumer's view of a row, read under a row lock inside its transaction: the
+/// event as the business transaction wrote it (what the handler receives), and its
+/// state.
 #[derive(Debug, Clone)]
 pub struct RowState {
     /// The row id.
@@ -129,7 +131,22 @@ pub struct RowState {
     pub max_retries: i32,
     /// The ordering key.
     pub key: Option<String>,
+    /// The event type name.
+    pub event_type: String,
+    /// The schema version.
+    pub version: i32,
+    /// The JSON payload.
+    pub payload: String,
+    /// Whether the row is due (`next_attempt_at <= now`, database clock). A pending row
+    /// that is not due waits out a retry backoff or a deferral.
+    pub due: bool,
 }
+
+/// The columns [`RowState`] is read from, in every backend's lock statements; `{now}`
+/// is the backend's clock expression.
+pub(crate) const ROW_STATE_COLUMNS: &str =
+    "id, status, attempts, max_retries, event_key, event_type, event_version, payload, \
+     CASE WHEN next_attempt_at <= {now} THEN 1 ELSE 0 END AS due";
 
 /// A whole row, for operators and tests.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -193,19 +210,46 @@ pub struct AttemptsFence(pub i32);
 /// at publish time.
 pub const MAX_KEY_LEN: usize = 255;
 
-/// Longest `last_error` kept, in bytes (truncated on a character boundary).
+/// Longest `last_error` kept, in characters.
 pub const MAX_ERROR_LEN: usize = 2000;
 
-/// Truncates an error message to [`MAX_ERROR_LEN`] bytes on a char boundary.
+/// `msg` cut to [`MAX_ERROR_LEN`] characters (never inside a character).
 pub fn truncate_error(msg: &str) -> &str {
-    if msg.len() <= MAX_ERROR_LEN {
-        return msg;
+    match msg.char_indices().nth(MAX_ERROR_LEN) {
+        Some((end, _)) => &msg[..end],
+        None => msg,
     }
-    let mut end = MAX_ERROR_LEN;
-    while !msg.is_char_boundary(end) {
-        end -= 1;
+}
+
+/// `reason` followed by `note`, within [`MAX_ERROR_LEN`] characters: the reason comes
+/// first and is what gets cut, so the note (why the event is dead) always survives.
+pub fn error_with_note(reason: &str, note: &str) -> String {
+    let room = MAX_ERROR_LEN.saturating_sub(note.chars().count());
+    let cut = match reason.char_indices().nth(room) {
+        Some((end, _)) => &reason[..end],
+        None => reason,
+    };
+    let mut s = String::with_capacity(cut.len() + note.len());
+    s.push_str(cut);
+    s.push_str(note);
+    truncate_error(&s).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_cut_by_characters_with_the_note_kept() {
+        let long = "é".repeat(3000);
+        assert_eq!(truncate_error(&long).chars().count(), MAX_ERROR_LEN);
+        assert_eq!(truncate_error("short"), "short");
+        let noted = error_with_note(&long, " [retries exhausted: failed 21 times]");
+        assert_eq!(noted.chars().count(), MAX_ERROR_LEN);
+        assert!(noted.starts_with("éé"));
+        assert!(noted.ends_with(" [retries exhausted: failed 21 times]"));
+        assert_eq!(error_with_note("boom", " [x]"), "boom [x]");
     }
-    &msg[..end]
 }
 
 mod sealed {
@@ -389,16 +433,22 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         ids: &'c [i64],
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
 
-    /// Consumer side: puts a row whose predecessor is still open back to pending, due
-    /// after `delay`, attempts unchanged, `lease_token = 0`; the relay re-publishes it
-    /// once the predecessor is done. (The delay keeps a predecessor that stays open for
-    /// long from turning this into a hot re-publish loop.)
+    /// Consumer side, in its transaction: puts row `id` (of `service` and `key`), whose
+    /// predecessor is still open, back to pending, due after `delay`, attempts unchanged,
+    /// `lease_token = 0`. Its *published* predecessors of the same key go back to
+    /// pending too, due now: their records should have come before this one (same key,
+    /// same partition), so they were lost (a broker that lost its log, offsets reset
+    /// past them) and must be published again. The relay's head-of-key claim then
+    /// sends the key's rows again in order, one after the other, instead of this row
+    /// coming back, unclaimable, every `delay`. Returns how many predecessors went back.
     fn defer<'c>(
         conn: &'c mut Self::Connection,
         table: &'c TableName,
+        service: &'c ServiceName,
+        key: &'c str,
         id: i64,
         delay: Duration,
-    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'c;
 
     /// Retention: deletes up to `limit` rows of `service` that were consumed more than
     /// `consumed_age` ago, and, if `dead_age` is given, dead rows that died more than
@@ -514,8 +564,9 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         args: &'c [SqlValue],
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'c;
 
-    /// Listens on `channel`: a stream of hint payloads, or `None` where the database has
-    /// no LISTEN (the default).
+    /// Listens on `channel`, on a connection of its own opened with `pool`'s connect
+    /// options (not one of the pool's): a stream of hint payloads, or `None` where the
+    /// database has no LISTEN (the default).
     fn listen<'p>(
         pool: &'p Pool<Self>,
         channel: &'p str,

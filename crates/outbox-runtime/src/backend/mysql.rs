@@ -136,7 +136,7 @@ fn opt_text(r: &MySqlRow, col: &str) -> Result<Option<String>, sqlx::Error> {
         .transpose()
 }
 
-/// A consumer's view of a row: `id, status, attempts, max_retries, event_key`.
+/// A consumer's view of a row ([`super::ROW_STATE_COLUMNS`]).
 fn row_state(r: &MySqlRow) -> Result<RowState, sqlx::Error> {
     Ok(RowState {
         id: r.try_get("id")?,
@@ -144,7 +144,15 @@ fn row_state(r: &MySqlRow) -> Result<RowState, sqlx::Error> {
         attempts: r.try_get("attempts")?,
         max_retries: r.try_get("max_retries")?,
         key: opt_text(r, "event_key")?,
+        event_type: text(r, "event_type")?,
+        version: r.try_get("event_version")?,
+        payload: text(r, "payload")?,
+        due: r.try_get::<i64, _>("due")? == 1,
     })
+}
+
+fn row_state_columns() -> String {
+    super::ROW_STATE_COLUMNS.replace("{now}", "UTC_TIMESTAMP(6)")
 }
 
 const ROW_COLUMNS: &str =
@@ -464,8 +472,8 @@ impl Backend for MySql {
             return Ok(None);
         };
         let row = sqlx::query(&format!(
-            "SELECT id, status, attempts, max_retries, event_key FROM {table} \
-              WHERE id = ? AND service = ? FOR UPDATE"
+            "SELECT {} FROM {table} WHERE id = ? AND service = ? FOR UPDATE",
+            row_state_columns()
         ))
         .bind(id)
         .bind(service.as_str())
@@ -497,8 +505,8 @@ impl Backend for MySql {
             return Ok(Vec::new());
         }
         let sql = format!(
-            "SELECT event_id, id, status, attempts, max_retries, event_key FROM {table} \
-              WHERE id IN ({}) FOR UPDATE SKIP LOCKED",
+            "SELECT event_id, {} FROM {table} WHERE id IN ({}) FOR UPDATE SKIP LOCKED",
+            row_state_columns(),
             placeholders(ids.len())
         );
         let mut q = sqlx::query(&sql);
@@ -585,9 +593,22 @@ impl Backend for MySql {
     async fn defer<'c>(
         conn: &'c mut MySqlConnection,
         table: &'c TableName,
+        service: &'c ServiceName,
+        key: &'c str,
         id: i64,
         delay: Duration,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<u64, sqlx::Error> {
+        let republished = sqlx::query(&format!(
+            "UPDATE {table} SET status = 0, next_attempt_at = UTC_TIMESTAMP(6), locked_until = NULL, \
+                    lease_token = 0, updated_at = UTC_TIMESTAMP(6) \
+              WHERE service = ? AND event_key = ? AND status = 1 AND id < ?"
+        ))
+        .bind(service.as_str())
+        .bind(key)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
         sqlx::query(&format!(
             "UPDATE {table} SET status = 0, next_attempt_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, \
                     locked_until = NULL, lease_token = 0, updated_at = UTC_TIMESTAMP(6) \
@@ -597,7 +618,7 @@ impl Backend for MySql {
         .bind(id)
         .execute(conn)
         .await?;
-        Ok(())
+        Ok(republished)
     }
 
     async fn purge<'p>(

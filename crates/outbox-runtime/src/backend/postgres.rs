@@ -27,7 +27,7 @@ fn status(v: i16) -> Result<Status, sqlx::Error> {
         .ok_or_else(|| sqlx::Error::Decode(format!("unknown outbox status {v}").into()))
 }
 
-/// A consumer's view of a row: `id, status, attempts, max_retries, event_key`.
+/// A consumer's view of a row ([`super::ROW_STATE_COLUMNS`]).
 fn row_state(r: &PgRow) -> Result<RowState, sqlx::Error> {
     Ok(RowState {
         id: r.try_get("id")?,
@@ -35,7 +35,15 @@ fn row_state(r: &PgRow) -> Result<RowState, sqlx::Error> {
         attempts: r.try_get("attempts")?,
         max_retries: r.try_get("max_retries")?,
         key: r.try_get("event_key")?,
+        event_type: r.try_get("event_type")?,
+        version: r.try_get("event_version")?,
+        payload: r.try_get("payload")?,
+        due: r.try_get::<i32, _>("due")? == 1,
     })
+}
+
+fn row_state_columns() -> String {
+    super::ROW_STATE_COLUMNS.replace("{now}", "now()")
 }
 
 /// Seconds for `make_interval`, capped at 100 years so a huge `Duration` cannot make
@@ -316,8 +324,8 @@ impl Backend for Postgres {
         event_id: Uuid,
     ) -> Result<Option<RowState>, sqlx::Error> {
         let row = sqlx::query(&format!(
-            "SELECT id, status, attempts, max_retries, event_key FROM {table} \
-              WHERE event_id = $1 AND service = $2 FOR UPDATE"
+            "SELECT {} FROM {table} WHERE event_id = $1 AND service = $2 FOR UPDATE",
+            row_state_columns()
         ))
         .bind(event_id)
         .bind(service.as_str())
@@ -333,8 +341,9 @@ impl Backend for Postgres {
         event_ids: &'c [Uuid],
     ) -> Result<Vec<(Uuid, RowState)>, sqlx::Error> {
         let rows = sqlx::query(&format!(
-            "SELECT event_id, id, status, attempts, max_retries, event_key FROM {table} \
-              WHERE event_id = ANY($1) AND service = $2 FOR UPDATE SKIP LOCKED"
+            "SELECT event_id, {} FROM {table} \
+              WHERE event_id = ANY($1) AND service = $2 FOR UPDATE SKIP LOCKED",
+            row_state_columns()
         ))
         .bind(event_ids)
         .bind(service.as_str())
@@ -403,9 +412,22 @@ impl Backend for Postgres {
     async fn defer<'c>(
         conn: &'c mut PgConnection,
         table: &'c TableName,
+        service: &'c ServiceName,
+        key: &'c str,
         id: i64,
         delay: Duration,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<u64, sqlx::Error> {
+        let republished = sqlx::query(&format!(
+            "UPDATE {table} SET status = 0, next_attempt_at = now(), locked_until = NULL, lease_token = 0, \
+                    updated_at = now() \
+              WHERE service = $1 AND event_key = $2 AND id < $3 AND status = 1"
+        ))
+        .bind(service.as_str())
+        .bind(key)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
         sqlx::query(&format!(
             "UPDATE {table} SET status = 0, next_attempt_at = now() + make_interval(secs => $2), \
                     locked_until = NULL, lease_token = 0, updated_at = now() \
@@ -415,7 +437,7 @@ impl Backend for Postgres {
         .bind(secs(delay))
         .execute(conn)
         .await?;
-        Ok(())
+        Ok(republished)
     }
 
     async fn retry_later<'p>(
@@ -641,7 +663,15 @@ impl Backend for Postgres {
         channel: &'p str,
     ) -> Result<Option<WakeStream>, sqlx::Error> {
         use futures::StreamExt;
-        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+        // A pool of one connection of its own (the listener reconnects through it), so
+        // LISTEN never holds one of the application's connections.
+        let own = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
         listener.listen(channel).await?;
         Ok(Some(
             listener

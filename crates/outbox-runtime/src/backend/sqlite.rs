@@ -83,7 +83,7 @@ pub fn sqlite_outbox_options(options: SqliteConnectOptions) -> SqliteConnectOpti
         .create_if_missing(true)
 }
 
-/// A consumer's view of a row: `id, status, attempts, max_retries, event_key`.
+/// A consumer's view of a row ([`super::ROW_STATE_COLUMNS`]).
 fn row_state(r: &SqliteRow) -> Result<RowState, sqlx::Error> {
     Ok(RowState {
         id: r.try_get("id")?,
@@ -91,7 +91,15 @@ fn row_state(r: &SqliteRow) -> Result<RowState, sqlx::Error> {
         attempts: r.try_get("attempts")?,
         max_retries: r.try_get("max_retries")?,
         key: r.try_get("event_key")?,
+        event_type: r.try_get("event_type")?,
+        version: r.try_get("event_version")?,
+        payload: r.try_get("payload")?,
+        due: r.try_get::<i64, _>("due")? == 1,
     })
+}
+
+fn row_state_columns() -> String {
+    super::ROW_STATE_COLUMNS.replace("{now}", NOW)
 }
 
 impl super::sealed::Sealed for Sqlite {}
@@ -343,8 +351,8 @@ impl Backend for Sqlite {
     ) -> Result<Option<RowState>, sqlx::Error> {
         // The caller's BEGIN IMMEDIATE already holds the database's write lock.
         let row = sqlx::query(&format!(
-            "SELECT id, status, attempts, max_retries, event_key FROM {table} \
-              WHERE event_id = ? AND service = ?"
+            "SELECT {} FROM {table} WHERE event_id = ? AND service = ?",
+            row_state_columns()
         ))
         .bind(event_id)
         .bind(service.as_str())
@@ -363,8 +371,8 @@ impl Backend for Sqlite {
         let mut states = Vec::with_capacity(event_ids.len());
         for chunk in event_ids.chunks(MAX_BINDS) {
             let sql = format!(
-                "SELECT event_id, id, status, attempts, max_retries, event_key FROM {table} \
-                  WHERE service = ? AND event_id IN ({})",
+                "SELECT event_id, {} FROM {table} WHERE service = ? AND event_id IN ({})",
+                row_state_columns(),
                 placeholders(chunk.len())
             );
             let mut q = sqlx::query(&sql).bind(service.as_str());
@@ -443,9 +451,22 @@ impl Backend for Sqlite {
     async fn defer<'c>(
         conn: &'c mut SqliteConnection,
         table: &'c TableName,
+        service: &'c ServiceName,
+        key: &'c str,
         id: i64,
         delay: Duration,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<u64, sqlx::Error> {
+        let republished = sqlx::query(&format!(
+            "UPDATE {table} SET status = 0, next_attempt_at = {NOW}, locked_until = NULL, lease_token = 0, \
+                    updated_at = {NOW} \
+              WHERE service = ? AND event_key = ? AND status = 1 AND id < ?"
+        ))
+        .bind(service.as_str())
+        .bind(key)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
         sqlx::query(&format!(
             "UPDATE {table} SET status = 0, next_attempt_at = {NOW} + ?, locked_until = NULL, lease_token = 0, \
                     updated_at = {NOW} \
@@ -455,7 +476,7 @@ impl Backend for Sqlite {
         .bind(id)
         .execute(conn)
         .await?;
-        Ok(())
+        Ok(republished)
     }
 
     async fn purge<'p>(
