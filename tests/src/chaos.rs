@@ -97,9 +97,14 @@ pub fn chaos_config() -> OutboxConfig {
 
 /// Client settings for the scenarios: short sessions (a SIGKILLed member leaves the
 /// group within 3 s), short produce timeouts (an outage ends rounds quickly, so the
-/// give-back path runs).
+/// give-back path runs), and no topic auto-creation by the relay's producer (librdkafka
+/// asks for it by default): topics are created by the scenario, as an operator does on a
+/// cluster with auto-creation off, so a broker that lost its topics (scenario k) does
+/// not get one with its own default partition count from the relay's first metadata
+/// request.
 pub fn chaos_kafka(brokers: &str) -> KafkaConfig {
     KafkaConfig::new(brokers)
+        .producer_property("allow.auto.create.topics", "false")
         .consumer_property("session.timeout.ms", "3000")
         .consumer_property("heartbeat.interval.ms", "300")
         .consumer_property("topic.metadata.refresh.interval.ms", "1000")
