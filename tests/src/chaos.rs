@@ -113,8 +113,9 @@ pub fn chaos_kafka(brokers: &str) -> KafkaConfig {
 }
 
 /// Counters a worker writes to its stats file: the sums of its relays' `RelayStats`
-/// (`published` … `idles`, `producer_restarts`, `failed_probes`) and its consumer's
-/// `ConsumerStats` (`handled` … `db_retries`, `mismatched`, `not_due`).
+/// (`published` … `idles`, `producer_restarts`, `failed_probes`, `redelivered_lost`) and
+/// its consumer's `ConsumerStats` (`handled` … `db_retries`, `mismatched`, `not_due`,
+/// `republished`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WorkerStats {
     pub published: u64,
@@ -148,6 +149,14 @@ pub struct WorkerStats {
     /// Relay: times it found nothing due and went idle (`RelayStats::idles`).
     #[serde(default)]
     pub idles: u64,
+    /// Relay: rows made pending again because the partition log went back (records lost
+    /// with the broker: `RelayStats::redelivered_lost`).
+    #[serde(default)]
+    pub redelivered_lost: u64,
+    /// Consumer: published predecessors made pending again because a later event of
+    /// their key arrived first (`ConsumerStats::republished`).
+    #[serde(default)]
+    pub republished: u64,
     /// Written after a graceful shutdown.
     pub stopped: bool,
     /// How many times the file was written (a snapshot with a higher number was taken

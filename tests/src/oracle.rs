@@ -310,6 +310,9 @@ pub struct Report {
     pub phantom: Vec<String>,
     /// Extra effects of an event (count - 1, summed).
     pub effect_duplicates: usize,
+    /// The events applied more than once: event id, key, sequence and the ids of its
+    /// effects (their applied order).
+    pub duplicated: Vec<String>,
     /// Effects applied out of per-key sequence order.
     pub order_violations: Vec<String>,
     /// Effects whose key or sequence number differ from their event's ledger row: the
@@ -445,6 +448,18 @@ pub async fn check<B: ChaosBackend>(
             report.phantom.push((*id).to_owned());
         }
         report.effect_duplicates += n - 1;
+        if *n > 1 {
+            let mine: Vec<String> = effects
+                .iter()
+                .filter(|(_, e, _, _)| e == id)
+                .map(|(effect_id, _, _, _)| effect_id.to_string())
+                .collect();
+            let (key, seq) = ledger_by_id.get(id).copied().unwrap_or(("?", -1));
+            report.duplicated.push(format!(
+                "event {id} key {key} seq {seq}: effects {}",
+                mine.join(", ")
+            ));
+        }
     }
     for (effect_id, id, key, seq) in &effects {
         if let Some((want_key, want_seq)) = ledger_by_id.get(id.as_str()) {

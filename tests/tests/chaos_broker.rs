@@ -67,7 +67,11 @@ impl Failures {
             )
         });
         self.check(report.effect_duplicates == 0, || {
-            format!("effect duplicates {}", report.effect_duplicates)
+            format!(
+                "effect duplicates {}: {}",
+                report.effect_duplicates,
+                sample(&report.duplicated)
+            )
         });
         self.check(report.order_violations.is_empty(), || {
             format!(
@@ -113,8 +117,8 @@ fn secs(d: Option<Duration>) -> String {
 fn counters(s: &WorkerStats) -> String {
     format!(
         "published {} released {} fenced {} rounds {} errors {} producer_restarts {} \
-         failed_probes {} | handled {} duplicates {} deferred {} retried {} dead {} skipped {} \
-         mismatched {} not_due {} db_retries {}",
+         failed_probes {} redelivered_lost {} | handled {} duplicates {} deferred {} retried {} \
+         dead {} skipped {} mismatched {} not_due {} republished {} db_retries {}",
         s.published,
         s.released,
         s.fenced,
@@ -122,6 +126,7 @@ fn counters(s: &WorkerStats) -> String {
         s.relay_errors,
         s.producer_restarts,
         s.failed_probes,
+        s.redelivered_lost,
         s.handled,
         s.duplicates,
         s.deferred,
@@ -130,8 +135,42 @@ fn counters(s: &WorkerStats) -> String {
         s.skipped,
         s.mismatched,
         s.not_due,
+        s.republished,
         s.db_retries
     )
+}
+
+/// The outbox rows of the events the oracle found applied twice (up to 5), for the
+/// failure message: their state tells which path sent them again.
+async fn duplicated_rows<B: ChaosBackend>(env: &ChaosEnv<B>, report: &Report) -> String {
+    if report.duplicated.is_empty() {
+        return String::new();
+    }
+    let rows = B::fetch_all(
+        env.pool(),
+        &env.table.parse().unwrap(),
+        &"task".parse().unwrap(),
+    )
+    .await
+    .expect("reading the outbox");
+    let mut text = String::from("rows of events applied twice:");
+    for d in report.duplicated.iter().take(5) {
+        let id = d.split_whitespace().nth(1).unwrap_or_default();
+        if let Some(r) = rows.iter().find(|r| r.event_id.to_string() == id) {
+            text.push_str(&format!(
+                "\n  {d}: row {} {:?} attempts {} created {} published {:?} consumed {:?} \
+                 updated {}",
+                r.id,
+                r.status,
+                r.attempts,
+                r.created_at,
+                r.published_at,
+                r.consumed_at,
+                r.updated_at
+            ));
+        }
+    }
+    text
 }
 
 /// The last counters of a worker, after a graceful stop (or what it wrote last).
@@ -266,6 +305,10 @@ async fn broker_restart<B: ChaosBackend>() {
     println!("{name}: relay worker: {}", counters(&r));
     println!("{name}: consumer worker: {}", counters(&c));
     println!("{name}: open rows at the kill: {open_before}");
+    let twice = duplicated_rows(&env, &report).await;
+    if !twice.is_empty() {
+        println!("{name}: {twice}");
+    }
 
     let mut f = Failures::default();
     f.check(relay_back.is_some(), || {
