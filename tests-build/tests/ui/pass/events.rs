@@ -92,19 +92,19 @@ fn main() {
     let find = |t: &str| *registered.iter().find(|r| r.event_type == t).unwrap();
     let r = find("task.renamed");
     assert_eq!(
-        (r.version, r.service(), r.service_table),
+        (r.version, r.service, r.service_table),
         (3, "task", "task_outbox")
     );
     assert_eq!((r.max_retries, r.key_field), (Some(5), Some("task_id")));
-    assert_eq!(r.rust_type(), format!("{}::TaskRenamed", module_path!()));
+    assert_eq!(r.rust_type, format!("{}::TaskRenamed", module_path!()));
     let r = find("TaskTyped");
     assert_eq!(r.key_field, Some("type"));
     let r = find("agent.state");
     assert_eq!(
-        (r.version, r.service(), r.service_table),
+        (r.version, r.service, r.service_table),
         (1, "agent", "outbox_events")
     );
     assert_eq!((r.max_retries, r.key_field), (Some(0), None));
     let r = find("AgentPinged");
-    assert_eq!(r.rust_type(), format!("{}::AgentPinged", module_path!()));
+    assert_eq!(r.rust_type, format!("{}::AgentPinged", module_path!()));
 }
