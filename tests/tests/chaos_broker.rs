@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use outbox_runtime::envelope::{header, Envelope};
 use outbox_runtime::{EventId, PublishOptions, Status};
 use outbox_tests::broker::{PrivateTansu, TestBroker};
-use outbox_tests::chaos::{init_tracing, soak, ChaosBackend, ChaosEnv, Load, Worker, WorkerStats};
+use outbox_tests::chaos::{
+    init_tracing, poll, soak, ChaosBackend, ChaosEnv, Load, Worker, WorkerStats,
+};
 use outbox_tests::chaos_tests;
 use outbox_tests::db::TestDatabase;
 use outbox_tests::oracle::{publish_ledgered, Report, Written};
@@ -182,7 +184,8 @@ async fn last_stats(w: &mut Worker) -> WorkerStats {
 }
 
 /// k. A real broker's restart: a private tansu (memory storage) SIGKILLed under paced
-/// load while a relay worker and a consumer worker run, held down (15 s; 30 s soak),
+/// load while a relay worker and a consumer worker run (the consumer SIGSTOPped just
+/// before, until 300 acknowledged records wait unconsumed), held down (15 s; 30 s soak),
 /// started again on the same port with empty memory. Acknowledged records are gone with
 /// it (and the consumer group's offsets, and the producers' ids): the runtime must
 /// publish again what was never consumed. Measured from the moment the restarted broker
@@ -217,13 +220,35 @@ async fn broker_restart<B: ChaosBackend>() {
             s.handled >= 300
         })
         .await;
+    // The consumer falls behind (SIGSTOP) until 300 acknowledged records wait
+    // unconsumed: records the broker will lose.
+    consumer.stop();
+    let (pool, table) = (env.pool().clone(), env.table.clone());
+    poll(
+        "300 acknowledged records waiting",
+        Duration::from_secs(30),
+        || async {
+            let c = B::counts(&pool, &table.parse().unwrap(), &"task".parse().unwrap())
+                .await
+                .ok()?;
+            (c.published >= 300).then_some(())
+        },
+    )
+    .await;
     let before = (
         relay.fresh_stats(Duration::from_secs(5)).await,
         consumer.stats().unwrap_or_default(),
     );
-    let open_before = env.stuck_rows().await;
+    let at_kill = B::counts(
+        env.pool(),
+        &env.table.parse().unwrap(),
+        &"task".parse().unwrap(),
+    )
+    .await
+    .expect("counts");
 
     tansu.kill();
+    consumer.cont();
     let outage = soak(Duration::from_secs(15), Duration::from_secs(30));
     tokio::time::sleep(outage).await; // holds the broker down for the set time
     let t_restart = Instant::now();
@@ -277,7 +302,8 @@ async fn broker_restart<B: ChaosBackend>() {
     let per_event = |n: u64| n as f64 / report.committed.max(1) as f64;
     println!(
         "{name}: load {load:?} over {wrote_for:?}; before the kill relay published {} consumer \
-         handled {}; broker down {outage:?}, answered {:.2} s after the restart, topic \
+         handled {}; at the kill {} rows published and not consumed (lost with the broker), \
+         {} pending; broker down {outage:?}, answered {:.2} s after the restart, topic \
          recreated {:.2} s after it answered (before: {existed:?}; after: {partitions:?} \
          partitions); relay publishing again after {} (goal {BACK_GOAL:?}), \
          consumer handling again after {}; quiesced {} after the broker's return ({:.1} s); \
@@ -286,6 +312,8 @@ async fn broker_restart<B: ChaosBackend>() {
          deferred {}, duplicates {}, not_due {}",
         before.0.published,
         before.1.handled,
+        at_kill.published,
+        at_kill.pending,
         answered_in.as_secs_f64(),
         topic_after.as_secs_f64(),
         secs(relay_back),
@@ -304,7 +332,6 @@ async fn broker_restart<B: ChaosBackend>() {
     );
     println!("{name}: relay worker: {}", counters(&r));
     println!("{name}: consumer worker: {}", counters(&c));
-    println!("{name}: open rows at the kill: {open_before}");
     let twice = duplicated_rows(&env, &report).await;
     if !twice.is_empty() {
         println!("{name}: {twice}");
