@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use outbox_runtime::backend::NewRow;
 use outbox_runtime::catalog::Catalog;
 use outbox_runtime::retry::Backoff;
 use outbox_runtime::{
@@ -341,19 +342,24 @@ pub async fn full_flow<DB: TestBackend>(pool: Pool<DB>, broker: &TestBroker) {
         )
         .await
         .expect("publish poison");
-    let unknown = memory
-        .publish_raw(
-            &mut conn,
-            &RawEvent {
-                event_type: "MemoryForgotten".into(),
-                version: 1,
-                key: None,
-                payload: "{}".into(),
-                max_retries: None,
-            },
-        )
-        .await
-        .expect("publish unknown type");
+    // `publish_raw` refuses a type the catalog does not know, so the row is written
+    // straight into the table, as a legacy writer would.
+    let unknown = EventId::new();
+    DB::insert(
+        &mut conn,
+        memory.route().table(),
+        &NewRow {
+            event_id: unknown.0,
+            service: memory.route().service(),
+            event_type: "MemoryForgotten",
+            version: 1,
+            key: None,
+            payload: "{}",
+            max_retries: 20,
+        },
+    )
+    .await
+    .expect("insert an unknown type");
     let always_fails = notification
         .publish_with(
             &mut conn,

@@ -57,7 +57,11 @@ fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Service<
     let mut table: Option<Option<String>> = None;
     let mut topic: Option<Option<String>> = None;
     let mut group: Option<Option<String>> = None;
+    let mut name_span: Option<Span> = None;
     attr::parse_args(cx, MACRO, args, KEYS, |arg| {
+        if arg.key == "name" {
+            name_span = Some(arg.value.span());
+        }
         let (slot, kind, example) = match arg.key.to_string().as_str() {
             "name" => (&mut name, NameKind::Service, "\"task\""),
             "table" => (&mut table, NameKind::Table, "\"task_outbox\""),
@@ -92,6 +96,21 @@ fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Service<
         Some(value) => value.unwrap_or_default(),
         None => name.as_deref().map(default).unwrap_or_default(),
     };
+    // A default table can be invalid although the name is not: `pg-sync` derives
+    // `pg_sync_outbox`, in PostgreSQL's system namespace.
+    if let (None, Some(name)) = (&table, &name) {
+        let derived = names::default_table(name);
+        if let Err(why) = names::check_name(NameKind::Table, &derived) {
+            let span = name_span.unwrap_or_else(|| ident.span());
+            cx.error_at(
+                span,
+                format!(
+                    "{why}; the table derives from the service name `{name}`: give one, \
+                     `#[outbox_service(table = \"...\")]`"
+                ),
+            );
+        }
+    }
     Some(Service {
         ident,
         table: resolve(table, names::default_table),
@@ -251,6 +270,20 @@ mod tests {
             out.contains(r#"constGROUP:&'staticstr="outbox.agent.consumer";"#),
             "{out}"
         );
+    }
+
+    #[test]
+    fn a_derived_table_in_a_system_namespace_is_an_error() {
+        let out = normalized(expand(
+            quote!(),
+            quote!(
+                pub struct PgSync;
+            ),
+        ));
+        assert_eq!(out.matches("compile_error").count(), 1, "{out}");
+        assert!(out.contains("startswith`pg_`"), "{out}");
+        assert!(out.contains("derivesfromtheservicename`pg-sync`"), "{out}");
+        assert!(!out.contains("inventory"), "{out}");
     }
 
     #[test]

@@ -195,6 +195,30 @@ pub struct CatalogBuilder {
     tables: BTreeMap<String, String>,
     topics: BTreeMap<String, String>,
     groups: BTreeMap<String, String>,
+    /// `OUTBOX_<X>_TABLE|TOPIC|GROUP` variables whose `<X>` is no declared service:
+    /// reported by `build`, since a misspelt override silently ignored routes events
+    /// to the default table or topic.
+    unknown_env: BTreeSet<String>,
+}
+
+/// The per-service environment variables' suffixes and what they override.
+const ENV_SUFFIXES: [&str; 3] = ["_TABLE", "_TOPIC", "_GROUP"];
+
+/// Variable families that are not service overrides even when they end like one (the
+/// broker settings, and the test suite's, fault suite's, tansu's and bench's
+/// variables), unless a service with that stem is declared.
+const TOOL_ENV_PREFIXES: &[&str] = &[
+    "OUTBOX_TEST_",
+    "OUTBOX_CHAOS_",
+    "OUTBOX_TANSU_",
+    "OUTBOX_BENCH_",
+    "OUTBOX_KAFKA_",
+];
+
+/// A service's stem in environment variable names: upper-cased, `-` as `_`
+/// (`active-scheduler` → `ACTIVE_SCHEDULER`).
+fn env_stem(service: &str) -> String {
+    service.replace('-', "_").to_uppercase()
 }
 
 impl CatalogBuilder {
@@ -231,30 +255,58 @@ impl CatalogBuilder {
     /// Reads overrides from the environment: `OUTBOX_TOPIC_PREFIX`,
     /// `OUTBOX_GROUP_PREFIX`, and per service `OUTBOX_<SERVICE>_TABLE`, `_TOPIC`,
     /// `_GROUP` (service name upper-cased, `-` as `_`: `OUTBOX_ACTIVE_SCHEDULER_TOPIC`).
-    pub fn from_env(mut self) -> Self {
-        if let Ok(p) = std::env::var("OUTBOX_TOPIC_PREFIX") {
-            self.topic_prefix = p;
-        }
-        if let Ok(p) = std::env::var("OUTBOX_GROUP_PREFIX") {
-            self.group_prefix = p;
-        }
-        for s in inventory::iter::<ServiceRegistration> {
-            let var = |what: &str| {
-                std::env::var(format!(
-                    "OUTBOX_{}_{}",
-                    s.name.replace('-', "_").to_uppercase(),
-                    what
-                ))
-                .ok()
-            };
-            if let Some(t) = var("TABLE") {
-                self.tables.insert(s.name.into(), t);
-            }
-            if let Some(t) = var("TOPIC") {
-                self.topics.insert(s.name.into(), t);
-            }
-            if let Some(g) = var("GROUP") {
-                self.groups.insert(s.name.into(), g);
+    /// A variable of that form naming no declared service (`OUTBOX_TASKS_TABLE` when
+    /// the service is `task`) is a problem [`build`](Self::build) reports. See
+    /// [`from_vars`](Self::from_vars).
+    pub fn from_env(self) -> Self {
+        // `vars_os`, lossily converted: `std::env::vars` panics on a non-Unicode
+        // variable, even one of another program; a mangled value of ours fails the
+        // name grammar with a message instead.
+        self.from_vars(std::env::vars_os().map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        }))
+    }
+
+    /// [`from_env`](Self::from_env) over explicit variables (name, value), for tests
+    /// and for configuration that does not live in the process environment. Variables
+    /// not starting with `OUTBOX_` are ignored, and so are other `OUTBOX_*` variables
+    /// (`OUTBOX_KAFKA_BROKERS`, `OUTBOX_TEST_*`, ...) unless they end in `_TABLE`,
+    /// `_TOPIC` or `_GROUP`; those must name a declared service.
+    pub fn from_vars(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        let stems: BTreeMap<String, &'static str> = inventory::iter::<ServiceRegistration>
+            .into_iter()
+            .map(|s| (env_stem(s.name), s.name))
+            .collect();
+        for (var, value) in vars {
+            match var.as_str() {
+                "OUTBOX_TOPIC_PREFIX" => self.topic_prefix = value,
+                "OUTBOX_GROUP_PREFIX" => self.group_prefix = value,
+                _ => {
+                    let Some(rest) = var.strip_prefix("OUTBOX_") else {
+                        continue;
+                    };
+                    let Some((stem, suffix)) = ENV_SUFFIXES
+                        .iter()
+                        .find_map(|suffix| Some((rest.strip_suffix(suffix)?, *suffix)))
+                    else {
+                        continue;
+                    };
+                    let Some(service) = stems.get(stem) else {
+                        if !TOOL_ENV_PREFIXES.iter().any(|p| var.starts_with(p)) {
+                            self.unknown_env.insert(var);
+                        }
+                        continue;
+                    };
+                    let map = match suffix {
+                        "_TABLE" => &mut self.tables,
+                        "_TOPIC" => &mut self.topics,
+                        _ => &mut self.groups,
+                    };
+                    map.insert((*service).to_owned(), value);
+                }
             }
         }
         self
@@ -347,6 +399,27 @@ impl CatalogBuilder {
                     // belonging to an undeclared service.
                     invalid.insert(s.name);
                 }
+            }
+        }
+        if !self.unknown_env.is_empty() {
+            let declared = services
+                .iter()
+                .map(|s| format!("`OUTBOX_{}_`", env_stem(s.name)))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>();
+            let declared = if declared.is_empty() {
+                "none are declared".to_owned()
+            } else {
+                format!(
+                    "the declared services' variables are {} followed by TABLE, TOPIC or GROUP",
+                    declared.join(", ")
+                )
+            };
+            for var in &self.unknown_env {
+                problems.insert(format!(
+                    "environment variable `{var}` names no declared service ({declared}); fix its name or unset it"
+                ));
             }
         }
         for overridden in self

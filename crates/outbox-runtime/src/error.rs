@@ -55,6 +55,53 @@ pub enum Error {
         /// The limit ([`crate::backend::MAX_KEY_LEN`]).
         limit: usize,
     },
+    /// `publish_raw` was given an event type the route catalog does not know: no
+    /// consumer could handle it, so it is refused before it is stored.
+    #[error(
+        "event type `{event_type}` is not in the route catalog, so no consumer could handle it; \
+         publish one of the types of service `{service}` ({known}) or declare this one with \
+         #[outbox_event(service = ...)]",
+        known = list_or_none(.known)
+    )]
+    UnknownEventType {
+        /// The event type that was given.
+        event_type: String,
+        /// The service whose outbox was asked to publish it.
+        service: String,
+        /// The event types that service owns.
+        known: Vec<String>,
+    },
+    /// `publish_raw` was given an event type that another service owns: it would be
+    /// stored in the wrong outbox and reach the wrong consumer.
+    #[error(
+        "event type `{event_type}` belongs to service `{owner}`, not `{service}`; publish it \
+         through the outbox of `{owner}` (`Outbox<{owner_type}, _>`)"
+    )]
+    EventOfOtherService {
+        /// The event type that was given.
+        event_type: String,
+        /// The service that owns it.
+        owner: String,
+        /// Where the owner is declared (`crate::module::Type`).
+        owner_type: String,
+        /// The service whose outbox was asked to publish it.
+        service: String,
+    },
+    /// `publish_raw` was given a schema version newer than the catalog's, which the
+    /// consumer would dead-letter (its handler only knows the catalog's version).
+    #[error(
+        "event `{event_type}` has schema version {version}, newer than the route catalog's \
+         {known}, so its handler could not read it; publish version {known} or lower, or \
+         deploy the event type's version {version} first"
+    )]
+    EventVersionTooNew {
+        /// The event type.
+        event_type: String,
+        /// The version that was given.
+        version: u32,
+        /// The catalog's (registered) version.
+        known: u32,
+    },
     /// The route catalog is invalid; lists every problem at once.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
@@ -93,6 +140,18 @@ impl Error {
             source,
         }
     }
+}
+
+/// `a`, `b` for a message; `it declares none` when empty.
+fn list_or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        return "it declares none".to_owned();
+    }
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `Result` with the runtime's [`Error`].

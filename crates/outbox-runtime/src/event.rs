@@ -29,7 +29,8 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// Retries before the event goes dead, if the event type overrides the runtime
     /// default.
     const MAX_RETRIES: Option<u32>;
-    /// The Kafka message key that orders events (`key = field`), if any.
+    /// The Kafka message key that orders events (`key = field`), if any. `publish`
+    /// trims surrounding whitespace and treats an empty key as none.
     fn key(&self) -> Option<String>;
 }
 
@@ -53,13 +54,17 @@ pub trait HandledBy<S: Service>: Event {}
 
 /// Types usable as an event key (`key = field`). Implemented for strings, integers,
 /// UUIDs and `Option`s of them.
+///
+/// `publish` trims surrounding whitespace from the key (`str::trim`) and stores a key
+/// that is then empty as no key (NULL): `" a "` and `"a"` order together, and blank
+/// keys do not all share one ordering key. The length limit applies after trimming.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be an outbox event key",
     label = "the `key = ...` field has this type",
     note = "key fields must be strings, integers, UUIDs or `Option`s of those; implement `outbox_runtime::EventKey` for other types"
 )]
 pub trait EventKey {
-    /// The key as it goes to Kafka and to the `event_key` column; `None` for no key.
+    /// The key, before `publish` trims it; `None` for no key.
     fn to_key(&self) -> Option<String>;
 }
 

@@ -120,7 +120,9 @@ pub enum FailureKind {
 
 /// A handler's failure. Any `std::error::Error` converts into a transient one, so `?`
 /// works on sqlx, serde and IO errors; use [`HandlerError::permanent`] for failures
-/// that retrying cannot fix.
+/// that retrying cannot fix. A `serde_json` error anywhere in the converted error's
+/// chain is redacted ([`crate::redact::redact_json_error`]): its message goes to
+/// `last_error` and the logs, and must not carry values from a payload.
 ///
 /// Deliberately not `std::error::Error` itself (as `anyhow::Error`), so the blanket
 /// conversion can exist.
@@ -180,14 +182,7 @@ impl fmt::Display for HandlerError {
 impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
     fn from(err: E) -> Self {
         // Keep the whole source chain: the last error is what an operator reads.
-        let mut message = err.to_string();
-        let mut source = err.source();
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
-        HandlerError::transient(message)
+        HandlerError::transient(crate::redact::redacted_error_chain(&err))
     }
 }
 
@@ -332,14 +327,15 @@ impl fmt::Debug for HandlerRegistration {
 inventory::collect!(HandlerRegistration);
 
 /// Decodes a payload into the handler's event type; a failure is
-/// [`FailureKind::Undecodable`] (the event goes dead at once with the serde error).
+/// [`FailureKind::Undecodable`] (the event goes dead at once with serde's error,
+/// redacted by [`crate::redact::redact_json_error`]: where and why, never the values).
 pub fn decode_payload<E: Event>(payload: &[u8]) -> Result<E, HandlerError> {
     serde_json::from_slice(payload).map_err(|e| {
         HandlerError::undecodable(format!(
             "undecodable payload for event type `{}` v{}: {}",
             E::EVENT_TYPE,
             E::VERSION,
-            e
+            crate::redact::redact_json_error(&e)
         ))
     })
 }

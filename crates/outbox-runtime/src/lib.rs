@@ -91,6 +91,7 @@ pub mod handler;
 pub mod kafka;
 pub mod names;
 pub mod outbox;
+pub mod redact;
 pub mod relay;
 pub mod retry;
 pub mod route;

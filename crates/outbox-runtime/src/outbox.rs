@@ -43,7 +43,10 @@ use crate::wakeup::{self, Notifier};
 pub struct PublishOptions {
     /// Retries before the event goes dead (overrides the event type and the config).
     pub max_retries: Option<u32>,
-    /// The ordering key (overrides the event's `key = field`).
+    /// The ordering key (overrides the event's `key = field`). Surrounding whitespace is
+    /// trimmed; a key that is empty after trimming means the event has no key (no
+    /// ordering), so `Some("")` publishes a keyed event type without one. The length
+    /// limit ([`crate::backend::MAX_KEY_LEN`]) applies to the trimmed key.
     pub key: Option<String>,
     /// The event id (default: a fresh UUIDv7). Set it to make a retried business call
     /// idempotent: publishing the same id twice fails with a unique violation.
@@ -51,14 +54,17 @@ pub struct PublishOptions {
 }
 
 /// An untyped event, for the compatibility route (rows written as the legacy system
-/// wrote them). The consumer dead-letters unknown types with a reason.
+/// wrote them). The type is checked against the route catalog when it is published:
+/// it must be registered, owned by the publishing service, and not newer than the
+/// catalog's version; only the payload is taken as given.
 #[derive(Debug, Clone)]
 pub struct RawEvent {
-    /// The event type name (checked against the grammar).
+    /// The event type name: one of the publishing service's types in the catalog.
     pub event_type: String,
-    /// The schema version.
+    /// The schema version: at most the catalog's version of the type.
     pub version: u32,
-    /// The ordering key.
+    /// The ordering key. Surrounding whitespace is trimmed; empty after trimming means
+    /// no key. The length limit applies to the trimmed key.
     pub key: Option<String>,
     /// The payload; should be JSON, is not checked (so a poison payload can be stored
     /// and handled as the consumer handles any undecodable payload).
@@ -71,6 +77,8 @@ pub struct RawEvent {
 pub struct Outbox<S: Service, DB: Backend> {
     pool: Pool<DB>,
     route: Arc<Route>,
+    // For `publish_raw`'s checks: which service owns a type, at which version.
+    catalog: Catalog,
     config: Arc<OutboxConfig>,
     notifier: Notifier,
     _service: PhantomData<fn() -> S>,
@@ -81,6 +89,7 @@ impl<S: Service, DB: Backend> Clone for Outbox<S, DB> {
         Outbox {
             pool: self.pool.clone(),
             route: self.route.clone(),
+            catalog: self.catalog.clone(),
             config: self.config.clone(),
             notifier: self.notifier.clone(),
             _service: PhantomData,
@@ -100,6 +109,7 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
         Ok(Outbox {
             pool,
             route: Arc::new(route),
+            catalog: catalog.clone(),
             config: Arc::new(config),
             notifier: Notifier::new(),
             _service: PhantomData,
@@ -167,13 +177,17 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
         })
     }
 
-    /// Writes an untyped event (the compatibility route).
+    /// Writes an untyped event (the compatibility route). Refused, before anything is
+    /// written, when the type is not in the route catalog
+    /// ([`Error::UnknownEventType`]), belongs to another service
+    /// ([`Error::EventOfOtherService`]) or is newer than the catalog's version
+    /// ([`Error::EventVersionTooNew`]): each would only die later in a consumer.
     pub async fn publish_raw(
         &self,
         conn: &mut DB::Connection,
         event: &RawEvent,
     ) -> Result<EventId> {
-        check_name(NameKind::EventType, &event.event_type).map_err(Error::InvalidName)?;
+        self.check_raw(event)?;
         self.insert(
             conn,
             &event.event_type,
@@ -184,6 +198,43 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
             None,
         )
         .await
+    }
+
+    /// What the catalog says about a raw event's type and version.
+    fn check_raw(&self, event: &RawEvent) -> Result<()> {
+        check_name(NameKind::EventType, &event.event_type).map_err(Error::InvalidName)?;
+        let service = self.route.service().as_str();
+        let Some(info) = self.catalog.event(&event.event_type) else {
+            return Err(Error::UnknownEventType {
+                event_type: event.event_type.clone(),
+                service: service.to_owned(),
+                known: self
+                    .catalog
+                    .events_of_service(service)
+                    .map(|e| e.event_type.clone())
+                    .collect(),
+            });
+        };
+        if info.service != service {
+            return Err(Error::EventOfOtherService {
+                event_type: event.event_type.clone(),
+                owner: info.service.clone(),
+                owner_type: self
+                    .catalog
+                    .route(&info.service)
+                    .map(|r| r.rust_type().to_owned())
+                    .unwrap_or_else(|| info.service.clone()),
+                service: service.to_owned(),
+            });
+        }
+        if event.version > info.version {
+            return Err(Error::EventVersionTooNew {
+                event_type: event.event_type.clone(),
+                version: event.version,
+                known: info.version,
+            });
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -204,6 +255,9 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
                 limit: self.config.max_payload_bytes,
             });
         }
+        // Keys that differ only by surrounding whitespace are one key, and a blank key is
+        // none: otherwise every blank-keyed event would wait on every other one.
+        let key = key.map(str::trim).filter(|k| !k.is_empty());
         if let Some(key) = key.filter(|k| k.len() > crate::backend::MAX_KEY_LEN) {
             return Err(Error::KeyTooLong {
                 event_type: event_type.to_owned(),

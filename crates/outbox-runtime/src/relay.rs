@@ -28,7 +28,9 @@
 //! (a metadata request for its topic) shows the broker answering with a leader for
 //! every partition: rows it cannot produce stay unleased, due at once, for relays that
 //! can. Rows of such a round are given back due now; the relay itself is what waits.
-//! A producer that keeps failing whole rounds while the probes pass is replaced too.
+//! A producer that lived through an outage (the probe failed), or that keeps failing
+//! whole rounds while the probes pass, is replaced too: an idempotent producer whose
+//! broker lost its state times its records out instead of failing them.
 //!
 //! ## Records lost with the broker
 //!
@@ -185,7 +187,7 @@ const PROBE_BACKOFF: Backoff = Backoff {
 
 /// Whole rounds that may fail, with the broker answering probes in between, before
 /// the producer is taken to be stuck and replaced.
-const STUCK_ROUNDS: u32 = 3;
+const STUCK_ROUNDS: u32 = 2;
 
 /// Rows per statement when making rows lost with the broker pending again.
 const LOST_BATCH: u32 = 1000;
@@ -657,6 +659,11 @@ impl<DB: Backend> Relay<DB> {
         // rows claimed. Unknown at start.
         let mut ready = false;
         let mut probe_failures = 0u32;
+        // The producer that was current when the broker stopped answering: replaced once
+        // it answers again. An idempotent producer that lived through an outage can be
+        // stuck in a state of the broker's that is gone (a restarted broker that lost its
+        // producer ids times its records out instead of failing them).
+        let mut outage_generation: Option<u64> = None;
         let mut failed_rounds = 0u32;
         // Pipelining: the batch whose delivery reports are still coming is finished
         // (awaited, then marked) while the next batch is claimed. Per-key order holds:
@@ -694,11 +701,15 @@ impl<DB: Backend> Relay<DB> {
                             tracing::info!(service = %route.service(), failed_probes = probe_failures,
                                 "the broker answers again; relaying");
                         }
+                        if let Some(generation) = outage_generation.take() {
+                            self.replace_producer(generation, "it lived through a broker outage");
+                        }
                         ready = true;
                         probe_failures = 0;
                     }
                     Err(why) => {
                         probe_failures += 1;
+                        outage_generation.get_or_insert(self.producers.current().0);
                         self.stats.failed_probes.fetch_add(1, Ordering::Relaxed);
                         if probe_failures == 1 || probe_failures.is_power_of_two() {
                             tracing::warn!(service = %route.service(), failed_probes = probe_failures, %why,

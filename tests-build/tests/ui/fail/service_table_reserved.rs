@@ -1,0 +1,6 @@
+use outbox_runtime::outbox_service;
+
+#[outbox_service(table = "select")]
+pub struct Task;
+
+fn main() {}
