@@ -306,7 +306,8 @@ async fn broker_restart<B: ChaosBackend>() {
          {} pending; broker down {outage:?}, answered {:.2} s after the restart, topic \
          recreated {:.2} s after it answered (before: {existed:?}; after: {partitions:?} \
          partitions); relay publishing again after {} (goal {BACK_GOAL:?}), \
-         consumer handling again after {}; quiesced {} after the broker's return ({:.1} s); \
+         consumer handling again after {}; quiesced {} after the broker's return ({:.1} s; \
+         {} after the writers stopped); \
          records acknowledged {acked} for {} committed events ({:.2} per event; {} marks \
          published, {} fenced), given back after failures {} ({:.2} per event); consumer \
          deferred {}, duplicates {}, not_due {}",
@@ -320,6 +321,7 @@ async fn broker_restart<B: ChaosBackend>() {
         secs(consumer_back),
         if quiesced.is_ok() { "yes" } else { "NOT" },
         quiesce_after.as_secs_f64(),
+        secs(quiesced.as_ref().ok().copied()),
         report.committed,
         per_event(acked),
         r.published,
