@@ -1571,6 +1571,7 @@ mod postgres_specific {
     use super::*;
     use outbox_runtime::backend::postgres::{claim_sql, take_claim_turn};
     use outbox_tests::db::TestPg;
+    use sqlx::Postgres;
 
     /// The migration ran completely: the due index replaced the old pending index.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1644,6 +1645,59 @@ mod postgres_specific {
         holder.commit().await.expect("release");
         let rows = waiting.await.expect("claim task");
         assert_eq!(event_ids(&rows), vec![mine], "claims once the lock is free");
+        db.cleanup().await;
+    }
+
+    /// A sweep that sends published rows again never turns back a row a consumer is
+    /// consuming: it waits for the consumer's row lock, then finds the row consumed.
+    /// (The statements pick rows in a subquery; PostgreSQL checks only the outer
+    /// condition again after such a wait, so the status is filtered there too.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sweeps_do_not_undo_a_concurrent_consume() {
+        let db = setup::<TestPg>().await;
+        let pool = db.pool().clone();
+        let e = publish(&pool, &SVC, Some("k")).await;
+        let t = token();
+        let id = claim(&pool, &SVC, 10, LONG, t).await[0].id;
+        Postgres::mark_published(&pool, &TABLE, &[id], t)
+            .await
+            .expect("mark");
+
+        let mut consumer = Postgres::begin(&pool).await.expect("begin");
+        Postgres::lock_for_consume(&mut consumer, &TABLE, &SVC, e)
+            .await
+            .expect("lock")
+            .expect("row");
+        let sweep = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                Postgres::redeliver_stale(&pool, &TABLE, &SVC, Duration::ZERO, 10)
+                    .await
+                    .expect("sweep")
+            })
+        };
+        let pool_ref = &pool;
+        poll_until(
+            "the sweep to wait for the consumer's row lock",
+            || async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                  WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                    AND query LIKE 'UPDATE%'",
+                )
+                .fetch_one(pool_ref)
+                .await
+                .expect("pg_stat_activity");
+                (waiting == 1).then_some(())
+            },
+        )
+        .await;
+        Postgres::mark_consumed(&mut consumer, &TABLE, &[id])
+            .await
+            .expect("consumed");
+        consumer.commit().await.expect("commit");
+        assert_eq!(sweep.await.expect("sweep task"), 0, "nothing sent again");
+        assert_eq!(fetch(&pool, e).await.status, Status::Consumed);
         db.cleanup().await;
     }
 

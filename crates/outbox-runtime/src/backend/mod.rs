@@ -19,7 +19,9 @@
 //!                                                                   consumed ◄┘
 //! ```
 //!
-//! `consumed` and `dead` are terminal: every transition filters on the current status,
+//! `consumed` and `dead` are terminal: every transition filters on the current status
+//! in the statement that changes the row (not only in a subquery that picked it: on
+//! PostgreSQL only the outer condition is checked again after waiting for a row lock),
 //! so repeating one is a no-op. Transitions other than the relay's own claim reset
 //! `lease_token` to 0, which fences any relay still holding the old lease.
 

@@ -495,7 +495,7 @@ impl Backend for Postgres {
             "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} \
               WHERE service = $1 AND ((status = 2 AND consumed_at < now() - make_interval(secs => $2)) \
                  OR ($3::float8 IS NOT NULL AND status = 3 AND dead_at < now() - make_interval(secs => $3))) \
-              LIMIT $4)"
+              LIMIT $4) AND status IN (2, 3)"
         ))
         .bind(service.as_str())
         .bind(secs(consumed_age))
@@ -517,7 +517,8 @@ impl Backend for Postgres {
             "UPDATE {table} SET status = 0, next_attempt_at = now(), locked_until = NULL, lease_token = 0, \
                     updated_at = now() \
               WHERE id IN (SELECT id FROM {table} WHERE service = $1 AND status = 1 \
-                             AND published_at < now() - make_interval(secs => $2) ORDER BY id LIMIT $3)"
+                             AND published_at < now() - make_interval(secs => $2) ORDER BY id LIMIT $3) \
+                AND status = 1"
         ))
         .bind(service.as_str())
         .bind(secs(older_than))
@@ -556,7 +557,8 @@ impl Backend for Postgres {
             "UPDATE {table} SET status = 0, attempts = 0, next_attempt_at = now(), dead_at = NULL, \
                     locked_until = NULL, lease_token = 0, updated_at = now() \
               WHERE id IN (SELECT id FROM {table} WHERE service = $1 AND status = 3 \
-                             AND ($2::uuid IS NULL OR event_id = $2) ORDER BY id LIMIT $3)"
+                             AND ($2::uuid IS NULL OR event_id = $2) ORDER BY id LIMIT $3) \
+                AND status = 3"
         ))
         .bind(service.as_str())
         .bind(event_id)

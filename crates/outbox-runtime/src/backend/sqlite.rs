@@ -491,7 +491,7 @@ impl Backend for Sqlite {
             "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} \
               WHERE service = ? AND ((status = 2 AND consumed_at < {NOW} - ?) \
                  OR (? IS NOT NULL AND status = 3 AND dead_at < {NOW} - ?)) \
-              LIMIT ?)"
+              LIMIT ?) AND status IN (2, 3)"
         ))
         .bind(service.as_str())
         .bind(micros(consumed_age))
@@ -572,7 +572,7 @@ impl Backend for Sqlite {
             "UPDATE {table} SET status = 0, next_attempt_at = {NOW}, locked_until = NULL, lease_token = 0, \
                     updated_at = {NOW} \
               WHERE id IN (SELECT id FROM {table} WHERE service = ? AND status = 1 \
-                             AND published_at < {NOW} - ? ORDER BY id LIMIT ?)"
+                             AND published_at < {NOW} - ? ORDER BY id LIMIT ?) AND status = 1"
         ))
         .bind(service.as_str())
         .bind(micros(older_than))
@@ -611,7 +611,7 @@ impl Backend for Sqlite {
             "UPDATE {table} SET status = 0, attempts = 0, next_attempt_at = {NOW}, dead_at = NULL, \
                     locked_until = NULL, lease_token = 0, updated_at = {NOW} \
               WHERE id IN (SELECT id FROM {table} WHERE service = ? AND status = 3 \
-                             AND (? IS NULL OR event_id = ?) ORDER BY id LIMIT ?)"
+                             AND (? IS NULL OR event_id = ?) ORDER BY id LIMIT ?) AND status = 3"
         ))
         .bind(service.as_str())
         .bind(event_id)
