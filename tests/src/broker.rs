@@ -17,6 +17,10 @@
 //! Checked to work (`tests/tests/broker_smoke.rs`): CreateTopics, the idempotent
 //! producer (InitProducerId), consumer groups with OffsetCommit/OffsetFetch, headers.
 //!
+//! [`PrivateTansu`] is a tansu of one test's own (a fixed port, memory storage) that the
+//! test SIGKILLs and starts again on the same port with empty memory: the broker-restart
+//! scenario of the fault suite (`tests/tests/chaos_broker.rs`).
+//!
 //! Every test should use fresh names from [`unique_name`] / [`unique_suffix`]: the
 //! tansu broker is shared by all tests of a run.
 
@@ -215,6 +219,32 @@ impl TestBroker {
         self.wait_for_topic(name, partitions, SETUP_TIMEOUT).await;
     }
 
+    /// How many partitions `name` has now, per the broker's metadata (an error names why
+    /// there is no answer: the request failed, no such topic, ...).
+    pub async fn partitions(&self, name: &str) -> Result<usize, String> {
+        let client: BaseConsumer = self
+            .client_config()
+            .set("allow.auto.create.topics", "false")
+            .create()
+            .map_err(|e| format!("creating metadata client: {e}"))?;
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let md = client
+                .fetch_metadata(Some(&name), Duration::from_secs(5))
+                .map_err(|e| format!("metadata request failed: {e}"))?;
+            match md.topics().iter().find(|t| t.name() == name) {
+                None => Err("topic not in metadata".to_owned()),
+                Some(t) if t.error().is_some() => Err(format!(
+                    "topic error {:?}",
+                    RDKafkaErrorCode::from(t.error().unwrap())
+                )),
+                Some(t) => Ok(t.partitions().len()),
+            }
+        })
+        .await
+        .map_err(|e| format!("metadata task: {e}"))?
+    }
+
     /// Polls metadata until `name` exists with at least `partitions` partitions, each
     /// with a leader. Panics with the last observation when `timeout` passes.
     pub async fn wait_for_topic(&self, name: &str, partitions: i32, timeout: Duration) {
@@ -284,4 +314,225 @@ pub fn unique_suffix() -> String {
 /// `prefix` followed by [`unique_suffix`].
 pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}", unique_suffix())
+}
+
+/// Where `scripts/tansu.sh` is (it installs the pinned tansu binary).
+fn tansu_script() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("scripts")
+        .join("tansu.sh")
+}
+
+/// The tansu binary (`scripts/tansu.sh install`, once per process), or why not.
+pub fn tansu_binary() -> Result<std::path::PathBuf, String> {
+    static BIN: std::sync::OnceLock<Result<std::path::PathBuf, String>> =
+        std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let script = tansu_script();
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .arg("install")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("running {}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{} install failed ({}): {}",
+                script.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if path.is_empty() {
+            return Err(format!("{} install printed no path", script.display()));
+        }
+        Ok(std::path::PathBuf::from(path))
+    })
+    .clone()
+}
+
+/// A tansu broker of one test's own (memory storage, one broker on 127.0.0.1 at a port
+/// fixed for its life), which the test may SIGKILL and start again on the same port with
+/// fresh, empty memory: every topic, record, group offset and producer id is gone, as on
+/// a broker that lost its disk. The binary comes from `scripts/tansu.sh install`. The
+/// process is SIGKILLed on drop, even when the test panics.
+pub struct PrivateTansu {
+    bin: std::path::PathBuf,
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+    starts: u32,
+}
+
+impl PrivateTansu {
+    /// Starts one on a free port and waits until it answers a metadata request.
+    /// `None` (the test should skip) when tansu cannot be installed; a panic instead
+    /// when `OUTBOX_TEST_REQUIRE_KAFKA=1`.
+    pub async fn start() -> Option<PrivateTansu> {
+        let bin = match tokio::task::spawn_blocking(tansu_binary)
+            .await
+            .expect("tansu install task")
+        {
+            Ok(bin) => bin,
+            Err(e) if require_kafka() => panic!("{REQUIRE_ENV}=1 but tansu is unavailable: {e}"),
+            Err(e) => {
+                eprintln!("no private tansu: {e}");
+                return None;
+            }
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-tansu-")
+            .tempdir()
+            .expect("temp dir");
+        let mut tansu = PrivateTansu {
+            bin,
+            port: crate::chaos::free_port(),
+            dir,
+            child: None,
+            starts: 0,
+        };
+        tansu.spawn();
+        tansu.wait_ready(SETUP_TIMEOUT).await;
+        Some(tansu)
+    }
+
+    /// Like [`PrivateTansu::start`], printing a skip notice naming `test` when there is
+    /// no tansu.
+    pub async fn start_or_skip(test: &str) -> Option<PrivateTansu> {
+        let t = Self::start().await;
+        if t.is_none() {
+            eprintln!(
+                "SKIPPED {test}: tansu is unavailable (set {REQUIRE_ENV}=1 to make this a failure)"
+            );
+        }
+        t
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "tansu is already running");
+        self.starts += 1;
+        let log = self.dir.path().join(format!("tansu-{}.log", self.starts));
+        let out = std::fs::File::create(&log).expect("tansu log file");
+        let err = out.try_clone().expect("tansu log file");
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = std::process::Command::new(&self.bin)
+            .args(["broker", "--cluster-id", "outbox-private"])
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            // Flags win over tansu's environment defaults; drop the rest it reads.
+            .env_remove("SCHEMA_REGISTRY")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
+        self.child = Some(child);
+    }
+
+    /// `127.0.0.1:PORT`, the same across restarts.
+    pub fn bootstrap_servers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A [`TestBroker`] for this broker (topic creation and metadata helpers).
+    pub fn broker(&self) -> TestBroker {
+        TestBroker::Tansu {
+            bootstrap: self.bootstrap_servers(),
+        }
+    }
+
+    /// The broker process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// How many times it was started.
+    pub fn starts(&self) -> u32 {
+        self.starts
+    }
+
+    /// SIGKILL (no shutdown of any kind), and reap it. A no-op when it is not running.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port with empty memory and waits until it answers;
+    /// returns the moment it first answered.
+    pub async fn restart(&mut self, timeout: Duration) -> Instant {
+        self.kill();
+        self.spawn();
+        self.wait_ready(timeout).await
+    }
+
+    /// Waits until the broker answers a metadata request (a TCP connect first, then a
+    /// fresh client each try, so no reconnect backoff of an old client delays the
+    /// answer); returns the moment it did. Panics with the broker's log when it exits
+    /// or does not answer within `timeout`.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Instant {
+        let deadline = Instant::now() + timeout;
+        let addr: std::net::SocketAddr = self.bootstrap_servers().parse().expect("address");
+        loop {
+            if let Some(c) = &mut self.child {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!(
+                        "private tansu on {addr} exited ({status}) during start-up:\n{}",
+                        self.log_tail()
+                    );
+                }
+            } else {
+                panic!("private tansu is not running");
+            }
+            let last = if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                .is_ok()
+            {
+                let bootstrap = self.bootstrap_servers();
+                let probe = tokio::task::spawn_blocking(move || {
+                    let client: BaseConsumer = ClientConfig::new()
+                        .set("bootstrap.servers", &bootstrap)
+                        .set("allow.auto.create.topics", "false")
+                        .set("log_level", "0")
+                        .create()
+                        .map_err(|e| e.to_string())?;
+                    client
+                        .fetch_metadata(None, Duration::from_secs(2))
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .expect("metadata probe task");
+                match probe {
+                    Ok(()) => return Instant::now(),
+                    Err(e) => format!("metadata request failed: {e}"),
+                }
+            } else {
+                "connection refused".to_owned()
+            };
+            assert!(
+                Instant::now() < deadline,
+                "private tansu on {addr} did not answer within {timeout:?} ({last}):\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The last lines of the current run's log.
+    pub fn log_tail(&self) -> String {
+        let log = self.dir.path().join(format!("tansu-{}.log", self.starts));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for PrivateTansu {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

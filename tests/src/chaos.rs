@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -97,9 +97,14 @@ pub fn chaos_config() -> OutboxConfig {
 
 /// Client settings for the scenarios: short sessions (a SIGKILLed member leaves the
 /// group within 3 s), short produce timeouts (an outage ends rounds quickly, so the
-/// give-back path runs).
+/// give-back path runs), and no topic auto-creation by the relay's producer (librdkafka
+/// asks for it by default): topics are created by the scenario, as an operator does on a
+/// cluster with auto-creation off, so a broker that lost its topics (scenario k) does
+/// not get one with its own default partition count from the relay's first metadata
+/// request.
 pub fn chaos_kafka(brokers: &str) -> KafkaConfig {
     KafkaConfig::new(brokers)
+        .producer_property("allow.auto.create.topics", "false")
         .consumer_property("session.timeout.ms", "3000")
         .consumer_property("heartbeat.interval.ms", "300")
         .consumer_property("topic.metadata.refresh.interval.ms", "1000")
@@ -107,7 +112,10 @@ pub fn chaos_kafka(brokers: &str) -> KafkaConfig {
         .producer_property("linger.ms", "1")
 }
 
-/// Counters a worker writes to its stats file.
+/// Counters a worker writes to its stats file: the sums of its relays' `RelayStats`
+/// (`published` … `idles`, `producer_restarts`, `failed_probes`, `redelivered_lost`) and
+/// its consumer's `ConsumerStats` (`handled` … `db_retries`, `mismatched`, `not_due`,
+/// `republished`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WorkerStats {
     pub published: u64,
@@ -123,6 +131,32 @@ pub struct WorkerStats {
     pub consumer_dead: u64,
     pub skipped: u64,
     pub db_retries: u64,
+    /// Consumer: records whose headers, key or payload disagree with the row their
+    /// event id names (`ConsumerStats::mismatched`).
+    #[serde(default)]
+    pub mismatched: u64,
+    /// Consumer: records for a row pending and not yet due (`ConsumerStats::not_due`).
+    #[serde(default)]
+    pub not_due: u64,
+    /// Relay: producers replaced because the old one could no longer work
+    /// (`RelayStats::producer_restarts`).
+    #[serde(default)]
+    pub producer_restarts: u64,
+    /// Relay: broker probes that failed while it waited for its producer
+    /// (`RelayStats::failed_probes`).
+    #[serde(default)]
+    pub failed_probes: u64,
+    /// Relay: times it found nothing due and went idle (`RelayStats::idles`).
+    #[serde(default)]
+    pub idles: u64,
+    /// Relay: rows made pending again because the partition log went back (records lost
+    /// with the broker: `RelayStats::redelivered_lost`).
+    #[serde(default)]
+    pub redelivered_lost: u64,
+    /// Consumer: published predecessors made pending again because a later event of
+    /// their key arrived first (`ConsumerStats::republished`).
+    #[serde(default)]
+    pub republished: u64,
     /// Written after a graceful shutdown.
     pub stopped: bool,
     /// How many times the file was written (a snapshot with a higher number was taken
@@ -238,6 +272,63 @@ impl<B: ChaosBackend> ChaosEnv<B> {
     /// Waits until no row of `task` is open (pending or published).
     pub async fn settled(&self, timeout: Duration) {
         settled(self.pool(), &self.table, timeout).await
+    }
+
+    /// Waits until every row of `task` is consumed or dead (none pending or published):
+    /// the "stuck 0" check. Returns how long it took, or, after `timeout`, a description
+    /// of what is stuck: open rows by status and up to 10 of them (row id, event id, key,
+    /// status, attempts, lease, last error).
+    pub async fn quiesce(&self, timeout: Duration) -> Result<Duration, String> {
+        let t = Instant::now();
+        loop {
+            let (open, _) = oracle::open_rows(self.pool(), &self.table).await;
+            if open == 0 {
+                return Ok(t.elapsed());
+            }
+            if t.elapsed() >= timeout {
+                return Err(self.stuck_rows().await);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Open (pending or published) rows of `task`, described for a failure message.
+    pub async fn stuck_rows(&self) -> String {
+        let rows = B::fetch_all(
+            self.pool(),
+            &self.table.parse().expect("table name"),
+            &"task".parse().expect("service name"),
+        )
+        .await
+        .expect("reading the outbox");
+        let open: Vec<_> = rows.iter().filter(|r| !r.status.is_terminal()).collect();
+        let pending = open
+            .iter()
+            .filter(|r| r.status == outbox_runtime::Status::Pending)
+            .count();
+        let leased = self.leased(false).await;
+        let mut text = format!(
+            "stuck {} of {} rows: {pending} pending (leased by a relay a moment later: \
+             {leased}), {} published (acknowledged by the broker, never consumed)",
+            open.len(),
+            rows.len(),
+            open.len() - pending
+        );
+        for r in open.iter().take(10) {
+            text.push_str(&format!(
+                "\n  row {} event {} key {:?} {:?} attempts {} published_at {:?} \
+                 next_attempt_at {} last_error {:?}",
+                r.id,
+                r.event_id,
+                r.key,
+                r.status,
+                r.attempts,
+                r.published_at,
+                r.next_attempt_at,
+                r.last_error
+            ));
+        }
+        text
     }
 
     /// The environment of a worker process for this scenario.
@@ -368,15 +459,36 @@ impl Load {
         &self,
         outbox: &Outbox<Task, B>,
     ) -> tokio::task::JoinHandle<LoadReport> {
+        self.spawn_inner(outbox, None)
+    }
+
+    /// Runs the load in the background until `stop` turns true (or `total` events were
+    /// written, whichever comes first): for scenarios that keep writing through a fault
+    /// for a set time.
+    pub fn spawn_until<B: ChaosBackend>(
+        &self,
+        outbox: &Outbox<Task, B>,
+        stop: Arc<AtomicBool>,
+    ) -> tokio::task::JoinHandle<LoadReport> {
+        self.spawn_inner(outbox, Some(stop))
+    }
+
+    fn spawn_inner<B: ChaosBackend>(
+        &self,
+        outbox: &Outbox<Task, B>,
+        stop: Option<Arc<AtomicBool>>,
+    ) -> tokio::task::JoinHandle<LoadReport> {
         let next = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for _ in 0..self.writers {
             let outbox = outbox.clone();
             let next = next.clone();
             let load = self.clone();
+            let stop = stop.clone();
             tasks.push(tokio::spawn(async move {
                 let mut r = LoadReport::default();
-                while next.fetch_add(1, Ordering::Relaxed) < load.total {
+                let stopped = || stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
+                while !stopped() && next.fetch_add(1, Ordering::Relaxed) < load.total {
                     let (key, commit) = {
                         let mut rng = rand::thread_rng();
                         (
@@ -528,6 +640,25 @@ impl Worker {
         let w0 = self.stats().map_or(0, |s| s.writes);
         self.wait_stats("a fresh snapshot", timeout, |s| s.writes >= w0 + 2)
             .await
+    }
+
+    /// Waits up to `timeout` for counters that satisfy `f`; `None` if they never did
+    /// (for checks that report a failure instead of panicking on the spot).
+    pub async fn poll_stats(
+        &self,
+        timeout: Duration,
+        f: impl Fn(&WorkerStats) -> bool,
+    ) -> Option<WorkerStats> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.stats().filter(|s| f(s)) {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until its counters satisfy `f`.
@@ -736,7 +867,8 @@ impl Drop for PrivatePg {
     }
 }
 
-fn free_port() -> u16 {
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

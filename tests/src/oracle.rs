@@ -9,9 +9,11 @@
 //! * Handlers record their effect in `effects` in the consumed transaction
 //!   (`services::record`); `effects.id` is the applied order.
 //! * [`check`] compares the three and reports lost, phantom, effect duplicates, per-key
-//!   order violations, duplicate deliveries (counted by the consumers, allowed) and dead
-//!   letters with their reasons. [`Report::assert_pass`]: lost 0, phantom 0, effect
-//!   duplicates 0, order violations 0, every dead row has a reason.
+//!   order violations, wrong effects (a handler saw another key or sequence number than
+//!   the ledger's: a forged payload), duplicate deliveries (counted by the consumers,
+//!   allowed) and dead letters with their reasons. [`Report::assert_pass`]: lost 0,
+//!   phantom 0, effect duplicates 0, order violations 0, wrong effects 0, every dead row
+//!   has a reason.
 //!
 //! Only [`ChaosBackend`] differs per backend (DDL, the sequence upsert, a few reads);
 //! everything else is shared.
@@ -308,8 +310,14 @@ pub struct Report {
     pub phantom: Vec<String>,
     /// Extra effects of an event (count - 1, summed).
     pub effect_duplicates: usize,
+    /// The events applied more than once: event id, key, sequence and the ids of its
+    /// effects (their applied order).
+    pub duplicated: Vec<String>,
     /// Effects applied out of per-key sequence order.
     pub order_violations: Vec<String>,
+    /// Effects whose key or sequence number differ from their event's ledger row: the
+    /// handler saw a payload other than the one committed (a forged record handled).
+    pub wrong_effects: Vec<String>,
     /// Deliveries the consumers recognised as already settled (allowed).
     pub duplicate_deliveries: u64,
     /// Dead rows: event id and reason.
@@ -330,6 +338,7 @@ impl Report {
             && self.phantom.is_empty()
             && self.effect_duplicates == 0
             && self.order_violations.is_empty()
+            && self.wrong_effects.is_empty()
             && self.dead_without_reason == 0
     }
 
@@ -353,8 +362,8 @@ impl fmt::Display for Report {
         write!(
             f,
             "ORACLE {}: committed {} applied {} lost {} phantom {} effect-duplicates {} \
-             order-violations {} duplicate-deliveries {} dead {} (without reason {}) \
-             unledgered-rows {} open-rows {} => {}",
+             order-violations {} wrong-effects {} duplicate-deliveries {} dead {} \
+             (without reason {}) unledgered-rows {} open-rows {} => {}",
             self.scenario,
             self.committed,
             self.applied,
@@ -362,6 +371,7 @@ impl fmt::Display for Report {
             self.phantom.len(),
             self.effect_duplicates,
             self.order_violations.len(),
+            self.wrong_effects.len(),
             self.duplicate_deliveries,
             self.dead.len(),
             self.dead_without_reason,
@@ -402,6 +412,10 @@ pub async fn check<B: ChaosBackend>(
         .expect("reading the outbox");
 
     let ledger_ids: BTreeSet<&str> = ledger.iter().map(|(id, _, _)| id.as_str()).collect();
+    let ledger_by_id: BTreeMap<&str, (&str, i64)> = ledger
+        .iter()
+        .map(|(id, key, seq)| (id.as_str(), (key.as_str(), *seq)))
+        .collect();
     let mut per_event: BTreeMap<&str, usize> = BTreeMap::new();
     for (_, id, _, _) in &effects {
         *per_event.entry(id.as_str()).or_default() += 1;
@@ -434,6 +448,28 @@ pub async fn check<B: ChaosBackend>(
             report.phantom.push((*id).to_owned());
         }
         report.effect_duplicates += n - 1;
+        if *n > 1 {
+            let mine: Vec<String> = effects
+                .iter()
+                .filter(|(_, e, _, _)| e == id)
+                .map(|(effect_id, _, _, _)| effect_id.to_string())
+                .collect();
+            let (key, seq) = ledger_by_id.get(id).copied().unwrap_or(("?", -1));
+            report.duplicated.push(format!(
+                "event {id} key {key} seq {seq}: effects {}",
+                mine.join(", ")
+            ));
+        }
+    }
+    for (effect_id, id, key, seq) in &effects {
+        if let Some((want_key, want_seq)) = ledger_by_id.get(id.as_str()) {
+            if key != want_key || seq != want_seq {
+                report.wrong_effects.push(format!(
+                    "event {id} (effect {effect_id}): handler saw key {key} seq {seq}, \
+                     committed key {want_key} seq {want_seq}"
+                ));
+            }
+        }
     }
     let mut last: BTreeMap<&str, i64> = BTreeMap::new();
     for (effect_id, id, key, seq) in &effects {

@@ -91,6 +91,10 @@ fn collect(counters: &Counters) -> WorkerStats {
         s.fenced += r.fenced.load(Ordering::Relaxed);
         s.rounds += r.rounds.load(Ordering::Relaxed);
         s.relay_errors += r.errors.load(Ordering::Relaxed);
+        s.idles += r.idles.load(Ordering::Relaxed);
+        s.producer_restarts += r.producer_restarts.load(Ordering::Relaxed);
+        s.failed_probes += r.failed_probes.load(Ordering::Relaxed);
+        s.redelivered_lost += r.redelivered_lost.load(Ordering::Relaxed);
     }
     if let Some(c) = &counters.consumer {
         s.handled = c.handled.load(Ordering::Relaxed);
@@ -100,6 +104,9 @@ fn collect(counters: &Counters) -> WorkerStats {
         s.consumer_dead = c.dead.load(Ordering::Relaxed);
         s.skipped = c.skipped.load(Ordering::Relaxed);
         s.db_retries = c.db_retries.load(Ordering::Relaxed);
+        s.mismatched = c.mismatched.load(Ordering::Relaxed);
+        s.not_due = c.not_due.load(Ordering::Relaxed);
+        s.republished = c.republished.load(Ordering::Relaxed);
     }
     s
 }
