@@ -192,6 +192,60 @@ const STUCK_ROUNDS: u32 = 2;
 /// Rows per statement when making rows lost with the broker pending again.
 const LOST_BATCH: u32 = 1000;
 
+/// After a broker lost its log: how long after the loss the records a consumer may have
+/// skipped were published ([`Relay::redeliver_lost`]).
+const LOST_WINDOW: Duration = Duration::from_secs(60);
+
+/// ... and how long they get to be consumed before they are sent again.
+const LOST_GRACE: Duration = Duration::from_secs(30);
+
+/// Makes published, unconsumed rows pending again in batches until a batch comes back
+/// short; `window()` gives the publish-age bounds (`older_than`, `newer_than`) for each
+/// statement. Returns how many rows changed; gives up after repeated failures (the
+/// housekeeping sweep remains).
+async fn sweep_published<DB: Backend>(
+    pool: &Pool<DB>,
+    route: &Route,
+    stats: &RelayStats,
+    window: impl Fn() -> (Duration, Option<Duration>),
+) -> u64 {
+    let mut total = 0;
+    let mut failures = 0;
+    loop {
+        let (older_than, newer_than) = window();
+        match DB::redeliver_stale(
+            pool,
+            route.table(),
+            route.service(),
+            older_than,
+            newer_than,
+            LOST_BATCH,
+        )
+        .await
+        {
+            Ok(n) => {
+                total += n;
+                stats.redelivered_lost.fetch_add(n, Ordering::Relaxed);
+                wakeup::wake_local(route.table(), route.service());
+                if n < u64::from(LOST_BATCH) {
+                    return total;
+                }
+            }
+            Err(e) if failures < 10 => {
+                failures += 1;
+                tracing::warn!(service = %route.service(), error = %e,
+                    "making lost rows pending failed; retrying");
+                tokio::time::sleep(PROBE_BACKOFF.delay(failures)).await;
+            }
+            Err(e) => {
+                tracing::error!(service = %route.service(), error = %e,
+                    "giving up making lost rows pending; the housekeeping sweep will");
+                return total;
+            }
+        }
+    }
+}
+
 impl<DB: Backend> Relay<DB> {
     /// A relay for `route`, with its own producer.
     pub fn new(
@@ -481,8 +535,15 @@ impl<DB: Backend> Relay<DB> {
         went_back
     }
 
-    /// Makes the rows published before now and not consumed pending again, in bounded
-    /// batches, in a task of its own: their records were in a log that went back.
+    /// Rows lost with a broker's log are published again, on this schedule, in a task
+    /// of its own, in bounded batches:
+    /// 1. at once: every row published before the loss was seen and not consumed;
+    /// 2. once, [`LOST_WINDOW`] + [`LOST_GRACE`] later: rows published in the
+    ///    [`LOST_WINDOW`] after the loss and still not consumed. A consumer that was
+    ///    paused through the restart resumes at its old position in the new log and
+    ///    skips the records before it; this sends those again (a row at most once).
+    ///
+    /// Anything later is the housekeeping sweep's ([`OutboxConfig::redeliver_after`]).
     fn redeliver_lost(&self) {
         let detected = Instant::now();
         let pool = self.pool.clone();
@@ -492,42 +553,24 @@ impl<DB: Backend> Relay<DB> {
             "the broker acknowledged an offset below one it acknowledged before: records were \
              lost with its log; publishing the events not yet consumed again");
         tokio::spawn(async move {
-            let mut total = 0;
-            let mut failures = 0;
-            loop {
-                // Published before the loss was seen: `elapsed` is a delay on the
-                // database clock, never an instant from this one.
-                match DB::redeliver_stale(
-                    &pool,
-                    route.table(),
-                    route.service(),
-                    detected.elapsed(),
-                    LOST_BATCH,
-                )
-                .await
-                {
-                    Ok(n) => {
-                        total += n;
-                        stats.redelivered_lost.fetch_add(n, Ordering::Relaxed);
-                        wakeup::wake_local(route.table(), route.service());
-                        if n < u64::from(LOST_BATCH) {
-                            break;
-                        }
-                    }
-                    Err(e) if failures < 10 => {
-                        failures += 1;
-                        tracing::warn!(service = %route.service(), error = %e,
-                            "making lost rows pending failed; retrying");
-                        tokio::time::sleep(PROBE_BACKOFF.delay(failures)).await;
-                    }
-                    Err(e) => {
-                        tracing::error!(service = %route.service(), error = %e,
-                            "giving up making lost rows pending; the redelivery sweep will");
-                        break;
-                    }
-                }
-            }
+            // Times are delays on the database clock, measured from this one's instants.
+            let total =
+                sweep_published::<DB>(&pool, &route, &stats, || (detected.elapsed(), None)).await;
             tracing::info!(service = %route.service(), rows = total, "rows lost with the broker's log are pending again");
+            tokio::time::sleep(LOST_WINDOW + LOST_GRACE).await;
+            let skipped = sweep_published::<DB>(&pool, &route, &stats, || {
+                let since = detected.elapsed();
+                (
+                    since.saturating_sub(LOST_WINDOW),
+                    Some(since + Duration::from_secs(5)),
+                )
+            })
+            .await;
+            if skipped > 0 {
+                tracing::warn!(service = %route.service(), rows = skipped,
+                    "events published just after the broker lost its log were still not consumed \
+                     (a consumer resumed past them?); publishing them again");
+            }
         });
     }
 

@@ -230,7 +230,9 @@ async fn housekeeping<DB: Backend>(
             return Ok(());
         }
         if let Some(after) = config.redeliver_after {
-            match DB::redeliver_stale(&pool, route.table(), route.service(), after, BATCH).await {
+            match DB::redeliver_stale(&pool, route.table(), route.service(), after, None, BATCH)
+                .await
+            {
                 Ok(0) => {}
                 Ok(n) => {
                     tracing::warn!(service = %route.service(), rows = n, "published events never consumed; publishing them again");

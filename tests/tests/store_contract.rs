@@ -1321,6 +1321,81 @@ async fn defer_sends_lost_predecessors_again<T: TestDatabase>() {
     db.cleanup().await;
 }
 
+/// Moves a row's `published_at` back by `secs` seconds (each backend stores time its way).
+async fn backdate_published<DB: Backend>(pool: &Pool<DB>, id: i64, secs: i64) {
+    let sql = match DB::BACKEND_NAME {
+        "postgres" => "UPDATE outbox_events SET published_at = published_at - make_interval(secs => ?) WHERE id = ?",
+        "mysql" => "UPDATE outbox_events SET published_at = published_at - INTERVAL ? SECOND WHERE id = ?",
+        _ => "UPDATE outbox_events SET published_at = published_at - ? * 1000000 WHERE id = ?",
+    };
+    let mut conn = pool.acquire().await.expect("connection");
+    DB::execute_portable(&mut conn, sql, &[secs.into(), id.into()])
+        .await
+        .expect("backdate");
+}
+
+/// The redelivery sweep takes published, unconsumed rows by how long ago they were
+/// published: older than a bound, and (for the relay's sweep after a lost log) newer
+/// than another; consumed rows never.
+async fn redelivery_by_publish_age<T: TestDatabase>() {
+    let db = setup::<T>().await;
+    let pool = db.pool();
+    let (a, b, c, d) = (
+        publish(pool, &SVC, Some("a")).await,
+        publish(pool, &SVC, Some("b")).await,
+        publish(pool, &SVC, Some("c")).await,
+        publish(pool, &SVC, Some("d")).await,
+    );
+    let t = token();
+    let ids: Vec<i64> = claim(pool, &SVC, 10, LONG, t)
+        .await
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids.len(), 4);
+    T::DB::mark_published(pool, &TABLE, &ids, t)
+        .await
+        .expect("mark");
+    let id = |e| async move { fetch(pool, e).await.id };
+    backdate_published(pool, id(a).await, 100).await;
+    backdate_published(pool, id(b).await, 50).await;
+    backdate_published(pool, id(d).await, 100).await;
+    let mut tx = T::DB::begin(pool).await.expect("begin");
+    T::DB::mark_consumed(&mut *tx, &TABLE, &[id(d).await])
+        .await
+        .expect("consumed");
+    tx.commit().await.expect("commit");
+
+    let window = |older: u64, newer: Option<u64>| {
+        (Duration::from_secs(older), newer.map(Duration::from_secs))
+    };
+    let (older, newer) = window(30, Some(70));
+    assert_eq!(
+        T::DB::redeliver_stale(pool, &TABLE, &SVC, older, newer, 10)
+            .await
+            .expect("sweep"),
+        1,
+        "published 50 s ago: between 30 and 70"
+    );
+    assert_eq!(fetch(pool, b).await.status, Status::Pending);
+    let (older, newer) = window(60, None);
+    assert_eq!(
+        T::DB::redeliver_stale(pool, &TABLE, &SVC, older, newer, 10)
+            .await
+            .expect("sweep"),
+        1,
+        "published 100 s ago"
+    );
+    assert_eq!(fetch(pool, a).await.status, Status::Pending);
+    assert_eq!(fetch(pool, c).await.status, Status::Published, "too recent");
+    assert_eq!(
+        fetch(pool, d).await.status,
+        Status::Consumed,
+        "consumed rows never"
+    );
+    db.cleanup().await;
+}
+
 // ---------------------------------------------------------------------------------
 // Every behaviour on every backend.
 // ---------------------------------------------------------------------------------
@@ -1362,6 +1437,7 @@ contract!(
     concurrent_writers_and_claimers,
     lock_reads_the_stored_event,
     defer_sends_lost_predecessors_again,
+    redelivery_by_publish_age,
 );
 
 // ---------------------------------------------------------------------------------
@@ -1671,7 +1747,7 @@ mod postgres_specific {
         let sweep = {
             let pool = pool.clone();
             tokio::spawn(async move {
-                Postgres::redeliver_stale(&pool, &TABLE, &SVC, Duration::ZERO, 10)
+                Postgres::redeliver_stale(&pool, &TABLE, &SVC, Duration::ZERO, None, 10)
                     .await
                     .expect("sweep")
             })

@@ -492,11 +492,15 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// retention expired) go back to pending, due now, `lease_token = 0`, so the relay
     /// publishes them again; a consumer that did apply one finds it consumed. Up to
     /// `limit` rows; returns how many.
+    ///
+    /// With `newer_than`, only rows published less than that long ago (a window of
+    /// publish times, for the relay's sweep after a broker lost its log).
     fn redeliver_stale<'p>(
         pool: &'p Pool<Self>,
         table: &'p TableName,
         service: &'p ServiceName,
         older_than: Duration,
+        newer_than: Option<Duration>,
         limit: u32,
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'p;
 

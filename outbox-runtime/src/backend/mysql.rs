@@ -725,19 +725,24 @@ impl Backend for MySql {
         table: &'p TableName,
         service: &'p ServiceName,
         older_than: Duration,
+        newer_than: Option<Duration>,
         limit: u32,
     ) -> Result<u64, sqlx::Error> {
         let sql = format!(
             "UPDATE {table} SET status = 0, next_attempt_at = UTC_TIMESTAMP(6), locked_until = NULL, \
                     lease_token = 0, updated_at = UTC_TIMESTAMP(6) \
               WHERE service = ? AND status = 1 AND published_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND \
+                AND (? IS NULL OR published_at >= UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND) \
               ORDER BY id LIMIT ?"
         );
         let older = micros(older_than);
+        let newer = newer_than.map(micros);
         let done = with_retry(|| {
             sqlx::query(&sql)
                 .bind(service.as_str())
                 .bind(older)
+                .bind(newer)
+                .bind(newer)
                 .bind(i64::from(limit))
                 .execute(pool)
         })

@@ -529,18 +529,22 @@ impl Backend for Postgres {
         table: &'p TableName,
         service: &'p ServiceName,
         older_than: Duration,
+        newer_than: Option<Duration>,
         limit: u32,
     ) -> Result<u64, sqlx::Error> {
         let done = sqlx::query(&format!(
             "UPDATE {table} SET status = 0, next_attempt_at = now(), locked_until = NULL, lease_token = 0, \
                     updated_at = now() \
               WHERE id IN (SELECT id FROM {table} WHERE service = $1 AND status = 1 \
-                             AND published_at < now() - make_interval(secs => $2) ORDER BY id LIMIT $3) \
+                             AND published_at < now() - make_interval(secs => $2) \
+                             AND ($4::float8 IS NULL OR published_at >= now() - make_interval(secs => $4)) \
+                             ORDER BY id LIMIT $3) \
                 AND status = 1"
         ))
         .bind(service.as_str())
         .bind(secs(older_than))
         .bind(i64::from(limit))
+        .bind(newer_than.map(secs))
         .execute(pool)
         .await?;
         Ok(done.rows_affected())

@@ -566,16 +566,21 @@ impl Backend for Sqlite {
         table: &'p TableName,
         service: &'p ServiceName,
         older_than: Duration,
+        newer_than: Option<Duration>,
         limit: u32,
     ) -> Result<u64, sqlx::Error> {
+        let newer = newer_than.map(micros);
         let done = sqlx::query(&format!(
             "UPDATE {table} SET status = 0, next_attempt_at = {NOW}, locked_until = NULL, lease_token = 0, \
                     updated_at = {NOW} \
               WHERE id IN (SELECT id FROM {table} WHERE service = ? AND status = 1 \
-                             AND published_at < {NOW} - ? ORDER BY id LIMIT ?) AND status = 1"
+                             AND published_at < {NOW} - ? AND (? IS NULL OR published_at >= {NOW} - ?) \
+                             ORDER BY id LIMIT ?) AND status = 1"
         ))
         .bind(service.as_str())
         .bind(micros(older_than))
+        .bind(newer)
+        .bind(newer)
         .bind(i64::from(limit))
         .execute(pool)
         .await?;
