@@ -434,28 +434,7 @@ async fn poison_payload_reason_carries_no_values<T: TestDatabase>() {
 // Every behaviour on every backend.
 // ---------------------------------------------------------------------------------
 
-macro_rules! on_backend {
-    ($module:ident, $db:ty, [$($check:ident),* $(,)?]) => {
-        mod $module {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $check() {
-                    super::$check::<$db>().await
-                }
-            )*
-        }
-    };
-}
-
-macro_rules! every_backend {
-    ($($check:ident),* $(,)?) => {
-        on_backend!(postgres, outbox_tests::db::TestPg, [$($check),*]);
-        on_backend!(mysql, outbox_tests::db::TestMySql, [$($check),*]);
-        on_backend!(sqlite, outbox_tests::db::TestSqlite, [$($check),*]);
-    };
-}
-
-every_backend!(
+outbox_tests::every_backend!(
     publish_raw_refusals,
     keys_are_trimmed_and_blank_keys_are_none,
     poison_payload_reason_carries_no_values,

@@ -20,7 +20,7 @@ use outbox_runtime::consumer::{Consumer, Outcome};
 use outbox_runtime::envelope::{header, Envelope};
 use outbox_runtime::retry::Backoff;
 use outbox_runtime::{Backend, Catalog, EventId, Outbox, OutboxConfig, Status};
-use outbox_tests::db::{TestDatabase, TestMySql, TestPg, TestSqlite};
+use outbox_tests::db::TestDatabase;
 use outbox_tests::e2e::{create_effects, eventually, TestBackend};
 use outbox_tests::services::{Script, Task, TaskCreated};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
@@ -390,24 +390,7 @@ where
     w.db.cleanup().await;
 }
 
-macro_rules! on_every_backend {
-    ($($check:ident),* $(,)?) => {
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $check() { super::$check::<super::TestPg>().await })*
-        }
-        mod mysql {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $check() { super::$check::<super::TestMySql>().await })*
-        }
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $check() { super::$check::<super::TestSqlite>().await })*
-        }
-    };
-}
-
-on_every_backend!(
+outbox_tests::every_backend!(
     a_forged_record_changes_nothing,
     a_copy_during_a_retry_backoff_is_left_alone,
     a_record_over_the_payload_limit_is_skipped,
