@@ -62,9 +62,24 @@ pub struct HandlerContext<DB: Backend> {
 }
 
 impl<DB: Backend> HandlerContext<DB> {
-    /// Wraps the consumer's transaction (used by the consumer).
-    pub(crate) fn new(tx: sqlx::Transaction<'static, DB>, meta: EventMeta) -> Self {
+    /// Wraps the consumer's transaction from its BEGIN (used by the consumer): the
+    /// transaction lives here until COMMIT, and each handler run in it sees the facts
+    /// of its own event ([`set_meta`](Self::set_meta)).
+    pub(crate) fn begin(tx: sqlx::Transaction<'static, DB>) -> Self {
+        let meta = EventMeta {
+            event_id: EventId(uuid::Uuid::nil()),
+            event_type: String::new(),
+            version: 0,
+            service: String::new(),
+            key: None,
+            attempt: 0,
+        };
         HandlerContext { tx, meta }
+    }
+
+    /// The event the next handler run handles (used by the consumer).
+    pub(crate) fn set_meta(&mut self, meta: EventMeta) {
+        self.meta = meta;
     }
 
     /// Gives the transaction back (used by the consumer after the handler returns).

@@ -1,0 +1,264 @@
+//! Batches: a lane's queued records settled in ONE transaction when all of them take
+//! the happy path ([`OutboxConfig::consumer_batch_size`]). The records go through the
+//! same steps as alone ([`Consumer::step`]); the [`Batch`] scope answers from what it
+//! locked and read up front and writes one consumed mark for all before COMMIT.
+//!
+//! [`OutboxConfig::consumer_batch_size`]: crate::OutboxConfig::consumer_batch_size
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+
+use rdkafka::message::{Message, OwnedMessage};
+use sqlx::Transaction;
+use uuid::Uuid;
+
+use super::record::Record;
+use super::settle::{Located, Scope, Step};
+use super::{Consumer, Outcome};
+use crate::backend::{Backend, RowState};
+use crate::error::Result;
+use crate::event::EventId;
+use crate::handler::HandlerContext;
+use crate::relay::ShutdownSignal;
+
+/// How many times a batch retries its up-front lock after waiting for a row another
+/// transaction held, before settling its records one by one.
+const BATCH_LOCK_ATTEMPTS: usize = 3;
+
+/// Most open rows of its keys a batch reads up front (beyond that, a parked key's
+/// backlog: each record asks the database).
+const BATCH_OPEN_ROWS: u32 = 1024;
+
+/// What a batch transaction knows besides what it wrote.
+pub(super) struct Batch {
+    /// The rows' states as locked at the start, by event id; taken by the first record
+    /// of each event (a repeat sees what the first one did).
+    locked: HashMap<Uuid, RowState>,
+    /// Open rows of the batch's keys below its highest row id, by key, as read after the
+    /// lock; `None` when there were too many to read (then each record asks the database).
+    open: Option<HashMap<String, Vec<i64>>>,
+    /// Rows handled so far; they are marked consumed in one statement before COMMIT.
+    handled: HashSet<i64>,
+    /// Events handled so far, so a repeat in the same batch is a duplicate.
+    handled_events: HashSet<Uuid>,
+}
+
+impl<DB: Backend> Scope<DB> for Batch {
+    async fn row(
+        &mut self,
+        c: &Consumer<DB>,
+        tx: &mut Transaction<'static, DB>,
+        event_id: EventId,
+    ) -> Result<Located> {
+        if self.handled_events.contains(&event_id.0) {
+            return Ok(Located::Repeat);
+        }
+        match self.locked.remove(&event_id.0) {
+            Some(row) => Ok(Located::Row(row)),
+            // A repeat of an event the batch did not handle: ask again.
+            None => super::settle::Alone.row(c, tx, event_id).await,
+        }
+    }
+
+    async fn open_predecessor(
+        &mut self,
+        c: &Consumer<DB>,
+        tx: &mut Transaction<'static, DB>,
+        key: &str,
+        id: i64,
+    ) -> Result<bool> {
+        // Open when the batch began and not handled in it since.
+        match &self.open {
+            Some(open) => Ok(open
+                .get(key)
+                .is_some_and(|ids| ids.iter().any(|j| *j < id && !self.handled.contains(j)))),
+            None => super::settle::Alone.open_predecessor(c, tx, key, id).await,
+        }
+    }
+
+    async fn handled(
+        &mut self,
+        _c: &Consumer<DB>,
+        _tx: &mut Transaction<'static, DB>,
+        row: &RowState,
+        event_id: EventId,
+    ) -> Result<()> {
+        self.handled.insert(row.id);
+        self.handled_events.insert(event_id.0);
+        Ok(())
+    }
+}
+
+impl<DB: Backend> Consumer<DB> {
+    /// Settles a lane's queued records: in one transaction when there are several and
+    /// all of them take the happy path, otherwise one by one. Returns how many records,
+    /// from the front, settled (fewer than all only when shutdown came first).
+    pub(super) async fn settle_batch(
+        &self,
+        msgs: &[OwnedMessage],
+        shutdown: &mut ShutdownSignal,
+    ) -> usize {
+        let records: Vec<_> = msgs
+            .iter()
+            .map(|m| Record::read(m, self.config.max_payload_bytes))
+            .collect();
+        if records.len() > 1 {
+            match self.process_batch(&records).await {
+                Ok(Some(_)) => return records.len(),
+                Ok(None) => {}
+                Err(e) => {
+                    // One by one next, where each record is retried in place with a
+                    // backoff: a record that fails every time then holds up only itself.
+                    self.stats.db_retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(service = %self.route.service(), records = records.len(), error = %e,
+                        "a batch failed on the database; settling its records one by one");
+                }
+            }
+        }
+        for (i, record) in records.iter().enumerate() {
+            if *shutdown.borrow() || self.settle(record, shutdown).await.is_none() {
+                return i;
+            }
+        }
+        records.len()
+    }
+
+    /// Processes several records of one lane in ONE transaction. `Ok(None)` when a
+    /// record needs more than the happy path (a handler failed, a dead letter, a record
+    /// with no row) or its rows stayed locked by others: the transaction was rolled
+    /// back and the records must be processed one by one.
+    ///
+    /// Statements per batch: the lock (which also reads the rows), one read of the open
+    /// rows of its keys, one consumed mark for all, COMMIT; plus the handlers' own.
+    async fn process_batch<M: Message>(
+        &self,
+        records: &[Record<'_, M>],
+    ) -> Result<Option<Vec<Outcome>>> {
+        let Some(first) = records.first() else {
+            return Ok(Some(Vec::new()));
+        };
+        let mut event_ids: Vec<_> = records
+            .iter()
+            .filter_map(|r| r.event_id())
+            .map(|id| id.0)
+            .collect();
+        event_ids.sort_unstable();
+        event_ids.dedup();
+        let Some((tx, locked)) = self.lock_batch(first, &event_ids).await? else {
+            return Ok(None);
+        };
+        let mut work = HandlerContext::begin(tx);
+        let open = self.open_rows(work.transaction(), first, &locked).await?;
+        let mut batch = Batch {
+            locked,
+            open,
+            handled: HashSet::new(),
+            handled_events: HashSet::new(),
+        };
+        let mut outcomes = Vec::with_capacity(records.len());
+        for record in records {
+            match self.step(&mut work, record, &mut batch).await? {
+                Step::InTx(outcome) => outcomes.push(outcome),
+                Step::Abort(_) => {
+                    let _ = work.into_transaction().rollback().await;
+                    return Ok(None);
+                }
+            }
+        }
+        if !batch.handled.is_empty() {
+            let ids: Vec<i64> = batch.handled.iter().copied().collect();
+            DB::mark_consumed(work.transaction(), self.route.table(), &ids)
+                .await
+                .map_err(|e| self.db_error("marking consumed the batch starting with", first, e))?;
+        }
+        self.commit(work, first).await?;
+        for outcome in &outcomes {
+            self.count(outcome);
+        }
+        self.stats
+            .batched
+            .fetch_add(outcomes.len() as u64, Ordering::Relaxed);
+        Ok(Some(outcomes))
+    }
+
+    /// Begins a batch's transaction and locks the rows of `event_ids` without waiting
+    /// (`Backend::lock_batch_for_consume`). When another transaction holds one (a relay
+    /// marking it published, usually), rolls back, waits for that row in a statement of
+    /// its own, holding no other lock, and tries again: a batch never waits for a row
+    /// while holding others, so it cannot deadlock with a relay's mark. `None` when a
+    /// row does not exist or the rows stayed busy.
+    async fn lock_batch<M: Message>(
+        &self,
+        first: &Record<'_, M>,
+        event_ids: &[Uuid],
+    ) -> Result<Option<(Transaction<'static, DB>, HashMap<Uuid, RowState>)>> {
+        let route = &self.route;
+        for _ in 0..BATCH_LOCK_ATTEMPTS {
+            let mut tx = DB::begin(&self.pool)
+                .await
+                .map_err(|e| self.db_error("beginning to consume", first, e))?;
+            let locked: HashMap<_, _> =
+                DB::lock_batch_for_consume(&mut tx, route.table(), route.service(), event_ids)
+                    .await
+                    .map_err(|e| self.db_error("locking the rows of a batch with", first, e))?
+                    .into_iter()
+                    .collect();
+            let Some(busy) = event_ids.iter().find(|id| !locked.contains_key(id)) else {
+                return Ok(Some((tx, locked)));
+            };
+            let _ = tx.rollback().await;
+            self.stats.batch_lock_waits.fetch_add(1, Ordering::Relaxed);
+            let mut conn = self
+                .pool
+                .acquire()
+                .await
+                .map_err(|e| self.db_error("waiting for a row of a batch with", first, e))?;
+            // Autocommit: the lock is taken once the holder commits, and let go at once.
+            let exists = DB::lock_for_consume(&mut conn, route.table(), route.service(), *busy)
+                .await
+                .map_err(|e| self.db_error("waiting for a row of a batch with", first, e))?
+                .is_some();
+            if !exists {
+                return Ok(None);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The open rows of the keys of a batch's `locked` rows, below the highest of them
+    /// (`None` if there are more than [`BATCH_OPEN_ROWS`]).
+    async fn open_rows<M: Message>(
+        &self,
+        tx: &mut Transaction<'static, DB>,
+        first: &Record<'_, M>,
+        locked: &HashMap<Uuid, RowState>,
+    ) -> Result<Option<HashMap<String, Vec<i64>>>> {
+        let mut keys: Vec<String> = locked.values().filter_map(|r| r.key.clone()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut open: HashMap<String, Vec<i64>> = HashMap::new();
+        let Some(below) = locked.values().map(|r| r.id).max() else {
+            return Ok(Some(open));
+        };
+        if keys.is_empty() {
+            return Ok(Some(open));
+        }
+        let rows = DB::open_rows_of_keys(
+            &mut **tx,
+            self.route.table(),
+            self.route.service(),
+            &keys,
+            below,
+            BATCH_OPEN_ROWS,
+        )
+        .await
+        .map_err(|e| self.db_error("reading the open rows of the batch with", first, e))?;
+        if rows.len() >= BATCH_OPEN_ROWS as usize {
+            return Ok(None);
+        }
+        for (key, id) in rows {
+            open.entry(key).or_default().push(id);
+        }
+        Ok(Some(open))
+    }
+}

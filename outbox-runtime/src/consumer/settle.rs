@@ -1,0 +1,474 @@
+//! Settlement: what one record does in the database. Inside the transaction: the row
+//! lock, the record's checks against its row, the predecessor check, the handler and
+//! the consumed mark ([`Consumer::step`]); after a rollback, what could not be done
+//! inside it: a skip, a dead letter or a retry ([`Consumer::settle_outside`]).
+//!
+//! A record is settled either alone, in a transaction of its own ([`Alone`]), or as one
+//! of a lane's batch ([`super::batch::Batch`]); both go through the same steps, and the
+//! [`Scope`] supplies what differs: where the locked row comes from, how a predecessor
+//! is known, when the consumed mark is written.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+
+use futures::FutureExt;
+use rdkafka::message::Message;
+use sqlx::Transaction;
+
+use super::record::{Read, Record};
+use super::{Consumer, Outcome};
+use crate::backend::{AttemptsFence, Backend, RowState, Status};
+use crate::error::{Error, Result};
+use crate::event::EventId;
+use crate::handler::{EventMeta, FailureKind, HandlerContext};
+use crate::relay::ShutdownSignal;
+use crate::retry::{decide, Decision};
+
+/// What [`Consumer::step`] did with one record inside the transaction.
+pub(super) enum Step {
+    /// Settled inside the transaction (handled, duplicate, deferred, ...): commit it.
+    InTx(Outcome),
+    /// Roll the transaction back, then settle the record outside it.
+    Abort(Abort),
+}
+
+/// What must be recorded after a rollback.
+pub(super) enum Abort {
+    /// No outbox row to act on.
+    Skip(String),
+    /// Dead at once, with the reason.
+    Dead(RowState, String),
+    /// The handler failed or panicked.
+    Failed {
+        row: RowState,
+        kind: FailureKind,
+        error: String,
+    },
+}
+
+/// Where the row of a record's event id was found.
+pub(super) enum Located {
+    /// Locked in this transaction.
+    Row(RowState),
+    /// The event was already handled earlier in this transaction (a batch's repeat).
+    Repeat,
+    /// No such row.
+    Missing,
+}
+
+/// What differs between settling a record alone and as one of a batch.
+pub(super) trait Scope<DB: Backend> {
+    /// The row `event_id` names, locked in `tx`.
+    async fn row(
+        &mut self,
+        c: &Consumer<DB>,
+        tx: &mut Transaction<'static, DB>,
+        event_id: EventId,
+    ) -> Result<Located>;
+
+    /// Whether a row of `key` older than `id` is still open.
+    async fn open_predecessor(
+        &mut self,
+        c: &Consumer<DB>,
+        tx: &mut Transaction<'static, DB>,
+        key: &str,
+        id: i64,
+    ) -> Result<bool>;
+
+    /// Records that the handler of `row` (event `event_id`) succeeded in `tx`.
+    async fn handled(
+        &mut self,
+        c: &Consumer<DB>,
+        tx: &mut Transaction<'static, DB>,
+        row: &RowState,
+        event_id: EventId,
+    ) -> Result<()>;
+}
+
+/// One record in a transaction of its own.
+pub(super) struct Alone;
+
+impl<DB: Backend> Scope<DB> for Alone {
+    async fn row(
+        &mut self,
+        c: &Consumer<DB>,
+        tx: &mut Transaction<'static, DB>,
+        event_id: EventId,
+    ) -> Result<Located> {
+        let route = &c.route;
+        let row = DB::lock_for_consume(tx, route.table(), route.service(), event_id.0)
+            .await
+            .map_err(|e| c.event_error("locking", event_id, e))?;
+        Ok(row.map_or(Located::Missing, Located::Row))
+    }
+
+    async fn open_predecessor(
+        &mut self,
+        c: &Consumer<DB>,
+        tx: &mut Transaction<'static, DB>,
+        key: &str,
+        id: i64,
+    ) -> Result<bool> {
+        let route = &c.route;
+        DB::has_open_predecessor(tx, route.table(), route.service(), key, id)
+            .await
+            .map_err(|e| {
+                Error::db(
+                    format!("checking the predecessors of row {id} in {}", route.table()),
+                    e,
+                )
+            })
+    }
+
+    async fn handled(
+        &mut self,
+        c: &Consumer<DB>,
+        tx: &mut Transaction<'static, DB>,
+        row: &RowState,
+        event_id: EventId,
+    ) -> Result<()> {
+        DB::mark_consumed(tx, c.route.table(), &[row.id])
+            .await
+            .map_err(|e| c.event_error("marking consumed", event_id, e))
+    }
+}
+
+impl<DB: Backend> Consumer<DB> {
+    /// Processes `record` until its outcome is settled in the database, retrying
+    /// database failures in place. `None` if shutdown came first.
+    pub(super) async fn settle<M: Message>(
+        &self,
+        record: &Record<'_, M>,
+        shutdown: &mut ShutdownSignal,
+    ) -> Option<Outcome> {
+        let mut failures = 0u32;
+        loop {
+            match self.process_record(record).await {
+                Ok(outcome) => return Some(outcome),
+                Err(e) => {
+                    failures += 1;
+                    self.stats.db_retries.fetch_add(1, Ordering::Relaxed);
+                    let delay = self.config.consumer_failure_backoff.delay(failures);
+                    tracing::warn!(service = %self.route.service(), offset = record.msg.offset(), error = %e, ?delay,
+                        "processing failed on the database; retrying the same record");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    if *shutdown.borrow() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Processes one record (any `rdkafka` message) in its own transaction. `Err` only
+    /// for database failures, after which the same record must be processed again.
+    pub async fn process<M: Message>(&self, msg: &M) -> Result<Outcome> {
+        self.process_record(&Record::read(msg, self.config.max_payload_bytes))
+            .await
+    }
+
+    /// [`process`](Self::process) for a record intake has read.
+    pub(super) async fn process_record<M: Message>(
+        &self,
+        record: &Record<'_, M>,
+    ) -> Result<Outcome> {
+        if let Read::Skip(reason) = &record.read {
+            // Nothing in the database to act on: no transaction.
+            return Ok(self.skipped(reason.clone()));
+        }
+        let tx = DB::begin(&self.pool)
+            .await
+            .map_err(|e| self.db_error("beginning to consume", record, e))?;
+        let mut work = HandlerContext::begin(tx);
+        match self.step(&mut work, record, &mut Alone).await? {
+            Step::InTx(outcome) => {
+                self.commit(work, record).await?;
+                self.count(&outcome);
+                Ok(outcome)
+            }
+            Step::Abort(abort) => {
+                let _ = work.into_transaction().rollback().await;
+                self.settle_outside(abort).await
+            }
+        }
+    }
+
+    /// Does what can be done for `record` inside the transaction `work` holds: the row
+    /// lock, the checks of the record against its row, the predecessor check, the
+    /// handler and the consumed mark (when, is the `scope`'s to say). Commit on
+    /// [`Step::InTx`], roll back on [`Step::Abort`].
+    ///
+    /// The row is the truth: it was written in the business transaction, and the
+    /// handler receives its type, version and payload. A record only says which row is
+    /// ready; one that disagrees with its row changes nothing.
+    pub(super) async fn step<M: Message, S: Scope<DB>>(
+        &self,
+        work: &mut HandlerContext<DB>,
+        record: &Record<'_, M>,
+        scope: &mut S,
+    ) -> Result<Step> {
+        let route = &self.route;
+        let event_id = match &record.read {
+            Read::Event { event_id, .. } => *event_id,
+            Read::Skip(reason) => return Ok(Step::Abort(Abort::Skip(reason.clone()))),
+        };
+        let row = match scope.row(self, work.transaction(), event_id).await? {
+            Located::Row(row) => row,
+            Located::Repeat => return Ok(Step::InTx(Outcome::Duplicate)),
+            Located::Missing => {
+                let reason = format!(
+                    "no outbox row for event {event_id} in service {} (table {})",
+                    route.service(),
+                    route.table()
+                );
+                return Ok(Step::Abort(Abort::Skip(reason)));
+            }
+        };
+        if let Some(differs) = record.disagreement(&row, route) {
+            let reason = format!(
+                "record at {} names event {event_id} but {differs}; the stored event is \
+                 left as it is",
+                record.at()
+            );
+            return Ok(Step::InTx(Outcome::Mismatch { reason }));
+        }
+        if row.status.is_terminal() {
+            return Ok(Step::InTx(Outcome::Duplicate));
+        }
+        if row.status == Status::Pending && !row.due {
+            // Waiting out a retry backoff or a deferral: a stale copy of its record. The
+            // relay publishes the row again when it is due.
+            return Ok(Step::InTx(Outcome::NotDue));
+        }
+        if let Some(key) = &row.key {
+            if scope
+                .open_predecessor(self, work.transaction(), key, row.id)
+                .await?
+            {
+                self.defer(work.transaction(), key, &row, event_id).await?;
+                return Ok(Step::InTx(Outcome::Deferred));
+            }
+        }
+        let Some(handler) = self.handlers.get(&row.event_type) else {
+            let reason = if self.catalog.event(&row.event_type).is_none() {
+                format!("unknown event type `{}`", row.event_type)
+            } else {
+                format!(
+                    "no handler for event type `{}` in service `{}`",
+                    row.event_type,
+                    route.service()
+                )
+            };
+            return Ok(Step::Abort(Abort::Dead(row, reason)));
+        };
+        let version = u32::try_from(row.version).unwrap_or(0);
+        if version > handler.version {
+            let reason = format!(
+                "event `{}` has schema version {}, newer than the handler's {}",
+                row.event_type, row.version, handler.version
+            );
+            return Ok(Step::Abort(Abort::Dead(row, reason)));
+        }
+
+        work.set_meta(EventMeta {
+            event_id,
+            event_type: row.event_type.clone(),
+            version,
+            service: route.service().to_string(),
+            key: row.key.clone(),
+            attempt: u32::try_from(row.attempts).unwrap_or(0) + 1,
+        });
+        let result = AssertUnwindSafe((handler.call)(work, row.payload.as_bytes()))
+            .catch_unwind()
+            .await;
+        let (kind, error) = match result {
+            Ok(Ok(())) => {
+                scope
+                    .handled(self, work.transaction(), &row, event_id)
+                    .await?;
+                return Ok(Step::InTx(Outcome::Handled));
+            }
+            Ok(Err(e)) => (e.kind(), e.message().to_owned()),
+            Err(panic) => (
+                FailureKind::Transient,
+                format!("handler panicked: {}", panic_message(&panic)),
+            ),
+        };
+        Ok(Step::Abort(Abort::Failed { row, kind, error }))
+    }
+
+    /// Sends `row` back to pending behind its open predecessor, and publishes again
+    /// those of its predecessors that were published but never reached this consumer.
+    async fn defer(
+        &self,
+        tx: &mut Transaction<'static, DB>,
+        key: &str,
+        row: &RowState,
+        event_id: EventId,
+    ) -> Result<()> {
+        let route = &self.route;
+        let republished = DB::defer(
+            tx,
+            route.table(),
+            route.service(),
+            key,
+            row.id,
+            self.config.backoff.base,
+        )
+        .await
+        .map_err(|e| self.event_error("deferring", event_id, e))?;
+        if republished > 0 {
+            self.stats
+                .republished
+                .fetch_add(republished, Ordering::Relaxed);
+            tracing::warn!(service = %route.service(), row = row.id, predecessors = republished,
+                "published predecessors of this event never reached the consumer before it \
+                 (lost with the broker?); publishing them again");
+        }
+        Ok(())
+    }
+
+    /// Commits the transaction of one record or one batch (`record` names it in errors).
+    pub(super) async fn commit<M: Message>(
+        &self,
+        work: HandlerContext<DB>,
+        record: &Record<'_, M>,
+    ) -> Result<()> {
+        failpoint!("consumer.before_commit");
+        work.into_transaction()
+            .commit()
+            .await
+            .map_err(|e| self.db_error("committing the handler of", record, e))?;
+        failpoint!("consumer.after_commit");
+        Ok(())
+    }
+
+    /// Counts an outcome settled inside a committed transaction.
+    pub(super) fn count(&self, outcome: &Outcome) {
+        let counter = match outcome {
+            Outcome::Handled => &self.stats.handled,
+            Outcome::Duplicate => &self.stats.duplicates,
+            Outcome::Deferred => &self.stats.deferred,
+            Outcome::NotDue => &self.stats.not_due,
+            Outcome::Mismatch { reason } => {
+                tracing::warn!(service = %self.route.service(), %reason, "record does not match its outbox row");
+                &self.stats.mismatched
+            }
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records, after the rollback, what could not be done inside the transaction.
+    async fn settle_outside(&self, abort: Abort) -> Result<Outcome> {
+        let route = &self.route;
+        match abort {
+            Abort::Skip(reason) => Ok(self.skipped(reason)),
+            Abort::Dead(row, reason) => self.dead(&row, reason).await,
+            Abort::Failed {
+                row,
+                kind: FailureKind::Transient,
+                error,
+            } => match decide(row.attempts, row.max_retries, &self.config.backoff) {
+                Decision::RetryAfter(delay) => {
+                    DB::retry_later(
+                        &self.pool,
+                        route.table(),
+                        row.id,
+                        AttemptsFence(row.attempts),
+                        delay,
+                        &error,
+                    )
+                    .await
+                    .map_err(|e| {
+                        Error::db(
+                            format!("scheduling a retry of row {} of {}", row.id, route.table()),
+                            e,
+                        )
+                    })?;
+                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(service = %route.service(), row = row.id, ?delay, %error, "handler failed; retrying later");
+                    Ok(Outcome::Retry { error })
+                }
+                Decision::Dead => {
+                    let reason = crate::backend::error_with_note(
+                        &error,
+                        &format!(" [retries exhausted: failed {} times]", row.attempts + 1),
+                    );
+                    self.dead(&row, reason).await
+                }
+            },
+            Abort::Failed { row, error, .. } => self.dead(&row, error).await,
+        }
+    }
+
+    /// A database error while acting on the record at `record`.
+    pub(super) fn db_error<M: Message>(
+        &self,
+        what: &str,
+        record: &Record<'_, M>,
+        e: sqlx::Error,
+    ) -> Error {
+        Error::db(
+            format!(
+                "{what} the record at {} of service {} in {}",
+                record.at(),
+                self.route.service(),
+                self.route.table()
+            ),
+            e,
+        )
+    }
+
+    /// A database error while acting on the row of `event_id`.
+    pub(super) fn event_error(&self, what: &str, event_id: EventId, e: sqlx::Error) -> Error {
+        Error::db(
+            format!(
+                "{what} event {event_id} of service {} in {}",
+                self.route.service(),
+                self.route.table()
+            ),
+            e,
+        )
+    }
+
+    async fn dead(&self, row: &RowState, reason: String) -> Result<Outcome> {
+        let route = &self.route;
+        DB::mark_dead(
+            &self.pool,
+            route.table(),
+            row.id,
+            AttemptsFence(row.attempts),
+            &reason,
+        )
+        .await
+        .map_err(|e| {
+            Error::db(
+                format!("marking row {} of {} dead", row.id, route.table()),
+                e,
+            )
+        })?;
+        self.stats.dead.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(service = %route.service(), row = row.id, %reason, "outbox event is dead");
+        Ok(Outcome::Dead { reason })
+    }
+
+    fn skipped(&self, reason: String) -> Outcome {
+        self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(service = %self.route.service(), %reason, "record skipped");
+        Outcome::Skipped { reason }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
