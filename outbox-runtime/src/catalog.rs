@@ -108,9 +108,13 @@ impl Catalog {
     }
 
     /// The route of service `S` (the typed publish side: no strings).
-    pub fn route_of<S: Service>(&self) -> Result<&Route, crate::Error> {
-        self.route(S::NAME)
-            .ok_or_else(|| crate::Error::UnknownService(S::NAME.to_owned()))
+    pub fn route_of<S: Service>(&self) -> Result<&Route, CatalogError> {
+        self.route(S::NAME).ok_or_else(|| CatalogError {
+            problems: vec![format!(
+                "service `{}` is not in this route catalog (built without it?)",
+                S::NAME
+            )],
+        })
     }
 
     /// All routes, by service name.
@@ -372,10 +376,10 @@ impl CatalogBuilder {
                     .unwrap_or(s.group)
             );
             let checked = (
-                ServiceName::new(s.name),
-                TableName::new(table),
-                TopicName::new(&topic),
-                GroupName::new(&group),
+                ServiceName::checked(s.name),
+                TableName::checked(table),
+                TopicName::checked(&topic),
+                GroupName::checked(&group),
             );
             match checked {
                 (Ok(service), Ok(table), Ok(topic), Ok(group)) => {
@@ -389,11 +393,7 @@ impl CatalogBuilder {
                         .into_iter()
                         .flatten()
                     {
-                        let why = match e {
-                            crate::Error::InvalidName(why) => why,
-                            other => other.to_string(),
-                        };
-                        problems.insert(format!("service `{}`: {}", s.name, why));
+                        problems.insert(format!("service `{}`: {}", s.name, e));
                     }
                     // Still known as declared, so events of it are not reported as
                     // belonging to an undeclared service.

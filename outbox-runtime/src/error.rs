@@ -114,6 +114,15 @@ pub enum Error {
     /// Invalid configuration.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A relay or consumer task panicked or was cancelled.
+    #[error("outbox task {task} ended abnormally: {source}")]
+    Join {
+        /// Which task.
+        task: String,
+        /// The join error (the panic).
+        #[source]
+        source: tokio::task::JoinError,
+    },
     /// The backend cannot do what was asked.
     #[error("the {backend} backend does not support {what}")]
     Unsupported {

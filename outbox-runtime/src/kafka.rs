@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
@@ -254,6 +254,45 @@ impl ConsumerContext for ClientLog {
             tracing::warn!(client = self.client, error = %e, "consumer rebalance failed");
         }
         self.rebalances.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// The producer the relays of one process share, replaced when it can no longer work.
+pub(crate) struct Producers {
+    kafka: KafkaConfig,
+    current: Mutex<(u64, FutureProducer<ClientLog>)>,
+}
+
+impl Producers {
+    /// A shared producer for `kafka`.
+    pub(crate) fn new(kafka: &KafkaConfig) -> Result<Arc<Producers>> {
+        Ok(Arc::new(Producers {
+            kafka: kafka.clone(),
+            current: Mutex::new((0, create_producer(kafka)?)),
+        }))
+    }
+
+    /// The producer now, with its generation.
+    pub(crate) fn current(&self) -> (u64, FutureProducer<ClientLog>) {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        (current.0, current.1.clone())
+    }
+
+    /// Replaces the producer of `generation` with a new one, unless another relay
+    /// already did; `Ok(true)` if this call replaced it. The old producer is dropped
+    /// off the async threads (dropping purges and may block briefly) once the last
+    /// relay holding it lets go.
+    pub(crate) fn replace(&self, generation: u64) -> Result<bool> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.0 != generation {
+            return Ok(false);
+        }
+        let fresh = create_producer(&self.kafka)?;
+        let old = std::mem::replace(&mut current.1, fresh);
+        current.0 += 1;
+        drop(current);
+        tokio::task::spawn_blocking(move || drop(old));
+        Ok(true)
     }
 }
 

@@ -48,7 +48,6 @@ use std::time::{Duration, Instant};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use sqlx::Pool;
-use tokio::sync::watch;
 
 use crate::backend::{Backend, ClaimedRow};
 use crate::catalog::Route;
@@ -56,8 +55,9 @@ use crate::config::OutboxConfig;
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::event::EventId;
-use crate::kafka::{create_producer, ClientLog, KafkaConfig};
+use crate::kafka::{ClientLog, KafkaConfig, Producers};
 use crate::retry::Backoff;
+use crate::runtime::ShutdownSignal;
 use crate::wakeup;
 
 /// Counters of one relay, for tests, examples and metrics.
@@ -101,48 +101,6 @@ pub struct RoundReport {
     pub released: u64,
     /// Rows made dead.
     pub dead: u64,
-}
-
-/// A shutdown signal for long-running loops: `true` once shutdown was requested.
-pub type ShutdownSignal = watch::Receiver<bool>;
-
-/// The producer the relays of one process share, replaced when it can no longer work.
-pub(crate) struct Producers {
-    kafka: KafkaConfig,
-    current: Mutex<(u64, FutureProducer<ClientLog>)>,
-}
-
-impl Producers {
-    /// A shared producer for `kafka`.
-    pub(crate) fn new(kafka: &KafkaConfig) -> Result<Arc<Producers>> {
-        Ok(Arc::new(Producers {
-            kafka: kafka.clone(),
-            current: Mutex::new((0, create_producer(kafka)?)),
-        }))
-    }
-
-    /// The producer now, with its generation.
-    fn current(&self) -> (u64, FutureProducer<ClientLog>) {
-        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        (current.0, current.1.clone())
-    }
-
-    /// Replaces the producer of `generation` with a new one, unless another relay
-    /// already did; `Ok(true)` if this call replaced it. The old producer is dropped
-    /// off the async threads (dropping purges and may block briefly) once the last
-    /// relay holding it lets go.
-    fn replace(&self, generation: u64) -> Result<bool> {
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if current.0 != generation {
-            return Ok(false);
-        }
-        let fresh = create_producer(&self.kafka)?;
-        let old = std::mem::replace(&mut current.1, fresh);
-        current.0 += 1;
-        drop(current);
-        tokio::task::spawn_blocking(move || drop(old));
-        Ok(true)
-    }
 }
 
 /// The relay of one service.
@@ -697,7 +655,11 @@ impl<DB: Backend> Relay<DB> {
     /// leased: they are relayed again after the lease, possibly a second time.
     pub async fn run(self, mut shutdown: ShutdownSignal) -> Result<()> {
         let route = self.route.clone();
-        let waker = wakeup::local_waker(route.table(), route.service());
+        let wakeups = wakeup::Wakeups::new(
+            route.table(),
+            route.service(),
+            self.config.relay_poll_interval,
+        );
         let mut error_streak = 0u32;
         // Whether the broker was seen answering since the last failure: only then are
         // rows claimed. Unknown at start.
@@ -767,11 +729,7 @@ impl<DB: Backend> Relay<DB> {
                     }
                 }
             }
-            // Registered before claiming, so a wake-up that comes while the claim runs
-            // (a sibling relay marked rows and unblocked their keys) is not lost.
-            let woken = waker.notified();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
+            let woken = wakeups.arm();
             let (finished, claimed) = match in_flight.take() {
                 Some(batch) => {
                     let (f, c) = tokio::join!(self.finish(batch), self.claim_batch());
@@ -846,12 +804,10 @@ impl<DB: Backend> Relay<DB> {
             if in_flight.is_some() || !ready {
                 continue;
             }
-            // Idle: wait for a wake-up (a commit in this process, or a NOTIFY relayed by
-            // the runtime's listener), the poll interval or shutdown.
+            // Idle until a wake-up, the poll interval or shutdown.
             self.stats.idles.fetch_add(1, Ordering::Relaxed);
             tokio::select! {
-                _ = tokio::time::sleep(self.config.relay_poll_interval) => {}
-                _ = woken.as_mut() => {}
+                _ = woken.wait() => {}
                 _ = shutdown.changed() => {}
             }
         }

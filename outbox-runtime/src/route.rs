@@ -25,8 +25,13 @@ macro_rules! checked_name {
         impl $name {
             /// Checks `name` against the grammar; the error says what is allowed.
             pub fn new(name: impl AsRef<str>) -> Result<Self> {
-                let name = name.as_ref();
-                check_name($kind, name).map_err(Error::InvalidName)?;
+                Self::checked(name.as_ref()).map_err(Error::InvalidName)
+            }
+
+            /// [`new`](Self::new) with the grammar's own message as the error (for the
+            /// catalog, which lists every problem).
+            pub(crate) fn checked(name: &str) -> std::result::Result<Self, String> {
+                check_name($kind, name)?;
                 Ok($name(Arc::from(name)))
             }
 

@@ -21,8 +21,11 @@ use crate::catalog::Catalog;
 use crate::config::OutboxConfig;
 use crate::consumer::{Consumer, ConsumerStats};
 use crate::error::{Error, Result};
-use crate::kafka::KafkaConfig;
-use crate::relay::{Producers, Relay, RelayStats};
+use crate::kafka::{KafkaConfig, Producers};
+use crate::relay::{Relay, RelayStats};
+
+/// A shutdown signal for long-running loops: `true` once shutdown was requested.
+pub type ShutdownSignal = watch::Receiver<bool>;
 
 /// What to run, and where.
 pub struct OutboxRuntime<DB: Backend> {
@@ -327,7 +330,10 @@ impl RuntimeHandle {
                     first.get_or_insert(e);
                 }
                 Err(join) => {
-                    first.get_or_insert(Error::Config(format!("{name} panicked: {join}")));
+                    first.get_or_insert(Error::Join {
+                        task: name,
+                        source: join,
+                    });
                 }
             }
         }

@@ -16,9 +16,12 @@
 //! delays a row, never strands it.
 
 use std::collections::{BTreeSet, HashMap};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use sqlx::Pool;
+use tokio::sync::futures::Notified;
 use tokio::sync::{mpsc, Notify};
 
 use crate::backend::Backend;
@@ -27,7 +30,7 @@ use crate::route::{ServiceName, TableName};
 /// The shortest time between two NOTIFY rounds of one notifier: bounds the extra
 /// statements under load, and costs other processes' relays at most this much latency
 /// (relays in this process are woken at once, in process).
-const NOTIFY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
+const NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
 
 /// The LISTEN/NOTIFY channel; payload `<table>:<service>`.
 pub(crate) const CHANNEL: &str = "outbox_wakeup";
@@ -52,6 +55,55 @@ pub(crate) fn wake_local(table: &TableName, service: &ServiceName) {
     let n = local_waker(table, service);
     n.notify_waiters();
     n.notify_one();
+}
+
+/// What wakes an idle relay of `(table, service)`: a commit in this process or a NOTIFY
+/// relayed by the runtime's listener (both through [`local_waker`]), or the poll
+/// interval, whichever comes first.
+pub(crate) struct Wakeups {
+    notify: Arc<Notify>,
+    poll: Duration,
+}
+
+impl Wakeups {
+    /// The wake-ups of the relays of `(table, service)`, polling every `poll`.
+    pub(crate) fn new(table: &TableName, service: &ServiceName, poll: Duration) -> Self {
+        Wakeups {
+            notify: local_waker(table, service),
+            poll,
+        }
+    }
+
+    /// Starts listening, before the relay claims: a wake-up that comes while the claim
+    /// runs (a sibling relay marked rows and unblocked their keys) is then not lost.
+    pub(crate) fn arm(&self) -> Armed<'_> {
+        let mut notified = Box::pin(self.notify.notified());
+        notified.as_mut().enable();
+        Armed {
+            notified,
+            poll: self.poll,
+        }
+    }
+}
+
+/// A wake-up listened for since [`Wakeups::arm`].
+pub(crate) struct Armed<'a> {
+    notified: Pin<Box<Notified<'a>>>,
+    poll: Duration,
+}
+
+impl Armed<'_> {
+    /// Waits for the wake-up, or the poll interval.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: nothing is consumed but the wake-up itself.
+    pub(crate) async fn wait(mut self) {
+        tokio::select! {
+            _ = tokio::time::sleep(self.poll) => {}
+            _ = self.notified.as_mut() => {}
+        }
+    }
 }
 
 /// The hint payload for a table and service.

@@ -19,7 +19,7 @@ use crate::backend::{Backend, RowState};
 use crate::error::Result;
 use crate::event::EventId;
 use crate::handler::HandlerContext;
-use crate::relay::ShutdownSignal;
+use crate::runtime::ShutdownSignal;
 
 /// How many times a batch retries its up-front lock after waiting for a row another
 /// transaction held, before settling its records one by one.

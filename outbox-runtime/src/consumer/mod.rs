@@ -52,7 +52,7 @@ use crate::config::OutboxConfig;
 use crate::error::{Error, Result};
 use crate::handler::HandlerFn;
 use crate::kafka::{ClientLog, KafkaConfig};
-use crate::relay::ShutdownSignal;
+use crate::runtime::ShutdownSignal;
 
 mod batch;
 mod offsets;

@@ -21,8 +21,8 @@ use crate::backend::{AttemptsFence, Backend, RowState, Status};
 use crate::error::{Error, Result};
 use crate::event::EventId;
 use crate::handler::{EventMeta, FailureKind, HandlerContext};
-use crate::relay::ShutdownSignal;
 use crate::retry::{decide, Decision};
+use crate::runtime::ShutdownSignal;
 
 /// What [`Consumer::step`] did with one record inside the transaction.
 pub(super) enum Step {
