@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use outbox_runtime::retry::Backoff;
+use outbox_runtime::Backoff;
 use outbox_runtime::{
     outbox_event, outbox_handler, outbox_service, Backend, Catalog, HandlerContext, HandlerError,
     KafkaConfig, Outbox, OutboxConfig, OutboxRuntime, RawEvent, SqlValue, Status,
@@ -134,7 +134,7 @@ async fn main() -> Result<(), AnyError> {
             };
             println!("Database: SQLite at {path}");
             let pool = sqlx::SqlitePool::connect_with(
-                outbox_runtime::backend::sqlite::sqlite_connect_options(&path),
+                outbox_runtime::sqlite::sqlite_connect_options(&path),
             )
             .await?;
             run(pool, &catalog, kafka).await?;

@@ -35,8 +35,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use outbox_runtime::catalog::Route;
-use outbox_runtime::relay::Relay;
+use outbox_runtime::internals::Relay;
+use outbox_runtime::Route;
 use outbox_runtime::{
     outbox_event, outbox_handler, outbox_service, Backend, Catalog, Event, HandlerContext,
     HandlerError, KafkaConfig, MySql, Outbox, OutboxConfig, OutboxRuntime, Postgres, Service,

@@ -136,7 +136,7 @@ pub enum FailureKind {
 /// A handler's failure. Any `std::error::Error` converts into a transient one, so `?`
 /// works on sqlx, serde and IO errors; use [`HandlerError::permanent`] for failures
 /// that retrying cannot fix. A `serde_json` error anywhere in the converted error's
-/// chain is redacted ([`crate::redact::redact_json_error`]): its message goes to
+/// chain is redacted (`redact_json_error`): its message goes to
 /// `last_error` and the logs, and must not carry values from a payload.
 ///
 /// Deliberately not `std::error::Error` itself (as `anyhow::Error`), so the blanket
@@ -343,7 +343,7 @@ inventory::collect!(HandlerRegistration);
 
 /// Decodes a payload into the handler's event type; a failure is
 /// [`FailureKind::Undecodable`] (the event goes dead at once with serde's error,
-/// redacted by [`crate::redact::redact_json_error`]: where and why, never the values).
+/// redacted: where and why, never the values).
 pub fn decode_payload<E: Event>(payload: &[u8]) -> Result<E, HandlerError> {
     serde_json::from_slice(payload).map_err(|e| {
         HandlerError::undecodable(format!(

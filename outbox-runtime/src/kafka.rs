@@ -129,7 +129,7 @@ impl KafkaConfig {
     /// A consumer's configuration for `group`. Fetch sizes follow `max_payload_bytes`
     /// (the largest event the outbox accepts): `max.partition.fetch.bytes` holds at least
     /// one such record, and `receive.message.max.bytes` lets a larger foreign record be
-    /// received and skipped instead of stalling the consumer (see [`RECEIVE_MAX_BYTES`]).
+    /// received and skipped instead of stalling the consumer (`RECEIVE_MAX_BYTES`, 1 GiB).
     pub fn consumer_config(&self, group: &str, max_payload_bytes: usize) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap_servers);

@@ -6,15 +6,17 @@
 //!
 //! - [`outbox_service`], [`outbox_event`], [`outbox_handler`] declare services, events
 //!   and handlers; misroutes are compile errors.
-//! - [`catalog`]: the route catalog (`event type -> service -> table / topic / group`),
+//! - [`Catalog`]: the route catalog (`event type -> service -> table / topic / group`),
 //!   built once from the compile-time registry and validated at startup.
-//! - [`outbox`]: `publish` inside the caller's transaction.
-//! - [`backend`]: the outbox repository and its state machine, per database.
-//! - [`relay`]: claims due rows with a lease, produces to Kafka, marks them published.
-//! - [`consumer`]: typed dispatch to handlers inside a database transaction.
-//! - [`runtime`]: runs relays and consumers for any subset of services.
-//! - [`envelope`]: the wire format.
-//! - [`admin`]: dead letters and replay, for operators.
+//! - [`Outbox`] / [`OutboxTx`]: `publish` inside the caller's transaction.
+//! - [`OutboxRuntime`]: runs the relays (claim due rows with a lease, produce to Kafka,
+//!   mark them published) and the consumers (typed dispatch to handlers inside a
+//!   database transaction) of any subset of services, and housekeeping.
+//! - [`OutboxConfig`], [`KafkaConfig`]: the settings; [`RelayStats`], [`ConsumerStats`]:
+//!   the counters.
+//! - [`envelope`]: the wire format (CloudEvents binary-mode headers).
+//! - [`Admin`]: dead letters and replay, for operators; [`postgres`] / [`sqlite`]: what
+//!   operators and pool builders need from the store.
 //!
 //! See `ARCHITECTURE.md` in the repository for how one event flows end to end.
 //!
@@ -79,42 +81,69 @@ macro_rules! failpoint {
     };
 }
 
-pub mod admin;
+mod admin;
+#[doc(hidden)]
 pub mod backend;
-pub mod catalog;
-pub mod config;
-pub mod consumer;
+mod catalog;
+mod config;
+mod consumer;
 pub mod envelope;
-pub mod error;
-pub mod event;
-pub mod handler;
-pub mod kafka;
+mod error;
+mod event;
+mod handler;
+mod kafka;
 /// The name grammar (the `outbox-names` crate, which the macros share).
 pub use outbox_names as names;
-pub mod outbox;
-pub mod redact;
-pub mod relay;
-pub mod retry;
-pub mod route;
-pub mod runtime;
-pub mod service;
+mod outbox;
+mod redact;
+mod relay;
+mod retry;
+mod route;
+mod runtime;
+mod service;
 mod wakeup;
 
 #[doc(hidden)]
 pub mod __private;
 
+/// Not part of the API (it may change in any release): the pieces the project's own
+/// tests and benchmark drive directly, below the runtime.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::consumer::{Consumer, Outcome};
+    pub use crate::relay::Relay;
+    pub use crate::runtime::ShutdownSignal;
+}
+
+/// PostgreSQL statements for operators: the relay's claim, to `EXPLAIN` against your
+/// own table, and the claim turn, to hold a service's relays off in a transaction of
+/// your own (README, "Operating it").
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    pub use crate::backend::postgres::{claim_sql, take_claim_turn};
+}
+
+/// SQLite connection settings the framework relies on (WAL, busy timeout).
+#[cfg(feature = "sqlite")]
+pub mod sqlite {
+    pub use crate::backend::sqlite::{sqlite_connect_options, sqlite_outbox_options};
+}
+
 pub use admin::Admin;
 pub use backend::{Backend, OutboxRow, SqlValue, Status, StatusCounts};
 pub use catalog::{Catalog, CatalogBuilder, CatalogError};
 pub use config::{OutboxConfig, Retention};
+pub use consumer::ConsumerStats;
 pub use error::{Error, Result};
 pub use event::{Event, EventId, EventKey};
 pub use handler::{EventMeta, FailureKind, HandlerContext, HandlerError};
 pub use kafka::KafkaConfig;
 pub use outbox::{Outbox, OutboxTx, PublishOptions, RawEvent};
 pub use outbox_macros::{outbox_event, outbox_handler, outbox_service};
+pub use relay::RelayStats;
+pub use retry::Backoff;
 pub use route::{GroupName, Route, ServiceName, TableName, TopicName};
-pub use runtime::{OutboxRuntime, RuntimeHandle};
+pub use runtime::{migrate, OutboxRuntime, RuntimeHandle};
 pub use service::Service;
 
 /// The database types, re-exported so handler signatures need no direct sqlx import.

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outbox_runtime::catalog::Catalog;
-use outbox_runtime::retry::Backoff;
+use outbox_runtime::Backoff;
+use outbox_runtime::Catalog;
 use outbox_runtime::{Backend, KafkaConfig, Outbox, OutboxConfig, OutboxRuntime, PublishOptions};
 use rand::Rng;
 use sqlx::Pool;
@@ -357,7 +357,7 @@ pub async fn prepare<B: ChaosBackend>(
         .group_prefix(&prefix)
         .build()
         .expect("catalog");
-    outbox_runtime::runtime::migrate(pool, &catalog, ["task"])
+    outbox_runtime::migrate(pool, &catalog, ["task"])
         .await
         .expect("migrate");
     create_effects(pool).await;
@@ -883,7 +883,7 @@ pub fn consumer_duplicates(handles: &[&outbox_runtime::RuntimeHandle]) -> u64 {
 /// Sums a relay counter over the relays of some runtimes.
 pub fn relay_sum(
     handle: &outbox_runtime::RuntimeHandle,
-    f: impl Fn(&outbox_runtime::relay::RelayStats) -> &AtomicU64,
+    f: impl Fn(&outbox_runtime::RelayStats) -> &AtomicU64,
 ) -> u64 {
     handle
         .relay_stats("task")

@@ -19,7 +19,7 @@ use std::str::FromStr;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use outbox_runtime::backend::sqlite::sqlite_connect_options;
+use outbox_runtime::sqlite::sqlite_connect_options;
 use outbox_runtime::Backend;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

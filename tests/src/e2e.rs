@@ -14,8 +14,8 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use outbox_runtime::backend::NewRow;
-use outbox_runtime::catalog::Catalog;
-use outbox_runtime::retry::Backoff;
+use outbox_runtime::Backoff;
+use outbox_runtime::Catalog;
 use outbox_runtime::{
     Backend, EventId, KafkaConfig, Outbox, OutboxConfig, OutboxRow, OutboxRuntime, PublishOptions,
     RawEvent, Status,
@@ -134,7 +134,7 @@ pub async fn fresh_catalog(broker: &TestBroker) -> Catalog {
 /// `effects` table created: the common start of a test.
 pub async fn prepare<DB: Backend>(pool: &Pool<DB>, broker: &TestBroker) -> Catalog {
     let catalog = fresh_catalog(broker).await;
-    outbox_runtime::runtime::migrate(
+    outbox_runtime::migrate(
         pool,
         &catalog,
         catalog.routes().map(|r| r.service().as_str()),
@@ -243,7 +243,7 @@ macro_rules! publish_series {
 pub async fn full_flow<DB: TestBackend>(pool: Pool<DB>, broker: &TestBroker) {
     let catalog = fresh_catalog(broker).await;
     let config = test_config();
-    outbox_runtime::runtime::migrate(
+    outbox_runtime::migrate(
         &pool,
         &catalog,
         catalog.routes().map(|r| r.service().as_str()),

@@ -513,7 +513,7 @@ pub async fn open_rows<B: ChaosBackend>(pool: &Pool<B>, table: &str) -> (u64, u6
 
 /// Sums `duplicates` over consumer stats.
 pub fn duplicates_of<'a>(
-    stats: impl IntoIterator<Item = &'a std::sync::Arc<outbox_runtime::consumer::ConsumerStats>>,
+    stats: impl IntoIterator<Item = &'a std::sync::Arc<outbox_runtime::ConsumerStats>>,
 ) -> u64 {
     stats
         .into_iter()

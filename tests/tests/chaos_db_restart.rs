@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outbox_runtime::consumer::ConsumerStats;
+use outbox_runtime::ConsumerStats;
 use outbox_runtime::{Outbox, PublishOptions};
 use outbox_tests::broker::TestBroker;
 use outbox_tests::chaos::{

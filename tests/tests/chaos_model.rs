@@ -19,10 +19,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_runtime::backend::ClaimedRow;
-use outbox_runtime::catalog::Catalog;
-use outbox_runtime::consumer::{Consumer, Outcome};
 use outbox_runtime::envelope::Envelope;
-use outbox_runtime::retry::Backoff;
+use outbox_runtime::internals::{Consumer, Outcome};
+use outbox_runtime::Backoff;
+use outbox_runtime::Catalog;
 use outbox_runtime::{Backend, EventId, Outbox, OutboxConfig, PublishOptions, Status};
 use outbox_tests::chaos::soak;
 use outbox_tests::db::TestSqlite;
@@ -114,7 +114,7 @@ impl World {
     async fn new(db: &TestSqlite) -> World {
         let catalog = Catalog::builder().build().expect("catalog");
         let pool = db.pool().clone();
-        outbox_runtime::runtime::migrate(&pool, &catalog, ["task"])
+        outbox_runtime::migrate(&pool, &catalog, ["task"])
             .await
             .unwrap();
         create_effects(&pool).await;

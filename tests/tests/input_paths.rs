@@ -30,7 +30,7 @@ const SECRET_PARTS: &[&str] = &["bob@", "example.com", "IBAN", "DE89", "37040044
 async fn setup<T: TestDatabase>() -> (T, Catalog) {
     let db = T::create().await;
     let catalog = Catalog::global().expect("the test catalog is valid");
-    outbox_runtime::runtime::migrate(
+    outbox_runtime::migrate(
         db.pool(),
         &catalog,
         catalog.routes().map(|r| r.service().as_str()),

@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_runtime::backend::OutboxRow;
-use outbox_runtime::consumer::{Consumer, Outcome};
 use outbox_runtime::envelope::{header, Envelope};
-use outbox_runtime::retry::Backoff;
+use outbox_runtime::internals::{Consumer, Outcome};
+use outbox_runtime::Backoff;
 use outbox_runtime::{Backend, Catalog, EventId, Outbox, OutboxConfig, Status};
 use outbox_tests::db::TestDatabase;
 use outbox_tests::e2e::{create_effects, eventually, TestBackend};
@@ -53,7 +53,7 @@ where
 {
     let db = T::create().await;
     let catalog = Catalog::builder().build().expect("catalog");
-    outbox_runtime::runtime::migrate(db.pool(), &catalog, ["task"])
+    outbox_runtime::migrate(db.pool(), &catalog, ["task"])
         .await
         .expect("migrate");
     create_effects(db.pool()).await;

@@ -1562,7 +1562,7 @@ mod mysql_specific {
 
 mod sqlite_specific {
     use super::*;
-    use outbox_runtime::backend::sqlite::sqlite_connect_options;
+    use outbox_runtime::sqlite::sqlite_connect_options;
     use outbox_tests::db::TestSqlite;
     use sqlx::{ConnectOptions, Connection, Executor, Sqlite};
 

@@ -1,7 +1,7 @@
 //! The outbox repository: one contract ([`Backend`]), one module per database, each
 //! behind its cargo feature (`postgres`, `mysql`, `sqlite`).
 //!
-//! The state machine lives in Rust ([`crate::retry`], the relay and the consumer); a
+//! The state machine lives in Rust (`retry.rs`, the relay and the consumer); a
 //! backend only applies decisions with SQL. Every statement filters by `service`, so
 //! services sharing one table (the legacy shared table during a migration) never touch
 //! each other's rows. Every time comes from the database clock: the app passes

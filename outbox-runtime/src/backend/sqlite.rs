@@ -51,7 +51,7 @@ pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// ```ignore
 /// let pool = sqlx::sqlite::SqlitePoolOptions::new()
-///     .connect_with(outbox_runtime::backend::sqlite::sqlite_connect_options("app.db"))
+///     .connect_with(outbox_runtime::sqlite::sqlite_connect_options("app.db"))
 ///     .await?;
 /// ```
 ///

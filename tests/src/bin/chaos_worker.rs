@@ -22,10 +22,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox_runtime::backend::sqlite::sqlite_connect_options;
-use outbox_runtime::catalog::Catalog;
-use outbox_runtime::consumer::ConsumerStats;
-use outbox_runtime::relay::RelayStats;
+use outbox_runtime::sqlite::sqlite_connect_options;
+use outbox_runtime::Catalog;
+use outbox_runtime::ConsumerStats;
+use outbox_runtime::RelayStats;
 use outbox_runtime::{Backend, OutboxRuntime};
 use outbox_tests::chaos::{chaos_config, WorkerStats};
 use sqlx::mysql::MySqlPoolOptions;

@@ -1,5 +1,5 @@
 // The constants `#[outbox_event]` sets, read through the `Event` trait.
-use outbox_runtime::event::{HandledBy, PublishedThrough};
+use outbox_runtime::__private::{HandledBy, PublishedThrough};
 use outbox_runtime::{outbox_event, outbox_service, Event, Service};
 use serde::{Deserialize, Serialize};
 
