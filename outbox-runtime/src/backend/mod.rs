@@ -36,10 +36,16 @@ use crate::route::{ServiceName, TableName};
 
 #[cfg(feature = "mysql")]
 pub mod mysql;
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+pub(crate) mod ops;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+pub(crate) mod rows;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+pub(crate) mod statements;
 
 /// The status column's values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -143,12 +149,6 @@ pub struct RowState {
     /// that is not due waits out a retry backoff or a deferral.
     pub due: bool,
 }
-
-/// The columns [`RowState`] is read from, in every backend's lock statements; `{now}`
-/// is the backend's clock expression.
-pub(crate) const ROW_STATE_COLUMNS: &str =
-    "id, status, attempts, max_retries, event_key, event_type, event_version, payload, \
-     CASE WHEN next_attempt_at <= {now} THEN 1 ELSE 0 END AS due";
 
 /// A whole row, for operators and tests.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -628,19 +628,6 @@ impl<T: Into<SqlValue>> From<Option<T>> for SqlValue {
 /// Wake-up hints from [`Backend::listen`]. The stream reconnects by itself; a lost hint
 /// only costs latency, since relays also poll.
 pub type WakeStream = futures::stream::BoxStream<'static, Result<String, sqlx::Error>>;
-
-/// `?, ?, ?` with `n` placeholders (MySQL and SQLite bind lists one parameter each).
-#[cfg(any(feature = "mysql", feature = "sqlite"))]
-pub(crate) fn placeholders(n: usize) -> String {
-    let mut s = String::with_capacity(n * 3);
-    for i in 0..n {
-        if i > 0 {
-            s.push_str(", ");
-        }
-        s.push('?');
-    }
-    s
-}
 
 /// Folds `(status, count)` pairs into [`StatusCounts`] (shared by the backends).
 pub(crate) fn counts_from(rows: impl IntoIterator<Item = (i16, i64)>) -> StatusCounts {

@@ -1,0 +1,561 @@
+//! The store's operations, written once: [`Dialect`] is what a backend tells them (its
+//! [`SqlDialect`], how it binds lists and delays, whether it retries), and
+//! [`store_ops!`] expands the [`Backend`] methods that every database runs the same
+//! way inside each backend's `impl Backend`. The methods are expanded rather than
+//! generic so that each backend's binds and futures are checked on its concrete types
+//! (a generic sqlx body needs a bound per bound type, per lifetime).
+//!
+//! A backend file writes by hand only what truly differs: its claim, its migration
+//! and its wake-ups.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::statements::{self, SqlDialect, Statements};
+use super::Backend;
+use crate::route::TableName;
+
+/// A query with the database's own arguments.
+pub(crate) type Query<'q, DB> = sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>;
+
+/// What the shared operations need to know of one database.
+pub(crate) trait Dialect: Backend {
+    /// Its statements' spelling.
+    const SQL: &'static SqlDialect;
+    /// The statement that opens a write transaction ([`Backend::begin`]).
+    const BEGIN: &'static str;
+    /// The DDL template, `{table}` to be replaced.
+    const MIGRATION: &'static str;
+    /// Most row ids bound to one statement; longer lists are split.
+    const ID_CHUNK: usize;
+    /// Most event ids or keys bound to one statement; longer lists are split.
+    const LIST_CHUNK: usize;
+    /// Whether the consumer's locks first find rows with a plain read and then lock
+    /// them by primary key (MySQL: a locking read of a row that does not exist would
+    /// lock a gap and deadlock with the insert that creates it).
+    const FIND_BEFORE_LOCK: bool;
+
+    /// A delay as bound: seconds (PostgreSQL) or microseconds, clamped to 100 years.
+    type Delay;
+
+    /// `d` as bound.
+    fn delay(d: Duration) -> Self::Delay;
+
+    /// Binds the ids of an `{in_ids}`.
+    fn bind_ids<'q>(q: Query<'q, Self>, ids: &'q [i64]) -> Query<'q, Self>;
+
+    /// Binds the event ids of an `{in_list}`.
+    fn bind_uuids<'q>(q: Query<'q, Self>, ids: &'q [Uuid]) -> Query<'q, Self>;
+
+    /// Binds the keys of an `{in_list}`.
+    fn bind_keys<'q>(q: Query<'q, Self>, keys: &'q [String]) -> Query<'q, Self>;
+
+    /// Runs a statement of a pool-level method, repeating it on the errors that are
+    /// worth repeating (the default: none).
+    fn retry<T, F, Fut>(mut op: F) -> impl Future<Output = Result<T, sqlx::Error>> + Send
+    where
+        T: Send,
+        F: FnMut() -> Fut + Send,
+        Fut: Future<Output = Result<T, sqlx::Error>> + Send,
+    {
+        async move { op().await }
+    }
+
+    /// The statements for `table`, rendered once.
+    fn statements(table: &TableName) -> Arc<Statements> {
+        statements::statements(Self::SQL, table)
+    }
+}
+
+/// 100 years in microseconds: the longest delay applied, so time arithmetic in SQL can
+/// never overflow.
+pub(crate) const MAX_DELAY_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
+
+/// A delay in microseconds, clamped to [`MAX_DELAY_MICROS`].
+#[cfg_attr(not(any(feature = "mysql", feature = "sqlite")), allow(dead_code))]
+pub(crate) fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros())
+        .unwrap_or(i64::MAX)
+        .min(MAX_DELAY_MICROS)
+}
+
+/// The [`Backend`] methods every database runs the same way, for `impl Backend for X`
+/// where `X:` [`Dialect`].
+macro_rules! store_ops {
+    () => {
+        async fn begin(
+            pool: &sqlx::Pool<Self>,
+        ) -> Result<sqlx::Transaction<'static, Self>, sqlx::Error> {
+            pool.begin_with(<Self as $crate::backend::ops::Dialect>::BEGIN)
+                .await
+        }
+
+        fn migration_sql(table: &$crate::route::TableName) -> String {
+            <Self as $crate::backend::ops::Dialect>::MIGRATION.replace("{table}", table.as_str())
+        }
+
+        async fn insert<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            table: &'c $crate::route::TableName,
+            row: &'c $crate::backend::NewRow<'c>,
+        ) -> Result<(), sqlx::Error> {
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            sqlx::query(s.insert.text())
+                .bind(row.event_id)
+                .bind(row.service.as_str())
+                .bind(row.event_type)
+                .bind(row.version)
+                .bind(row.key)
+                .bind(row.payload)
+                .bind(row.max_retries)
+                .execute(conn)
+                .await?;
+            Ok(())
+        }
+
+        async fn mark_published<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            ids: &'p [i64],
+            token: i64,
+        ) -> Result<u64, sqlx::Error> {
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let mut changed = 0;
+            for chunk in ids.chunks(<Self as $crate::backend::ops::Dialect>::ID_CHUNK) {
+                let sql = s.mark_published.get(chunk.len());
+                changed += <Self as $crate::backend::ops::Dialect>::retry(|| {
+                    let q = sqlx::query(&sql);
+                    <Self as $crate::backend::ops::Dialect>::bind_ids(q, chunk)
+                        .bind(token)
+                        .execute(pool)
+                })
+                .await?
+                .rows_affected();
+            }
+            Ok(changed)
+        }
+
+        async fn release<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            ids: &'p [i64],
+            token: i64,
+            delay: std::time::Duration,
+            error: &'p str,
+        ) -> Result<u64, sqlx::Error> {
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let delay = <Self as $crate::backend::ops::Dialect>::delay(delay);
+            let error = $crate::backend::truncate_error(error);
+            let mut changed = 0;
+            for chunk in ids.chunks(<Self as $crate::backend::ops::Dialect>::ID_CHUNK) {
+                let sql = s.release.get(chunk.len());
+                changed += <Self as $crate::backend::ops::Dialect>::retry(|| {
+                    let q = sqlx::query(&sql).bind(delay).bind(error);
+                    <Self as $crate::backend::ops::Dialect>::bind_ids(q, chunk)
+                        .bind(token)
+                        .execute(pool)
+                })
+                .await?
+                .rows_affected();
+            }
+            Ok(changed)
+        }
+
+        async fn mark_dead_leased<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            id: i64,
+            token: i64,
+            reason: &'p str,
+        ) -> Result<bool, sqlx::Error> {
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let reason = $crate::backend::truncate_error(reason);
+            let done = <Self as $crate::backend::ops::Dialect>::retry(|| {
+                sqlx::query(s.mark_dead_leased.text())
+                    .bind(reason)
+                    .bind(id)
+                    .bind(token)
+                    .execute(pool)
+            })
+            .await?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        async fn lock_for_consume<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            table: &'c $crate::route::TableName,
+            service: &'c $crate::route::ServiceName,
+            event_id: uuid::Uuid,
+        ) -> Result<Option<$crate::backend::RowState>, sqlx::Error> {
+            use $crate::backend::rows::OutboxRowExt as _;
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let row = if <Self as $crate::backend::ops::Dialect>::FIND_BEFORE_LOCK {
+                let id: Option<i64> = sqlx::query_scalar(s.find_by_event.text())
+                    .bind(event_id)
+                    .bind(service.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                let Some(id) = id else {
+                    return Ok(None);
+                };
+                sqlx::query(s.lock_by_id.text())
+                    .bind(id)
+                    .bind(service.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await?
+            } else {
+                sqlx::query(s.lock_by_event.text())
+                    .bind(event_id)
+                    .bind(service.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await?
+            };
+            row.as_ref().map(|r| r.row_state()).transpose()
+        }
+
+        async fn lock_batch_for_consume<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            table: &'c $crate::route::TableName,
+            service: &'c $crate::route::ServiceName,
+            event_ids: &'c [uuid::Uuid],
+        ) -> Result<Vec<(uuid::Uuid, $crate::backend::RowState)>, sqlx::Error> {
+            use sqlx::Row as _;
+            use $crate::backend::rows::OutboxRowExt as _;
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let mut states = Vec::with_capacity(event_ids.len());
+            for chunk in event_ids.chunks(<Self as $crate::backend::ops::Dialect>::LIST_CHUNK) {
+                let rows = if <Self as $crate::backend::ops::Dialect>::FIND_BEFORE_LOCK {
+                    let sql = s.find_by_events.get(chunk.len());
+                    let q = sqlx::query(&sql).bind(service.as_str());
+                    let ids: Vec<i64> =
+                        <Self as $crate::backend::ops::Dialect>::bind_uuids(q, chunk)
+                            .fetch_all(&mut *conn)
+                            .await?
+                            .iter()
+                            .map(|r| r.try_get(0))
+                            .collect::<Result<_, _>>()?;
+                    if ids.is_empty() {
+                        continue;
+                    }
+                    let sql = s.lock_by_ids.get(ids.len());
+                    let q = sqlx::query(&sql);
+                    <Self as $crate::backend::ops::Dialect>::bind_ids(q, &ids)
+                        .fetch_all(&mut *conn)
+                        .await?
+                } else {
+                    let sql = s.lock_by_events.get(chunk.len());
+                    let q = sqlx::query(&sql);
+                    <Self as $crate::backend::ops::Dialect>::bind_uuids(q, chunk)
+                        .bind(service.as_str())
+                        .fetch_all(&mut *conn)
+                        .await?
+                };
+                for r in &rows {
+                    states.push((r.try_get("event_id")?, r.row_state()?));
+                }
+            }
+            Ok(states)
+        }
+
+        async fn has_open_predecessor<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            table: &'c $crate::route::TableName,
+            service: &'c $crate::route::ServiceName,
+            key: &'c str,
+            id: i64,
+        ) -> Result<bool, sqlx::Error> {
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let found = sqlx::query(s.open_predecessor.text())
+                .bind(service.as_str())
+                .bind(key)
+                .bind(id)
+                .fetch_optional(conn)
+                .await?;
+            Ok(found.is_some())
+        }
+
+        async fn open_rows_of_keys<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            table: &'c $crate::route::TableName,
+            service: &'c $crate::route::ServiceName,
+            keys: &'c [String],
+            below: i64,
+            limit: u32,
+        ) -> Result<Vec<(String, i64)>, sqlx::Error> {
+            use sqlx::Row as _;
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let mut open = Vec::new();
+            // `limit` applies per chunk, which only makes an incomplete answer less likely.
+            for chunk in keys.chunks(<Self as $crate::backend::ops::Dialect>::LIST_CHUNK) {
+                let sql = s.open_rows_of_keys.get(chunk.len());
+                let q = sqlx::query(&sql).bind(service.as_str());
+                let rows = <Self as $crate::backend::ops::Dialect>::bind_keys(q, chunk)
+                    .bind(below)
+                    .bind(i64::from(limit))
+                    .fetch_all(&mut *conn)
+                    .await?;
+                for r in &rows {
+                    let key: $crate::backend::rows::DbText = r.try_get("event_key")?;
+                    open.push((key.0, r.try_get("id")?));
+                }
+            }
+            Ok(open)
+        }
+
+        async fn mark_consumed<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            table: &'c $crate::route::TableName,
+            ids: &'c [i64],
+        ) -> Result<(), sqlx::Error> {
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            for chunk in ids.chunks(<Self as $crate::backend::ops::Dialect>::ID_CHUNK) {
+                let sql = s.mark_consumed.get(chunk.len());
+                let q = sqlx::query(&sql);
+                <Self as $crate::backend::ops::Dialect>::bind_ids(q, chunk)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Ok(())
+        }
+
+        async fn defer<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            table: &'c $crate::route::TableName,
+            service: &'c $crate::route::ServiceName,
+            key: &'c str,
+            id: i64,
+            delay: std::time::Duration,
+        ) -> Result<u64, sqlx::Error> {
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let republished = sqlx::query(s.republish_predecessors.text())
+                .bind(service.as_str())
+                .bind(key)
+                .bind(id)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            sqlx::query(s.defer.text())
+                .bind(<Self as $crate::backend::ops::Dialect>::delay(delay))
+                .bind(id)
+                .execute(conn)
+                .await?;
+            Ok(republished)
+        }
+
+        async fn purge<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            service: &'p $crate::route::ServiceName,
+            consumed_age: std::time::Duration,
+            dead_age: Option<std::time::Duration>,
+            limit: u32,
+        ) -> Result<u64, sqlx::Error> {
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let consumed = <Self as $crate::backend::ops::Dialect>::delay(consumed_age);
+            let dead = dead_age.map(<Self as $crate::backend::ops::Dialect>::delay);
+            let any_dead =
+                <Self as $crate::backend::ops::Dialect>::delay(dead_age.unwrap_or_default());
+            let done = <Self as $crate::backend::ops::Dialect>::retry(|| {
+                sqlx::query(s.purge.text())
+                    .bind(service.as_str())
+                    .bind(consumed)
+                    .bind(dead)
+                    .bind(any_dead)
+                    .bind(i64::from(limit))
+                    .execute(pool)
+            })
+            .await?;
+            Ok(done.rows_affected())
+        }
+
+        async fn retry_later<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            id: i64,
+            fence: $crate::backend::AttemptsFence,
+            delay: std::time::Duration,
+            error: &'p str,
+        ) -> Result<bool, sqlx::Error> {
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let delay = <Self as $crate::backend::ops::Dialect>::delay(delay);
+            let error = $crate::backend::truncate_error(error);
+            let done = <Self as $crate::backend::ops::Dialect>::retry(|| {
+                sqlx::query(s.retry_later.text())
+                    .bind(delay)
+                    .bind(error)
+                    .bind(id)
+                    .bind(fence.0)
+                    .execute(pool)
+            })
+            .await?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        async fn mark_dead<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            id: i64,
+            fence: $crate::backend::AttemptsFence,
+            reason: &'p str,
+        ) -> Result<bool, sqlx::Error> {
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let reason = $crate::backend::truncate_error(reason);
+            let done = <Self as $crate::backend::ops::Dialect>::retry(|| {
+                sqlx::query(s.mark_dead.text())
+                    .bind(reason)
+                    .bind(id)
+                    .bind(fence.0)
+                    .execute(pool)
+            })
+            .await?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        async fn redeliver_stale<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            service: &'p $crate::route::ServiceName,
+            older_than: std::time::Duration,
+            newer_than: Option<std::time::Duration>,
+            limit: u32,
+        ) -> Result<u64, sqlx::Error> {
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let older = <Self as $crate::backend::ops::Dialect>::delay(older_than);
+            let newer = newer_than.map(<Self as $crate::backend::ops::Dialect>::delay);
+            let done = <Self as $crate::backend::ops::Dialect>::retry(|| {
+                sqlx::query(s.redeliver_stale.text())
+                    .bind(service.as_str())
+                    .bind(older)
+                    .bind(newer)
+                    .bind(newer)
+                    .bind(i64::from(limit))
+                    .execute(pool)
+            })
+            .await?;
+            Ok(done.rows_affected())
+        }
+
+        async fn fetch_dead<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            service: &'p $crate::route::ServiceName,
+            limit: u32,
+        ) -> Result<Vec<$crate::backend::OutboxRow>, sqlx::Error> {
+            use $crate::backend::rows::OutboxRowExt as _;
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            sqlx::query(s.fetch_dead.text())
+                .bind(service.as_str())
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| r.outbox_row())
+                .collect()
+        }
+
+        async fn revive<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            service: &'p $crate::route::ServiceName,
+            event_id: Option<uuid::Uuid>,
+            limit: u32,
+        ) -> Result<u64, sqlx::Error> {
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let done = <Self as $crate::backend::ops::Dialect>::retry(|| {
+                sqlx::query(s.revive.text())
+                    .bind(service.as_str())
+                    .bind(event_id)
+                    .bind(event_id)
+                    .bind(i64::from(limit))
+                    .execute(pool)
+            })
+            .await?;
+            Ok(done.rows_affected())
+        }
+
+        async fn fetch<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            event_id: uuid::Uuid,
+        ) -> Result<Option<$crate::backend::OutboxRow>, sqlx::Error> {
+            use $crate::backend::rows::OutboxRowExt as _;
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            sqlx::query(s.fetch.text())
+                .bind(event_id)
+                .fetch_optional(pool)
+                .await?
+                .map(|r| r.outbox_row())
+                .transpose()
+        }
+
+        async fn fetch_all<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            service: &'p $crate::route::ServiceName,
+        ) -> Result<Vec<$crate::backend::OutboxRow>, sqlx::Error> {
+            use $crate::backend::rows::OutboxRowExt as _;
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            sqlx::query(s.fetch_all.text())
+                .bind(service.as_str())
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| r.outbox_row())
+                .collect()
+        }
+
+        async fn counts<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            service: &'p $crate::route::ServiceName,
+        ) -> Result<$crate::backend::StatusCounts, sqlx::Error> {
+            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let rows: Vec<(i16, i64)> = sqlx::query_as(s.counts.text())
+                .bind(service.as_str())
+                .fetch_all(pool)
+                .await?;
+            Ok($crate::backend::counts_from(rows))
+        }
+
+        async fn now(
+            pool: &sqlx::Pool<Self>,
+        ) -> Result<chrono::DateTime<chrono::Utc>, sqlx::Error> {
+            static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+            let sql = SQL.get_or_init(|| {
+                format!(
+                    "SELECT {}",
+                    <Self as $crate::backend::ops::Dialect>::SQL.now
+                )
+            });
+            let now: $crate::backend::rows::DbTime =
+                sqlx::query_scalar(sql.as_str()).fetch_one(pool).await?;
+            Ok(now.0)
+        }
+
+        async fn execute_portable<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            sql: &'c str,
+            args: &'c [$crate::backend::SqlValue],
+        ) -> Result<u64, sqlx::Error> {
+            use $crate::backend::SqlValue;
+            let sql = if <Self as $crate::backend::ops::Dialect>::SQL.numbered {
+                std::borrow::Cow::Owned($crate::backend::statements::numbered(sql))
+            } else {
+                std::borrow::Cow::Borrowed(sql)
+            };
+            let mut q = sqlx::query(&sql);
+            for a in args {
+                q = match a {
+                    SqlValue::Null => q.bind(None::<String>),
+                    SqlValue::Int(i) => q.bind(*i),
+                    SqlValue::Text(t) => q.bind(t.as_str()),
+                };
+            }
+            Ok(q.execute(conn).await?.rows_affected())
+        }
+    };
+}
+pub(crate) use store_ops;

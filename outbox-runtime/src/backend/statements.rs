@@ -1,0 +1,582 @@
+//! Every statement of the store, written once as a template and rendered per database
+//! ([`SqlDialect`]) and per table, once: [`statements`] caches the rendering, so no
+//! store call formats SQL (MySQL only appends the `?` list of a variable-length `IN`).
+//!
+//! Tokens of the templates:
+//!
+//! | token | meaning |
+//! |---|---|
+//! | `{t}` | the table |
+//! | `{p}` | the next bind parameter (`$n` on PostgreSQL, `?` elsewhere) |
+//! | `{p_delay}`, `{p_uuid}` | a parameter that may be NULL (PostgreSQL needs its type) |
+//! | `{now}` | the database clock |
+//! | `{now_plus}`, `{now_minus}` | the clock moved by a delay parameter |
+//! | `{in_ids}` | `IN` a list of row ids, bound as the dialect binds them |
+//! | `{in_list}` | `IN` a list of event ids or keys |
+//! | `{unlease}` | clears the lease (fences a relay still holding it) and stamps `updated_at` |
+//! | `{lease}` | takes the lease: token and expiry parameters |
+//! | `{pending}` … `{dead}`, `{open}`, `{done}` | status values, from [`Status`] |
+//! | `{row}`, `{row_state}`, `{claimed}` | the columns the row decoders read |
+//! | `{claimable}` | heads of key among due, unleased rows of a service (alias `o`) |
+//! | `{for_update}`, `{skip_locked}` | row locks, where the database has them |
+//!
+//! Status values are literals in the rendered text (not parameters): PostgreSQL's
+//! partial indexes (`WHERE status = 0`) match only literal predicates.
+
+use std::borrow::Cow;
+use std::sync::{Arc, RwLock};
+
+use super::Status;
+use crate::route::TableName;
+
+/// How one database spells what the templates leave open.
+#[derive(Debug)]
+pub(crate) struct SqlDialect {
+    /// The backend's name (the cache key, with the table).
+    pub name: &'static str,
+    /// `$1, $2, …` (PostgreSQL) rather than `?`.
+    pub numbered: bool,
+    /// The clock expression.
+    pub now: &'static str,
+    /// A delay around one `{p}`, added to or taken from `{now}`.
+    pub interval: &'static str,
+    /// A delay parameter that may be NULL, as in `{p_delay} IS NULL`.
+    pub nullable_delay: &'static str,
+    /// A uuid parameter that may be NULL.
+    pub nullable_uuid: &'static str,
+    /// `IN` a list of row ids; `{list}` is a `?` per element, appended per call.
+    pub in_ids: &'static str,
+    /// `IN` a list of other values.
+    pub in_list: &'static str,
+    /// Locks a row that is read in the consumer's transaction.
+    pub for_update: &'static str,
+    /// Locks the rows that no other transaction holds, without waiting.
+    pub skip_locked: &'static str,
+    /// How an UPDATE or DELETE is bounded to the first rows.
+    pub bounded: Bounded,
+    /// The dialect's own statements (its claim), rendered into [`Statements::own`].
+    pub own: &'static [&'static str],
+}
+
+/// How a bounded UPDATE or DELETE is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bounded {
+    /// `WHERE id IN (SELECT id … LIMIT n) AND recheck`: the status is checked again on
+    /// the row changed (PostgreSQL re-evaluates only the outer condition after waiting
+    /// for a row lock).
+    Subquery,
+    /// `WHERE … ORDER BY id LIMIT n` (MySQL: no LIMIT'd subquery on the same table).
+    OrderLimit,
+}
+
+/// An UPDATE or DELETE changing only the first `LIMIT` rows that match.
+struct BoundedOp {
+    /// `UPDATE {t} SET …` or `DELETE FROM {t}`.
+    head: &'static str,
+    /// Which rows.
+    filter: &'static str,
+    /// Whether the subquery form orders by id (the in-place form always does).
+    ordered: bool,
+    /// The status condition checked again on each row changed.
+    recheck: &'static str,
+}
+
+const ROW: &str = "id, event_id, service, event_type, event_version, event_key, payload, \
+    status, attempts, max_retries, next_attempt_at, last_error, created_at, updated_at, \
+    published_at, consumed_at, dead_at";
+const ROW_STATE: &str = "id, status, attempts, max_retries, event_key, event_type, \
+    event_version, payload, CASE WHEN next_attempt_at <= {now} THEN 1 ELSE 0 END AS due";
+const CLAIMED: &str =
+    "id, event_id, event_type, event_version, event_key, payload, attempts, created_at";
+const CLAIMABLE: &str = "o.service = {p} AND o.status = {pending} \
+    AND o.next_attempt_at <= {now} AND (o.locked_until IS NULL OR o.locked_until <= {now}) \
+    AND (o.event_key IS NULL OR NOT EXISTS (SELECT 1 FROM {t} p WHERE p.service = o.service \
+    AND p.event_key = o.event_key AND p.status = {pending} AND p.id < o.id))";
+
+/// A rendered statement. Only a MySQL list leaves a tail: the `?` list goes between.
+#[derive(Debug)]
+pub(crate) struct Sql {
+    head: String,
+    tail: Option<String>,
+}
+
+impl Sql {
+    /// The text, for a list of `n` elements if the statement has one.
+    pub(crate) fn get(&self, n: usize) -> Cow<'_, str> {
+        match &self.tail {
+            None => Cow::Borrowed(&self.head),
+            Some(tail) => {
+                let mut s = String::with_capacity(self.head.len() + tail.len() + n * 3);
+                s.push_str(&self.head);
+                push_marks(&mut s, n);
+                s.push_str(tail);
+                Cow::Owned(s)
+            }
+        }
+    }
+
+    /// The text of a statement without a list.
+    pub(crate) fn text(&self) -> &str {
+        &self.head
+    }
+}
+
+/// Appends `?, ?, ?` with `n` marks.
+fn push_marks(s: &mut String, n: usize) {
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push('?');
+    }
+}
+
+/// Every statement of the store for one dialect and table. Field docs name the bind
+/// parameters in order.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    /// event id, service, type, version, key, payload, max retries.
+    pub insert: Sql,
+    /// ids, token.
+    pub mark_published: Sql,
+    /// delay, error, ids, token.
+    pub release: Sql,
+    /// reason, id, token.
+    pub mark_dead_leased: Sql,
+    /// event id, service.
+    pub lock_by_event: Sql,
+    /// event ids, service.
+    pub lock_by_events: Sql,
+    /// event id, service (the plain read before a lock by id).
+    pub find_by_event: Sql,
+    /// service, event ids.
+    pub find_by_events: Sql,
+    /// id, service.
+    pub lock_by_id: Sql,
+    /// ids.
+    pub lock_by_ids: Sql,
+    /// service, key, id.
+    pub open_predecessor: Sql,
+    /// service, keys, below, limit.
+    pub open_rows_of_keys: Sql,
+    /// ids.
+    pub mark_consumed: Sql,
+    /// service, key, id.
+    pub republish_predecessors: Sql,
+    /// delay, id.
+    pub defer: Sql,
+    /// delay, error, id, attempts.
+    pub retry_later: Sql,
+    /// reason, id, attempts.
+    pub mark_dead: Sql,
+    /// service, consumed age, dead age (nullable), dead age, limit.
+    pub purge: Sql,
+    /// service, older than, newer than (nullable), newer than, limit.
+    pub redeliver_stale: Sql,
+    /// service, limit.
+    pub fetch_dead: Sql,
+    /// service, event id (nullable), event id, limit.
+    pub revive: Sql,
+    /// event id.
+    pub fetch: Sql,
+    /// service.
+    pub fetch_all: Sql,
+    /// service.
+    pub counts: Sql,
+    /// [`SqlDialect::own`], in its order.
+    pub own: Vec<Sql>,
+}
+
+const UNLEASE: &str = "locked_until = NULL, lease_token = 0, updated_at = {now}";
+
+const PURGE: BoundedOp = BoundedOp {
+    head: "DELETE FROM {t}",
+    filter: "service = {p} AND ((status = {consumed} AND consumed_at < {now_minus}) \
+        OR ({p_delay} IS NOT NULL AND status = {dead} AND dead_at < {now_minus}))",
+    ordered: false,
+    recheck: "status {done}",
+};
+const REDELIVER_STALE: BoundedOp = BoundedOp {
+    head: "UPDATE {t} SET status = {pending}, next_attempt_at = {now}, {unlease}",
+    filter: "service = {p} AND status = {published} AND published_at < {now_minus} \
+        AND ({p_delay} IS NULL OR published_at >= {now_minus})",
+    ordered: true,
+    recheck: "status = {published}",
+};
+const REVIVE: BoundedOp = BoundedOp {
+    head: "UPDATE {t} SET status = {pending}, attempts = 0, next_attempt_at = {now}, \
+        dead_at = NULL, {unlease}",
+    filter: "service = {p} AND status = {dead} AND ({p_uuid} IS NULL OR event_id = {p})",
+    ordered: true,
+    recheck: "status = {dead}",
+};
+
+impl Statements {
+    /// Renders every statement for `d` and `table`.
+    fn render(d: &SqlDialect, table: &TableName) -> Statements {
+        let r = |tpl: &str| render(d, table, tpl);
+        let b = |op: &BoundedOp| r(&bounded(d, op));
+        Statements {
+            insert: r(
+                "INSERT INTO {t} (event_id, service, event_type, event_version, \
+                event_key, payload, max_retries, next_attempt_at, created_at, updated_at) \
+                VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {now}, {now}, {now})",
+            ),
+            mark_published: r(
+                "UPDATE {t} SET status = {published}, published_at = {now}, \
+                {unlease} WHERE id {in_ids} AND lease_token = {p} AND status = {pending}",
+            ),
+            release: r(
+                "UPDATE {t} SET next_attempt_at = {now_plus}, last_error = {p}, \
+                {unlease} WHERE id {in_ids} AND lease_token = {p} AND status = {pending}",
+            ),
+            mark_dead_leased: r("UPDATE {t} SET status = {dead}, attempts = attempts + 1, \
+                last_error = {p}, dead_at = {now}, {unlease} \
+                WHERE id = {p} AND lease_token = {p} AND status = {pending}"),
+            lock_by_event: r("SELECT {row_state} FROM {t} \
+                WHERE event_id = {p} AND service = {p}{for_update}"),
+            lock_by_events: r("SELECT event_id, {row_state} FROM {t} \
+                WHERE event_id {in_list} AND service = {p}{skip_locked}"),
+            find_by_event: r("SELECT id FROM {t} WHERE event_id = {p} AND service = {p}"),
+            find_by_events: r("SELECT id FROM {t} WHERE service = {p} AND event_id {in_list}"),
+            lock_by_id: r(
+                "SELECT {row_state} FROM {t} WHERE id = {p} AND service = {p}{for_update}",
+            ),
+            lock_by_ids: r("SELECT event_id, {row_state} FROM {t} WHERE id {in_ids}{skip_locked}"),
+            open_predecessor: r("SELECT 1 FROM {t} WHERE service = {p} AND event_key = {p} \
+                AND id < {p} AND status {open} LIMIT 1"),
+            open_rows_of_keys: r("SELECT event_key, id FROM {t} WHERE service = {p} \
+                AND event_key {in_list} AND id < {p} AND status {open} LIMIT {p}"),
+            mark_consumed: r("UPDATE {t} SET status = {consumed}, consumed_at = {now}, \
+                {unlease} WHERE id {in_ids} AND status {open}"),
+            republish_predecessors: r("UPDATE {t} SET status = {pending}, \
+                next_attempt_at = {now}, {unlease} WHERE service = {p} AND event_key = {p} \
+                AND id < {p} AND status = {published}"),
+            defer: r(
+                "UPDATE {t} SET status = {pending}, next_attempt_at = {now_plus}, \
+                {unlease} WHERE id = {p} AND status {open}",
+            ),
+            retry_later: r(
+                "UPDATE {t} SET status = {pending}, attempts = attempts + 1, \
+                next_attempt_at = {now_plus}, last_error = {p}, {unlease} \
+                WHERE id = {p} AND attempts = {p} AND status {open}",
+            ),
+            mark_dead: r("UPDATE {t} SET status = {dead}, attempts = attempts + 1, \
+                last_error = {p}, dead_at = {now}, {unlease} \
+                WHERE id = {p} AND attempts = {p} AND status {open}"),
+            purge: b(&PURGE),
+            redeliver_stale: b(&REDELIVER_STALE),
+            fetch_dead: r(
+                "SELECT {row} FROM {t} WHERE service = {p} AND status = {dead} \
+                ORDER BY id LIMIT {p}",
+            ),
+            revive: b(&REVIVE),
+            fetch: r("SELECT {row} FROM {t} WHERE event_id = {p}"),
+            fetch_all: r("SELECT {row} FROM {t} WHERE service = {p} ORDER BY id"),
+            counts: r("SELECT status, COUNT(*) FROM {t} WHERE service = {p} GROUP BY status"),
+            own: d.own.iter().map(|tpl| r(tpl)).collect(),
+        }
+    }
+}
+
+/// The template of a bounded operation in `d`'s form.
+fn bounded(d: &SqlDialect, op: &BoundedOp) -> String {
+    let BoundedOp {
+        head,
+        filter,
+        ordered,
+        recheck,
+    } = op;
+    match d.bounded {
+        Bounded::Subquery => {
+            let order = if *ordered { "ORDER BY id " } else { "" };
+            format!(
+                "{head} WHERE id IN (SELECT id FROM {{t}} WHERE {filter} {order}LIMIT {{p}}) \
+                 AND {recheck}"
+            )
+        }
+        Bounded::OrderLimit => format!("{head} WHERE {filter} ORDER BY id LIMIT {{p}}"),
+    }
+}
+
+/// `tpl` rendered for `d` and `table`.
+pub(crate) fn render(d: &SqlDialect, table: &TableName, tpl: &str) -> Sql {
+    let mut r = Renderer {
+        d,
+        table,
+        params: 0,
+        out: String::with_capacity(tpl.len() * 2),
+        tail: None,
+    };
+    r.expand(tpl);
+    match r.tail {
+        None => Sql {
+            head: r.out,
+            tail: None,
+        },
+        Some(at) => {
+            let tail = r.out.split_off(at);
+            Sql {
+                head: r.out,
+                tail: Some(tail),
+            }
+        }
+    }
+}
+
+struct Renderer<'a> {
+    d: &'a SqlDialect,
+    table: &'a TableName,
+    params: usize,
+    out: String,
+    /// Where an expanded list goes (MySQL).
+    tail: Option<usize>,
+}
+
+impl Renderer<'_> {
+    fn expand(&mut self, mut tpl: &str) {
+        while let Some(open) = tpl.find('{') {
+            self.out.push_str(&tpl[..open]);
+            let rest = &tpl[open + 1..];
+            let Some(close) = rest.find('}') else {
+                self.out.push_str(&tpl[open..]);
+                return;
+            };
+            self.token(&rest[..close]);
+            tpl = &rest[close + 1..];
+        }
+        self.out.push_str(tpl);
+    }
+
+    fn status(&mut self, statuses: &[Status]) {
+        let values: Vec<String> = statuses.iter().map(|s| s.as_i16().to_string()).collect();
+        self.out.push_str(&values.join(", "));
+    }
+
+    fn token(&mut self, token: &str) {
+        let d = self.d;
+        match token {
+            "t" => self.out.push_str(self.table.as_str()),
+            "p" => {
+                self.params += 1;
+                if d.numbered {
+                    self.out.push('$');
+                    self.out.push_str(&self.params.to_string());
+                } else {
+                    self.out.push('?');
+                }
+            }
+            "list" => self.tail = Some(self.out.len()),
+            "p_delay" => self.expand(d.nullable_delay),
+            "p_uuid" => self.expand(d.nullable_uuid),
+            "now" => self.out.push_str(d.now),
+            "now_plus" | "now_minus" => {
+                self.out.push_str(d.now);
+                self.out
+                    .push_str(if token == "now_plus" { " + " } else { " - " });
+                self.expand(d.interval);
+            }
+            "in_ids" => self.expand(d.in_ids),
+            "in_list" => self.expand(d.in_list),
+            "unlease" => self.expand(UNLEASE),
+            "lease" => {
+                self.expand("lease_token = {p}, locked_until = {now_plus}, updated_at = {now}")
+            }
+            "pending" => self.status(&[Status::Pending]),
+            "published" => self.status(&[Status::Published]),
+            "consumed" => self.status(&[Status::Consumed]),
+            "dead" => self.status(&[Status::Dead]),
+            "open" => {
+                self.out.push_str("IN (");
+                self.status(&[Status::Pending, Status::Published]);
+                self.out.push(')');
+            }
+            "done" => {
+                self.out.push_str("IN (");
+                self.status(&[Status::Consumed, Status::Dead]);
+                self.out.push(')');
+            }
+            "row" => self.out.push_str(ROW),
+            "row_state" => self.expand(ROW_STATE),
+            "claimed" => self.out.push_str(CLAIMED),
+            "claimable" => self.expand(CLAIMABLE),
+            "for_update" => self.out.push_str(d.for_update),
+            "skip_locked" => self.out.push_str(d.skip_locked),
+            // Templates are constants, checked by the tests below; an unknown token is
+            // left in the text, where the database rejects it.
+            other => {
+                debug_assert!(false, "unknown SQL template token {{{other}}}");
+                self.out.push('{');
+                self.out.push_str(other);
+                self.out.push('}');
+            }
+        }
+    }
+}
+
+/// Rendered statements, per dialect and table.
+type Cache = Vec<((&'static str, TableName), Arc<Statements>)>;
+static CACHE: RwLock<Cache> = RwLock::new(Vec::new());
+
+/// The statements of `d` for `table`, rendered on first use and kept for the life of
+/// the process (an application has a handful of tables).
+pub(crate) fn statements(d: &'static SqlDialect, table: &TableName) -> Arc<Statements> {
+    let find = |cache: &Cache| {
+        cache
+            .iter()
+            .find(|((name, t), _)| *name == d.name && t == table)
+            .map(|(_, s)| Arc::clone(s))
+    };
+    // A poisoned lock only means a panic elsewhere mid-push; the list is still valid.
+    if let Some(s) = find(&CACHE.read().unwrap_or_else(|e| e.into_inner())) {
+        return s;
+    }
+    let rendered = Arc::new(Statements::render(d, table));
+    let mut cache = CACHE.write().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = find(&cache) {
+        return s;
+    }
+    cache.push(((d.name, table.clone()), Arc::clone(&rendered)));
+    rendered
+}
+
+/// `sql` with its `?` placeholders numbered `$1, $2, …` (PostgreSQL); a `?` inside a
+/// literal is numbered too, as documented on [`super::Backend::execute_portable`].
+pub(crate) fn numbered(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QUESTION: SqlDialect = SqlDialect {
+        name: "test-question",
+        numbered: false,
+        now: "NOW",
+        interval: "{p}",
+        nullable_delay: "{p}",
+        nullable_uuid: "{p}",
+        in_ids: "IN ({list})",
+        in_list: "IN ({list})",
+        for_update: " FOR UPDATE",
+        skip_locked: " FOR UPDATE SKIP LOCKED",
+        bounded: Bounded::OrderLimit,
+        own: &["SELECT {claimed} FROM {t} o WHERE {claimable}"],
+    };
+    const NUMBERED: SqlDialect = SqlDialect {
+        name: "test-numbered",
+        numbered: true,
+        now: "now()",
+        interval: "make_interval(secs => {p})",
+        nullable_delay: "{p}::float8",
+        nullable_uuid: "{p}::uuid",
+        in_ids: "= ANY({p})",
+        in_list: "= ANY({p})",
+        for_update: "",
+        skip_locked: "",
+        bounded: Bounded::Subquery,
+        own: &[],
+    };
+
+    fn all(s: &Statements) -> Vec<String> {
+        let mut v: Vec<String> = [
+            &s.insert,
+            &s.mark_published,
+            &s.release,
+            &s.mark_dead_leased,
+            &s.lock_by_event,
+            &s.lock_by_events,
+            &s.find_by_event,
+            &s.find_by_events,
+            &s.lock_by_id,
+            &s.lock_by_ids,
+            &s.open_predecessor,
+            &s.open_rows_of_keys,
+            &s.mark_consumed,
+            &s.republish_predecessors,
+            &s.defer,
+            &s.retry_later,
+            &s.mark_dead,
+            &s.purge,
+            &s.redeliver_stale,
+            &s.fetch_dead,
+            &s.revive,
+            &s.fetch,
+            &s.fetch_all,
+            &s.counts,
+        ]
+        .iter()
+        .map(|s| s.get(2).into_owned())
+        .collect();
+        v.extend(s.own.iter().map(|s| s.get(2).into_owned()));
+        v
+    }
+
+    #[test]
+    fn every_token_is_rendered() {
+        let table = TableName::new("orders_outbox").unwrap();
+        for d in [&QUESTION, &NUMBERED] {
+            for sql in all(&Statements::render(d, &table)) {
+                assert!(!sql.contains('{') && !sql.contains('}'), "{sql}");
+            }
+        }
+    }
+
+    #[test]
+    fn parameters_are_numbered_in_order_and_lists_appended() {
+        let table = TableName::new("t").unwrap();
+        let s = Statements::render(&NUMBERED, &table);
+        assert_eq!(
+            s.release.text(),
+            "UPDATE t SET next_attempt_at = now() + make_interval(secs => $1), last_error = $2, \
+             locked_until = NULL, lease_token = 0, updated_at = now() \
+             WHERE id = ANY($3) AND lease_token = $4 AND status = 0"
+        );
+        assert_eq!(
+            s.purge.text(),
+            "DELETE FROM t WHERE id IN (SELECT id FROM t WHERE service = $1 AND ((status = 2 \
+             AND consumed_at < now() - make_interval(secs => $2)) OR ($3::float8 IS NOT NULL \
+             AND status = 3 AND dead_at < now() - make_interval(secs => $4))) LIMIT $5) \
+             AND status IN (2, 3)"
+        );
+        let s = Statements::render(&QUESTION, &table);
+        assert_eq!(
+            s.mark_consumed.get(3),
+            "UPDATE t SET status = 2, consumed_at = NOW, locked_until = NULL, lease_token = 0, \
+             updated_at = NOW WHERE id IN (?, ?, ?) AND status IN (0, 1)"
+        );
+        assert_eq!(
+            s.revive.text(),
+            "UPDATE t SET status = 0, attempts = 0, next_attempt_at = NOW, dead_at = NULL, \
+             locked_until = NULL, lease_token = 0, updated_at = NOW \
+             WHERE service = ? AND status = 3 AND (? IS NULL OR event_id = ?) ORDER BY id LIMIT ?"
+        );
+    }
+
+    #[test]
+    fn rendered_once_per_dialect_and_table() {
+        static D: SqlDialect = QUESTION;
+        let table = TableName::new("cached_outbox").unwrap();
+        assert!(Arc::ptr_eq(
+            &statements(&D, &table),
+            &statements(&D, &table)
+        ));
+    }
+
+    #[test]
+    fn portable_placeholders_are_numbered() {
+        assert_eq!(numbered("a = ? AND b = ?"), "a = $1 AND b = $2");
+    }
+}
