@@ -69,6 +69,9 @@
 //! ```
 
 #![warn(missing_docs)]
+// Without `kafka` the items that serve only the relay and the consumers (handler
+// contexts, wake-up listeners, failpoints) are unused; the full build still warns.
+#![cfg_attr(not(feature = "kafka"), allow(dead_code, unused_macros))]
 
 /// A named crash point (`fail` crate), compiled in only with the `failpoints` feature.
 /// The names are listed in `RELIABILITY.md`.
@@ -83,19 +86,24 @@ pub mod admin;
 pub mod backend;
 pub mod catalog;
 pub mod config;
+#[cfg(feature = "kafka")]
 pub mod consumer;
+#[cfg(feature = "kafka")]
 pub mod envelope;
 pub mod error;
 pub mod event;
 pub mod handler;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 /// The name grammar (the `outbox-names` crate, which the macros share).
 pub use outbox_names as names;
 pub mod outbox;
 pub mod redact;
+#[cfg(feature = "kafka")]
 pub mod relay;
 pub mod retry;
 pub mod route;
+#[cfg(feature = "kafka")]
 pub mod runtime;
 pub mod service;
 mod wakeup;
@@ -110,11 +118,16 @@ pub use config::{OutboxConfig, Retention};
 pub use error::{Error, Result};
 pub use event::{Event, EventId, EventKey};
 pub use handler::{EventMeta, FailureKind, HandlerContext, HandlerError};
+#[cfg(feature = "kafka")]
 pub use kafka::KafkaConfig;
 pub use outbox::{Outbox, OutboxTx, PublishOptions, RawEvent};
 pub use outbox_macros::{outbox_event, outbox_handler, outbox_service};
 pub use route::{GroupName, Route, ServiceName, TableName, TopicName};
+#[cfg(feature = "kafka")]
 pub use runtime::{OutboxRuntime, RuntimeHandle};
+/// serde, whose derives every event needs; re-exported so that a missing derive is
+/// reported with a path the user's crate can name.
+pub use serde;
 pub use service::Service;
 
 /// The database types, re-exported so handler signatures need no direct sqlx import.
