@@ -35,3 +35,16 @@ CREATE TABLE IF NOT EXISTS {table} (
 CREATE INDEX IF NOT EXISTS {table}_claim_idx ON {table} (service, status, id);
 -- Head-of-key (relay) and open-predecessor (consumer) checks.
 CREATE INDEX IF NOT EXISTS {table}_key_idx ON {table} (service, event_key, status, id);
+-- The rows with their status as text, for people and tools reading the outbox in SQL
+-- (`SELECT * FROM {table}_view WHERE status = 'dead'`): the names are those of
+-- outbox_runtime::Status. A view, so existing rows read the same and nothing is
+-- migrated; the table keeps its numbers. Replaced on every migrate.
+-- (SQLite has no CREATE OR REPLACE VIEW.)
+DROP VIEW IF EXISTS {table}_view;
+CREATE VIEW {table}_view AS
+SELECT id, event_id, service, event_type, event_version, event_key, payload,
+       CASE status WHEN 0 THEN 'pending' WHEN 1 THEN 'published' WHEN 2 THEN 'consumed'
+                   WHEN 3 THEN 'dead' ELSE CAST(status AS TEXT) END AS status,
+       attempts, max_retries, next_attempt_at, lease_token, locked_until, last_error,
+       created_at, updated_at, published_at, consumed_at, dead_at
+FROM {table};

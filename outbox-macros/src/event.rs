@@ -239,10 +239,14 @@ fn key_field<'a>(
 
 /// The trait impls: `Event`, `PublishedThrough<S>` and `HandledBy<S>`.
 ///
-/// They are guarded by where clauses that hold exactly when the event is well formed
-/// (`for<'__guard>` keeps rustc from rejecting them as trivially false), so a missing
-/// serde derive or a type that is not a service is reported once, by the assertions
-/// and the registration in [`generate`], and not again by every impl.
+/// `Event` is implemented whether or not the type derives serde's traits: rustc then
+/// checks them as `Event`'s supertraits, once, at the type's name (the impl's self type
+/// keeps its span), with serde's hint to derive them; and every use of the event
+/// (`publish`, a handler) still finds its impls, so none fails with a false message
+/// such as "owned by another service". The impls are guarded only by the service
+/// being a service (`for<'__guard>` keeps rustc from rejecting the bound as trivially
+/// false), so a type that is not a service is reported once, by the registration in
+/// [`generate`], and not again by every impl.
 fn impl_event(event: &Event) -> TokenStream {
     let Event {
         ident,
@@ -253,7 +257,6 @@ fn impl_event(event: &Event) -> TokenStream {
         key,
     } = event;
     let private = quote!(::outbox_runtime::__private);
-    let serde = quote!(#private::serde);
     let service_ty = &service.ty;
     let max_retries = option_u32(*max_retries);
     let key_body = match key {
@@ -279,7 +282,6 @@ fn impl_event(event: &Event) -> TokenStream {
         #[automatically_derived]
         impl #private::Event for #ident
         where
-            for<'__guard> #ident: #serde::Serialize + #serde::de::DeserializeOwned,
             #guard_service,
         {
             type Service = #service_ty;
@@ -327,7 +329,6 @@ fn generate(event: &Event) -> TokenStream {
         key,
     } = event;
     let private = quote!(::outbox_runtime::__private);
-    let serde = quote!(#private::serde);
     let service_ty = &service.ty;
     let rust_type = ident.unraw().to_string();
     let max_retries = option_u32(*max_retries);
@@ -337,12 +338,6 @@ fn generate(event: &Event) -> TokenStream {
             quote!(::core::option::Option::Some(#field_name))
         }
         None => quote!(::core::option::Option::None),
-    };
-    // Spanned at the type name: a type without the serde derives fails there, with
-    // serde's own hint (`for<'de> Deserialize<'de>` rather than `DeserializeOwned`, whose
-    // error lacks the hint).
-    let assert_serde = quote_spanned! {attr::at(ident.span())=>
-        const _: () = __outbox_event_derives_serde::<#ident>();
     };
     let name_assertion = attr::service_name_assertion(service);
     // Spanned at the service: a type that is not a service fails there, once, with the
@@ -357,12 +352,6 @@ fn generate(event: &Event) -> TokenStream {
     quote! {
         #[doc(hidden)]
         const _: () = {
-            const fn __outbox_event_derives_serde<T>()
-            where
-                T: #serde::Serialize + for<'de> #serde::Deserialize<'de>,
-            {
-            }
-            #assert_serde
             #name_assertion
 
             #impls

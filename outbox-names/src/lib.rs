@@ -16,7 +16,7 @@
 pub enum NameKind {
     /// A service name: `[a-z][a-z0-9-]*`, at most 48 characters, no trailing or double `-`.
     Service,
-    /// An SQL table name: `[a-z_][a-z0-9_]*`, at most 63 characters (PostgreSQL's limit),
+    /// An SQL table name: `[a-z_][a-z0-9_]*`, at most [`MAX_TABLE_LEN`] (58) characters,
     /// not a [reserved word](RESERVED_WORDS) and not a [system name](SYSTEM_PREFIXES)
     /// (`pg_*`, `sqlite_*`, [`information_schema`, `mysql`, ...](SYSTEM_NAMES)).
     Table,
@@ -43,6 +43,11 @@ impl NameKind {
     }
 }
 
+/// The longest table name: 63 (PostgreSQL's identifier limit, which truncates longer
+/// names; MySQL's is 64) less the 5 of `_view`, so the status view `<table>_view` that
+/// the migration creates keeps its full, distinct name.
+pub const MAX_TABLE_LEN: usize = 63 - "_view".len();
+
 /// Checks `name` against the grammar of `kind`; on failure returns why, in words that
 /// say what is allowed.
 pub fn check_name(kind: NameKind, name: &str) -> Result<(), String> {
@@ -55,7 +60,7 @@ pub fn check_name(kind: NameKind, name: &str) -> Result<(), String> {
             "lowercase letters, digits and `-`, starting with a letter",
         ),
         NameKind::Table => (
-            63,
+            MAX_TABLE_LEN,
             "lowercase letters, digits and `_`, not starting with a digit",
         ),
         NameKind::Topic | NameKind::Group => (249, "ASCII letters, digits, `.`, `_` and `-`"),
@@ -334,7 +339,10 @@ mod tests {
             assert!(check_name(kind, name).is_err(), "{kind:?} {name:?}");
         }
         assert!(check_name(NameKind::Topic, &"a".repeat(250)).is_err());
-        assert!(check_name(NameKind::Table, &"a".repeat(64)).is_err());
+        assert!(check_name(NameKind::Table, &"a".repeat(MAX_TABLE_LEN + 1)).is_err());
+        check_name(NameKind::Table, &"a".repeat(MAX_TABLE_LEN)).unwrap();
+        // The longest default table (`<service>_outbox`, service at its limit) fits.
+        check_name(NameKind::Table, &default_table(&"a".repeat(48))).unwrap();
     }
 
     #[test]

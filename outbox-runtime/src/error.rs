@@ -17,6 +17,7 @@ pub enum Error {
         source: sqlx::Error,
     },
     /// A Kafka client call failed.
+    #[cfg(feature = "kafka")]
     #[error("kafka error while {context}: {source}")]
     Kafka {
         /// What was being done.
@@ -143,6 +144,7 @@ impl Error {
     }
 
     /// A Kafka error with context.
+    #[cfg(feature = "kafka")]
     pub fn kafka(context: impl Into<String>, source: rdkafka::error::KafkaError) -> Self {
         Error::Kafka {
             context: context.into(),

@@ -71,6 +71,9 @@
 //! ```
 
 #![warn(missing_docs)]
+// Without `kafka` the items that serve only the relay and the consumers (handler
+// contexts, wake-up listeners, failpoints) are unused; the full build still warns.
+#![cfg_attr(not(feature = "kafka"), allow(dead_code, unused_macros))]
 
 /// A named crash point (`fail` crate), compiled in only with the `failpoints` feature.
 /// The names are listed in `RELIABILITY.md`.
@@ -86,19 +89,24 @@ mod admin;
 pub mod backend;
 mod catalog;
 mod config;
+#[cfg(feature = "kafka")]
 mod consumer;
+#[cfg(feature = "kafka")]
 pub mod envelope;
 mod error;
 mod event;
 mod handler;
+#[cfg(feature = "kafka")]
 mod kafka;
 /// The name grammar (the `outbox-names` crate, which the macros share).
 pub use outbox_names as names;
 mod outbox;
 mod redact;
+#[cfg(feature = "kafka")]
 mod relay;
 mod retry;
 mod route;
+#[cfg(feature = "kafka")]
 mod runtime;
 mod service;
 mod wakeup;
@@ -108,6 +116,7 @@ pub mod __private;
 
 /// Not part of the API (it may change in any release): the pieces the project's own
 /// tests and benchmark drive directly, below the runtime.
+#[cfg(feature = "kafka")]
 #[doc(hidden)]
 pub mod internals {
     pub use crate::consumer::{Consumer, Outcome};
@@ -133,17 +142,24 @@ pub use admin::Admin;
 pub use backend::{Backend, OutboxRow, SqlValue, Status, StatusCounts};
 pub use catalog::{Catalog, CatalogBuilder, CatalogError};
 pub use config::{OutboxConfig, Retention};
+#[cfg(feature = "kafka")]
 pub use consumer::ConsumerStats;
 pub use error::{Error, Result};
 pub use event::{Event, EventId, EventKey};
 pub use handler::{EventMeta, FailureKind, HandlerContext, HandlerError};
+#[cfg(feature = "kafka")]
 pub use kafka::KafkaConfig;
 pub use outbox::{Outbox, OutboxTx, PublishOptions, RawEvent};
 pub use outbox_macros::{outbox_event, outbox_handler, outbox_service};
+#[cfg(feature = "kafka")]
 pub use relay::RelayStats;
 pub use retry::Backoff;
 pub use route::{GroupName, Route, ServiceName, TableName, TopicName};
+#[cfg(feature = "kafka")]
 pub use runtime::{migrate, OutboxRuntime, RuntimeHandle};
+/// serde, whose derives every event needs; re-exported so that a missing derive is
+/// reported with a path the user's crate can name.
+pub use serde;
 pub use service::Service;
 
 /// The database types, re-exported so handler signatures need no direct sqlx import.

@@ -1,9 +1,10 @@
 -- One outbox table (MySQL 8.0.1+ / MariaDB 10.6+: SKIP LOCKED). The service's table
--- name, checked against the name grammar first, replaces the placeholder. A single
--- statement with the indexes inline, so it is idempotent on MySQL and MariaDB alike
--- (MySQL has no CREATE INDEX IF NOT EXISTS) and no one ever sees the table without its
--- indexes. Used by outbox_runtime's migrate call; usable as-is by your own migration
--- tool after the replacement (see `Backend::migration_sql`).
+-- name, checked against the name grammar first, replaces the placeholder. The table is
+-- a single statement with the indexes inline, so it is idempotent on MySQL and MariaDB
+-- alike (MySQL has no CREATE INDEX IF NOT EXISTS) and no one ever sees the table
+-- without its indexes; the view after it needs the CREATE VIEW privilege. Used by
+-- outbox_runtime's migrate call; usable as-is by your own migration tool after the
+-- replacement (see `Backend::migration_sql`).
 --
 -- Times are DATETIME(6) in UTC, always written from UTC_TIMESTAMP(6) (the database
 -- clock, independent of the session time zone); there are deliberately no time
@@ -36,4 +37,15 @@ CREATE TABLE IF NOT EXISTS {table} (
     KEY ix_claim (service, status, id),
     -- Head-of-key (relay) and open-predecessor (consumer) checks.
     KEY ix_key (service, event_key, status, id)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
+-- The rows with their status as text, for people and tools reading the outbox in SQL
+-- (`SELECT * FROM {table}_view WHERE status = 'dead'`): the names are those of
+-- outbox_runtime::Status. A view, so existing rows read the same and nothing is
+-- migrated; the table keeps its numbers. Replaced on every migrate.
+CREATE OR REPLACE VIEW {table}_view AS
+SELECT id, event_id, service, event_type, event_version, event_key, payload,
+       CASE status WHEN 0 THEN 'pending' WHEN 1 THEN 'published' WHEN 2 THEN 'consumed'
+                   WHEN 3 THEN 'dead' ELSE CAST(status AS CHAR) END AS status,
+       attempts, max_retries, next_attempt_at, lease_token, locked_until, last_error,
+       created_at, updated_at, published_at, consumed_at, dead_at
+FROM {table};

@@ -40,3 +40,14 @@ CREATE INDEX IF NOT EXISTS {table}_pending_key_idx ON {table} (service, event_ke
     WHERE status = 0 AND event_key IS NOT NULL;
 -- A queue table churns: vacuum it early.
 ALTER TABLE {table} SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);
+-- The rows with their status as text, for people and tools reading the outbox in SQL
+-- (`SELECT * FROM {table}_view WHERE status = 'dead'`): the names are those of
+-- outbox_runtime::Status. A view, so existing rows read the same and nothing is
+-- migrated; the table keeps its numbers. Replaced on every migrate.
+CREATE OR REPLACE VIEW {table}_view AS
+SELECT id, event_id, service, event_type, event_version, event_key, payload,
+       CASE status WHEN 0 THEN 'pending' WHEN 1 THEN 'published' WHEN 2 THEN 'consumed'
+                   WHEN 3 THEN 'dead' ELSE CAST(status AS TEXT) END AS status,
+       attempts, max_retries, next_attempt_at, lease_token, locked_until, last_error,
+       created_at, updated_at, published_at, consumed_at, dead_at
+FROM {table};

@@ -261,7 +261,7 @@ mod tests {
 
     #[test]
     fn lock_names_fit_get_lock() {
-        let long = "t".repeat(63);
+        let long = "t".repeat(crate::names::MAX_TABLE_LEN);
         assert!(migrate_lock_name(&TableName::new(&long).unwrap()).len() <= LOCK_NAME_MAX);
         assert_eq!(
             migrate_lock_name(&TableName::new("orders_outbox").unwrap()),
