@@ -77,7 +77,7 @@ where
     tx.publish(&TaskCreated {
         task_id: "t-1".into(),
         seq: 1,
-        script: Script::Ok,
+        script: Script::default(),
     })
     .await
     .expect("publish");
