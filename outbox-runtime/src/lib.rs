@@ -110,12 +110,16 @@ pub use config::{OutboxConfig, Retention};
 pub use error::{Error, Result};
 pub use event::{Event, EventId, EventKey};
 pub use handler::{EventMeta, FailureKind, HandlerContext, HandlerError};
-pub use kafka::KafkaConfig;
+pub use kafka::{KafkaConfig, OnUnreachableBroker, TopicSettings};
 pub use outbox::{Outbox, OutboxTx, PublishOptions, RawEvent};
 pub use outbox_macros::{outbox_event, outbox_handler, outbox_service};
 pub use route::{GroupName, Route, ServiceName, TableName, TopicName};
 pub use runtime::{OutboxRuntime, RuntimeHandle};
 pub use service::Service;
+
+/// The sqlx this crate is built with: use `outbox_runtime::sqlx` for your own queries,
+/// pools and transactions, so your crate never pins a second, incompatible sqlx.
+pub use sqlx;
 
 /// The database types, re-exported so handler signatures need no direct sqlx import.
 #[cfg(feature = "mysql")]
