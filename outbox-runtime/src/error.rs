@@ -124,6 +124,38 @@ pub enum Error {
         #[source]
         source: tokio::task::JoinError,
     },
+    /// A service's outbox table does not exist (found at `start` with
+    /// `migrate(false)`, or when publishing).
+    #[error(
+        "the outbox table {table} of service `{service}` does not exist; create it with \
+         `OutboxRuntime::migrate(true)` (the default) or `Outbox::migrate()`, or run \
+         `Backend::migration_sql` in your own migrations ({source})"
+    )]
+    MissingTable {
+        /// The table.
+        table: String,
+        /// The service it belongs to.
+        service: String,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    #[cfg(feature = "kafka")]
+    /// No Kafka broker answered at `start` within [`crate::OutboxRuntime::broker_wait`].
+    #[error(
+        "no Kafka broker answered at {brokers} within {waited:?} (OutboxRuntime::broker_wait); \
+         check the address (KafkaConfig, OUTBOX_KAFKA_BROKERS), or start anyway with \
+         .on_unreachable_broker(OnUnreachableBroker::Warn): {source}"
+    )]
+    BrokerUnreachable {
+        /// The bootstrap servers that were tried.
+        brokers: String,
+        /// How long `start` waited.
+        waited: std::time::Duration,
+        /// The client's error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
     /// The backend cannot do what was asked.
     #[error("the {backend} backend does not support {what}")]
     Unsupported {
@@ -151,6 +183,16 @@ impl Error {
             source,
         }
     }
+}
+
+/// Whether `e` says a table does not exist (PostgreSQL 42P01, MySQL 42S02 / 1146,
+/// SQLite "no such table").
+pub(crate) fn is_missing_table(e: &sqlx::Error) -> bool {
+    let Some(db) = e.as_database_error() else {
+        return false;
+    };
+    matches!(db.code().as_deref(), Some("42P01" | "42S02" | "1146"))
+        || db.message().starts_with("no such table")
 }
 
 /// `a`, `b` for a message; `it declares none` when empty.

@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 
@@ -157,6 +158,128 @@ impl KafkaConfig {
         apply(&mut c, CONSUMER_FIXED.iter().copied());
         c
     }
+}
+
+/// What [`crate::OutboxRuntime::start`] does when no broker answers within
+/// [`crate::OutboxRuntime::broker_wait`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnUnreachableBroker {
+    /// `start` fails with [`Error::BrokerUnreachable`], naming the address (default): a
+    /// wrong address is found at deploy time, not when events pile up.
+    #[default]
+    Fail,
+    /// `start` logs a warning naming the address and runs anyway: relays and consumers
+    /// connect when the broker comes (events wait in the table meanwhile).
+    Warn,
+}
+
+/// The topics [`crate::OutboxRuntime::start`] creates when they are missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TopicSettings {
+    /// Partitions of a created topic; `None` (default) takes the broker's default
+    /// (`num.partitions`). More partitions let more consumers of a group share the work;
+    /// one key's events always go to one partition.
+    pub partitions: Option<i32>,
+    /// Replication factor of a created topic; `None` (default) takes the broker's
+    /// default (`default.replication.factor`).
+    pub replication: Option<i32>,
+}
+
+/// What `start` asks of the broker before anything runs.
+pub(crate) struct BrokerCheck<'a> {
+    pub(crate) wait: Duration,
+    pub(crate) on_unreachable: OnUnreachableBroker,
+    /// `None`: topics are not created here (the broker may auto-create them on the first
+    /// produce).
+    pub(crate) create: Option<TopicSettings>,
+    pub(crate) topics: &'a [String],
+}
+
+/// Waits up to `check.wait` for the broker's metadata, then creates the missing topics
+/// among `check.topics`. No answer: an error naming the address, or a warning
+/// ([`OnUnreachableBroker`]). A topic that cannot be created (no admin API, no
+/// permission) is a warning: the broker may still create it on the first produce.
+pub(crate) async fn check_broker(kafka: &KafkaConfig, check: BrokerCheck<'_>) -> Result<()> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &kafka.bootstrap_servers);
+    apply(
+        &mut config,
+        kafka.common.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    let admin: AdminClient<ClientLog> = config
+        .create_with_context(ClientLog::new("admin"))
+        .map_err(|e| Error::kafka("creating an admin client", e))?;
+    let wait = check.wait;
+    let (admin, metadata) = tokio::task::spawn_blocking(move || {
+        let metadata = admin.inner().fetch_metadata(None, wait);
+        (admin, metadata)
+    })
+    .await
+    .map_err(|e| Error::Config(format!("the broker check panicked: {e}")))?;
+    let metadata = match metadata {
+        Ok(m) => m,
+        Err(source) => {
+            return match check.on_unreachable {
+                OnUnreachableBroker::Fail => Err(Error::BrokerUnreachable {
+                    brokers: kafka.bootstrap_servers.clone(),
+                    waited: wait,
+                    source,
+                }),
+                OnUnreachableBroker::Warn => {
+                    tracing::warn!(brokers = %kafka.bootstrap_servers, waited = ?wait, error = %source,
+                        "no Kafka broker answered; starting anyway (OnUnreachableBroker::Warn): \
+                         events wait in their tables until a broker answers");
+                    Ok(())
+                }
+            };
+        }
+    };
+    let Some(settings) = check.create else {
+        return Ok(());
+    };
+    let missing: Vec<&String> = check
+        .topics
+        .iter()
+        .filter(|name| {
+            !metadata
+                .topics()
+                .iter()
+                .any(|t| t.name() == name.as_str() && t.error().is_none())
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let new: Vec<NewTopic<'_>> = missing
+        .iter()
+        .map(|name| {
+            NewTopic::new(
+                name,
+                settings.partitions.unwrap_or(-1),
+                TopicReplication::Fixed(settings.replication.unwrap_or(-1)),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new()
+        .request_timeout(Some(wait))
+        .operation_timeout(Some(wait));
+    match admin.create_topics(&new, &options).await {
+        Err(e) => {
+            tracing::warn!(brokers = %kafka.bootstrap_servers, topics = ?missing, error = %e,
+                "could not create the topics (admin API); the broker may create them on the first produce");
+        }
+        Ok(results) => {
+            for result in results {
+                match result {
+                    Ok(topic) => tracing::info!(topic, "created topic"),
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((topic, code)) => tracing::warn!(topic, error = %code,
+                        "could not create the topic; the broker may create it on the first produce"),
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn apply<'a>(c: &mut ClientConfig, props: impl Iterator<Item = (&'a str, &'a str)>) {

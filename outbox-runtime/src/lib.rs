@@ -148,7 +148,7 @@ pub use error::{Error, Result};
 pub use event::{Event, EventId, EventKey};
 pub use handler::{EventMeta, FailureKind, HandlerContext, HandlerError};
 #[cfg(feature = "kafka")]
-pub use kafka::KafkaConfig;
+pub use kafka::{KafkaConfig, OnUnreachableBroker, TopicSettings};
 pub use outbox::{Outbox, OutboxTx, PublishOptions, RawEvent};
 pub use outbox_macros::{outbox_event, outbox_handler, outbox_service};
 #[cfg(feature = "kafka")]
@@ -161,6 +161,10 @@ pub use runtime::{migrate, OutboxRuntime, RuntimeHandle};
 /// reported with a path the user's crate can name.
 pub use serde;
 pub use service::Service;
+
+/// The sqlx this crate is built with: use `outbox_runtime::sqlx` for your own queries,
+/// pools and transactions, so your crate never pins a second, incompatible sqlx.
+pub use sqlx;
 
 /// The database types, re-exported so handler signatures need no direct sqlx import.
 #[cfg(feature = "mysql")]

@@ -278,6 +278,13 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
         DB::insert(conn, self.route.table(), &row)
             .await
             .map_err(|e| {
+                if crate::error::is_missing_table(&e) {
+                    return Error::MissingTable {
+                        table: self.route.table().to_string(),
+                        service: self.route.service().to_string(),
+                        source: e,
+                    };
+                }
                 Error::db(
                     format!(
                         "publishing `{event_type}` into {} (service {})",

@@ -21,7 +21,7 @@ use crate::catalog::Catalog;
 use crate::config::OutboxConfig;
 use crate::consumer::{Consumer, ConsumerStats};
 use crate::error::{Error, Result};
-use crate::kafka::{KafkaConfig, Producers};
+use crate::kafka::{BrokerCheck, KafkaConfig, OnUnreachableBroker, Producers, TopicSettings};
 use crate::relay::{Relay, RelayStats};
 
 /// A shutdown signal for long-running loops: `true` once shutdown was requested.
@@ -38,6 +38,9 @@ pub struct OutboxRuntime<DB: Backend> {
     run_relays: bool,
     run_consumers: bool,
     migrate: bool,
+    broker_wait: std::time::Duration,
+    on_unreachable: OnUnreachableBroker,
+    create_topics: Option<TopicSettings>,
 }
 
 impl<DB: Backend> OutboxRuntime<DB> {
@@ -53,6 +56,9 @@ impl<DB: Backend> OutboxRuntime<DB> {
             run_relays: true,
             run_consumers: true,
             migrate: true,
+            broker_wait: std::time::Duration::from_secs(10),
+            on_unreachable: OnUnreachableBroker::Fail,
+            create_topics: Some(TopicSettings::default()),
         }
     }
 
@@ -93,9 +99,37 @@ impl<DB: Backend> OutboxRuntime<DB> {
         self
     }
 
-    /// Whether `start` creates missing outbox tables first (default true).
+    /// Whether `start` creates missing outbox tables first (default true). With
+    /// `false`, `start` checks that they exist and fails with [`Error::MissingTable`]
+    /// if one does not.
     pub fn migrate(mut self, on: bool) -> Self {
         self.migrate = on;
+        self
+    }
+
+    /// How long `start` waits for a broker to answer a metadata request (default
+    /// 10 s) before it fails or warns, as [`on_unreachable_broker`](Self::on_unreachable_broker)
+    /// says. Only when relays or consumers run.
+    pub fn broker_wait(mut self, wait: std::time::Duration) -> Self {
+        self.broker_wait = wait;
+        self
+    }
+
+    /// What `start` does when no broker answers within
+    /// [`broker_wait`](Self::broker_wait): fail naming the address (default), or warn
+    /// and run anyway.
+    pub fn on_unreachable_broker(mut self, then: OnUnreachableBroker) -> Self {
+        self.on_unreachable = then;
+        self
+    }
+
+    /// Whether and how `start` creates the missing topics of the services it runs
+    /// (default: created with the broker's default partitions and replication).
+    /// `None` leaves topics to the broker's auto-creation on the first produce (the
+    /// consumer then logs `UnknownTopicOrPartition` until it exists). A broker without
+    /// the admin API, or a refusal, is a warning, never fatal.
+    pub fn create_topics(mut self, topics: Option<TopicSettings>) -> Self {
+        self.create_topics = topics;
         self
     }
 
@@ -129,6 +163,28 @@ impl<DB: Backend> OutboxRuntime<DB> {
                 &self.pool,
                 &self.catalog,
                 services.iter().map(String::as_str),
+            )
+            .await?;
+        } else {
+            check_tables(&self.pool, &self.catalog, &services).await?;
+        }
+        self.warn_unhandled(&services);
+        if (self.run_relays || self.run_consumers) && !services.is_empty() {
+            let mut topics: Vec<String> = services
+                .iter()
+                .filter_map(|s| self.catalog.route(s))
+                .map(|r| r.topic().to_string())
+                .collect();
+            topics.sort();
+            topics.dedup();
+            crate::kafka::check_broker(
+                &self.kafka,
+                BrokerCheck {
+                    wait: self.broker_wait,
+                    on_unreachable: self.on_unreachable,
+                    create: self.create_topics,
+                    topics: &topics,
+                },
             )
             .await?;
         }
@@ -207,6 +263,58 @@ impl<DB: Backend> OutboxRuntime<DB> {
             consumer_stats,
         })
     }
+}
+
+impl<DB: Backend> OutboxRuntime<DB> {
+    /// One warning listing the handlers in this binary whose service's consumer does
+    /// not run in this process: their events are handled only where it runs (another
+    /// process), or never.
+    fn warn_unhandled(&self, services: &[String]) {
+        let unhandled: Vec<String> = self
+            .catalog
+            .routes()
+            .map(|r| r.service().as_str())
+            .filter(|s| !self.run_consumers || !services.iter().any(|r| r == s))
+            .flat_map(|s| self.catalog.handlers_of(s))
+            .map(|h| format!("{} (service {})", h.name, h.service))
+            .collect();
+        if !unhandled.is_empty() {
+            tracing::warn!(
+                handlers = %unhandled.join(", "),
+                "handlers whose service's consumer does not run in this process; their events \
+                 are handled only where that consumer runs (OutboxRuntime::services / consumers)"
+            );
+        }
+    }
+}
+
+/// Checks that the outbox tables of `services` exist (`start` with `migrate(false)`).
+async fn check_tables<DB: Backend>(
+    pool: &Pool<DB>,
+    catalog: &Catalog,
+    services: &[String],
+) -> Result<()> {
+    for s in services {
+        let route = catalog
+            .route(s)
+            .ok_or_else(|| Error::UnknownService(s.clone()))?;
+        // An indexed lookup of an id that never exists: cheap, and fails only if the
+        // table (or the database) is not there.
+        if let Err(e) = DB::fetch(pool, route.table(), uuid::Uuid::nil()).await {
+            if crate::error::is_missing_table(&e) {
+                return Err(Error::MissingTable {
+                    table: route.table().to_string(),
+                    service: s.clone(),
+                    source: e,
+                });
+            }
+            return Err(Error::db(
+                format!("checking outbox table {}", route.table()),
+                e,
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// One service's housekeeping until `shutdown`: redelivers rows published long ago and

@@ -7,6 +7,7 @@ pub mod broker;
 pub mod chaos;
 pub mod db;
 pub mod e2e;
+pub mod logs;
 pub mod oracle;
 pub mod services;
 

@@ -1,0 +1,260 @@
+//! What `OutboxRuntime::start` and `Outbox` report when the setup is wrong, instead of
+//! running silently:
+//! - a broker address with nothing listening: `start` fails within `broker_wait`, naming
+//!   the address (or warns and runs, with `OnUnreachableBroker::Warn`);
+//! - handlers whose service's consumer does not run in this process: one warning
+//!   listing them;
+//! - a missing outbox table: `start` with `migrate(false)`, and `publish`, fail with an
+//!   error that names `migrate` (PostgreSQL and SQLite);
+//! - a fresh broker: `start` creates the topics of the services it runs (partitions
+//!   configurable), so they exist before any produce and the consumer logs no
+//!   `UnknownTopicOrPartition`.
+
+use std::time::{Duration, Instant};
+
+use outbox_runtime::{
+    Catalog, Error, KafkaConfig, OnUnreachableBroker, Outbox, OutboxRuntime, TopicSettings,
+};
+use outbox_tests::broker::{unique_suffix, TestBroker};
+use outbox_tests::db::{TestPg, TestSqlite};
+use outbox_tests::logs::Logs;
+use outbox_tests::services::{Task, TaskCreated};
+
+/// `127.0.0.1:<port>` with nothing listening (bound, then released).
+fn dead_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
+    let port = listener.local_addr().expect("its address").port();
+    drop(listener);
+    format!("127.0.0.1:{port}")
+}
+
+/// A catalog with topics and groups of their own.
+fn fresh_catalog() -> Catalog {
+    let prefix = format!("t{}-", unique_suffix());
+    Catalog::builder()
+        .topic_prefix(&prefix)
+        .group_prefix(&prefix)
+        .build()
+        .expect("the test catalog is valid")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_broker_fails_within_the_wait_naming_the_address() {
+    let db = TestPg::create().await;
+    let address = dead_address();
+    let wait = Duration::from_secs(2);
+    let began = Instant::now();
+    let result = OutboxRuntime::new(
+        fresh_catalog(),
+        db.pool().clone(),
+        KafkaConfig::new(&address),
+    )
+    .services(["task"])
+    .broker_wait(wait)
+    .start()
+    .await;
+    let took = began.elapsed();
+    let Err(e) = result else {
+        panic!("start succeeded with no broker at {address}");
+    };
+    assert!(matches!(e, Error::BrokerUnreachable { .. }), "{e:?}");
+    let message = e.to_string();
+    assert!(message.contains(&address), "{message}");
+    assert!(message.contains("broker_wait"), "{message}");
+    assert!(
+        took >= wait && took < wait + Duration::from_secs(3),
+        "start took {took:?} with a wait of {wait:?}"
+    );
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_broker_only_warns_when_configured() {
+    let logs = Logs::capture();
+    let db = TestPg::create().await;
+    let address = dead_address();
+    let runtime = OutboxRuntime::new(
+        fresh_catalog(),
+        db.pool().clone(),
+        KafkaConfig::new(&address),
+    )
+    .services(["task"])
+    .broker_wait(Duration::from_millis(500))
+    .on_unreachable_broker(OnUnreachableBroker::Warn)
+    .start()
+    .await
+    .expect("start only warns");
+    let warned = logs.lines_with("no Kafka broker answered");
+    assert_eq!(warned.len(), 1, "{}", logs.text());
+    assert!(
+        warned[0].contains("WARN") && warned[0].contains(&address),
+        "{warned:?}"
+    );
+    runtime.shutdown().await.expect("shutdown");
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_without_a_consumer_here_are_listed_in_one_warning() {
+    let logs = Logs::capture();
+    let db = TestPg::create().await;
+    let broker = TestBroker::mock().await;
+    let runtime = OutboxRuntime::new(
+        fresh_catalog(),
+        db.pool().clone(),
+        KafkaConfig::new(broker.bootstrap_servers()),
+    )
+    .services(["task"])
+    .start()
+    .await
+    .expect("start");
+    let warned = logs.lines_with("handlers whose service's consumer does not run");
+    assert_eq!(warned.len(), 1, "{}", logs.text());
+    let line = &warned[0];
+    assert!(line.contains("WARN"), "{line}");
+    for other in [
+        "on_memory_stored (service memory)",
+        "on_notification_requested (service notification)",
+        "on_agent_run_requested (service agent)",
+        "on_job_scheduled (service active-scheduler)",
+    ] {
+        assert!(line.contains(other), "{other} missing from {line}");
+    }
+    assert!(
+        !line.contains("on_task_created"),
+        "task's consumer runs here: {line}"
+    );
+    runtime.shutdown().await.expect("shutdown");
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_table_is_an_error_naming_migrate_postgres() {
+    let db = TestPg::create().await;
+    let catalog = fresh_catalog();
+    // `start` without migrating: found before the broker is asked (none listens here).
+    let e = OutboxRuntime::new(
+        catalog.clone(),
+        db.pool().clone(),
+        KafkaConfig::new(dead_address()),
+    )
+    .services(["task"])
+    .migrate(false)
+    .start()
+    .await
+    .err()
+    .expect("start with a missing table fails");
+    assert!(matches!(e, Error::MissingTable { .. }), "{e:?}");
+    assert!(
+        e.to_string().contains("task_outbox") && e.to_string().contains("migrate"),
+        "{e}"
+    );
+
+    // Publishing into it.
+    let outbox = Outbox::<Task, sqlx::Postgres>::new(db.pool().clone(), &catalog).unwrap();
+    let mut tx = outbox.begin().await.unwrap();
+    let e = tx.publish(&created()).await.expect_err("publish fails");
+    assert!(matches!(e, Error::MissingTable { .. }), "{e:?}");
+    assert!(e.to_string().contains("migrate"), "{e}");
+    drop(tx);
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_table_is_an_error_naming_migrate_sqlite() {
+    let db = TestSqlite::create().await;
+    let catalog = fresh_catalog();
+    let e = OutboxRuntime::new(
+        catalog.clone(),
+        db.pool().clone(),
+        KafkaConfig::new(dead_address()),
+    )
+    .services(["task"])
+    .migrate(false)
+    .start()
+    .await
+    .err()
+    .expect("start with a missing table fails");
+    assert!(matches!(e, Error::MissingTable { .. }), "{e:?}");
+    assert!(e.to_string().contains("migrate"), "{e}");
+
+    let outbox = Outbox::<Task, sqlx::Sqlite>::new(db.pool().clone(), &catalog).unwrap();
+    let mut tx = outbox.begin().await.unwrap();
+    let e = tx.publish(&created()).await.expect_err("publish fails");
+    assert!(matches!(e, Error::MissingTable { .. }), "{e:?}");
+    drop(tx);
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_creates_the_topics_of_its_services_on_a_fresh_broker() {
+    let Some(broker) = TestBroker::tansu_or_skip("start_creates_the_topics") else {
+        return;
+    };
+    let logs = Logs::capture();
+    let db = TestPg::create().await;
+    let catalog = fresh_catalog();
+    let topic = catalog.route("task").unwrap().topic().to_string();
+    let other = catalog.route("memory").unwrap().topic().to_string();
+    assert!(
+        broker.partitions(&topic).await.is_err(),
+        "{topic} exists before start"
+    );
+
+    let runtime = OutboxRuntime::new(
+        catalog.clone(),
+        db.pool().clone(),
+        KafkaConfig::new(broker.bootstrap_servers()),
+    )
+    .services(["task"])
+    .create_topics(Some(TopicSettings {
+        partitions: Some(3),
+        replication: None,
+    }))
+    .start()
+    .await
+    .expect("start");
+    // Nothing was published: the topic exists because `start` created it.
+    assert_eq!(
+        broker.partitions(&topic).await,
+        Ok(3),
+        "{topic} after start"
+    );
+    assert!(
+        broker.partitions(&other).await.is_err(),
+        "only the services run here"
+    );
+    // The consumer subscribed to an existing topic: no UnknownTopicOrPartition.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let unknown = logs.lines_with("UnknownTopicOrPartition");
+    assert!(unknown.is_empty(), "{unknown:?}");
+    runtime.shutdown().await.expect("shutdown");
+
+    // The broker's defaults when nothing is configured.
+    let catalog = fresh_catalog();
+    let topic = catalog.route("task").unwrap().topic().to_string();
+    let runtime = OutboxRuntime::new(
+        catalog,
+        db.pool().clone(),
+        KafkaConfig::new(broker.bootstrap_servers()),
+    )
+    .services(["task"])
+    .start()
+    .await
+    .expect("start");
+    let partitions = broker.partitions(&topic).await;
+    assert!(
+        matches!(partitions, Ok(n) if n >= 1),
+        "{topic}: {partitions:?}"
+    );
+    runtime.shutdown().await.expect("shutdown");
+    db.cleanup().await;
+}
+
+fn created() -> TaskCreated {
+    TaskCreated {
+        task_id: "t-1".into(),
+        seq: 1,
+        script: Default::default(),
+    }
+}
