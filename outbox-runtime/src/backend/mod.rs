@@ -7,6 +7,11 @@
 //! each other's rows. Every time comes from the database clock: the app passes
 //! *delays*, never instants.
 //!
+//! Each statement is written once, in `statements.rs`, as a template that each
+//! database's dialect renders once per table; `rows.rs` decodes rows for all three, and
+//! `ops.rs` holds the operations every database runs alike. A database's own module
+//! keeps its dialect and what truly differs: the claim, the migration, wake-ups.
+//!
 //! ## Row life cycle
 //!
 //! ```text

@@ -27,7 +27,7 @@ use uuid::Uuid;
 use crate::route::{ServiceName, TableName};
 
 use super::ops::{micros, store_ops, Dialect, Query};
-use super::rows::OutboxRowExt;
+use super::rows::claimed_rows;
 use super::statements::{Bounded, SqlDialect, Statements};
 use super::{Backend, ClaimedRow};
 
@@ -38,7 +38,7 @@ const CLAIM_IDS: usize = 0;
 const CLAIM_LEASE: usize = 1;
 const CLAIM_READ: usize = 2;
 
-const SQL: SqlDialect = SqlDialect {
+pub(crate) const SQL: SqlDialect = SqlDialect {
     name: "mysql",
     numbered: false,
     now: "UTC_TIMESTAMP(6)",
@@ -151,12 +151,8 @@ async fn claim_once(
         .bind(token)
         .fetch_all(&mut *tx)
         .await?;
-    let claimed = rows
-        .iter()
-        .map(OutboxRowExt::claimed_row)
-        .collect::<Result<Vec<_>, _>>()?;
     tx.commit().await?;
-    Ok(claimed)
+    claimed_rows(&rows)
 }
 
 impl Dialect for MySql {

@@ -83,18 +83,17 @@ pub(crate) fn micros(d: Duration) -> i64 {
 }
 
 /// The [`Backend`] methods every database runs the same way, for `impl Backend for X`
-/// where `X:` [`Dialect`].
+/// where `X:` [`Dialect`] (which must be in scope: the bodies call `Self::statements`).
 macro_rules! store_ops {
     () => {
         async fn begin(
             pool: &sqlx::Pool<Self>,
         ) -> Result<sqlx::Transaction<'static, Self>, sqlx::Error> {
-            pool.begin_with(<Self as $crate::backend::ops::Dialect>::BEGIN)
-                .await
+            pool.begin_with(Self::BEGIN).await
         }
 
         fn migration_sql(table: &$crate::route::TableName) -> String {
-            <Self as $crate::backend::ops::Dialect>::MIGRATION.replace("{table}", table.as_str())
+            Self::MIGRATION.replace("{table}", table.as_str())
         }
 
         async fn insert<'c>(
@@ -102,7 +101,7 @@ macro_rules! store_ops {
             table: &'c $crate::route::TableName,
             row: &'c $crate::backend::NewRow<'c>,
         ) -> Result<(), sqlx::Error> {
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let s = Self::statements(table);
             sqlx::query(s.insert.text())
                 .bind(row.event_id)
                 .bind(row.service.as_str())
@@ -122,15 +121,13 @@ macro_rules! store_ops {
             ids: &'p [i64],
             token: i64,
         ) -> Result<u64, sqlx::Error> {
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let s = Self::statements(table);
             let mut changed = 0;
-            for chunk in ids.chunks(<Self as $crate::backend::ops::Dialect>::ID_CHUNK) {
+            for chunk in ids.chunks(Self::ID_CHUNK) {
                 let sql = s.mark_published.get(chunk.len());
-                changed += <Self as $crate::backend::ops::Dialect>::retry(|| {
+                changed += Self::retry(|| {
                     let q = sqlx::query(&sql);
-                    <Self as $crate::backend::ops::Dialect>::bind_ids(q, chunk)
-                        .bind(token)
-                        .execute(pool)
+                    Self::bind_ids(q, chunk).bind(token).execute(pool)
                 })
                 .await?
                 .rows_affected();
@@ -146,17 +143,15 @@ macro_rules! store_ops {
             delay: std::time::Duration,
             error: &'p str,
         ) -> Result<u64, sqlx::Error> {
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
-            let delay = <Self as $crate::backend::ops::Dialect>::delay(delay);
+            let s = Self::statements(table);
+            let delay = Self::delay(delay);
             let error = $crate::backend::truncate_error(error);
             let mut changed = 0;
-            for chunk in ids.chunks(<Self as $crate::backend::ops::Dialect>::ID_CHUNK) {
+            for chunk in ids.chunks(Self::ID_CHUNK) {
                 let sql = s.release.get(chunk.len());
-                changed += <Self as $crate::backend::ops::Dialect>::retry(|| {
+                changed += Self::retry(|| {
                     let q = sqlx::query(&sql).bind(delay).bind(error);
-                    <Self as $crate::backend::ops::Dialect>::bind_ids(q, chunk)
-                        .bind(token)
-                        .execute(pool)
+                    Self::bind_ids(q, chunk).bind(token).execute(pool)
                 })
                 .await?
                 .rows_affected();
@@ -171,9 +166,9 @@ macro_rules! store_ops {
             token: i64,
             reason: &'p str,
         ) -> Result<bool, sqlx::Error> {
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let s = Self::statements(table);
             let reason = $crate::backend::truncate_error(reason);
-            let done = <Self as $crate::backend::ops::Dialect>::retry(|| {
+            let done = Self::retry(|| {
                 sqlx::query(s.mark_dead_leased.text())
                     .bind(reason)
                     .bind(id)
@@ -191,8 +186,8 @@ macro_rules! store_ops {
             event_id: uuid::Uuid,
         ) -> Result<Option<$crate::backend::RowState>, sqlx::Error> {
             use $crate::backend::rows::OutboxRowExt as _;
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
-            let row = if <Self as $crate::backend::ops::Dialect>::FIND_BEFORE_LOCK {
+            let s = Self::statements(table);
+            let row = if Self::FIND_BEFORE_LOCK {
                 let id: Option<i64> = sqlx::query_scalar(s.find_by_event.text())
                     .bind(event_id)
                     .bind(service.as_str())
@@ -224,31 +219,28 @@ macro_rules! store_ops {
         ) -> Result<Vec<(uuid::Uuid, $crate::backend::RowState)>, sqlx::Error> {
             use sqlx::Row as _;
             use $crate::backend::rows::OutboxRowExt as _;
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let s = Self::statements(table);
             let mut states = Vec::with_capacity(event_ids.len());
-            for chunk in event_ids.chunks(<Self as $crate::backend::ops::Dialect>::LIST_CHUNK) {
-                let rows = if <Self as $crate::backend::ops::Dialect>::FIND_BEFORE_LOCK {
+            for chunk in event_ids.chunks(Self::LIST_CHUNK) {
+                let rows = if Self::FIND_BEFORE_LOCK {
                     let sql = s.find_by_events.get(chunk.len());
                     let q = sqlx::query(&sql).bind(service.as_str());
-                    let ids: Vec<i64> =
-                        <Self as $crate::backend::ops::Dialect>::bind_uuids(q, chunk)
-                            .fetch_all(&mut *conn)
-                            .await?
-                            .iter()
-                            .map(|r| r.try_get(0))
-                            .collect::<Result<_, _>>()?;
+                    let ids: Vec<i64> = Self::bind_uuids(q, chunk)
+                        .fetch_all(&mut *conn)
+                        .await?
+                        .iter()
+                        .map(|r| r.try_get(0))
+                        .collect::<Result<_, _>>()?;
                     if ids.is_empty() {
                         continue;
                     }
                     let sql = s.lock_by_ids.get(ids.len());
                     let q = sqlx::query(&sql);
-                    <Self as $crate::backend::ops::Dialect>::bind_ids(q, &ids)
-                        .fetch_all(&mut *conn)
-                        .await?
+                    Self::bind_ids(q, &ids).fetch_all(&mut *conn).await?
                 } else {
                     let sql = s.lock_by_events.get(chunk.len());
                     let q = sqlx::query(&sql);
-                    <Self as $crate::backend::ops::Dialect>::bind_uuids(q, chunk)
+                    Self::bind_uuids(q, chunk)
                         .bind(service.as_str())
                         .fetch_all(&mut *conn)
                         .await?
@@ -267,7 +259,7 @@ macro_rules! store_ops {
             key: &'c str,
             id: i64,
         ) -> Result<bool, sqlx::Error> {
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let s = Self::statements(table);
             let found = sqlx::query(s.open_predecessor.text())
                 .bind(service.as_str())
                 .bind(key)
@@ -286,13 +278,13 @@ macro_rules! store_ops {
             limit: u32,
         ) -> Result<Vec<(String, i64)>, sqlx::Error> {
             use sqlx::Row as _;
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let s = Self::statements(table);
             let mut open = Vec::new();
             // `limit` applies per chunk, which only makes an incomplete answer less likely.
-            for chunk in keys.chunks(<Self as $crate::backend::ops::Dialect>::LIST_CHUNK) {
+            for chunk in keys.chunks(Self::LIST_CHUNK) {
                 let sql = s.open_rows_of_keys.get(chunk.len());
                 let q = sqlx::query(&sql).bind(service.as_str());
-                let rows = <Self as $crate::backend::ops::Dialect>::bind_keys(q, chunk)
+                let rows = Self::bind_keys(q, chunk)
                     .bind(below)
                     .bind(i64::from(limit))
                     .fetch_all(&mut *conn)
@@ -310,13 +302,11 @@ macro_rules! store_ops {
             table: &'c $crate::route::TableName,
             ids: &'c [i64],
         ) -> Result<(), sqlx::Error> {
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
-            for chunk in ids.chunks(<Self as $crate::backend::ops::Dialect>::ID_CHUNK) {
+            let s = Self::statements(table);
+            for chunk in ids.chunks(Self::ID_CHUNK) {
                 let sql = s.mark_consumed.get(chunk.len());
                 let q = sqlx::query(&sql);
-                <Self as $crate::backend::ops::Dialect>::bind_ids(q, chunk)
-                    .execute(&mut *conn)
-                    .await?;
+                Self::bind_ids(q, chunk).execute(&mut *conn).await?;
             }
             Ok(())
         }
@@ -329,7 +319,7 @@ macro_rules! store_ops {
             id: i64,
             delay: std::time::Duration,
         ) -> Result<u64, sqlx::Error> {
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let s = Self::statements(table);
             let republished = sqlx::query(s.republish_predecessors.text())
                 .bind(service.as_str())
                 .bind(key)
@@ -338,7 +328,7 @@ macro_rules! store_ops {
                 .await?
                 .rows_affected();
             sqlx::query(s.defer.text())
-                .bind(<Self as $crate::backend::ops::Dialect>::delay(delay))
+                .bind(Self::delay(delay))
                 .bind(id)
                 .execute(conn)
                 .await?;
@@ -353,12 +343,11 @@ macro_rules! store_ops {
             dead_age: Option<std::time::Duration>,
             limit: u32,
         ) -> Result<u64, sqlx::Error> {
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
-            let consumed = <Self as $crate::backend::ops::Dialect>::delay(consumed_age);
-            let dead = dead_age.map(<Self as $crate::backend::ops::Dialect>::delay);
-            let any_dead =
-                <Self as $crate::backend::ops::Dialect>::delay(dead_age.unwrap_or_default());
-            let done = <Self as $crate::backend::ops::Dialect>::retry(|| {
+            let s = Self::statements(table);
+            let consumed = Self::delay(consumed_age);
+            let dead = dead_age.map(Self::delay);
+            let any_dead = Self::delay(dead_age.unwrap_or_default());
+            let done = Self::retry(|| {
                 sqlx::query(s.purge.text())
                     .bind(service.as_str())
                     .bind(consumed)
@@ -379,10 +368,10 @@ macro_rules! store_ops {
             delay: std::time::Duration,
             error: &'p str,
         ) -> Result<bool, sqlx::Error> {
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
-            let delay = <Self as $crate::backend::ops::Dialect>::delay(delay);
+            let s = Self::statements(table);
+            let delay = Self::delay(delay);
             let error = $crate::backend::truncate_error(error);
-            let done = <Self as $crate::backend::ops::Dialect>::retry(|| {
+            let done = Self::retry(|| {
                 sqlx::query(s.retry_later.text())
                     .bind(delay)
                     .bind(error)
@@ -401,9 +390,9 @@ macro_rules! store_ops {
             fence: $crate::backend::AttemptsFence,
             reason: &'p str,
         ) -> Result<bool, sqlx::Error> {
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let s = Self::statements(table);
             let reason = $crate::backend::truncate_error(reason);
-            let done = <Self as $crate::backend::ops::Dialect>::retry(|| {
+            let done = Self::retry(|| {
                 sqlx::query(s.mark_dead.text())
                     .bind(reason)
                     .bind(id)
@@ -422,10 +411,10 @@ macro_rules! store_ops {
             newer_than: Option<std::time::Duration>,
             limit: u32,
         ) -> Result<u64, sqlx::Error> {
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
-            let older = <Self as $crate::backend::ops::Dialect>::delay(older_than);
-            let newer = newer_than.map(<Self as $crate::backend::ops::Dialect>::delay);
-            let done = <Self as $crate::backend::ops::Dialect>::retry(|| {
+            let s = Self::statements(table);
+            let older = Self::delay(older_than);
+            let newer = newer_than.map(Self::delay);
+            let done = Self::retry(|| {
                 sqlx::query(s.redeliver_stale.text())
                     .bind(service.as_str())
                     .bind(older)
@@ -445,7 +434,7 @@ macro_rules! store_ops {
             limit: u32,
         ) -> Result<Vec<$crate::backend::OutboxRow>, sqlx::Error> {
             use $crate::backend::rows::OutboxRowExt as _;
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let s = Self::statements(table);
             sqlx::query(s.fetch_dead.text())
                 .bind(service.as_str())
                 .bind(i64::from(limit))
@@ -463,8 +452,8 @@ macro_rules! store_ops {
             event_id: Option<uuid::Uuid>,
             limit: u32,
         ) -> Result<u64, sqlx::Error> {
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
-            let done = <Self as $crate::backend::ops::Dialect>::retry(|| {
+            let s = Self::statements(table);
+            let done = Self::retry(|| {
                 sqlx::query(s.revive.text())
                     .bind(service.as_str())
                     .bind(event_id)
@@ -482,7 +471,7 @@ macro_rules! store_ops {
             event_id: uuid::Uuid,
         ) -> Result<Option<$crate::backend::OutboxRow>, sqlx::Error> {
             use $crate::backend::rows::OutboxRowExt as _;
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let s = Self::statements(table);
             sqlx::query(s.fetch.text())
                 .bind(event_id)
                 .fetch_optional(pool)
@@ -497,7 +486,7 @@ macro_rules! store_ops {
             service: &'p $crate::route::ServiceName,
         ) -> Result<Vec<$crate::backend::OutboxRow>, sqlx::Error> {
             use $crate::backend::rows::OutboxRowExt as _;
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let s = Self::statements(table);
             sqlx::query(s.fetch_all.text())
                 .bind(service.as_str())
                 .fetch_all(pool)
@@ -512,7 +501,7 @@ macro_rules! store_ops {
             table: &'p $crate::route::TableName,
             service: &'p $crate::route::ServiceName,
         ) -> Result<$crate::backend::StatusCounts, sqlx::Error> {
-            let s = <Self as $crate::backend::ops::Dialect>::statements(table);
+            let s = Self::statements(table);
             let rows: Vec<(i16, i64)> = sqlx::query_as(s.counts.text())
                 .bind(service.as_str())
                 .fetch_all(pool)
@@ -524,12 +513,7 @@ macro_rules! store_ops {
             pool: &sqlx::Pool<Self>,
         ) -> Result<chrono::DateTime<chrono::Utc>, sqlx::Error> {
             static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-            let sql = SQL.get_or_init(|| {
-                format!(
-                    "SELECT {}",
-                    <Self as $crate::backend::ops::Dialect>::SQL.now
-                )
-            });
+            let sql = SQL.get_or_init(|| format!("SELECT {}", Self::SQL.now));
             let now: $crate::backend::rows::DbTime =
                 sqlx::query_scalar(sql.as_str()).fetch_one(pool).await?;
             Ok(now.0)
@@ -541,7 +525,7 @@ macro_rules! store_ops {
             args: &'c [$crate::backend::SqlValue],
         ) -> Result<u64, sqlx::Error> {
             use $crate::backend::SqlValue;
-            let sql = if <Self as $crate::backend::ops::Dialect>::SQL.numbered {
+            let sql = if Self::SQL.numbered {
                 std::borrow::Cow::Owned($crate::backend::statements::numbered(sql))
             } else {
                 std::borrow::Cow::Borrowed(sql)
@@ -559,3 +543,14 @@ macro_rules! store_ops {
     };
 }
 pub(crate) use store_ops;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_are_clamped() {
+        assert_eq!(micros(Duration::from_millis(1500)), 1_500_000);
+        assert_eq!(micros(Duration::MAX), MAX_DELAY_MICROS);
+    }
+}

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use crate::route::{ServiceName, TableName};
 
 use super::ops::{store_ops, Dialect, Query};
-use super::rows::OutboxRowExt;
+use super::rows::claimed_rows;
 use super::statements::{self, Bounded, SqlDialect};
 use super::{Backend, ClaimedRow, WakeStream};
 
@@ -58,7 +58,7 @@ const CLAIM_WINDOWED: &str = claim_template!(
       ORDER BY win.next_attempt_at DESC, win.id DESC LIMIT 1) "
 );
 
-const SQL: SqlDialect = SqlDialect {
+pub(crate) const SQL: SqlDialect = SqlDialect {
     name: "postgres",
     numbered: true,
     now: "now()",
@@ -157,12 +157,7 @@ async fn claim_heads(
     .await?;
     let rows = query.fetch_all(&mut *tx).await?;
     tx.commit().await?;
-    let mut claimed = rows
-        .iter()
-        .map(OutboxRowExt::claimed_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    claimed.sort_by_key(|r| r.id);
-    Ok(claimed)
+    claimed_rows(&rows)
 }
 
 impl Dialect for Postgres {

@@ -98,6 +98,16 @@ pub(crate) trait OutboxRowExt: Row {
     fn row_state(&self) -> Result<RowState, sqlx::Error>;
 }
 
+/// Claimed rows, in id order (`RETURNING` has no defined order).
+pub(crate) fn claimed_rows<R: OutboxRowExt>(rows: &[R]) -> Result<Vec<ClaimedRow>, sqlx::Error> {
+    let mut claimed = rows
+        .iter()
+        .map(OutboxRowExt::claimed_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    claimed.sort_by_key(|r| r.id);
+    Ok(claimed)
+}
+
 fn status(v: i16) -> Result<Status, sqlx::Error> {
     Status::from_i16(v)
         .ok_or_else(|| sqlx::Error::Decode(format!("unknown outbox status {v}").into()))

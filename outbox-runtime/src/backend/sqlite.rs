@@ -27,7 +27,7 @@ use uuid::Uuid;
 use crate::route::{ServiceName, TableName};
 
 use super::ops::{micros, store_ops, Dialect, Query};
-use super::rows::OutboxRowExt;
+use super::rows::claimed_rows;
 use super::statements::{Bounded, SqlDialect};
 use super::{Backend, ClaimedRow};
 
@@ -40,7 +40,7 @@ const NOW: &str = "(CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS I
 const CLAIM: &str = "UPDATE {t} SET {lease} WHERE id IN (SELECT o.id FROM {t} o \
     WHERE {claimable} ORDER BY o.id LIMIT {p}) RETURNING {claimed}";
 
-const SQL: SqlDialect = SqlDialect {
+pub(crate) const SQL: SqlDialect = SqlDialect {
     name: "sqlite",
     numbered: false,
     now: NOW,
@@ -157,7 +157,7 @@ impl Backend for Sqlite {
     async fn migrate(pool: &Pool<Self>, table: &TableName) -> Result<(), sqlx::Error> {
         // One write transaction: concurrent migrations queue on the write lock, and the
         // second one finds everything in place.
-        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = Self::begin(pool).await?;
         let sql = Self::migration_sql(table);
         // sqlx runs every statement of a multi-statement string, in order.
         sqlx::query(&sql).execute(&mut *tx).await?;
@@ -183,13 +183,7 @@ impl Backend for Sqlite {
             .bind(i64::from(limit))
             .fetch_all(pool)
             .await?;
-        let mut claimed = rows
-            .iter()
-            .map(OutboxRowExt::claimed_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        // RETURNING has no defined order.
-        claimed.sort_by_key(|r| r.id);
-        Ok(claimed)
+        claimed_rows(&rows)
     }
 }
 

@@ -60,6 +60,11 @@ pub(crate) struct SqlDialect {
 
 /// How a bounded UPDATE or DELETE is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// Each form is used by some backends only.
+#[cfg_attr(
+    not(all(feature = "mysql", any(feature = "postgres", feature = "sqlite"))),
+    allow(dead_code)
+)]
 pub(crate) enum Bounded {
     /// `WHERE id IN (SELECT id … LIMIT n) AND recheck`: the status is checked again on
     /// the row changed (PostgreSQL re-evaluates only the outer condition after waiting
@@ -461,34 +466,17 @@ pub(crate) fn numbered(sql: &str) -> String {
 mod tests {
     use super::*;
 
-    const QUESTION: SqlDialect = SqlDialect {
-        name: "test-question",
-        numbered: false,
-        now: "NOW",
-        interval: "{p}",
-        nullable_delay: "{p}",
-        nullable_uuid: "{p}",
-        in_ids: "IN ({list})",
-        in_list: "IN ({list})",
-        for_update: " FOR UPDATE",
-        skip_locked: " FOR UPDATE SKIP LOCKED",
-        bounded: Bounded::OrderLimit,
-        own: &["SELECT {claimed} FROM {t} o WHERE {claimable}"],
-    };
-    const NUMBERED: SqlDialect = SqlDialect {
-        name: "test-numbered",
-        numbered: true,
-        now: "now()",
-        interval: "make_interval(secs => {p})",
-        nullable_delay: "{p}::float8",
-        nullable_uuid: "{p}::uuid",
-        in_ids: "= ANY({p})",
-        in_list: "= ANY({p})",
-        for_update: "",
-        skip_locked: "",
-        bounded: Bounded::Subquery,
-        own: &[],
-    };
+    /// The dialects built in.
+    fn dialects() -> Vec<&'static SqlDialect> {
+        vec![
+            #[cfg(feature = "postgres")]
+            &crate::backend::postgres::SQL,
+            #[cfg(feature = "mysql")]
+            &crate::backend::mysql::SQL,
+            #[cfg(feature = "sqlite")]
+            &crate::backend::sqlite::SQL,
+        ]
+    }
 
     fn all(s: &Statements) -> Vec<String> {
         let mut v: Vec<String> = [
@@ -527,17 +515,22 @@ mod tests {
     #[test]
     fn every_token_is_rendered() {
         let table = TableName::new("orders_outbox").unwrap();
-        for d in [&QUESTION, &NUMBERED] {
+        for d in dialects() {
             for sql in all(&Statements::render(d, &table)) {
-                assert!(!sql.contains('{') && !sql.contains('}'), "{sql}");
+                assert!(
+                    !sql.contains('{') && !sql.contains('}'),
+                    "{}: {sql}",
+                    d.name
+                );
             }
         }
     }
 
+    #[cfg(feature = "postgres")]
     #[test]
-    fn parameters_are_numbered_in_order_and_lists_appended() {
+    fn parameters_are_numbered_in_text_order() {
         let table = TableName::new("t").unwrap();
-        let s = Statements::render(&NUMBERED, &table);
+        let s = Statements::render(&crate::backend::postgres::SQL, &table);
         assert_eq!(
             s.release.text(),
             "UPDATE t SET next_attempt_at = now() + make_interval(secs => $1), last_error = $2, \
@@ -551,28 +544,34 @@ mod tests {
              AND status = 3 AND dead_at < now() - make_interval(secs => $4))) LIMIT $5) \
              AND status IN (2, 3)"
         );
-        let s = Statements::render(&QUESTION, &table);
+    }
+
+    #[cfg(feature = "mysql")]
+    #[test]
+    fn lists_are_appended_and_bounds_in_place() {
+        let table = TableName::new("t").unwrap();
+        let s = Statements::render(&crate::backend::mysql::SQL, &table);
         assert_eq!(
             s.mark_consumed.get(3),
-            "UPDATE t SET status = 2, consumed_at = NOW, locked_until = NULL, lease_token = 0, \
-             updated_at = NOW WHERE id IN (?, ?, ?) AND status IN (0, 1)"
+            "UPDATE t SET status = 2, consumed_at = UTC_TIMESTAMP(6), locked_until = NULL, \
+             lease_token = 0, updated_at = UTC_TIMESTAMP(6) WHERE id IN (?, ?, ?) \
+             AND status IN (0, 1)"
         );
         assert_eq!(
             s.revive.text(),
-            "UPDATE t SET status = 0, attempts = 0, next_attempt_at = NOW, dead_at = NULL, \
-             locked_until = NULL, lease_token = 0, updated_at = NOW \
-             WHERE service = ? AND status = 3 AND (? IS NULL OR event_id = ?) ORDER BY id LIMIT ?"
+            "UPDATE t SET status = 0, attempts = 0, next_attempt_at = UTC_TIMESTAMP(6), \
+             dead_at = NULL, locked_until = NULL, lease_token = 0, \
+             updated_at = UTC_TIMESTAMP(6) WHERE service = ? AND status = 3 \
+             AND (? IS NULL OR event_id = ?) ORDER BY id LIMIT ?"
         );
     }
 
     #[test]
     fn rendered_once_per_dialect_and_table() {
-        static D: SqlDialect = QUESTION;
         let table = TableName::new("cached_outbox").unwrap();
-        assert!(Arc::ptr_eq(
-            &statements(&D, &table),
-            &statements(&D, &table)
-        ));
+        for d in dialects() {
+            assert!(Arc::ptr_eq(&statements(d, &table), &statements(d, &table)));
+        }
     }
 
     #[test]
