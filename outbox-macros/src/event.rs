@@ -352,6 +352,10 @@ fn generate(event: &Event) -> TokenStream {
     quote! {
         #[doc(hidden)]
         const _: () = {
+            // Names the type outside its impls, so a type this crate only receives
+            // (handled, never constructed) is not reported as dead code.
+            const fn __outbox_event_type<T>() {}
+            const _: () = __outbox_event_type::<#ident>();
             #name_assertion
 
             #impls
