@@ -47,7 +47,6 @@ mod crate_b {
     /// Another crate's type with the same event type name.
     #[outbox_event(service = Billing, name = "InvoiceIssued")]
     #[derive(Serialize, Deserialize)]
-    #[allow(dead_code)] // declared only to collide in the catalog; never published
     pub struct Invoice {
         pub number: String,
     }
