@@ -1400,28 +1400,7 @@ async fn redelivery_by_publish_age<T: TestDatabase>() {
 // Every behaviour on every backend.
 // ---------------------------------------------------------------------------------
 
-macro_rules! on_backend {
-    ($module:ident, $db:ty, [$($check:ident),* $(,)?]) => {
-        mod $module {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $check() {
-                    super::$check::<$db>().await
-                }
-            )*
-        }
-    };
-}
-
-macro_rules! contract {
-    ($($check:ident),* $(,)?) => {
-        on_backend!(postgres, outbox_tests::db::TestPg, [$($check),*]);
-        on_backend!(mysql, outbox_tests::db::TestMySql, [$($check),*]);
-        on_backend!(sqlite, outbox_tests::db::TestSqlite, [$($check),*]);
-    };
-}
-
-contract!(
+outbox_tests::every_backend!(
     migrate_is_idempotent,
     claim_lease_and_fencing,
     head_of_key,
