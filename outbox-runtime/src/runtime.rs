@@ -22,14 +22,18 @@ use crate::config::OutboxConfig;
 use crate::consumer::{Consumer, ConsumerStats};
 use crate::error::{Error, Result};
 use crate::kafka::{BrokerCheck, KafkaConfig, OnUnreachableBroker, TopicSettings};
+use crate::outbox::Outbox;
 use crate::relay::{Producers, Relay, RelayStats};
+use crate::service::Service;
 
 /// What to run, and where.
 pub struct OutboxRuntime<DB: Backend> {
     catalog: Catalog,
     pool: Pool<DB>,
     kafka: KafkaConfig,
-    config: OutboxConfig,
+    // One Arc shared with every outbox taken from this runtime: a setting is given once
+    // and every component that reads it sees the same value.
+    config: Arc<OutboxConfig>,
     services: Option<Vec<String>>,
     relays_per_service: usize,
     run_relays: bool,
@@ -47,7 +51,7 @@ impl<DB: Backend> OutboxRuntime<DB> {
             catalog,
             pool,
             kafka,
-            config: OutboxConfig::default(),
+            config: Arc::new(OutboxConfig::default()),
             services: None,
             relays_per_service: 1,
             run_relays: true,
@@ -59,10 +63,20 @@ impl<DB: Backend> OutboxRuntime<DB> {
         }
     }
 
-    /// Settings.
+    /// Settings, given once for the relays, consumers and housekeeping this runtime
+    /// runs and for the outboxes taken from it with [`outbox`](Self::outbox)
+    /// (`default_max_retries`, `max_payload_bytes`). Give it before taking outboxes.
     pub fn config(mut self, config: OutboxConfig) -> Self {
-        self.config = config;
+        self.config = Arc::new(config);
         self
+    }
+
+    /// The outbox of service `S`, publishing with this runtime's pool, catalog and
+    /// [`config`](Self::config): the publish settings (`default_max_retries`,
+    /// `max_payload_bytes`) are the ones its relays and consumers run with. Take it
+    /// before [`start`](Self::start); it stays usable after.
+    pub fn outbox<S: Service>(&self) -> Result<Outbox<S, DB>> {
+        Outbox::with_shared_config(self.pool.clone(), &self.catalog, self.config.clone())
     }
 
     /// Runs only these services.
@@ -186,7 +200,7 @@ impl<DB: Backend> OutboxRuntime<DB> {
             .await?;
         }
 
-        let config = Arc::new(self.config);
+        let config = self.config.clone();
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks: Vec<(String, JoinHandle<Result<()>>)> = Vec::new();
         let mut relay_stats = BTreeMap::new();
