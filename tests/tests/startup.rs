@@ -158,7 +158,7 @@ async fn missing_table_is_an_error_naming_migrate_postgres() {
     // Publishing into it.
     let outbox = Outbox::<Task, sqlx::Postgres>::new(db.pool().clone(), &catalog).unwrap();
     let mut tx = outbox.begin().await.unwrap();
-    let e = tx.publish(&created()).await.err().expect("publish fails");
+    let e = tx.publish(&created()).await.expect_err("publish fails");
     assert!(matches!(e, Error::MissingTable { .. }), "{e:?}");
     assert!(e.to_string().contains("migrate"), "{e}");
     drop(tx);
@@ -185,7 +185,7 @@ async fn missing_table_is_an_error_naming_migrate_sqlite() {
 
     let outbox = Outbox::<Task, sqlx::Sqlite>::new(db.pool().clone(), &catalog).unwrap();
     let mut tx = outbox.begin().await.unwrap();
-    let e = tx.publish(&created()).await.err().expect("publish fails");
+    let e = tx.publish(&created()).await.expect_err("publish fails");
     assert!(matches!(e, Error::MissingTable { .. }), "{e:?}");
     drop(tx);
     db.cleanup().await;
