@@ -34,6 +34,9 @@ pub struct OutboxRuntime<DB: Backend> {
     // One Arc shared with every outbox taken from this runtime: a setting is given once
     // and every component that reads it sees the same value.
     config: Arc<OutboxConfig>,
+    // Whether `outbox` was called: if not, the publish settings in `config` reach no
+    // outbox of this process, and `start` says so.
+    outbox_taken: std::sync::atomic::AtomicBool,
     services: Option<Vec<String>>,
     relays_per_service: usize,
     run_relays: bool,
@@ -52,6 +55,7 @@ impl<DB: Backend> OutboxRuntime<DB> {
             pool,
             kafka,
             config: Arc::new(OutboxConfig::default()),
+            outbox_taken: std::sync::atomic::AtomicBool::new(false),
             services: None,
             relays_per_service: 1,
             run_relays: true,
@@ -76,6 +80,8 @@ impl<DB: Backend> OutboxRuntime<DB> {
     /// `max_payload_bytes`) are the ones its relays and consumers run with. Take it
     /// before [`start`](Self::start); it stays usable after.
     pub fn outbox<S: Service>(&self) -> Result<Outbox<S, DB>> {
+        self.outbox_taken
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         Outbox::with_shared_config(self.pool.clone(), &self.catalog, self.config.clone())
     }
 
@@ -180,6 +186,7 @@ impl<DB: Backend> OutboxRuntime<DB> {
             check_tables(&self.pool, &self.catalog, &services).await?;
         }
         self.warn_unhandled(&services);
+        self.warn_publish_settings();
         if (self.run_relays || self.run_consumers) && !services.is_empty() {
             let mut topics: Vec<String> = services
                 .iter()
@@ -294,6 +301,38 @@ impl<DB: Backend> OutboxRuntime<DB> {
                 handlers = %unhandled.join(", "),
                 "handlers whose service's consumer does not run in this process; their events \
                  are handled only where that consumer runs (OutboxRuntime::services / consumers)"
+            );
+        }
+    }
+}
+
+impl<DB: Backend> OutboxRuntime<DB> {
+    /// A warning when publish settings were given to this runtime but no outbox was
+    /// taken from it: outboxes built with `Outbox::new` would publish with the defaults.
+    fn warn_publish_settings(&self) {
+        if self.outbox_taken.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let default = OutboxConfig::default();
+        let mut given = Vec::new();
+        if self.config.default_max_retries != default.default_max_retries {
+            given.push(format!(
+                "default_max_retries = {}",
+                self.config.default_max_retries
+            ));
+        }
+        if self.config.max_payload_bytes != default.max_payload_bytes {
+            given.push(format!(
+                "max_payload_bytes = {}",
+                self.config.max_payload_bytes
+            ));
+        }
+        if !given.is_empty() {
+            tracing::warn!(
+                settings = %given.join(", "),
+                "publish settings given to the runtime, but no outbox was taken from it: \
+                 take outboxes with OutboxRuntime::outbox so they publish with them \
+                 (Outbox::new publishes with the defaults)"
             );
         }
     }

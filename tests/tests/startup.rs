@@ -12,7 +12,8 @@
 //!
 //! And settings given once take effect where they are given: the runtime's
 //! `default_max_retries` and `max_payload_bytes` reach the outboxes taken from it
-//! (`OutboxRuntime::outbox`), an `Outbox::with_config`'s reach that outbox.
+//! (`OutboxRuntime::outbox`; given to a runtime no outbox was taken from, they are a
+//! warning at start), an `Outbox::with_config`'s reach that outbox.
 
 use std::time::{Duration, Instant};
 
@@ -329,6 +330,31 @@ async fn publish_settings_take_effect_where_they_are_given() {
             assert_eq!(row.max_retries, retries as i32, "{given}");
         }
     }
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_settings_no_outbox_was_taken_for_are_a_warning() {
+    let logs = Logs::capture();
+    let db = TestPg::create().await;
+    let broker = TestBroker::mock().await;
+    let runtime = OutboxRuntime::new(
+        fresh_catalog(),
+        db.pool().clone(),
+        KafkaConfig::new(broker.bootstrap_servers()),
+    )
+    .services(["task"])
+    .config(OutboxConfig {
+        default_max_retries: 3,
+        ..OutboxConfig::default()
+    })
+    .start()
+    .await
+    .expect("start");
+    let warned = logs.lines_with("no outbox was taken from it");
+    assert_eq!(warned.len(), 1, "{}", logs.text());
+    assert!(warned[0].contains("default_max_retries = 3"), "{warned:?}");
+    runtime.shutdown().await.expect("shutdown");
     db.cleanup().await;
 }
 
