@@ -144,7 +144,8 @@ impl<DB: Backend> OutboxRuntime<DB> {
     /// (default: created with the broker's default partitions and replication).
     /// `None` leaves topics to the broker's auto-creation on the first produce (the
     /// consumer then logs `UnknownTopicOrPartition` until it exists). A broker without
-    /// the admin API, or a refusal, is a warning, never fatal.
+    /// the admin API, or a refusal, is a warning, never fatal; one that does not answer
+    /// the request (librdkafka's mock cluster) delays `start` by up to 5 s first.
     pub fn create_topics(mut self, topics: Option<TopicSettings>) -> Self {
         self.create_topics = topics;
         self
