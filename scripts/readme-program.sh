@@ -71,6 +71,10 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+command -v psql >/dev/null || die "psql not found (needed to create the program's database)"
 
 mkdir -p "$work/src"
 extract Cargo.toml >"$work/Cargo.toml"

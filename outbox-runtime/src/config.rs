@@ -4,8 +4,14 @@ use std::time::Duration;
 
 use crate::retry::Backoff;
 
-/// Settings shared by publishers, relays and consumers. `Default` is production-ready;
-/// tests shorten the backoff.
+/// Settings of publishing, relays, consumers and housekeeping. `Default` is
+/// production-ready; tests shorten the backoff.
+///
+/// Given once, to [`crate::OutboxRuntime::config`]: the runtime's relays, consumers and
+/// housekeeping read it, and so do the outboxes taken from it
+/// ([`crate::OutboxRuntime::outbox`]; publishing reads `default_max_retries` and
+/// `max_payload_bytes`). A process that only publishes gives it to
+/// [`crate::Outbox::with_config`].
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
     /// Retries after the first failed handling before an event goes dead, unless the

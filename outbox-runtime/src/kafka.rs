@@ -185,6 +185,9 @@ pub struct TopicSettings {
     pub replication: Option<i32>,
 }
 
+/// The longest `start` waits for topics to be created.
+const CREATE_TOPICS_WAIT: Duration = Duration::from_secs(5);
+
 /// What `start` asks of the broker before anything runs.
 pub(crate) struct BrokerCheck<'a> {
     pub(crate) wait: Duration,
@@ -260,9 +263,12 @@ pub(crate) async fn check_broker(kafka: &KafkaConfig, check: BrokerCheck<'_>) ->
             )
         })
         .collect();
+    // A broker without the admin API (librdkafka's mock cluster has no controller) never
+    // answers: bounded apart from the metadata wait, so it delays `start` briefly.
+    let create_wait = wait.min(CREATE_TOPICS_WAIT);
     let options = AdminOptions::new()
-        .request_timeout(Some(wait))
-        .operation_timeout(Some(wait));
+        .request_timeout(Some(create_wait))
+        .operation_timeout(Some(create_wait));
     match admin.create_topics(&new, &options).await {
         Err(e) => {
             tracing::warn!(brokers = %kafka.bootstrap_servers, topics = ?missing, error = %e,

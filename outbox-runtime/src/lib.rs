@@ -22,8 +22,8 @@
 //!
 //! ```no_run
 //! use outbox_runtime::{
-//!     outbox_event, outbox_handler, outbox_service, Catalog, HandlerContext, HandlerError,
-//!     KafkaConfig, Outbox, OutboxRuntime, Postgres,
+//!     outbox_event, outbox_handler, outbox_service, sqlx, Catalog, HandlerContext,
+//!     HandlerError, KafkaConfig, OutboxRuntime, Postgres,
 //! };
 //! use serde::{Deserialize, Serialize};
 //!
@@ -55,11 +55,12 @@
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/app").await?;
 //! let catalog = Catalog::global()?; // validated once, every problem listed at once
-//! let runtime = OutboxRuntime::new(catalog.clone(), pool.clone(), KafkaConfig::new("127.0.0.1:9092"))
-//!     .start() // creates missing tables, runs relays and consumers
+//! let runtime = OutboxRuntime::new(catalog, pool.clone(), KafkaConfig::new("127.0.0.1:9092"));
+//! let outbox = runtime.outbox::<Task>()?; // publishes with the runtime's settings
+//! let runtime = runtime
+//!     .start() // checks the broker, creates missing tables and topics, runs relays and consumers
 //!     .await?;
 //!
-//! let outbox = Outbox::<Task, Postgres>::new(pool.clone(), &catalog)?;
 //! let mut tx = outbox.begin().await?; // your business transaction
 //! sqlx::query("INSERT INTO tasks (id) VALUES ($1)").bind("t-1").execute(&mut *tx).await?;
 //! tx.publish(&TaskCreated { task_id: "t-1".into(), title: "ship".into() }).await?;

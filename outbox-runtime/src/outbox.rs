@@ -98,19 +98,34 @@ impl<S: Service, DB: Backend> Clone for Outbox<S, DB> {
 }
 
 impl<S: Service, DB: Backend> Outbox<S, DB> {
-    /// The outbox of `S`, routed by `catalog`, with the default config.
+    /// The outbox of `S`, routed by `catalog`, with the default settings, for a process
+    /// that only publishes. In a process that runs an [`crate::OutboxRuntime`], take
+    /// outboxes from it ([`crate::OutboxRuntime::outbox`]) so they publish with its
+    /// settings.
     pub fn new(pool: Pool<DB>, catalog: &Catalog) -> Result<Self> {
         Self::with_config(pool, catalog, OutboxConfig::default())
     }
 
-    /// The outbox of `S` with explicit settings.
+    /// The outbox of `S` with explicit settings, for a process that only publishes:
+    /// publishing reads [`OutboxConfig::default_max_retries`] and
+    /// [`OutboxConfig::max_payload_bytes`]; give the same `OutboxConfig` to the
+    /// runtime that consumes (its consumer skips records over `max_payload_bytes`).
     pub fn with_config(pool: Pool<DB>, catalog: &Catalog, config: OutboxConfig) -> Result<Self> {
+        Self::with_shared_config(pool, catalog, Arc::new(config))
+    }
+
+    /// The outbox of `S` reading the settings a runtime shares with it.
+    pub(crate) fn with_shared_config(
+        pool: Pool<DB>,
+        catalog: &Catalog,
+        config: Arc<OutboxConfig>,
+    ) -> Result<Self> {
         let route = catalog.route_of::<S>()?.clone();
         Ok(Outbox {
             pool,
             route: Arc::new(route),
             catalog: catalog.clone(),
-            config: Arc::new(config),
+            config,
             notifier: Notifier::new(),
             _service: PhantomData,
         })

@@ -22,7 +22,9 @@ use crate::config::OutboxConfig;
 use crate::consumer::{Consumer, ConsumerStats};
 use crate::error::{Error, Result};
 use crate::kafka::{BrokerCheck, KafkaConfig, OnUnreachableBroker, Producers, TopicSettings};
+use crate::outbox::Outbox;
 use crate::relay::{Relay, RelayStats};
+use crate::service::Service;
 
 /// A shutdown signal for long-running loops: `true` once shutdown was requested.
 pub type ShutdownSignal = watch::Receiver<bool>;
@@ -32,7 +34,12 @@ pub struct OutboxRuntime<DB: Backend> {
     catalog: Catalog,
     pool: Pool<DB>,
     kafka: KafkaConfig,
-    config: OutboxConfig,
+    // One Arc shared with every outbox taken from this runtime: a setting is given once
+    // and every component that reads it sees the same value.
+    config: Arc<OutboxConfig>,
+    // Whether `outbox` was called: if not, the publish settings in `config` reach no
+    // outbox of this process, and `start` says so.
+    outbox_taken: std::sync::atomic::AtomicBool,
     services: Option<Vec<String>>,
     relays_per_service: usize,
     run_relays: bool,
@@ -50,7 +57,8 @@ impl<DB: Backend> OutboxRuntime<DB> {
             catalog,
             pool,
             kafka,
-            config: OutboxConfig::default(),
+            config: Arc::new(OutboxConfig::default()),
+            outbox_taken: std::sync::atomic::AtomicBool::new(false),
             services: None,
             relays_per_service: 1,
             run_relays: true,
@@ -62,10 +70,22 @@ impl<DB: Backend> OutboxRuntime<DB> {
         }
     }
 
-    /// Settings.
+    /// Settings, given once for the relays, consumers and housekeeping this runtime
+    /// runs and for the outboxes taken from it with [`outbox`](Self::outbox)
+    /// (`default_max_retries`, `max_payload_bytes`). Give it before taking outboxes.
     pub fn config(mut self, config: OutboxConfig) -> Self {
-        self.config = config;
+        self.config = Arc::new(config);
         self
+    }
+
+    /// The outbox of service `S`, publishing with this runtime's pool, catalog and
+    /// [`config`](Self::config): the publish settings (`default_max_retries`,
+    /// `max_payload_bytes`) are the ones its relays and consumers run with. Take it
+    /// before [`start`](Self::start); it stays usable after.
+    pub fn outbox<S: Service>(&self) -> Result<Outbox<S, DB>> {
+        self.outbox_taken
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Outbox::with_shared_config(self.pool.clone(), &self.catalog, self.config.clone())
     }
 
     /// Runs only these services.
@@ -127,7 +147,8 @@ impl<DB: Backend> OutboxRuntime<DB> {
     /// (default: created with the broker's default partitions and replication).
     /// `None` leaves topics to the broker's auto-creation on the first produce (the
     /// consumer then logs `UnknownTopicOrPartition` until it exists). A broker without
-    /// the admin API, or a refusal, is a warning, never fatal.
+    /// the admin API, or a refusal, is a warning, never fatal; one that does not answer
+    /// the request (librdkafka's mock cluster) delays `start` by up to 5 s first.
     pub fn create_topics(mut self, topics: Option<TopicSettings>) -> Self {
         self.create_topics = topics;
         self
@@ -169,6 +190,7 @@ impl<DB: Backend> OutboxRuntime<DB> {
             check_tables(&self.pool, &self.catalog, &services).await?;
         }
         self.warn_unhandled(&services);
+        self.warn_publish_settings();
         if (self.run_relays || self.run_consumers) && !services.is_empty() {
             let mut topics: Vec<String> = services
                 .iter()
@@ -189,7 +211,7 @@ impl<DB: Backend> OutboxRuntime<DB> {
             .await?;
         }
 
-        let config = Arc::new(self.config);
+        let config = self.config.clone();
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks: Vec<(String, JoinHandle<Result<()>>)> = Vec::new();
         let mut relay_stats = BTreeMap::new();
@@ -283,6 +305,38 @@ impl<DB: Backend> OutboxRuntime<DB> {
                 handlers = %unhandled.join(", "),
                 "handlers whose service's consumer does not run in this process; their events \
                  are handled only where that consumer runs (OutboxRuntime::services / consumers)"
+            );
+        }
+    }
+}
+
+impl<DB: Backend> OutboxRuntime<DB> {
+    /// A warning when publish settings were given to this runtime but no outbox was
+    /// taken from it: outboxes built with `Outbox::new` would publish with the defaults.
+    fn warn_publish_settings(&self) {
+        if self.outbox_taken.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let default = OutboxConfig::default();
+        let mut given = Vec::new();
+        if self.config.default_max_retries != default.default_max_retries {
+            given.push(format!(
+                "default_max_retries = {}",
+                self.config.default_max_retries
+            ));
+        }
+        if self.config.max_payload_bytes != default.max_payload_bytes {
+            given.push(format!(
+                "max_payload_bytes = {}",
+                self.config.max_payload_bytes
+            ));
+        }
+        if !given.is_empty() {
+            tracing::warn!(
+                settings = %given.join(", "),
+                "publish settings given to the runtime, but no outbox was taken from it: \
+                 take outboxes with OutboxRuntime::outbox so they publish with them \
+                 (Outbox::new publishes with the defaults)"
             );
         }
     }

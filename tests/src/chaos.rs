@@ -383,6 +383,10 @@ pub async fn start_runtime<B: Backend>(
         .relays_per_service(relays.max(1))
         .consumers(consumers)
         .migrate(false)
+        // A worker may start while the fault holds the broker down: it runs and
+        // connects when the broker returns, as before startup checked the broker.
+        .broker_wait(Duration::from_secs(1))
+        .on_unreachable_broker(outbox_runtime::OnUnreachableBroker::Warn)
         .start()
         .await
         .expect("runtime starts")

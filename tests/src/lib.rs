@@ -1,7 +1,8 @@
 //! The integration-test harness: fresh databases per test ([`db`]), Kafka brokers per
 //! test ([`broker`]), the five services of the design with scriptable handlers
 //! ([`services`]), the end-to-end scenario run on every backend ([`e2e`]), and the
-//! fault suite's ledger oracle ([`oracle`]) and harness ([`chaos`]).
+//! fault suite's ledger oracle ([`oracle`]) and harness ([`chaos`]), and captured log
+//! lines ([`logs`]).
 
 pub mod broker;
 pub mod chaos;

@@ -9,11 +9,17 @@
 //! - a fresh broker: `start` creates the topics of the services it runs (partitions
 //!   configurable), so they exist before any produce and the consumer logs no
 //!   `UnknownTopicOrPartition`.
+//!
+//! And settings given once take effect where they are given: the runtime's
+//! `default_max_retries` and `max_payload_bytes` reach the outboxes taken from it
+//! (`OutboxRuntime::outbox`; given to a runtime no outbox was taken from, they are a
+//! warning at start), an `Outbox::with_config`'s reach that outbox.
 
 use std::time::{Duration, Instant};
 
 use outbox_runtime::{
-    Catalog, Error, KafkaConfig, OnUnreachableBroker, Outbox, OutboxRuntime, TopicSettings,
+    Backend, Catalog, Error, KafkaConfig, OnUnreachableBroker, Outbox, OutboxConfig, OutboxRuntime,
+    RawEvent, TopicSettings,
 };
 use outbox_tests::broker::{unique_suffix, TestBroker};
 use outbox_tests::db::{TestPg, TestSqlite};
@@ -247,6 +253,107 @@ async fn start_creates_the_topics_of_its_services_on_a_fresh_broker() {
         matches!(partitions, Ok(n) if n >= 1),
         "{topic}: {partitions:?}"
     );
+    runtime.shutdown().await.expect("shutdown");
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_settings_take_effect_where_they_are_given() {
+    let db = TestPg::create().await;
+    let pool = db.pool().clone();
+    let catalog = fresh_catalog();
+    outbox_runtime::migrate(&pool, &catalog, ["task"])
+        .await
+        .expect("migrate");
+    let table = catalog.route("task").unwrap().table().clone();
+    let runtime = OutboxRuntime::new(
+        catalog.clone(),
+        pool.clone(),
+        KafkaConfig::new(dead_address()),
+    )
+    .config(OutboxConfig {
+        default_max_retries: 3,
+        max_payload_bytes: 2_000,
+        ..OutboxConfig::default()
+    });
+    let defaults = OutboxConfig::default();
+    let cases = [
+        (
+            "OutboxRuntime::config",
+            runtime.outbox::<Task>().unwrap(),
+            3,
+            2_000,
+        ),
+        (
+            "Outbox::with_config",
+            Outbox::<Task, sqlx::Postgres>::with_config(
+                pool.clone(),
+                &catalog,
+                OutboxConfig {
+                    default_max_retries: 7,
+                    max_payload_bytes: 5_000,
+                    ..OutboxConfig::default()
+                },
+            )
+            .unwrap(),
+            7,
+            5_000,
+        ),
+        (
+            "Outbox::new",
+            Outbox::<Task, sqlx::Postgres>::new(pool.clone(), &catalog).unwrap(),
+            defaults.default_max_retries,
+            defaults.max_payload_bytes,
+        ),
+    ];
+    for (given, outbox, retries, limit) in cases {
+        let raw = |len: usize| RawEvent {
+            event_type: "TaskCreated".into(),
+            version: 1,
+            key: None,
+            payload: format!("\"{}\"", "x".repeat(len - 2)),
+            max_retries: None,
+        };
+        let mut tx = outbox.begin().await.unwrap();
+        match tx.publish_raw(&raw(limit + 1)).await {
+            Err(Error::PayloadTooLarge { limit: l, .. }) => assert_eq!(l, limit, "{given}"),
+            other => panic!("{given}: a payload over {limit} bytes: {other:?}"),
+        }
+        let id = tx.publish_raw(&raw(limit)).await.expect(given);
+        let typed = tx.publish(&created()).await.expect(given);
+        tx.commit().await.unwrap();
+        for id in [id, typed] {
+            let row = sqlx::Postgres::fetch(&pool, &table, id.0)
+                .await
+                .unwrap()
+                .expect("the row");
+            assert_eq!(row.max_retries, retries as i32, "{given}");
+        }
+    }
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_settings_no_outbox_was_taken_for_are_a_warning() {
+    let logs = Logs::capture();
+    let db = TestPg::create().await;
+    let broker = TestBroker::mock().await;
+    let runtime = OutboxRuntime::new(
+        fresh_catalog(),
+        db.pool().clone(),
+        KafkaConfig::new(broker.bootstrap_servers()),
+    )
+    .services(["task"])
+    .config(OutboxConfig {
+        default_max_retries: 3,
+        ..OutboxConfig::default()
+    })
+    .start()
+    .await
+    .expect("start");
+    let warned = logs.lines_with("no outbox was taken from it");
+    assert_eq!(warned.len(), 1, "{}", logs.text());
+    assert!(warned[0].contains("default_max_retries = 3"), "{warned:?}");
     runtime.shutdown().await.expect("shutdown");
     db.cleanup().await;
 }

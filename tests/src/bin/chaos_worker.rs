@@ -174,6 +174,10 @@ async fn serve<DB: Backend>(pool: Pool<DB>) {
         .relays(role == "relay" || role == "both")
         .consumers(role == "consumer" || role == "both")
         .migrate(false)
+        // A worker may start while the fault holds the broker down: it runs and
+        // connects when the broker returns, as before startup checked the broker.
+        .broker_wait(Duration::from_secs(1))
+        .on_unreachable_broker(outbox_runtime::OnUnreachableBroker::Warn)
         .start()
         .await
         .expect("chaos-worker: starting the runtime");
