@@ -5,7 +5,7 @@
 //! - handlers whose service's consumer does not run in this process: one warning
 //!   listing them;
 //! - a missing outbox table: `start` with `migrate(false)`, and `publish`, fail with an
-//!   error that names `migrate` (PostgreSQL and SQLite);
+//!   error that names `migrate` (PostgreSQL, MariaDB, SQLite);
 //! - a fresh broker: `start` creates the topics of the services it runs (partitions
 //!   configurable), so they exist before any produce and the consumer logs no
 //!   `UnknownTopicOrPartition`.
@@ -22,7 +22,7 @@ use outbox_runtime::{
     RawEvent, TopicSettings,
 };
 use outbox_tests::broker::{unique_suffix, TestBroker};
-use outbox_tests::db::{TestPg, TestSqlite};
+use outbox_tests::db::{TestDatabase, TestPg};
 use outbox_tests::logs::Logs;
 use outbox_tests::services::{Task, TaskCreated};
 
@@ -134,11 +134,11 @@ async fn handlers_without_a_consumer_here_are_listed_in_one_warning() {
     db.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_table_is_an_error_naming_migrate_postgres() {
-    let db = TestPg::create().await;
+/// A missing table: `start` without migrating fails before the broker is asked (none
+/// listens here), and so does publishing into it; both errors name `migrate`.
+async fn missing_table_is_an_error_naming_migrate<T: TestDatabase>() {
+    let db = T::create().await;
     let catalog = fresh_catalog();
-    // `start` without migrating: found before the broker is asked (none listens here).
     let e = OutboxRuntime::new(
         catalog.clone(),
         db.pool().clone(),
@@ -150,47 +150,31 @@ async fn missing_table_is_an_error_naming_migrate_postgres() {
     .await
     .err()
     .expect("start with a missing table fails");
-    assert!(matches!(e, Error::MissingTable { .. }), "{e:?}");
+    assert!(
+        matches!(e, Error::MissingTable { .. }),
+        "{}: {e:?}",
+        T::LABEL
+    );
     assert!(
         e.to_string().contains("task_outbox") && e.to_string().contains("migrate"),
-        "{e}"
+        "{}: {e}",
+        T::LABEL
     );
 
-    // Publishing into it.
-    let outbox = Outbox::<Task, sqlx::Postgres>::new(db.pool().clone(), &catalog).unwrap();
+    let outbox = Outbox::<Task, T::DB>::new(db.pool().clone(), &catalog).unwrap();
     let mut tx = outbox.begin().await.unwrap();
     let e = tx.publish(&created()).await.expect_err("publish fails");
-    assert!(matches!(e, Error::MissingTable { .. }), "{e:?}");
-    assert!(e.to_string().contains("migrate"), "{e}");
+    assert!(
+        matches!(e, Error::MissingTable { .. }),
+        "{}: {e:?}",
+        T::LABEL
+    );
+    assert!(e.to_string().contains("migrate"), "{}: {e}", T::LABEL);
     drop(tx);
     db.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_table_is_an_error_naming_migrate_sqlite() {
-    let db = TestSqlite::create().await;
-    let catalog = fresh_catalog();
-    let e = OutboxRuntime::new(
-        catalog.clone(),
-        db.pool().clone(),
-        KafkaConfig::new(dead_address()),
-    )
-    .services(["task"])
-    .migrate(false)
-    .start()
-    .await
-    .err()
-    .expect("start with a missing table fails");
-    assert!(matches!(e, Error::MissingTable { .. }), "{e:?}");
-    assert!(e.to_string().contains("migrate"), "{e}");
-
-    let outbox = Outbox::<Task, sqlx::Sqlite>::new(db.pool().clone(), &catalog).unwrap();
-    let mut tx = outbox.begin().await.unwrap();
-    let e = tx.publish(&created()).await.expect_err("publish fails");
-    assert!(matches!(e, Error::MissingTable { .. }), "{e:?}");
-    drop(tx);
-    db.cleanup().await;
-}
+outbox_tests::every_backend!(missing_table_is_an_error_naming_migrate);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_creates_the_topics_of_its_services_on_a_fresh_broker() {
