@@ -1653,6 +1653,50 @@ mod postgres_specific {
         db.cleanup().await;
     }
 
+    /// A table name as long as the grammar allows: PostgreSQL cuts identifiers at 63
+    /// bytes, so the index names lose their ends. Every index must still exist, and a
+    /// second `migrate` (every `start` runs one) must leave them alone, not drop and
+    /// rebuild one under a name that happens to match after the cut (a rebuild locks
+    /// the writers of a big table for as long as it takes).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn longest_table_name_keeps_its_indexes_across_migrations() {
+        let db = TestPg::create().await;
+        let name = format!("t{}", "x".repeat(outbox_runtime::names::MAX_TABLE_LEN - 1));
+        let table = TableName::new(&name).expect("the longest valid table name");
+        let indexes = || async {
+            let mut rows: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT indexdef, c.oid::bigint FROM pg_indexes i \
+                 JOIN pg_class c ON c.relname = i.indexname WHERE i.tablename = $1",
+            )
+            .bind(table.as_str())
+            .fetch_all(db.pool())
+            .await
+            .expect("pg_indexes");
+            rows.sort();
+            rows
+        };
+        Postgres::migrate(db.pool(), &table).await.expect("migrate");
+        let first = indexes().await;
+        let defs: Vec<&str> = first.iter().map(|(d, _)| d.as_str()).collect();
+        assert_eq!(first.len(), 5, "{defs:#?}");
+        for wanted in [
+            "(service, next_attempt_at, id) WHERE (status = 0)",
+            "(service, event_key, id) WHERE ((status = ANY (ARRAY[0, 1])) AND (event_key IS NOT NULL))",
+            "(service, event_key, id) WHERE ((status = 0) AND (event_key IS NOT NULL))",
+        ] {
+            assert!(defs.iter().any(|d| d.ends_with(wanted)), "no index {wanted}: {defs:#?}");
+        }
+        Postgres::migrate(db.pool(), &table)
+            .await
+            .expect("migrate again");
+        assert_eq!(
+            indexes().await,
+            first,
+            "the second migrate rebuilt an index"
+        );
+        db.cleanup().await;
+    }
+
     /// The relays of a service take turns at the claim ([`take_claim_turn`], the
     /// advisory lock the README documents): while another transaction holds it, a claim waits (seen in
     /// `pg_locks`), then claims once it is released. Another service's claim does not
