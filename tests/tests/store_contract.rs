@@ -1624,7 +1624,8 @@ mod sqlite_specific {
 
 mod postgres_specific {
     use super::*;
-    use outbox_runtime::backend::postgres::{claim_sql, take_claim_turn};
+    // The documented operator paths (README, "Operating it").
+    use outbox_runtime::postgres::{claim_sql, take_claim_turn};
     use outbox_tests::db::TestPg;
     use sqlx::Postgres;
 
