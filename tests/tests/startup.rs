@@ -105,15 +105,7 @@ async fn handlers_without_a_consumer_here_are_listed_in_one_warning() {
     let logs = Logs::capture();
     let db = TestPg::create().await;
     let broker = TestBroker::mock().await;
-    let runtime = OutboxRuntime::new(
-        fresh_catalog(),
-        db.pool().clone(),
-        KafkaConfig::new(broker.bootstrap_servers()),
-    )
-    .services(["task"])
-    .start()
-    .await
-    .expect("start");
+    let runtime = task_runtime(&db, &broker).start().await.expect("start");
     let warned = logs.lines_with("handlers whose service's consumer does not run");
     assert_eq!(warned.len(), 1, "{}", logs.text());
     let line = &warned[0];
@@ -322,24 +314,29 @@ async fn publish_settings_no_outbox_was_taken_for_are_a_warning() {
     let logs = Logs::capture();
     let db = TestPg::create().await;
     let broker = TestBroker::mock().await;
-    let runtime = OutboxRuntime::new(
-        fresh_catalog(),
-        db.pool().clone(),
-        KafkaConfig::new(broker.bootstrap_servers()),
-    )
-    .services(["task"])
-    .config(OutboxConfig {
-        default_max_retries: 3,
-        ..OutboxConfig::default()
-    })
-    .start()
-    .await
-    .expect("start");
+    let runtime = task_runtime(&db, &broker)
+        .config(OutboxConfig {
+            default_max_retries: 3,
+            ..OutboxConfig::default()
+        })
+        .start()
+        .await
+        .expect("start");
     let warned = logs.lines_with("no outbox was taken from it");
     assert_eq!(warned.len(), 1, "{}", logs.text());
     assert!(warned[0].contains("default_max_retries = 3"), "{warned:?}");
     runtime.shutdown().await.expect("shutdown");
     db.cleanup().await;
+}
+
+/// A runtime of service `task` alone, on `db` and the mock cluster `broker`.
+fn task_runtime(db: &TestPg, broker: &TestBroker) -> OutboxRuntime<sqlx::Postgres> {
+    OutboxRuntime::new(
+        fresh_catalog(),
+        db.pool().clone(),
+        KafkaConfig::new(broker.bootstrap_servers()),
+    )
+    .services(["task"])
 }
 
 fn created() -> TaskCreated {
