@@ -2,6 +2,10 @@
 -- checked against the name grammar first. Idempotent: safe to run again.
 -- Used by outbox_runtime's migrate call; usable as-is by your own migration tool after
 -- the replacement (see `Backend::migration_sql`).
+--
+-- Upgrading a table made by 0.1 (before `waiting_since`): outbox_runtime's migrate adds
+-- the column first; with your own tool, run once before this script:
+--   ALTER TABLE {table} ADD COLUMN waiting_since TIMESTAMPTZ NULL;
 CREATE TABLE IF NOT EXISTS {table} (
     id              BIGSERIAL PRIMARY KEY,
     event_id        UUID        NOT NULL UNIQUE,
@@ -21,7 +25,8 @@ CREATE TABLE IF NOT EXISTS {table} (
     updated_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
     published_at    TIMESTAMPTZ NULL,
     consumed_at     TIMESTAMPTZ NULL,
-    dead_at         TIMESTAMPTZ NULL
+    dead_at         TIMESTAMPTZ NULL,
+    waiting_since   TIMESTAMPTZ NULL   -- waiting for a consumer that can handle it
 );
 -- The claim walks the pending rows of one service in due order (next_attempt_at, id).
 -- Not (service, id): the primary key gives id order too, and with a LIMIT the planner
@@ -43,12 +48,14 @@ CREATE INDEX IF NOT EXISTS {table}_pending_key_idx ON {table} (service, event_ke
 ALTER TABLE {table} SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);
 -- The rows with their status as text, for people and tools reading the outbox in SQL
 -- (`SELECT * FROM {table}_view WHERE status = 'dead'`): the names are those of
--- outbox_runtime::Status. A view, so existing rows read the same and nothing is
+-- outbox_runtime::Status, plus `waiting` for a pending event that waits for a consumer
+-- able to handle it (`waiting_since` set). A view, so existing rows read the same and nothing is
 -- migrated; the table keeps its numbers. Replaced on every migrate.
 CREATE OR REPLACE VIEW {table}_view AS
 SELECT id, event_id, service, event_type, event_version, event_key, payload,
-       CASE status WHEN 0 THEN 'pending' WHEN 1 THEN 'published' WHEN 2 THEN 'consumed'
+       CASE status WHEN 0 THEN CASE WHEN waiting_since IS NULL THEN 'pending' ELSE 'waiting' END
+                   WHEN 1 THEN 'published' WHEN 2 THEN 'consumed'
                    WHEN 3 THEN 'dead' ELSE CAST(status AS TEXT) END AS status,
        attempts, max_retries, next_attempt_at, lease_token, locked_until, last_error,
-       created_at, updated_at, published_at, consumed_at, dead_at
+       created_at, updated_at, published_at, consumed_at, dead_at, waiting_since
 FROM {table};

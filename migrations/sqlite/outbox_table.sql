@@ -5,6 +5,10 @@
 -- usable as-is by your own migration tool after the replacement (see
 -- `Backend::migration_sql`).
 --
+-- Upgrading a table made by 0.1 (before `waiting_since`): outbox_runtime's migrate adds
+-- the column first; with your own tool, run once before this script:
+--   ALTER TABLE {table} ADD COLUMN waiting_since INTEGER NULL;
+--
 -- Times are INTEGER unix microseconds (UTC), always computed in SQL from the database
 -- clock (`julianday('now')`, millisecond resolution), so comparisons are plain integer
 -- comparisons and never depend on a text format. There are no time defaults: every
@@ -29,7 +33,8 @@ CREATE TABLE IF NOT EXISTS {table} (
     updated_at      INTEGER      NOT NULL,            -- unix µs
     published_at    INTEGER      NULL,                -- unix µs
     consumed_at     INTEGER      NULL,                -- unix µs
-    dead_at         INTEGER      NULL                 -- unix µs
+    dead_at         INTEGER      NULL,                -- unix µs
+    waiting_since   INTEGER      NULL                 -- unix µs; waiting for a consumer that can handle it
 );
 -- The claim walks pending rows of one service in id order.
 CREATE INDEX IF NOT EXISTS {table}_claim_idx ON {table} (service, status, id);
@@ -37,14 +42,16 @@ CREATE INDEX IF NOT EXISTS {table}_claim_idx ON {table} (service, status, id);
 CREATE INDEX IF NOT EXISTS {table}_key_idx ON {table} (service, event_key, status, id);
 -- The rows with their status as text, for people and tools reading the outbox in SQL
 -- (`SELECT * FROM {table}_view WHERE status = 'dead'`): the names are those of
--- outbox_runtime::Status. A view, so existing rows read the same and nothing is
+-- outbox_runtime::Status, plus `waiting` for a pending event that waits for a consumer
+-- able to handle it (`waiting_since` set). A view, so existing rows read the same and nothing is
 -- migrated; the table keeps its numbers. Replaced on every migrate.
 -- (SQLite has no CREATE OR REPLACE VIEW.)
 DROP VIEW IF EXISTS {table}_view;
 CREATE VIEW {table}_view AS
 SELECT id, event_id, service, event_type, event_version, event_key, payload,
-       CASE status WHEN 0 THEN 'pending' WHEN 1 THEN 'published' WHEN 2 THEN 'consumed'
+       CASE status WHEN 0 THEN CASE WHEN waiting_since IS NULL THEN 'pending' ELSE 'waiting' END
+                   WHEN 1 THEN 'published' WHEN 2 THEN 'consumed'
                    WHEN 3 THEN 'dead' ELSE CAST(status AS TEXT) END AS status,
        attempts, max_retries, next_attempt_at, lease_token, locked_until, last_error,
-       created_at, updated_at, published_at, consumed_at, dead_at
+       created_at, updated_at, published_at, consumed_at, dead_at, waiting_since
 FROM {table};

@@ -14,12 +14,21 @@ use crate::retry::Backoff;
 /// [`crate::Outbox::with_config`].
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
-    /// Retries after the first failed handling before an event goes dead, unless the
-    /// event type (`#[outbox_event(max_retries = N)]`) or the publish call overrides it.
-    /// Default 20.
+    /// The design's "max retry": an event is dead when its count of failed handler
+    /// runs reaches this, unless the event type (`#[outbox_event(max_retries = N)]`) or
+    /// the publish call overrides it. Default 20: 20 attempts in all, the last one
+    /// 7 min 59 s after the first with the default [`backoff`](Self::backoff) (plus
+    /// the handlers' own time). 0 and 1 both mean a single attempt.
     pub default_max_retries: u32,
-    /// Backoff between handler retries (default: 1 s doubling, capped at 5 min).
+    /// Backoff between handler retries (default: 1 s doubling, capped at 32 s: gaps of
+    /// 1, 2, 4, 8, 16 s, then 32 s).
     pub backoff: Backoff,
+    /// What a consumer does with an event it cannot handle *yet*: an unknown event type,
+    /// a type without a handler here, or a version newer than its handler's. That is
+    /// what an instance of an older release sees during a rolling deploy; the event
+    /// waits (no attempt counted) and goes dead only when no instance handled it within
+    /// the grace period.
+    pub waiting: Waiting,
     /// Largest serialized payload `publish` accepts, in bytes (default 900 000, under
     /// Kafka's default `message.max.bytes` of 1 000 000 with room for headers). A larger
     /// event is refused inside the business transaction.
@@ -73,6 +82,31 @@ pub struct OutboxConfig {
     pub retention: Option<Retention>,
 }
 
+/// How an event waits for a consumer that can handle it ([`OutboxConfig::waiting`]).
+///
+/// A waiting event is pending, not yet due, with the reason in `last_error` and the time
+/// it began waiting in `waiting_since` (database clock); its key's later events wait
+/// behind it. Every [`recheck`](Self::recheck) it is published again, so the instance
+/// that owns its partition by then (after a deploy, one of the new release) gets it.
+/// After [`grace`](Self::grace) of waiting it is dead with the reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waiting {
+    /// How often a waiting event is published again (default 15 s).
+    pub recheck: Duration,
+    /// How long an event may wait before it is dead (default 1 h: longer than a deploy).
+    /// Zero turns waiting off: such an event is dead at once, as if it were poison.
+    pub grace: Duration,
+}
+
+impl Default for Waiting {
+    fn default() -> Self {
+        Waiting {
+            recheck: Duration::from_secs(15),
+            grace: Duration::from_secs(3600),
+        }
+    }
+}
+
 /// How long rows are kept after they settle. Run by the relay side of
 /// [`crate::OutboxRuntime`], in bounded batches (one short DELETE each).
 ///
@@ -108,6 +142,7 @@ impl Default for OutboxConfig {
         OutboxConfig {
             default_max_retries: 20,
             backoff: Backoff::default(),
+            waiting: Waiting::default(),
             max_payload_bytes: 900_000,
             relay_batch_size: 500,
             relay_lease: Duration::from_secs(30),

@@ -142,7 +142,7 @@ pub mod sqlite {
 pub use admin::Admin;
 pub use backend::{Backend, OutboxRow, SqlValue, Status, StatusCounts};
 pub use catalog::{Catalog, CatalogBuilder, CatalogError};
-pub use config::{OutboxConfig, Retention};
+pub use config::{OutboxConfig, Retention, Waiting};
 #[cfg(feature = "kafka")]
 pub use consumer::ConsumerStats;
 pub use error::{Error, Result};

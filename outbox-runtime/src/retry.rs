@@ -7,11 +7,15 @@
 use std::time::Duration;
 
 /// Exponential backoff: `base * 2^(failures-1)`, capped.
+///
+/// The default is the design's schedule: 1 s after the first failure, doubling, capped
+/// at 32 s, so the gaps are 1, 2, 4, 8, 16 s and then 32 s for the 6th and every later
+/// failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     /// The delay after the first failure (default 1 s).
     pub base: Duration,
-    /// The largest delay (default 5 min).
+    /// The largest delay (default 32 s).
     pub cap: Duration,
 }
 
@@ -19,7 +23,7 @@ impl Default for Backoff {
     fn default() -> Self {
         Backoff {
             base: Duration::from_secs(1),
-            cap: Duration::from_secs(300),
+            cap: Duration::from_secs(32),
         }
     }
 }
@@ -46,11 +50,12 @@ pub enum Decision {
 }
 
 /// Decides after a transient failure. `attempts_before` is the row's failure count
-/// before this one; `max_retries` how many retries the event may have after its first
-/// attempt (so `max_retries = 0` means dead at the first failure).
+/// before this one; `max_retries` is the design's "max retry": the event is dead when
+/// its failure count reaches it, so `max_retries = 20` gives 20 attempts in all (0 and 1
+/// both mean one attempt).
 pub fn decide(attempts_before: i32, max_retries: i32, backoff: &Backoff) -> Decision {
     let failures = attempts_before.max(0) as u32 + 1;
-    if failures > max_retries.max(0) as u32 {
+    if failures >= max_retries.max(1) as u32 {
         Decision::Dead
     } else {
         Decision::RetryAfter(backoff.delay(failures))
@@ -67,26 +72,49 @@ mod tests {
         assert_eq!(b.delay(1), Duration::from_secs(1));
         assert_eq!(b.delay(2), Duration::from_secs(2));
         assert_eq!(b.delay(3), Duration::from_secs(4));
-        assert_eq!(b.delay(9), Duration::from_secs(256));
-        assert_eq!(b.delay(10), Duration::from_secs(300));
-        assert_eq!(b.delay(u32::MAX), Duration::from_secs(300));
+        assert_eq!(b.delay(4), Duration::from_secs(8));
+        assert_eq!(b.delay(5), Duration::from_secs(16));
+        assert_eq!(b.delay(6), Duration::from_secs(32));
+        assert_eq!(b.delay(7), Duration::from_secs(32));
+        assert_eq!(b.delay(u32::MAX), Duration::from_secs(32));
     }
 
     #[test]
-    fn dead_after_max_retries() {
+    fn the_default_schedule_is_twenty_attempts() {
+        let b = Backoff::default();
+        let mut gaps = Vec::new();
+        let mut attempts = 0;
+        loop {
+            match decide(attempts, 20, &b) {
+                Decision::RetryAfter(d) => gaps.push(d.as_secs()),
+                Decision::Dead => break,
+            }
+            attempts += 1;
+        }
+        // Dead at the 20th failure: 19 gaps between 20 attempts.
+        assert_eq!(attempts + 1, 20);
+        assert_eq!(&gaps[..7], &[1, 2, 4, 8, 16, 32, 32]);
+        assert_eq!(gaps.len(), 19);
+        // 1 + 2 + 4 + 8 + 16 + 14 * 32 = 479 s of backoff before the 20th attempt.
+        assert_eq!(gaps.iter().sum::<u64>(), 479);
+    }
+
+    #[test]
+    fn dead_when_the_failures_reach_max_retries() {
         let b = Backoff::default();
         assert_eq!(decide(0, 0, &b), Decision::Dead);
+        assert_eq!(decide(0, 1, &b), Decision::Dead);
         assert_eq!(
-            decide(0, 2, &b),
+            decide(0, 3, &b),
             Decision::RetryAfter(Duration::from_secs(1))
         );
         assert_eq!(
-            decide(1, 2, &b),
+            decide(1, 3, &b),
             Decision::RetryAfter(Duration::from_secs(2))
         );
-        assert_eq!(decide(2, 2, &b), Decision::Dead);
+        assert_eq!(decide(2, 3, &b), Decision::Dead);
         assert_eq!(
-            decide(-5, 1, &b),
+            decide(-5, 2, &b),
             Decision::RetryAfter(Duration::from_secs(1))
         );
     }

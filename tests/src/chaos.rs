@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outbox_runtime::Backoff;
+use outbox_runtime::{Backoff, Waiting};
 use outbox_runtime::Catalog;
 use outbox_runtime::{Backend, KafkaConfig, Outbox, OutboxConfig, OutboxRuntime, PublishOptions};
 use rand::Rng;
@@ -91,6 +91,11 @@ pub fn chaos_config() -> OutboxConfig {
             cap: Duration::from_secs(1),
         },
         relay_batch_size: 200,
+        // Events no consumer can handle wait 2 s, not an hour, before they are dead.
+        waiting: Waiting {
+            recheck: Duration::from_millis(300),
+            grace: Duration::from_secs(2),
+        },
         ..OutboxConfig::default()
     }
 }

@@ -233,7 +233,7 @@ async fn handler_failures<B: ChaosBackend>() {
     .await;
     let load = Load::new(300, 20).run(&outbox).await;
 
-    // Other keys flow while "doomed" is still retrying (its 5 retries take >= 6.2 s).
+    // Other keys flow while "doomed" is still retrying (its 5 attempts take >= 3.0 s).
     let pool = env.pool().clone();
     let table = env.table.clone();
     let doomed_open = poll(
@@ -272,19 +272,19 @@ async fn handler_failures<B: ChaosBackend>() {
     let secs = |a: chrono::DateTime<chrono::Utc>, b: chrono::DateTime<chrono::Utc>| {
         (b - a).num_milliseconds() as f64 / 1000.0
     };
-    // Backoff schedule 0.2, 0.4, 0.8, 1.6, 2.0 (cap) s.
+    // Backoff schedule 0.2, 0.4, 0.8, 1.6, 2.0 (cap) s; max_retries 5: dead at the 5th failure.
     let f = row(flaky).await;
     assert_eq!((f.status, f.attempts), (Status::Consumed, 2), "{f:?}");
     let flaky_took = secs(f.created_at, f.consumed_at.unwrap());
     assert!(flaky_took >= 0.6, "flaky consumed after {flaky_took}s");
     let d = row(doomed).await;
-    assert_eq!((d.status, d.attempts), (Status::Dead, 6), "{d:?}");
+    assert_eq!((d.status, d.attempts), (Status::Dead, 5), "{d:?}");
     let reason = d.last_error.clone().unwrap_or_default();
     assert!(reason.contains("retries exhausted"), "{reason}");
     let doomed_took = secs(d.created_at, d.dead_at.unwrap());
     assert!(
-        (5.0..20.0).contains(&doomed_took),
-        "dead after {doomed_took}s, expected 0.2+0.4+0.8+1.6+2.0 = 5.0 s plus processing"
+        (3.0..20.0).contains(&doomed_took),
+        "dead after {doomed_took}s, expected 0.2+0.4+0.8+1.6 = 3.0 s plus processing"
     );
     let r = row(refused).await;
     assert_eq!((r.status, r.attempts), (Status::Dead, 1), "{r:?}");
@@ -309,7 +309,7 @@ async fn handler_failures<B: ChaosBackend>() {
     );
     println!(
         "{name}: load {load:?}; flaky consumed after {flaky_took:.2}s (2 failures, \
-         backoff 0.2+0.4), doomed dead after {doomed_took:.2}s (6 attempts, backoff 5.0 s), \
+         backoff 0.2+0.4), doomed dead after {doomed_took:.2}s (5 attempts, backoff 3.0 s), \
          refused dead at once, panicky consumed on attempt 2; other keys done while doomed open: {doomed_open}"
     );
     env.db.cleanup().await;

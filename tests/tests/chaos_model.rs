@@ -374,7 +374,7 @@ impl World {
                 .await
                 .unwrap()
                 .expect("a committed event has a row");
-            let should_die = script.permanent || script.fail_times > MAX_RETRIES;
+            let should_die = script.permanent || script.fail_times >= MAX_RETRIES;
             if should_die {
                 assert_eq!(row.status, Status::Dead, "{key}#{seq}: {row:?}");
                 assert!(row.last_error.as_deref().is_some_and(|e| !e.is_empty()));
@@ -388,7 +388,7 @@ impl World {
             applied.len(),
             self.committed
                 .values()
-                .filter(|(_, _, s)| !(s.permanent || s.fail_times > MAX_RETRIES))
+                .filter(|(_, _, s)| !(s.permanent || s.fail_times >= MAX_RETRIES))
                 .count()
         );
     }

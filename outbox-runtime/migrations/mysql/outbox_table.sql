@@ -6,6 +6,10 @@
 -- outbox_runtime's migrate call; usable as-is by your own migration tool after the
 -- replacement (see `Backend::migration_sql`).
 --
+-- Upgrading a table made by 0.1 (before `waiting_since`): outbox_runtime's migrate adds
+-- the column first; with your own tool, run once before this script:
+--   ALTER TABLE {table} ADD COLUMN waiting_since DATETIME(6) NULL;
+--
 -- Times are DATETIME(6) in UTC, always written from UTC_TIMESTAMP(6) (the database
 -- clock, independent of the session time zone); there are deliberately no time
 -- defaults, because CURRENT_TIMESTAMP would follow the session time zone.
@@ -30,6 +34,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     published_at    DATETIME(6)  NULL,
     consumed_at     DATETIME(6)  NULL,
     dead_at         DATETIME(6)  NULL,
+    waiting_since   DATETIME(6)  NULL,  -- waiting for a consumer that can handle it
     PRIMARY KEY (id),
     UNIQUE KEY uq_event_id (event_id),
     -- The claim walks pending rows of one service in id order (InnoDB appends the
@@ -40,12 +45,14 @@ CREATE TABLE IF NOT EXISTS {table} (
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
 -- The rows with their status as text, for people and tools reading the outbox in SQL
 -- (`SELECT * FROM {table}_view WHERE status = 'dead'`): the names are those of
--- outbox_runtime::Status. A view, so existing rows read the same and nothing is
+-- outbox_runtime::Status, plus `waiting` for a pending event that waits for a consumer
+-- able to handle it (`waiting_since` set). A view, so existing rows read the same and nothing is
 -- migrated; the table keeps its numbers. Replaced on every migrate.
 CREATE OR REPLACE VIEW {table}_view AS
 SELECT id, event_id, service, event_type, event_version, event_key, payload,
-       CASE status WHEN 0 THEN 'pending' WHEN 1 THEN 'published' WHEN 2 THEN 'consumed'
+       CASE status WHEN 0 THEN CASE WHEN waiting_since IS NULL THEN 'pending' ELSE 'waiting' END
+                   WHEN 1 THEN 'published' WHEN 2 THEN 'consumed'
                    WHEN 3 THEN 'dead' ELSE CAST(status AS CHAR) END AS status,
        attempts, max_retries, next_attempt_at, lease_token, locked_until, last_error,
-       created_at, updated_at, published_at, consumed_at, dead_at
+       created_at, updated_at, published_at, consumed_at, dead_at, waiting_since
 FROM {table};

@@ -20,8 +20,9 @@
 //!                  │  └─ release (broker down: backoff, no attempt counted) ◄──┤(relay)
 //!                  │                                                        handler
 //!   retry_later ◄──┴──── transient failure (attempts+1, backoff) ◄────────────┤
-//!   mark_dead ◄───────── permanent / undecodable / unknown / attempts used up ┤
-//!                                                                   consumed ◄┘
+//!   mark_dead ◄───────── permanent / undecodable / attempts used up ──────────┤
+//!   wait ◄────────────── unknown type / no handler / newer version (no attempt;┤
+//!                        dead after the grace period)            consumed ◄──┘
 //! ```
 //!
 //! `consumed` and `dead` are terminal: every transition filters on the current status
@@ -51,6 +52,8 @@ pub(crate) mod rows;
 pub mod sqlite;
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 pub(crate) mod statements;
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+pub(crate) mod upgrade;
 
 /// The status column's values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -153,6 +156,9 @@ pub struct RowState {
     /// Whether the row is due (`next_attempt_at <= now`, database clock). A pending row
     /// that is not due waits out a retry backoff or a deferral.
     pub due: bool,
+    /// Whether the row is already waiting for a consumer that can handle it
+    /// (`waiting_since` is set; see [`Backend::wait`]).
+    pub waiting: bool,
 }
 
 /// A whole row, for operators and tests.
@@ -192,6 +198,24 @@ pub struct OutboxRow {
     pub consumed_at: Option<DateTime<Utc>>,
     /// When it went dead.
     pub dead_at: Option<DateTime<Utc>>,
+    /// Since when it has been waiting for a consumer that can handle it (unknown type,
+    /// no handler, newer version), database clock; cleared by a handler failure and a
+    /// replay.
+    pub waiting_since: Option<DateTime<Utc>>,
+}
+
+/// Events of one service waiting for a consumer that can handle them, by event type
+/// and reason ([`Backend::waiting`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WaitingCount {
+    /// The event type.
+    pub event_type: String,
+    /// Why they wait (the `last_error` the consumer wrote).
+    pub reason: String,
+    /// How many.
+    pub count: u64,
+    /// When the longest-waiting of them began waiting (database clock).
+    pub oldest_since: DateTime<Utc>,
 }
 
 /// Rows of one service by status.
@@ -491,6 +515,29 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         fence: AttemptsFence,
         reason: &'p str,
     ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send + 'p;
+
+    /// Consumer side, in its transaction: row `id` (open, locked) cannot be handled by
+    /// this consumer yet (unknown type, no handler, newer version): pending again, due
+    /// after `delay`, `last_error = reason`, attempts unchanged, `lease_token = 0`, and
+    /// `waiting_since` set if it was not, unless it has been waiting for `grace`
+    /// already. Returns `true` if it waits, `false` if its grace is over (nothing
+    /// changed; the caller marks it dead). All times on the database clock.
+    fn wait<'c>(
+        conn: &'c mut Self::Connection,
+        table: &'c TableName,
+        id: i64,
+        delay: Duration,
+        grace: Duration,
+        reason: &'c str,
+    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send + 'c;
+
+    /// The waiting rows of `service` ([`wait`](Self::wait)) by event type and reason,
+    /// for operators.
+    fn waiting<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p TableName,
+        service: &'p ServiceName,
+    ) -> impl Future<Output = Result<Vec<WaitingCount>, sqlx::Error>> + Send + 'p;
 
     /// Safety valve: rows of `service` published more than `older_than` ago and still
     /// not consumed (their record was lost to the consumer: offsets reset past it, topic

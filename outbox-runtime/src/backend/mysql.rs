@@ -220,8 +220,19 @@ impl Backend for MySql {
                 ),
             )));
         }
-        // Text protocol: DDL, and the template may hold several statements.
-        let ddl = sqlx::Executor::execute(&mut *conn, sql.as_str()).await;
+        let ddl = async {
+            super::upgrade::add_missing_columns::<Self>(
+                &mut conn,
+                table,
+                "SELECT CAST(column_name AS CHAR) FROM information_schema.columns \
+                 WHERE table_schema = DATABASE() AND table_name = ?",
+                |c| c.mysql,
+            )
+            .await?;
+            // Text protocol: DDL, and the template may hold several statements.
+            sqlx::Executor::execute(&mut *conn, sql.as_str()).await
+        }
+        .await;
         let released = sqlx::query_scalar::<_, Option<i64>>("SELECT RELEASE_LOCK(?)")
             .bind(&lock)
             .fetch_one(&mut *conn)

@@ -335,6 +335,49 @@ macro_rules! store_ops {
             Ok(republished)
         }
 
+        async fn wait<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            table: &'c $crate::route::TableName,
+            id: i64,
+            delay: std::time::Duration,
+            grace: std::time::Duration,
+            reason: &'c str,
+        ) -> Result<bool, sqlx::Error> {
+            let s = Self::statements(table);
+            let done = sqlx::query(s.wait.text())
+                .bind(Self::delay(delay))
+                .bind($crate::backend::truncate_error(reason))
+                .bind(id)
+                .bind(Self::delay(grace))
+                .execute(conn)
+                .await?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        async fn waiting<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            service: &'p $crate::route::ServiceName,
+        ) -> Result<Vec<$crate::backend::WaitingCount>, sqlx::Error> {
+            use $crate::backend::rows::{DbText, DbTime};
+            use sqlx::Row as _;
+            let s = Self::statements(table);
+            sqlx::query(s.waiting.text())
+                .bind(service.as_str())
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok($crate::backend::WaitingCount {
+                        event_type: r.try_get::<DbText, _>(0)?.0,
+                        reason: r.try_get::<Option<DbText>, _>(1)?.map(|t| t.0).unwrap_or_default(),
+                        count: r.try_get::<i64, _>(2)?.max(0) as u64,
+                        oldest_since: r.try_get::<DbTime, _>(3)?.0,
+                    })
+                })
+                .collect()
+        }
+
         async fn purge<'p>(
             pool: &'p sqlx::Pool<Self>,
             table: &'p $crate::route::TableName,

@@ -202,6 +202,14 @@ impl Backend for Postgres {
             .bind(MIGRATE_LOCK)
             .execute(&mut *tx)
             .await?;
+        super::upgrade::add_missing_columns::<Self>(
+            &mut tx,
+            table,
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = $1",
+            |c| c.postgres,
+        )
+        .await?;
         let sql = Self::migration_sql(table);
         sqlx::Executor::execute(&mut *tx, sql.as_str()).await?;
         tx.commit().await

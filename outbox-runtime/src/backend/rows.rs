@@ -147,6 +147,7 @@ where
             published_at: opt_time("published_at")?,
             consumed_at: opt_time("consumed_at")?,
             dead_at: opt_time("dead_at")?,
+            waiting_since: opt_time("waiting_since")?,
         })
     }
 
@@ -174,6 +175,7 @@ where
             version: self.try_get("event_version")?,
             payload: self.try_get::<DbText, _>("payload")?.0,
             due: self.try_get::<DbFlag, _>("due")?.0,
+            waiting: self.try_get::<DbFlag, _>("waiting")?.0,
         })
     }
 }

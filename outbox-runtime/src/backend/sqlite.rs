@@ -158,6 +158,13 @@ impl Backend for Sqlite {
         // One write transaction: concurrent migrations queue on the write lock, and the
         // second one finds everything in place.
         let mut tx = Self::begin(pool).await?;
+        super::upgrade::add_missing_columns::<Self>(
+            &mut tx,
+            table,
+            "SELECT name FROM pragma_table_info(?)",
+            |c| c.sqlite,
+        )
+        .await?;
         let sql = Self::migration_sql(table);
         // sqlx runs every statement of a multi-statement string, in order.
         sqlx::query(&sql).execute(&mut *tx).await?;

@@ -88,9 +88,10 @@ struct BoundedOp {
 
 const ROW: &str = "id, event_id, service, event_type, event_version, event_key, payload, \
     status, attempts, max_retries, next_attempt_at, last_error, created_at, updated_at, \
-    published_at, consumed_at, dead_at";
+    published_at, consumed_at, dead_at, waiting_since";
 const ROW_STATE: &str = "id, status, attempts, max_retries, event_key, event_type, \
-    event_version, payload, CASE WHEN next_attempt_at <= {now} THEN 1 ELSE 0 END AS due";
+    event_version, payload, CASE WHEN next_attempt_at <= {now} THEN 1 ELSE 0 END AS due, \
+    CASE WHEN waiting_since IS NULL THEN 0 ELSE 1 END AS waiting";
 const CLAIMED: &str =
     "id, event_id, event_type, event_version, event_key, payload, attempts, created_at";
 const CLAIMABLE: &str = "o.service = {p} AND o.status = {pending} \
@@ -170,6 +171,10 @@ pub(crate) struct Statements {
     pub republish_predecessors: Sql,
     /// delay, id.
     pub defer: Sql,
+    /// delay, reason, id, grace.
+    pub wait: Sql,
+    /// service.
+    pub waiting: Sql,
     /// delay, error, id, attempts.
     pub retry_later: Sql,
     /// reason, id, attempts.
@@ -210,7 +215,7 @@ const REDELIVER_STALE: BoundedOp = BoundedOp {
 };
 const REVIVE: BoundedOp = BoundedOp {
     head: "UPDATE {t} SET status = {pending}, attempts = 0, next_attempt_at = {now}, \
-        dead_at = NULL, {unlease}",
+        dead_at = NULL, waiting_since = NULL, {unlease}",
     filter: "service = {p} AND status = {dead} AND ({p_uuid} IS NULL OR event_id = {p})",
     ordered: true,
     recheck: "status = {dead}",
@@ -261,10 +266,20 @@ impl Statements {
                 "UPDATE {t} SET status = {pending}, next_attempt_at = {now_plus}, \
                 {unlease} WHERE id = {p} AND status {open}",
             ),
+            // The grace test and the update are one statement: the database clock
+            // decides, and `waiting_since` is set once, the first time.
+            wait: r("UPDATE {t} SET status = {pending}, next_attempt_at = {now_plus}, \
+                last_error = {p}, waiting_since = COALESCE(waiting_since, {now}), {unlease} \
+                WHERE id = {p} AND status {open} \
+                AND (waiting_since IS NULL OR waiting_since > {now_minus})"),
+            waiting: r("SELECT event_type, last_error, COUNT(*), MIN(waiting_since) FROM {t} \
+                WHERE service = {p} AND status = {pending} AND waiting_since IS NOT NULL \
+                GROUP BY event_type, last_error ORDER BY event_type, last_error"),
+            // A handler ran, so the event no longer waits for one.
             retry_later: r(
                 "UPDATE {t} SET status = {pending}, attempts = attempts + 1, \
-                next_attempt_at = {now_plus}, last_error = {p}, {unlease} \
-                WHERE id = {p} AND attempts = {p} AND status {open}",
+                next_attempt_at = {now_plus}, last_error = {p}, waiting_since = NULL, \
+                {unlease} WHERE id = {p} AND attempts = {p} AND status {open}",
             ),
             mark_dead: r("UPDATE {t} SET status = {dead}, attempts = attempts + 1, \
                 last_error = {p}, dead_at = {now}, {unlease} \
@@ -560,7 +575,7 @@ mod tests {
         assert_eq!(
             s.revive.text(),
             "UPDATE t SET status = 0, attempts = 0, next_attempt_at = UTC_TIMESTAMP(6), \
-             dead_at = NULL, locked_until = NULL, lease_token = 0, \
+             dead_at = NULL, waiting_since = NULL, locked_until = NULL, lease_token = 0, \
              updated_at = UTC_TIMESTAMP(6) WHERE service = ? AND status = 3 \
              AND (? IS NULL OR event_id = ?) ORDER BY id LIMIT ?"
         );

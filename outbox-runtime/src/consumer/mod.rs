@@ -96,6 +96,11 @@ pub struct ConsumerStats {
     /// Published predecessors made pending again because a later event of their key
     /// arrived first (their records were lost, e.g. with a broker's log).
     pub republished: AtomicU64,
+    /// Records this consumer could not handle yet (unknown event type, no handler here,
+    /// a version newer than its handler's: an instance of an older release during a
+    /// rolling deploy), sent back to wait for one that can
+    /// ([`crate::OutboxConfig::waiting`]). No attempt is counted.
+    pub waiting: AtomicU64,
 }
 
 /// What processing one record did.
@@ -112,6 +117,12 @@ pub enum Outcome {
     Retry {
         /// Why.
         error: String,
+    },
+    /// This consumer cannot handle the event yet (unknown type, no handler, newer
+    /// version); it waits, pending, for one that can, within the grace period.
+    Waiting {
+        /// Why.
+        reason: String,
     },
     /// The event is dead.
     Dead {

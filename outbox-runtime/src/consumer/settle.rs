@@ -252,26 +252,32 @@ impl<DB: Backend> Consumer<DB> {
                 return Ok(Step::InTx(Outcome::Deferred));
             }
         }
-        let Some(handler) = self.handlers.get(&row.event_type) else {
-            let reason = if self.catalog.event(&row.event_type).is_none() {
-                format!("unknown event type `{}`", row.event_type)
-            } else {
-                format!(
+        // An event this consumer cannot handle yet is not the event's fault: during a
+        // rolling deploy an instance of the older release gets events of the newer one.
+        // It waits for an instance that can, and is dead only after the grace period.
+        let version = u32::try_from(row.version).unwrap_or(0);
+        let handler = match self.handlers.get(&row.event_type) {
+            Some(handler) if version <= handler.version => handler,
+            Some(handler) => {
+                let reason = format!(
+                    "event `{}` has schema version {}, newer than the handler's {}",
+                    row.event_type, row.version, handler.version
+                );
+                return self.wait(work.transaction(), row, event_id, reason).await;
+            }
+            None if self.catalog.event(&row.event_type).is_none() => {
+                let reason = format!("unknown event type `{}`", row.event_type);
+                return self.wait(work.transaction(), row, event_id, reason).await;
+            }
+            None => {
+                let reason = format!(
                     "no handler for event type `{}` in service `{}`",
                     row.event_type,
                     route.service()
-                )
-            };
-            return Ok(Step::Abort(Abort::Dead(row, reason)));
+                );
+                return self.wait(work.transaction(), row, event_id, reason).await;
+            }
         };
-        let version = u32::try_from(row.version).unwrap_or(0);
-        if version > handler.version {
-            let reason = format!(
-                "event `{}` has schema version {}, newer than the handler's {}",
-                row.event_type, row.version, handler.version
-            );
-            return Ok(Step::Abort(Abort::Dead(row, reason)));
-        }
 
         work.set_meta(EventMeta {
             event_id,
@@ -298,6 +304,51 @@ impl<DB: Backend> Consumer<DB> {
             ),
         };
         Ok(Step::Abort(Abort::Failed { row, kind, error }))
+    }
+
+    /// Sends `row`, which this consumer cannot handle yet, back to wait for one that can
+    /// ([`crate::OutboxConfig::waiting`]); dead (after the rollback) once it has waited
+    /// out the grace period.
+    async fn wait(
+        &self,
+        tx: &mut Transaction<'static, DB>,
+        row: RowState,
+        event_id: EventId,
+        reason: String,
+    ) -> Result<Step> {
+        let waiting = self.config.waiting;
+        if waiting.grace.is_zero() {
+            return Ok(Step::Abort(Abort::Dead(row, reason)));
+        }
+        let note = " (waiting for a consumer that can handle it; see OutboxConfig::waiting)";
+        let text = crate::backend::error_with_note(&reason, note);
+        let waits = DB::wait(
+            tx,
+            self.route.table(),
+            row.id,
+            waiting.recheck,
+            waiting.grace,
+            &text,
+        )
+        .await
+        .map_err(|e| self.event_error("sending back to wait", event_id, e))?;
+        if !waits {
+            let reason = crate::backend::error_with_note(
+                &reason,
+                &format!(
+                    " [no consumer handled it within the grace period of {:?}]",
+                    waiting.grace
+                ),
+            );
+            return Ok(Step::Abort(Abort::Dead(row, reason)));
+        }
+        if row.waiting {
+            tracing::debug!(service = %self.route.service(), row = row.id, %event_id, %reason, "event still waits");
+        } else {
+            tracing::warn!(service = %self.route.service(), row = row.id, %event_id, %reason, recheck = ?waiting.recheck, grace = ?waiting.grace,
+                "this consumer cannot handle the event yet (an older release during a deploy?); it waits for one that can");
+        }
+        Ok(Step::InTx(Outcome::Waiting { reason: text }))
     }
 
     /// Sends `row` back to pending behind its open predecessor, and publishes again
@@ -353,6 +404,7 @@ impl<DB: Backend> Consumer<DB> {
             Outcome::Duplicate => &self.stats.duplicates,
             Outcome::Deferred => &self.stats.deferred,
             Outcome::NotDue => &self.stats.not_due,
+            Outcome::Waiting { .. } => &self.stats.waiting,
             Outcome::Mismatch { reason } => {
                 tracing::warn!(service = %self.route.service(), %reason, "record does not match its outbox row");
                 &self.stats.mismatched
