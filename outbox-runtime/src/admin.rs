@@ -1,5 +1,5 @@
-//! Operator verbs: look at a service's outbox, list its dead letters with their reasons,
-//! and replay them once the cause is fixed.
+//! Operator verbs: look at a service's outbox, see what waits for a newer consumer, list
+//! its dead letters with their reasons, and replay them once the cause is fixed.
 //!
 //! ```ignore
 //! let admin = Admin::new(pool.clone(), catalog.clone());
@@ -18,7 +18,7 @@
 use sqlx::Pool;
 use uuid::Uuid;
 
-use crate::backend::{Backend, OutboxRow, StatusCounts};
+use crate::backend::{Backend, OutboxRow, StatusCounts, WaitingCount};
 use crate::catalog::{Catalog, Route};
 use crate::error::{Error, Result};
 use crate::event::EventId;
@@ -48,6 +48,24 @@ impl<DB: Backend> Admin<DB> {
         DB::counts(&self.pool, r.table(), r.service())
             .await
             .map_err(|e| Error::db(format!("counting rows of {service} in {}", r.table()), e))
+    }
+
+    /// The events of `service` waiting for a consumer that can handle them (unknown
+    /// type, no handler, newer version: see [`crate::OutboxConfig::waiting`]), counted
+    /// by event type and reason, with the oldest one's start. During a rolling deploy
+    /// these are the new release's events the old instances left for the new ones; rows
+    /// that stay here after the deploy need a consumer that handles them, or go dead
+    /// after the grace period.
+    pub async fn waiting(&self, service: &str) -> Result<Vec<WaitingCount>> {
+        let r = self.route(service)?;
+        DB::waiting(&self.pool, r.table(), r.service())
+            .await
+            .map_err(|e| {
+                Error::db(
+                    format!("counting waiting events of {service} in {}", r.table()),
+                    e,
+                )
+            })
     }
 
     /// The oldest `limit` dead events of `service`, with their reasons in `last_error`.

@@ -140,7 +140,7 @@ pub mod sqlite {
 }
 
 pub use admin::Admin;
-pub use backend::{Backend, OutboxRow, SqlValue, Status, StatusCounts};
+pub use backend::{Backend, OutboxRow, SqlValue, Status, StatusCounts, WaitingCount};
 pub use catalog::{Catalog, CatalogBuilder, CatalogError};
 pub use config::{OutboxConfig, Retention, Waiting};
 #[cfg(feature = "kafka")]
