@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outbox_runtime::{Backoff, Waiting};
 use outbox_runtime::Catalog;
 use outbox_runtime::{Backend, KafkaConfig, Outbox, OutboxConfig, OutboxRuntime, PublishOptions};
+use outbox_runtime::{Backoff, Waiting};
 use rand::Rng;
 use sqlx::Pool;
 

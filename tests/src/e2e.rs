@@ -14,12 +14,12 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use outbox_runtime::backend::NewRow;
-use outbox_runtime::{Backoff, Waiting};
 use outbox_runtime::Catalog;
 use outbox_runtime::{
     Backend, EventId, KafkaConfig, Outbox, OutboxConfig, OutboxRow, OutboxRuntime, PublishOptions,
     RawEvent, Status,
 };
+use outbox_runtime::{Backoff, Waiting};
 use sqlx::Pool;
 
 use crate::broker::{unique_suffix, TestBroker};
@@ -507,7 +507,10 @@ pub async fn full_flow<DB: TestBackend>(pool: Pool<DB>, broker: &TestBroker) {
         "{}",
         reason(&always_fails)
     );
-    assert_eq!(rows[&always_fails].attempts, 2, "dead at the 2nd failure (max_retries 2)");
+    assert_eq!(
+        rows[&always_fails].attempts, 2,
+        "dead at the 2nd failure (max_retries 2)"
+    );
     assert_eq!(rows[&poison].attempts, 1, "dead at once");
 
     // Transient failure and panic: retried once, after the backoff (database clock).

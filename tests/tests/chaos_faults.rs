@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use outbox_runtime::backend::NewRow;
 use outbox_runtime::envelope::{header, Envelope};
-use outbox_runtime::{Backend, EventId, PublishOptions, ServiceName, SqlValue, Status, TableName};
+use outbox_runtime::{
+    Backend, EventId, OutboxConfig, PublishOptions, ServiceName, SqlValue, Status, TableName,
+    Waiting,
+};
 use outbox_tests::broker::TestBroker;
 use outbox_tests::chaos::{
     chaos_config, consumer_duplicates, init_tracing, poll, relay_sum, soak, ChaosBackend, ChaosEnv,
@@ -324,7 +327,7 @@ chaos_tests!(handler_failures() {
 /// f. Malformed records produced straight to the topic (one partition), between good
 /// ones. The row is the truth: poison *rows* (written as a legacy writer would: bad
 /// JSON, wrong shape, unknown type, newer version) go dead with their specific reason
-/// when their faithful record arrives; records that disagree with a valid row (no type
+/// when their faithful record arrives (the consumer runs with no waiting grace); records that disagree with a valid row (no type
 /// header, a non-UTF-8 key) are counted mismatches and leave the row alone; records
 /// with no readable id, no row, or over the payload limit are skipped. No panic, the
 /// offset moves past every one, the neighbours are handled, and once a relay runs the
@@ -525,7 +528,18 @@ async fn malformed_records<B: ChaosBackend>() {
     send(faithful(good[3].0)).await;
     const RECORDS: i64 = 14;
 
-    let runtime = env.runtime(&broker, 0, true, chaos_config()).await;
+    // No relay runs yet, so nothing would publish a waiting row again: with no grace,
+    // the unknown type and the newer version are dead at once, as poison from a legacy
+    // writer. (Waiting for a newer consumer is tests/tests/waiting.rs and
+    // rolling_deploy.rs.)
+    let no_grace = OutboxConfig {
+        waiting: Waiting {
+            grace: Duration::ZERO,
+            ..Waiting::default()
+        },
+        ..chaos_config()
+    };
+    let runtime = env.runtime(&broker, 0, true, no_grace).await;
     let stats = runtime.consumer_stats("task").unwrap().clone();
     let pool = env.pool().clone();
     let (t, s) = (table.clone(), service.clone());

@@ -30,7 +30,14 @@ struct Instance {
 }
 
 impl Instance {
-    fn spawn(exe: &str, url: &str, brokers: &str, prefix: &str, dir: &Path, name: &str) -> Instance {
+    fn spawn(
+        exe: &str,
+        url: &str,
+        brokers: &str,
+        prefix: &str,
+        dir: &Path,
+        name: &str,
+    ) -> Instance {
         let child = Command::new(exe)
             .env("ROLLOUT_DB_URL", url)
             .env("ROLLOUT_BROKERS", brokers)
@@ -104,7 +111,8 @@ type Effect = (i64, String, String, i64, String);
 
 async fn effects(url: &str) -> Vec<Effect> {
     // Read through a pool of the right kind (the test's pool is generic).
-    let sql = "SELECT id, event_id, event_type, version, handled_by FROM rollout_effects ORDER BY id";
+    let sql =
+        "SELECT id, event_id, event_type, version, handled_by FROM rollout_effects ORDER BY id";
     if url.starts_with("mysql://") {
         let pool = sqlx::MySqlPool::connect(url).await.unwrap();
         let rows = sqlx::query_as(sql).fetch_all(&pool).await.unwrap();
@@ -161,21 +169,30 @@ async fn rolling_deploy<B: ChaosBackend>(broker: TestBroker) {
         "the old instance to send new events back to wait and handle its own",
         Duration::from_secs(120),
         || async {
-            (old.counter("waiting") >= 3 && old.counter("handled") >= 3 && new.counter("handled") >= 3)
+            (old.counter("waiting") >= 3
+                && old.counter("handled") >= 3
+                && new.counter("handled") >= 3)
                 .then_some(())
         },
     )
     .await;
     std::fs::write(dir.path().join("stop-publishing"), b"").unwrap();
-    eventually("both to stop publishing", Duration::from_secs(30), || async {
-        (old.stats()["done_publishing"] == true && new.stats()["done_publishing"] == true)
-            .then_some(())
-    })
+    eventually(
+        "both to stop publishing",
+        Duration::from_secs(30),
+        || async {
+            (old.stats()["done_publishing"] == true && new.stats()["done_publishing"] == true)
+                .then_some(())
+        },
+    )
     .await;
     // The deploy stops the old instance.
     old.stop().await;
     let old_stats = old.stats();
-    assert_eq!(old_stats["dead"], 0, "the old instance made events dead: {old_stats}");
+    assert_eq!(
+        old_stats["dead"], 0,
+        "the old instance made events dead: {old_stats}"
+    );
 
     let rows = eventually(
         "every event consumed by the new instance",
@@ -201,11 +218,19 @@ async fn rolling_deploy<B: ChaosBackend>(broker: TestBroker) {
     for row in &rows {
         let id = row.event_id.to_string();
         let handled = per_event.get(id.as_str()).map_or(0, Vec::len);
-        assert_eq!(handled, 1, "event {id} ({} v{}) handled {handled} times", row.event_type, row.version);
+        assert_eq!(
+            handled, 1,
+            "event {id} ({} v{}) handled {handled} times",
+            row.event_type, row.version
+        );
         let by = &per_event[id.as_str()][0].4;
         if row.event_type == "rollout.Renamed" || row.version == 2 {
             new_kinds += 1;
-            assert_eq!(by, "v2", "{} v{} handled by {by}", row.event_type, row.version);
+            assert_eq!(
+                by, "v2",
+                "{} v{} handled by {by}",
+                row.event_type, row.version
+            );
         } else {
             old_kinds += 1;
         }
@@ -219,7 +244,10 @@ async fn rolling_deploy<B: ChaosBackend>(broker: TestBroker) {
     for e in &effects {
         let (id, key) = &row_id[&e.1];
         let prev = last.insert(key.clone(), *id).unwrap_or(0);
-        assert!(prev < *id, "key {key:?}: row {id} took effect after row {prev}");
+        assert!(
+            prev < *id,
+            "key {key:?}: row {id} took effect after row {prev}"
+        );
     }
     println!(
         "[{} over {}] {} events ({new_kinds} of the new release, {old_kinds} of the old), all \

@@ -139,9 +139,13 @@ async fn waits_then_dead_after_grace<DB: TestBackend>(pool: Pool<DB>) {
         assert!(r.dead_at.is_none());
     }
     let mut conn = pool.acquire().await.unwrap();
-    DB::execute_portable(&mut conn, "CREATE TABLE view_probe (status VARCHAR(16))", &[])
-        .await
-        .unwrap();
+    DB::execute_portable(
+        &mut conn,
+        "CREATE TABLE view_probe (status VARCHAR(16))",
+        &[],
+    )
+    .await
+    .unwrap();
     let in_view = DB::execute_portable(
         &mut conn,
         &format!(
@@ -153,11 +157,16 @@ async fn waits_then_dead_after_grace<DB: TestBackend>(pool: Pool<DB>) {
     .await
     .unwrap();
     drop(conn);
-    assert_eq!(in_view, 1, "the status view shows the waiting event as `waiting`");
+    assert_eq!(
+        in_view, 1,
+        "the status view shows the waiting event as `waiting`"
+    );
     // The key's later event waits behind it; another key flows.
-    eventually("the other key consumed", Duration::from_secs(30), || async {
-        (row(&pool, other).await.status == Status::Consumed).then_some(())
-    })
+    eventually(
+        "the other key consumed",
+        Duration::from_secs(30),
+        || async { (row(&pool, other).await.status == Status::Consumed).then_some(()) },
+    )
     .await;
     assert_ne!(row(&pool, behind).await.status, Status::Consumed);
     let stats = runtime.consumer_stats("notification").unwrap().clone();
@@ -180,9 +189,17 @@ async fn waits_then_dead_after_grace<DB: TestBackend>(pool: Pool<DB>) {
         let waited = (r.dead_at.unwrap() - r.waiting_since.unwrap())
             .to_std()
             .unwrap();
-        assert!(waited >= grace, "dead after waiting {waited:?}, grace {grace:?}");
+        assert!(
+            waited >= grace,
+            "dead after waiting {waited:?}, grace {grace:?}"
+        );
     }
-    assert!(dead.0.last_error.as_deref().unwrap().contains("unknown event type"));
+    assert!(dead
+        .0
+        .last_error
+        .as_deref()
+        .unwrap()
+        .contains("unknown event type"));
     let consumed = eventually(
         "the later event of the key consumed",
         Duration::from_secs(30),
@@ -221,10 +238,14 @@ async fn zero_grace_is_dead_at_once<DB: TestBackend>(pool: Pool<DB>) {
     .start()
     .await
     .unwrap();
-    let r = eventually("the unknown event dead", Duration::from_secs(30), || async {
-        let r = row(&pool, unknown).await;
-        (r.status == Status::Dead).then_some(r)
-    })
+    let r = eventually(
+        "the unknown event dead",
+        Duration::from_secs(30),
+        || async {
+            let r = row(&pool, unknown).await;
+            (r.status == Status::Dead).then_some(r)
+        },
+    )
     .await;
     assert!(r.waiting_since.is_none(), "{r:?}");
     assert!(r.last_error.unwrap().contains("unknown event type"));
@@ -292,7 +313,9 @@ async fn default_retry_schedule<DB: TestBackend>(pool: Pool<DB>) {
             };
             let hurried = DB::execute_portable(
                 &mut conn,
-                &format!("UPDATE {TABLE} SET next_attempt_at = {now} WHERE id = ? AND attempts = ?"),
+                &format!(
+                    "UPDATE {TABLE} SET next_attempt_at = {now} WHERE id = ? AND attempts = ?"
+                ),
                 &[SqlValue::from(r.id), SqlValue::from(failures)],
             )
             .await
@@ -332,7 +355,10 @@ async fn default_retry_schedule<DB: TestBackend>(pool: Pool<DB>) {
     }
     assert_eq!(dead.attempts, 20, "{dead:?}");
     let reason = dead.last_error.unwrap_or_default();
-    assert!(reason.contains("retries exhausted: failed 20 times"), "{reason}");
+    assert!(
+        reason.contains("retries exhausted: failed 20 times"),
+        "{reason}"
+    );
     println!(
         "[{}] scheduled gaps (ms): {gaps:?}; real gaps of the first three: {:?}",
         DB::BACKEND_NAME,

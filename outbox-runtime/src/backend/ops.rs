@@ -359,8 +359,8 @@ macro_rules! store_ops {
             table: &'p $crate::route::TableName,
             service: &'p $crate::route::ServiceName,
         ) -> Result<Vec<$crate::backend::WaitingCount>, sqlx::Error> {
-            use $crate::backend::rows::{DbText, DbTime};
             use sqlx::Row as _;
+            use $crate::backend::rows::{DbText, DbTime};
             let s = Self::statements(table);
             sqlx::query(s.waiting.text())
                 .bind(service.as_str())
@@ -370,7 +370,10 @@ macro_rules! store_ops {
                 .map(|r| {
                     Ok($crate::backend::WaitingCount {
                         event_type: r.try_get::<DbText, _>(0)?.0,
-                        reason: r.try_get::<Option<DbText>, _>(1)?.map(|t| t.0).unwrap_or_default(),
+                        reason: r
+                            .try_get::<Option<DbText>, _>(1)?
+                            .map(|t| t.0)
+                            .unwrap_or_default(),
                         count: r.try_get::<i64, _>(2)?.max(0) as u64,
                         oldest_since: r.try_get::<DbTime, _>(3)?.0,
                     })

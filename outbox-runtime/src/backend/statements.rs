@@ -268,13 +268,17 @@ impl Statements {
             ),
             // The grace test and the update are one statement: the database clock
             // decides, and `waiting_since` is set once, the first time.
-            wait: r("UPDATE {t} SET status = {pending}, next_attempt_at = {now_plus}, \
+            wait: r(
+                "UPDATE {t} SET status = {pending}, next_attempt_at = {now_plus}, \
                 last_error = {p}, waiting_since = COALESCE(waiting_since, {now}), {unlease} \
                 WHERE id = {p} AND status {open} \
-                AND (waiting_since IS NULL OR waiting_since > {now_minus})"),
-            waiting: r("SELECT event_type, last_error, COUNT(*), MIN(waiting_since) FROM {t} \
+                AND (waiting_since IS NULL OR waiting_since > {now_minus})",
+            ),
+            waiting: r(
+                "SELECT event_type, last_error, COUNT(*), MIN(waiting_since) FROM {t} \
                 WHERE service = {p} AND status = {pending} AND waiting_since IS NOT NULL \
-                GROUP BY event_type, last_error ORDER BY event_type, last_error"),
+                GROUP BY event_type, last_error ORDER BY event_type, last_error",
+            ),
             // A handler ran, so the event no longer waits for one.
             retry_later: r(
                 "UPDATE {t} SET status = {pending}, attempts = attempts + 1, \

@@ -7,7 +7,9 @@ mod worker;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use outbox_runtime::serde::{Deserialize, Serialize};
-use outbox_runtime::{outbox_event, outbox_handler, Backend, EventId, HandlerContext, HandlerError, OutboxTx};
+use outbox_runtime::{
+    outbox_event, outbox_handler, Backend, EventId, HandlerContext, HandlerError, OutboxTx,
+};
 use worker::{Release, Rollout};
 
 /// Something was noted on an account.

@@ -8,7 +8,9 @@ mod worker;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use outbox_runtime::serde::{Deserialize, Serialize};
-use outbox_runtime::{outbox_event, outbox_handler, Backend, EventId, HandlerContext, HandlerError, OutboxTx};
+use outbox_runtime::{
+    outbox_event, outbox_handler, Backend, EventId, HandlerContext, HandlerError, OutboxTx,
+};
 use worker::{Release, Rollout};
 
 /// Something was noted on an account; version 2 says by whom.
@@ -42,7 +44,10 @@ async fn on_noted<DB: Backend>(ctx: &mut HandlerContext<DB>, e: Noted) -> Result
 }
 
 #[outbox_handler]
-async fn on_renamed<DB: Backend>(ctx: &mut HandlerContext<DB>, e: Renamed) -> Result<(), HandlerError> {
+async fn on_renamed<DB: Backend>(
+    ctx: &mut HandlerContext<DB>,
+    e: Renamed,
+) -> Result<(), HandlerError> {
     worker::record(ctx, V2::NAME, &e.account).await
 }
 
@@ -57,9 +62,18 @@ impl Release for V2 {
     ) -> BoxFuture<'a, outbox_runtime::Result<EventId>> {
         async move {
             if n % 2 == 0 {
-                tx.publish(&Noted { account: key, n, by: Some("v2".into()) }).await
+                tx.publish(&Noted {
+                    account: key,
+                    n,
+                    by: Some("v2".into()),
+                })
+                .await
             } else {
-                tx.publish(&Renamed { account: key, name: format!("name {n}") }).await
+                tx.publish(&Renamed {
+                    account: key,
+                    name: format!("name {n}"),
+                })
+                .await
             }
         }
         .boxed()

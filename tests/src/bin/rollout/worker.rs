@@ -88,7 +88,10 @@ pub fn main<R: Release>() {
     rt.block_on(async {
         let url = must("ROLLOUT_DB_URL");
         if url.starts_with("mysql://") {
-            let pool = MySqlPoolOptions::new().max_connections(8).connect(&url).await;
+            let pool = MySqlPoolOptions::new()
+                .max_connections(8)
+                .connect(&url)
+                .await;
             serve::<R, _>(pool.expect("connecting")).await;
         } else {
             let pool = PgPoolOptions::new().max_connections(8).connect(&url).await;
@@ -100,7 +103,9 @@ pub fn main<R: Release>() {
 async fn serve<R: Release, DB: Backend>(pool: Pool<DB>) {
     let prefix = must("ROLLOUT_PREFIX");
     let dir = PathBuf::from(must("ROLLOUT_DIR"));
-    let recheck: u64 = must("ROLLOUT_RECHECK_MS").parse().expect("ROLLOUT_RECHECK_MS");
+    let recheck: u64 = must("ROLLOUT_RECHECK_MS")
+        .parse()
+        .expect("ROLLOUT_RECHECK_MS");
     let catalog = Catalog::builder()
         .topic_prefix(&prefix)
         .group_prefix(&prefix)
