@@ -19,6 +19,7 @@ use outbox_runtime::{
     outbox_event, outbox_handler, outbox_service, Backend, Catalog, Event, HandlerContext,
     HandlerError, KafkaConfig, Outbox, OutboxRuntime, RawEvent, Status,
 };
+use outbox_runtime::schemars::JsonSchema;
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::TestDatabase;
 use outbox_tests::e2e::{eventually, fresh_catalog, test_config};
@@ -28,13 +29,14 @@ use serde::{Deserialize, Serialize};
 pub struct Ledger;
 
 /// Version 1: an amount in cents, always euros.
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
+#[schemars(crate = "outbox_runtime::schemars")]
 pub struct EntryPostedV1 {
     pub entry: String,
     pub cents: i64,
 }
 
-/// Version 2: the currency became explicit.
+/// Version 2: the currency became explicit. No `JsonSchema`: its schema is unknown.
 #[derive(Serialize, Deserialize)]
 pub struct EntryPostedV2 {
     pub entry: String,
@@ -48,7 +50,8 @@ pub struct EntryPostedV2 {
 /// Version 3, the current one: the amount is a structure.
 #[outbox_event(service = Ledger, name = "entry.posted", version = 3, key = entry,
     upcast(1 = EntryPostedV1, 2 = EntryPostedV2))]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(crate = "outbox_runtime::schemars")]
 pub struct EntryPosted {
     pub entry: String,
     pub amount: Amount,
@@ -57,7 +60,8 @@ pub struct EntryPosted {
     pub via: Vec<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(crate = "outbox_runtime::schemars")]
 pub struct Amount {
     pub cents: i64,
     pub currency: String,
@@ -321,6 +325,17 @@ fn the_catalog_exports_every_version_oldest_first() {
         .map(|v| v["version"].as_u64().unwrap())
         .collect();
     assert_eq!(numbers, [1, 2, 3]);
+
+    // Schemas of the types that derive `JsonSchema` (v1, v3), none for v2.
+    let schema = |i: usize| &exported["versions"][i]["schema"];
+    assert_eq!(schema(0)["properties"]["cents"]["type"], "integer");
+    assert!(schema(1).is_null(), "{}", schema(1));
+    assert_eq!(
+        schema(2)["properties"]["amount"]["$ref"],
+        "#/$defs/Amount",
+        "{}",
+        schema(2)
+    );
 }
 
 fn older(version: u32) -> OlderVersion {
