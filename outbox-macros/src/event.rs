@@ -270,7 +270,10 @@ fn check_chain(
         };
         if version >= current {
             let fix = if version_given {
-                format!("older versions are 1 to {}", current.saturating_sub(1))
+                match current {
+                    2 => "the only older version is 1".to_owned(),
+                    _ => format!("older versions go from 1 to {}", current - 1),
+                }
             } else {
                 "give the type its own version with `version = N` (older versions are below \
                  it)"

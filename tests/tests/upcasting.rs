@@ -15,11 +15,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use outbox_runtime::__private::{no_schema, EventRegistration, OlderVersion, ServiceRegistration};
+use outbox_runtime::schemars::JsonSchema;
 use outbox_runtime::{
     outbox_event, outbox_handler, outbox_service, Backend, Catalog, Event, HandlerContext,
     HandlerError, KafkaConfig, Outbox, OutboxRuntime, RawEvent, Status,
 };
-use outbox_runtime::schemars::JsonSchema;
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::TestDatabase;
 use outbox_tests::e2e::{eventually, fresh_catalog, test_config};
