@@ -717,6 +717,67 @@ mod tests {
     }
 
     #[test]
+    fn an_upcast_chain_reaches_the_decoder_and_the_registration() {
+        let out = normalized(expand(
+            quote!(service = Task, version = 3, upcast(2 = V2, 1 = old::V1)),
+            quote!(
+                pub struct TaskCreated {
+                    pub id: String,
+                }
+            ),
+        ));
+        assert!(!out.contains("compile_error"), "{out}");
+        // Oldest first, each step once: V1 -> V2 -> TaskCreated.
+        assert!(
+            out.contains("fn__outbox_upcast_v1(old:old::V1)->TaskCreated{__outbox_upcast_v2("),
+            "{out}"
+        );
+        assert!(
+            out.contains("fn__outbox_upcast_v2(old:V2)->TaskCreated{"),
+            "{out}"
+        );
+        assert!(out.contains("&[1u32,2u32],3u32"), "{out}");
+        assert!(
+            out.contains(r#""::","old::V1"),schema:__outbox_schema_v1"#),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn each_chain_mistake_is_one_error() {
+        let errors = |args: proc_macro2::TokenStream| {
+            let out = expand(
+                args,
+                quote!(
+                    pub struct E {
+                        pub id: String,
+                    }
+                ),
+            );
+            normalized(out).matches("compile_error").count()
+        };
+        // A gap (2), a duplicate (1), a version not below the current one (4).
+        assert_eq!(
+            errors(quote!(
+                service = Task,
+                version = 4,
+                upcast(1 = A, 3 = C, 1 = B, 4 = D)
+            )),
+            3
+        );
+        // `version` itself wrong: reported once, the chain not checked against a guess.
+        assert_eq!(
+            errors(quote!(service = Task, version = 0, upcast(1 = A))),
+            1
+        );
+        assert_eq!(errors(quote!(service = Task, upcast(0 = A))), 1);
+        assert_eq!(
+            errors(quote!(service = Task, version = 2, upcast(1 = A))),
+            0
+        );
+    }
+
+    #[test]
     fn generic_events_are_rejected() {
         let out = expand(
             quote!(service = Task),
