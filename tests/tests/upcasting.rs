@@ -167,57 +167,43 @@ async fn older_rows_and_records_reach_the_v3_handler<T: TestDatabase>() {
     ];
     tx.commit().await.unwrap();
 
-    let status_of_all = |wanted: Status| {
-        let pool = pool.clone();
+    // Runs the ledger's relays or its consumer alone until every row has `wanted`.
+    let run_until = |relays: bool, wanted: Status| {
+        let (pool, catalog, config) = (pool.clone(), catalog.clone(), config.clone());
+        let brokers = broker.bootstrap_servers();
         async move {
-            for id in ids {
-                let row = T::DB::fetch(&pool, &"ledger_outbox".parse().unwrap(), id.0)
-                    .await
-                    .expect("fetch")?;
-                if row.status != wanted {
-                    return None;
-                }
-            }
-            Some(())
+            let runtime = OutboxRuntime::new(catalog, pool.clone(), KafkaConfig::new(brokers))
+                .config(config)
+                .services(["ledger"])
+                .relays(relays)
+                .consumers(!relays)
+                .start()
+                .await
+                .expect("runtime");
+            let table = "ledger_outbox".parse().unwrap();
+            eventually(
+                &format!("every row {wanted:?}"),
+                Duration::from_secs(60),
+                || async {
+                    for id in ids {
+                        let row = T::DB::fetch(&pool, &table, id.0).await.expect("fetch")?;
+                        if row.status != wanted {
+                            return None;
+                        }
+                    }
+                    Some(())
+                },
+            )
+            .await;
+            runtime.shutdown().await.expect("shutdown");
         }
     };
 
     // The relay alone: the rows become records in the topic, at their own versions.
-    let relays = OutboxRuntime::new(
-        catalog.clone(),
-        pool.clone(),
-        KafkaConfig::new(broker.bootstrap_servers()),
-    )
-    .config(config.clone())
-    .services(["ledger"])
-    .consumers(false)
-    .start()
-    .await
-    .expect("relay runtime");
-    eventually("the rows published", Duration::from_secs(60), || {
-        status_of_all(Status::Published)
-    })
-    .await;
-    relays.shutdown().await.expect("relay shutdown");
+    run_until(true, Status::Published).await;
     assert!(seen_with_prefix(&prefix).is_empty(), "no consumer ran yet");
-
     // The consumer: each record names its row, whose version decides the decoding.
-    let consumers = OutboxRuntime::new(
-        catalog.clone(),
-        pool.clone(),
-        KafkaConfig::new(broker.bootstrap_servers()),
-    )
-    .config(config)
-    .services(["ledger"])
-    .relays(false)
-    .start()
-    .await
-    .expect("consumer runtime");
-    eventually("the rows consumed", Duration::from_secs(60), || {
-        status_of_all(Status::Consumed)
-    })
-    .await;
-    consumers.shutdown().await.expect("consumer shutdown");
+    run_until(false, Status::Consumed).await;
 
     let seen = seen_with_prefix(&prefix);
     let amount = |cents, currency: &str| Amount {
