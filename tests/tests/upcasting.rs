@@ -4,17 +4,20 @@
 //! - rows written at v1 and v2 (and v3) sit in the table, the relay sends them to the
 //!   topic (the records carry the row's version), and only then does a consumer start:
 //!   the v3 handler receives each as a v3 value, converted step by step (v1 → v2 → v3),
-//!   and every row ends `consumed`;
+//!   and every row ends `consumed`; a forged record naming the v1 row as v3 changes
+//!   nothing (the row's version decides);
 //! - the generated decoder itself: each version, a version it does not know, a bad
 //!   payload (redacted);
 //! - the catalog exports the versions and rejects a broken chain registered by hand.
 //!
 //! Waiting is polling against a deadline, never a sleep used as synchronisation.
 
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use outbox_runtime::__private::{no_schema, EventRegistration, OlderVersion, ServiceRegistration};
+use outbox_runtime::envelope::Envelope;
 use outbox_runtime::schemars::JsonSchema;
 use outbox_runtime::{
     outbox_event, outbox_handler, outbox_service, Backend, Catalog, Event, HandlerContext,
@@ -23,6 +26,7 @@ use outbox_runtime::{
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::TestDatabase;
 use outbox_tests::e2e::{eventually, fresh_catalog, test_config};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 
 #[outbox_service]
@@ -167,8 +171,9 @@ async fn older_rows_and_records_reach_the_v3_handler<T: TestDatabase>() {
     ];
     tx.commit().await.unwrap();
 
-    // Runs the ledger's relays or its consumer alone until every row has `wanted`.
-    let run_until = |relays: bool, wanted: Status| {
+    // Runs the ledger's relays or its consumer alone until every row has `wanted` (and
+    // the consumer has turned away `forged` records).
+    let run_until = |relays: bool, wanted: Status, forged: u64| {
         let (pool, catalog, config) = (pool.clone(), catalog.clone(), config.clone());
         let brokers = broker.bootstrap_servers();
         async move {
@@ -191,7 +196,10 @@ async fn older_rows_and_records_reach_the_v3_handler<T: TestDatabase>() {
                             return None;
                         }
                     }
-                    Some(())
+                    let turned_away = runtime.consumer_stats("ledger").map_or(0, |s| {
+                        s.mismatched.load(Ordering::Relaxed) + s.duplicates.load(Ordering::Relaxed)
+                    });
+                    (turned_away >= forged).then_some(())
                 },
             )
             .await;
@@ -200,10 +208,43 @@ async fn older_rows_and_records_reach_the_v3_handler<T: TestDatabase>() {
     };
 
     // The relay alone: the rows become records in the topic, at their own versions.
-    run_until(true, Status::Published).await;
+    run_until(true, Status::Published, 0).await;
     assert!(seen_with_prefix(&prefix).is_empty(), "no consumer ran yet");
+
+    // A forged record for the v1 row, claiming v3 with a v3 payload: the row is the
+    // truth, so it changes nothing; the row is handled from its own v1 payload.
+    let v1_row = T::DB::fetch(&pool, &"ledger_outbox".parse().unwrap(), ids[0].0)
+        .await
+        .expect("fetch")
+        .expect("the v1 row");
+    let forged = Envelope {
+        event_id: ids[0],
+        service: "ledger".into(),
+        event_type: "entry.posted".into(),
+        version: 3,
+        key: None,
+        time: v1_row.created_at,
+        payload: Vec::new(),
+    };
+    let payload = format!(
+        r#"{{"entry":"{}","amount":{{"cents":1,"currency":"FORGED"}}}}"#,
+        entry("a-v1")
+    );
+    let producer: FutureProducer = broker.client_config().create().expect("producer");
+    let topic = catalog.route("ledger").unwrap().topic().to_string();
+    producer
+        .send(
+            FutureRecord::<(), _>::to(&topic)
+                .payload(&payload)
+                .headers(forged.headers()),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("producing the forged record");
+
     // The consumer: each record names its row, whose version decides the decoding.
-    run_until(false, Status::Consumed).await;
+    run_until(false, Status::Consumed, 1).await;
 
     let seen = seen_with_prefix(&prefix);
     let amount = |cents, currency: &str| Amount {
