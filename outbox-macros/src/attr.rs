@@ -106,6 +106,19 @@ pub fn parse_args(
     macro_name: &str,
     args: TokenStream,
     valid: &[&str],
+    each: impl FnMut(&Arg),
+) -> Vec<Arg> {
+    parse_args_with_lists(cx, macro_name, args, valid, &[], each)
+}
+
+/// [`parse_args`] where the keys of `lists` (key, example) take a list,
+/// `key(...)`, whose tokens reach `each` as an `Expr::Verbatim` value.
+pub fn parse_args_with_lists(
+    cx: &Ctxt,
+    macro_name: &str,
+    args: TokenStream,
+    valid: &[&str],
+    lists: &[(&str, &str)],
     mut each: impl FnMut(&Arg),
 ) -> Vec<Arg> {
     let metas = match Punctuated::<Meta, Token![,]>::parse_terminated.parse2(args) {
@@ -133,16 +146,28 @@ pub fn parse_args(
             cx.error_spanned_by(key, unknown_key_message(macro_name, &key_str, valid));
             continue;
         }
-        let value = match meta {
-            Meta::NameValue(nv) => nv.value,
-            Meta::Path(_) => {
+        let list_example = lists
+            .iter()
+            .find(|(k, _)| *k == key_str)
+            .map(|(_, example)| *example);
+        let value = match (meta, list_example) {
+            (Meta::List(list), Some(_)) => Expr::Verbatim(list.tokens),
+            (meta, Some(example)) => {
+                cx.error_spanned_by(
+                    &meta,
+                    format!("`{key_str}` takes a list: write `{key_str}({example})`"),
+                );
+                continue;
+            }
+            (Meta::NameValue(nv), None) => nv.value,
+            (Meta::Path(_), None) => {
                 cx.error_spanned_by(
                     key,
                     format!("`{key_str}` needs a value: write `{key_str} = ...`"),
                 );
                 continue;
             }
-            Meta::List(list) => {
+            (Meta::List(list), None) => {
                 cx.error_spanned_by(
                     &list,
                     format!("expected `{key_str} = ...`, not `{key_str}(...)`"),

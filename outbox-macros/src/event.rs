@@ -3,17 +3,20 @@
 //! the event.
 
 use proc_macro2::TokenStream;
-use quote::{quote, quote_spanned};
+use quote::{format_ident, quote, quote_spanned};
 use syn::ext::IdentExt;
+use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
-use syn::{Fields, Ident, Item, LitStr, Type};
+use syn::{Expr, Fields, Ident, Item, LitInt, LitStr, Token, Type};
 
 use crate::attr::{self, Ctxt, ServiceRef};
 use crate::names::{self, NameKind};
 use crate::service::item_keyword_span;
 
 const MACRO: &str = "outbox_event";
-const KEYS: &[&str] = &["service", "name", "version", "key", "max_retries"];
+const KEYS: &[&str] = &["service", "name", "version", "key", "max_retries", "upcast"];
+/// The keys that take a list, with an example for the error message.
+const LISTS: &[(&str, &str)] = &[("upcast", "1 = TaskCreatedV1, 2 = TaskCreatedV2")];
 
 /// A validated event declaration.
 struct Event<'a> {
@@ -23,6 +26,30 @@ struct Event<'a> {
     version: u32,
     max_retries: Option<u32>,
     key: Option<(Ident, &'a Type)>,
+    /// The older versions (`upcast(N = Type, ...)`), oldest first; empty unless the
+    /// chain is valid.
+    upcast: Vec<(u32, Type)>,
+}
+
+/// One `N = Type` of `upcast(...)`, as written.
+struct UpcastEntry {
+    version: LitInt,
+    ty: Type,
+}
+
+impl syn::parse::Parse for UpcastEntry {
+    fn parse(input: syn::parse::ParseStream) -> syn::Result<Self> {
+        let version = input.parse::<LitInt>().map_err(|e| {
+            syn::Error::new(
+                e.span(),
+                "expected `N = Type` in `upcast(...)`: the older version's number, then the \
+                 type its rows are read as, e.g. `upcast(1 = TaskCreatedV1, 2 = TaskCreatedV2)`",
+            )
+        })?;
+        input.parse::<Token![=]>()?;
+        let ty = input.parse::<Type>()?;
+        Ok(UpcastEntry { version, ty })
+    }
 }
 
 pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
@@ -44,7 +71,14 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
             // Still implement the traits when the type and its service are known, so
             // code using the event (publishers, handlers) does not fail too: the
             // mistake is reported once, here.
-            let fallback = event.map(|e| impl_event(&e)).unwrap_or_default();
+            // Without the upcast chain, whose types are checked only once the
+            // declaration is right.
+            let fallback = event
+                .map(|mut e| {
+                    e.upcast.clear();
+                    impl_event(&e)
+                })
+                .unwrap_or_default();
             let cfgs = attr::cfgs(&item);
             let mut out = attr::with_errors(input, err);
             out.extend(quote!(#cfgs const _: () = { #fallback };));
@@ -68,7 +102,8 @@ fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Event<'a
     let mut version = None;
     let mut max_retries = None;
     let mut key = None;
-    let args = attr::parse_args(cx, MACRO, args, KEYS, |arg| {
+    let mut upcast = None;
+    let args = attr::parse_args_with_lists(cx, MACRO, args, KEYS, LISTS, |arg| {
         let (k, v) = (&arg.key, &arg.value);
         match k.to_string().as_str() {
             "service" => {
@@ -82,6 +117,7 @@ fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Event<'a
             }
             "version" => version = attr::get_u32(cx, k, v, 1),
             "max_retries" => max_retries = attr::get_u32(cx, k, v, 0),
+            "upcast" => upcast = parse_upcast(cx, k, v),
             "key" => {
                 if let (Some(field), Some((ident, _, fields))) =
                     (attr::get_ident(cx, k, v, "task_id"), target)
@@ -155,6 +191,16 @@ fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Event<'a
             derived
         }
     };
+    let upcast = match (upcast, version) {
+        (Some((key, entries)), Some(current)) => check_chain(cx, &key, entries, current, true),
+        // `version` omitted: the current version is 1, below which nothing exists.
+        (Some((key, entries)), None) if !given("version") => {
+            check_chain(cx, &key, entries, 1, false)
+        }
+        // `version` given but wrong: already reported; the chain is not checked
+        // against a guess.
+        _ => Vec::new(),
+    };
     Some(Event {
         ident,
         service: service?,
@@ -162,7 +208,126 @@ fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Event<'a
         version: version.unwrap_or(1),
         max_retries,
         key,
+        upcast,
     })
+}
+
+/// `upcast(N = Type, ...)`: the entries, or errors for the malformed ones.
+fn parse_upcast(cx: &Ctxt, key: &Ident, value: &Expr) -> Option<(Ident, Vec<UpcastEntry>)> {
+    let Expr::Verbatim(tokens) = value else {
+        return None;
+    };
+    let parser = Punctuated::<UpcastEntry, Token![,]>::parse_terminated;
+    match syn::parse::Parser::parse2(parser, tokens.clone()) {
+        Ok(entries) if entries.is_empty() => {
+            cx.error_spanned_by(
+                key,
+                "`upcast()` is empty: list the older versions, e.g. \
+                 `upcast(1 = TaskCreatedV1)`, or drop it",
+            );
+            None
+        }
+        Ok(entries) => Some((key.clone(), entries.into_iter().collect())),
+        Err(err) => {
+            cx.syn_error(err);
+            None
+        }
+    }
+}
+
+/// Checks the chain against the current version: each older version below it, none
+/// twice, no gap up to `current - 1`. One error per mistake; the valid chain, oldest
+/// first, when there is none.
+fn check_chain(
+    cx: &Ctxt,
+    key: &Ident,
+    entries: Vec<UpcastEntry>,
+    current: u32,
+    version_given: bool,
+) -> Vec<(u32, Type)> {
+    let mut chain: Vec<(u32, Type)> = Vec::new();
+    let mut ok = true;
+    for entry in entries {
+        let lit = &entry.version;
+        let version = match lit.base10_parse::<u32>() {
+            Ok(0) => {
+                cx.error_spanned_by(lit, "versions start at 1: an older version is at least 1");
+                ok = false;
+                continue;
+            }
+            Ok(n) if lit.suffix().is_empty() || lit.suffix() == "u32" => n,
+            _ => {
+                cx.error_spanned_by(
+                    lit,
+                    format!(
+                        "an older version is an integer from 1 to {}",
+                        current.max(2) - 1
+                    ),
+                );
+                ok = false;
+                continue;
+            }
+        };
+        if version >= current {
+            let fix = if version_given {
+                match current {
+                    2 => "the only older version is 1".to_owned(),
+                    _ => format!("older versions go from 1 to {}", current - 1),
+                }
+            } else {
+                "give the type its own version with `version = N` (older versions are below \
+                 it)"
+                .to_owned()
+            };
+            cx.error_spanned_by(
+                lit,
+                format!(
+                    "`upcast` lists version {version}, but the current version of this type \
+                     is {current}: an older version must be below it; {fix}"
+                ),
+            );
+            ok = false;
+            continue;
+        }
+        if chain.iter().any(|(v, _)| *v == version) {
+            cx.error_spanned_by(
+                lit,
+                format!(
+                    "version {version} is listed twice in `upcast`: each older version has \
+                     one type"
+                ),
+            );
+            ok = false;
+            continue;
+        }
+        chain.push((version, entry.ty));
+    }
+    chain.sort_by_key(|(v, _)| *v);
+    if let Some(&(oldest, _)) = chain.first() {
+        let missing: Vec<String> = (oldest..current)
+            .filter(|v| !chain.iter().any(|(have, _)| have == v))
+            .map(|v| v.to_string())
+            .collect();
+        if !missing.is_empty() {
+            cx.error_spanned_by(
+                key,
+                format!(
+                    "the upcast chain has a gap: no type for version {} (the chain runs from \
+                     version {oldest} to the current {current}, each version converting into \
+                     the next); add `{} = TypeV{}` or drop the versions below it",
+                    missing.join(", "),
+                    missing[0],
+                    missing[0]
+                ),
+            );
+            ok = false;
+        }
+    }
+    if ok {
+        chain
+    } else {
+        Vec::new()
+    }
 }
 
 fn event_name(cx: &Ctxt, lit: &LitStr, ident: Option<&Ident>) -> Option<String> {
@@ -255,6 +420,7 @@ fn impl_event(event: &Event) -> TokenStream {
         version,
         max_retries,
         key,
+        upcast,
     } = event;
     let private = quote!(::outbox_runtime::__private);
     let service_ty = &service.ty;
@@ -278,6 +444,7 @@ fn impl_event(event: &Event) -> TokenStream {
         None => quote!(::core::option::Option::None),
     };
     let guard_service = quote!(for<'__guard> #service_ty: #private::Service);
+    let decode = decode_fn(ident, *version, upcast);
     quote! {
         #[automatically_derived]
         impl #private::Event for #ident
@@ -291,6 +458,7 @@ fn impl_event(event: &Event) -> TokenStream {
             fn key(&self) -> ::core::option::Option<::std::string::String> {
                 #key_body
             }
+            #decode
         }
 
         #[automatically_derived]
@@ -311,6 +479,69 @@ fn impl_event(event: &Event) -> TokenStream {
     }
 }
 
+/// `Event::decode` for a type with an upcast chain (none without: the trait's default
+/// reads every version up to the current one as the current type). Each older type is
+/// read as itself, then converted step by step; the calls that need `DeserializeOwned`
+/// and `Into<next>` are spanned at the older type and written once each, so a missing
+/// impl is one error, there.
+fn decode_fn(ident: &Ident, current: u32, chain: &[(u32, Type)]) -> TokenStream {
+    if chain.is_empty() {
+        return TokenStream::new();
+    }
+    let private = quote!(::outbox_runtime::__private);
+    let step = |i: usize| format_ident!("__outbox_upcast_v{}", chain[i].0);
+    let mut steps = TokenStream::new();
+    let mut arms = TokenStream::new();
+    for (i, (v, ty)) in chain.iter().enumerate() {
+        let span = attr::at(ty.span());
+        let this = step(i);
+        let next_ty = match chain.get(i + 1) {
+            Some((_, next)) => quote!(#next),
+            None => quote!(#ident),
+        };
+        let convert = quote_spanned!(span=> #private::upcast::<#ty, #next_ty>(old));
+        let body = match chain.get(i + 1) {
+            Some(_) => {
+                let next = step(i + 1);
+                quote!(#next(#convert))
+            }
+            None => convert,
+        };
+        steps.extend(quote! {
+            fn #this(old: #ty) -> #ident {
+                #body
+            }
+        });
+        let read = quote_spanned!(span=> #private::decode_version::<#ty>);
+        arms.extend(quote! {
+            #v => #read(<Self as #private::Event>::EVENT_TYPE, version, payload).map(#this),
+        });
+    }
+    let known = chain.iter().map(|(v, _)| v);
+    quote! {
+        fn decode(
+            version: u32,
+            payload: &[u8],
+        ) -> ::core::result::Result<Self, #private::DecodeError> {
+            #steps
+            match version {
+                #current => #private::decode_version::<Self>(
+                    <Self as #private::Event>::EVENT_TYPE,
+                    version,
+                    payload,
+                ),
+                #arms
+                _ => ::core::result::Result::Err(#private::DecodeError::unknown_version(
+                    <Self as #private::Event>::EVENT_TYPE,
+                    version,
+                    &[#(#known),*],
+                    #current,
+                )),
+            }
+        }
+    }
+}
+
 fn option_u32(value: Option<u32>) -> TokenStream {
     match value {
         Some(n) => quote!(::core::option::Option::Some(#n)),
@@ -327,6 +558,7 @@ fn generate(event: &Event) -> TokenStream {
         version,
         max_retries,
         key,
+        upcast,
     } = event;
     let private = quote!(::outbox_runtime::__private);
     let service_ty = &service.ty;
@@ -349,6 +581,29 @@ fn generate(event: &Event) -> TokenStream {
         <#service_ty as ::outbox_runtime::__private::Service>::TABLE
     };
     let impls = impl_event(event);
+    let schema_of = |ty: TokenStream, fn_name: &Ident| {
+        quote! {
+            fn #fn_name() -> ::core::option::Option<#private::serde_json::Value> {
+                #[allow(unused_imports)]
+                use #private::{HasSchema as _, NoSchema as _};
+                (&#private::SchemaProbe::<#ty>::new()).schema()
+            }
+        }
+    };
+    let mut schemas = schema_of(quote!(#ident), &format_ident!("__outbox_schema"));
+    let mut older = Vec::new();
+    for (v, ty) in upcast {
+        let fn_name = format_ident!("__outbox_schema_v{}", v);
+        schemas.extend(schema_of(quote!(#ty), &fn_name));
+        let ty_name = attr::pretty(ty);
+        older.push(quote! {
+            #private::OlderVersion {
+                version: #v,
+                rust_type: ::core::concat!(::core::module_path!(), "::", #ty_name),
+                schema: #fn_name,
+            }
+        });
+    }
     quote! {
         #[doc(hidden)]
         const _: () = {
@@ -359,6 +614,7 @@ fn generate(event: &Event) -> TokenStream {
             #name_assertion
 
             #impls
+            #schemas
 
             // Written out rather than `EventRegistration::of::<T>()`, which would
             // require `T: Event` and repeat the errors of the assertions above.
@@ -371,6 +627,8 @@ fn generate(event: &Event) -> TokenStream {
                     max_retries: #max_retries,
                     key_field: #key_field,
                     rust_type: ::core::concat!(::core::module_path!(), "::", #rust_type),
+                    older_versions: &[#(#older),*],
+                    schema: __outbox_schema,
                 }
             }
         };
@@ -456,6 +714,67 @@ mod tests {
         );
         assert_eq!(out.matches("compile_error").count(), 4, "{out}");
         assert!(!out.contains("inventory"), "{out}");
+    }
+
+    #[test]
+    fn an_upcast_chain_reaches_the_decoder_and_the_registration() {
+        let out = normalized(expand(
+            quote!(service = Task, version = 3, upcast(2 = V2, 1 = old::V1)),
+            quote!(
+                pub struct TaskCreated {
+                    pub id: String,
+                }
+            ),
+        ));
+        assert!(!out.contains("compile_error"), "{out}");
+        // Oldest first, each step once: V1 -> V2 -> TaskCreated.
+        assert!(
+            out.contains("fn__outbox_upcast_v1(old:old::V1)->TaskCreated{__outbox_upcast_v2("),
+            "{out}"
+        );
+        assert!(
+            out.contains("fn__outbox_upcast_v2(old:V2)->TaskCreated{"),
+            "{out}"
+        );
+        assert!(out.contains("&[1u32,2u32],3u32"), "{out}");
+        assert!(
+            out.contains(r#""::","old::V1"),schema:__outbox_schema_v1"#),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn each_chain_mistake_is_one_error() {
+        let errors = |args: proc_macro2::TokenStream| {
+            let out = expand(
+                args,
+                quote!(
+                    pub struct E {
+                        pub id: String,
+                    }
+                ),
+            );
+            normalized(out).matches("compile_error").count()
+        };
+        // A gap (2), a duplicate (1), a version not below the current one (4).
+        assert_eq!(
+            errors(quote!(
+                service = Task,
+                version = 4,
+                upcast(1 = A, 3 = C, 1 = B, 4 = D)
+            )),
+            3
+        );
+        // `version` itself wrong: reported once, the chain not checked against a guess.
+        assert_eq!(
+            errors(quote!(service = Task, version = 0, upcast(1 = A))),
+            1
+        );
+        assert_eq!(errors(quote!(service = Task, upcast(0 = A))), 1);
+        assert_eq!(
+            errors(quote!(service = Task, version = 2, upcast(1 = A))),
+            0
+        );
     }
 
     #[test]

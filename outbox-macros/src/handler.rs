@@ -343,7 +343,7 @@ fn generate(handler: &Handler) -> TokenStream {
     };
     let body = quote! {
         ::std::boxed::Box::pin(async move {
-            let event = match #private::decode_payload::<#event>(payload) {
+            let event = match #private::decode_payload::<#event>(version, payload) {
                 ::core::result::Result::Ok(event) => event,
                 ::core::result::Result::Err(err) => return ::core::result::Result::Err(err),
             };
@@ -359,6 +359,7 @@ fn generate(handler: &Handler) -> TokenStream {
         Db::Concrete(db) => quote! {
             fn __outbox_glue<'a>(
                 ctx: &'a mut #private::HandlerContext<#db>,
+                version: u32,
                 payload: &'a [u8],
             ) -> #ret {
                 #body
@@ -372,6 +373,7 @@ fn generate(handler: &Handler) -> TokenStream {
             impl #private::GenericHandler for __OutboxHandler {
                 fn call<'a, #param: ::outbox_runtime::Backend>(
                     ctx: &'a mut #private::HandlerContext<#param>,
+                    version: u32,
                     payload: &'a [u8],
                 ) -> #ret {
                     #body

@@ -95,7 +95,12 @@ pub fn outbox_service(args: TokenStream, input: TokenStream) -> TokenStream {
 ///   of one key (structs with named fields; the field's type must implement
 ///   `outbox_runtime::EventKey`: strings, integers, UUIDs, `Option`s of them);
 /// - `max_retries = N`: retries before the event goes dead, overriding the runtime
-///   default.
+///   default;
+/// - `upcast(1 = TaskCreatedV1, 2 = TaskCreatedV2)`: the older versions the consumer
+///   still decodes, each a plain serde type read from rows of that version and converted
+///   into the next version (`From<TaskCreatedV1> for TaskCreatedV2`, ...,
+///   `From<TaskCreatedV2> for TaskCreated`); every version below `version`, none twice,
+///   no gap up to `version - 1` (README, "Evolving an event").
 ///
 /// Events must be `'static` and non-generic. Implements `outbox_runtime::Event`, and
 /// the proofs that the event is published through and handled by its own service

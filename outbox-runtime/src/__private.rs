@@ -7,7 +7,10 @@ pub use serde;
 pub use serde_json;
 
 pub use crate::backend::Backend;
-pub use crate::event::{Event, EventKey, EventRegistration, HandledBy, PublishedThrough};
+pub use crate::event::{
+    decode_version, no_schema, upcast, DecodeError, Event, EventKey, EventRegistration, HandledBy,
+    OlderVersion, PublishedThrough,
+};
 pub use crate::handler::{
     decode_payload, ConcreteHandler, GenericHandler, GenericHandlerFactory, HandlerContext,
     HandlerError, HandlerFactory, HandlerFn, HandlerRegistration, HandlerResult,
@@ -23,3 +26,44 @@ pub const fn assert_serde<T: serde::Serialize + for<'de> serde::Deserialize<'de>
 pub fn assert_send<F: Send>(f: F) -> F {
     f
 }
+
+/// Autoref specialization for the catalog's schemas: `(&SchemaProbe::<T>::new()).schema()`
+/// with both traits in scope calls [`HasSchema`] when `T: JsonSchema` (feature
+/// `schema`), else [`NoSchema`], so no event type has to implement `JsonSchema`.
+pub struct SchemaProbe<T>(core::marker::PhantomData<fn() -> T>);
+
+impl<T> SchemaProbe<T> {
+    /// The probe (generated code only names it with a concrete `T`).
+    pub const fn new() -> Self {
+        SchemaProbe(core::marker::PhantomData)
+    }
+}
+
+impl<T> Default for SchemaProbe<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The schema of a type that implements `JsonSchema`.
+pub trait HasSchema {
+    /// The JSON schema.
+    fn schema(&self) -> Option<serde_json::Value>;
+}
+
+#[cfg(feature = "schema")]
+impl<T: schemars::JsonSchema> HasSchema for SchemaProbe<T> {
+    fn schema(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(schemars::schema_for!(T)).ok()
+    }
+}
+
+/// No schema: the type does not implement `JsonSchema`, or the feature is off.
+pub trait NoSchema {
+    /// `None`.
+    fn schema(&self) -> Option<serde_json::Value> {
+        None
+    }
+}
+
+impl<T> NoSchema for &SchemaProbe<T> {}

@@ -36,6 +36,21 @@ pub struct EventInfo {
     pub key_field: Option<String>,
     /// Where the type is declared.
     pub rust_type: String,
+    /// Every version the consumer decodes, oldest first, the current one last: the
+    /// older ones come from the type's `upcast(...)` chain.
+    pub versions: Vec<VersionInfo>,
+}
+
+/// One schema version of an event type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VersionInfo {
+    /// The schema version.
+    pub version: u32,
+    /// The Rust type payloads of this version are read as.
+    pub rust_type: String,
+    /// Its JSON schema, when the type implements `JsonSchema` (feature `schema`);
+    /// `null` in the export otherwise.
+    pub schema: Option<serde_json::Value>,
 }
 
 /// One handler in the catalog.
@@ -181,7 +196,9 @@ impl Catalog {
     }
 
     /// The whole catalog as JSON (for docs and CI diffs): services with their table,
-    /// topic and group; events with version, key and owner; handlers.
+    /// topic and group; events with version, key, owner and every version they decode
+    /// (`versions: [{version, rust_type, schema}]`, what [`crate::compat::check`]
+    /// compares); handlers.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "services": self.inner.routes.values().collect::<Vec<_>>(),
@@ -468,6 +485,12 @@ impl CatalogBuilder {
             if let Err(why) = check_name(NameKind::EventType, e.event_type) {
                 problems.insert(format!("event `{}`: {}", e.rust_type, why));
             }
+            if let Some(why) = chain_problem(e) {
+                problems.insert(format!(
+                    "event type `{}` (`{}`): {why}",
+                    e.event_type, e.rust_type
+                ));
+            }
             match routes.get(e.service) {
                 None if invalid.contains(e.service) => {}
                 None => {
@@ -487,6 +510,20 @@ impl CatalogBuilder {
                     max_retries: e.max_retries,
                     key_field: e.key_field.map(str::to_owned),
                     rust_type: e.rust_type.to_owned(),
+                    versions: e
+                        .older_versions
+                        .iter()
+                        .map(|o| VersionInfo {
+                            version: o.version,
+                            rust_type: o.rust_type.to_owned(),
+                            schema: (o.schema)(),
+                        })
+                        .chain(std::iter::once(VersionInfo {
+                            version: e.version,
+                            rust_type: e.rust_type.to_owned(),
+                            schema: (e.schema)(),
+                        }))
+                        .collect(),
                 },
             );
         }
@@ -547,4 +584,39 @@ impl CatalogBuilder {
             }),
         })
     }
+}
+
+/// What is wrong with an event's upcast chain, if anything: every older version below
+/// the current one, none twice, and no gap up to the current one (each converts into
+/// the next).
+fn chain_problem(e: &EventRegistration) -> Option<String> {
+    if e.older_versions.is_empty() {
+        return None;
+    }
+    let mut why = Vec::new();
+    let mut seen = BTreeSet::new();
+    for o in e.older_versions {
+        if o.version >= e.version {
+            why.push(format!(
+                "older version {} (`{}`) is not below the current version {}",
+                o.version, o.rust_type, e.version
+            ));
+        } else if !seen.insert(o.version) {
+            why.push(format!("older version {} is declared twice", o.version));
+        }
+    }
+    if let Some(&oldest) = seen.first() {
+        let missing: Vec<String> = (oldest..e.version)
+            .filter(|v| !seen.contains(v))
+            .map(|v| v.to_string())
+            .collect();
+        if !missing.is_empty() {
+            why.push(format!(
+                "the upcast chain from version {oldest} to {} has a gap: no type for version(s) {}",
+                e.version,
+                missing.join(", ")
+            ));
+        }
+    }
+    (!why.is_empty()).then(|| why.join("; "))
 }

@@ -32,6 +32,110 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The Kafka message key that orders events (`key = field`), if any. `publish`
     /// trims surrounding whitespace and treats an empty key as none.
     fn key(&self) -> Option<String>;
+
+    /// Decodes a payload written at schema `version` into the current type.
+    ///
+    /// Without `upcast(...)` (the default), any version up to [`VERSION`](Self::VERSION)
+    /// is read as the current type. With `#[outbox_event(version = 3, upcast(1 = V1,
+    /// 2 = V2))]` the generated decoder reads a version of the chain as its own type and
+    /// converts it step by step (`V1` → `V2` → current, through `Into`); a version
+    /// below the chain's oldest or above the current one is an error naming the
+    /// versions the type knows. Error messages never carry payload values.
+    fn decode(version: u32, payload: &[u8]) -> Result<Self, DecodeError>
+    where
+        Self: Sized,
+    {
+        if version > Self::VERSION {
+            return Err(DecodeError::unknown_version(
+                Self::EVENT_TYPE,
+                version,
+                &[],
+                Self::VERSION,
+            ));
+        }
+        decode_version::<Self>(Self::EVENT_TYPE, version, payload)
+    }
+}
+
+/// A payload that cannot become the current event type: not valid for the type of its
+/// version, or of a version the type does not know. The message names the event type
+/// and version, and carries serde's error without payload values (`redact.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError {
+    message: String,
+}
+
+impl DecodeError {
+    /// A version this type cannot decode: `known` are the older versions of its
+    /// upcast chain (oldest first), `current` its own.
+    pub fn unknown_version(event_type: &str, version: u32, known: &[u32], current: u32) -> Self {
+        let known = known
+            .iter()
+            .chain(std::iter::once(&current))
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let why = if version > current {
+            "newer than the handler's type"
+        } else {
+            "older than every version the type declares (no upcaster for it)"
+        };
+        DecodeError {
+            message: format!(
+                "event type `{event_type}` has no decoder for schema version {version}: \
+                 {why}; it decodes versions {known}"
+            ),
+        }
+    }
+
+    /// What went wrong (what ends up in `last_error`).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Reads a payload of schema `version` as `T` (the current type, or an older
+/// version's type); serde's error is redacted.
+pub fn decode_version<T: DeserializeOwned>(
+    event_type: &str,
+    version: u32,
+    payload: &[u8],
+) -> Result<T, DecodeError> {
+    serde_json::from_slice(payload).map_err(|e| DecodeError {
+        message: format!(
+            "undecodable payload for event type `{event_type}` v{version}: {}",
+            crate::redact::redact_json_error(&e)
+        ),
+    })
+}
+
+/// One step of an upcast chain: an older version's value into the next version.
+/// Generated code calls it spanned at the older type, so a missing `From` impl is
+/// reported there, as rustc's "the trait `From<V1>` is not implemented for `V2`"
+/// (a trait of ours with its own message would only add a note: rustc reports the
+/// unmet `From`).
+pub fn upcast<Old: Into<Next>, Next>(old: Old) -> Next {
+    old.into()
+}
+
+/// An older version an event type still decodes (`upcast(N = Type)`), as registered.
+#[derive(Debug, Clone, Copy)]
+pub struct OlderVersion {
+    /// The schema version.
+    pub version: u32,
+    /// The Rust type rows of this version are read as.
+    pub rust_type: &'static str,
+    /// The JSON schema of that type, when it implements `JsonSchema` (feature
+    /// `schema`).
+    pub schema: fn() -> Option<serde_json::Value>,
 }
 
 /// Proof that an event may be published through the outbox of service `S`, that is,
@@ -108,10 +212,21 @@ pub struct EventRegistration {
     pub key_field: Option<&'static str>,
     /// Where the type is declared (`crate::module::Type`).
     pub rust_type: &'static str,
+    /// The older versions the type decodes (its `upcast(...)` chain), oldest first.
+    pub older_versions: &'static [OlderVersion],
+    /// The JSON schema of the current type, when it implements `JsonSchema` (feature
+    /// `schema`).
+    pub schema: fn() -> Option<serde_json::Value>,
+}
+
+/// For registrations without a known schema.
+pub fn no_schema() -> Option<serde_json::Value> {
+    None
 }
 
 impl EventRegistration {
-    /// The registration of `E`; `rust_type` names its declaration, `key_field` its key.
+    /// The registration of `E` without older versions or schema; `rust_type` names its
+    /// declaration, `key_field` its key.
     pub const fn of<E: Event>(rust_type: &'static str, key_field: Option<&'static str>) -> Self {
         EventRegistration {
             event_type: E::EVENT_TYPE,
@@ -121,6 +236,8 @@ impl EventRegistration {
             max_retries: E::MAX_RETRIES,
             key_field,
             rust_type,
+            older_versions: &[],
+            schema: no_schema,
         }
     }
 }

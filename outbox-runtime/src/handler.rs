@@ -219,9 +219,14 @@ impl<E: Into<HandlerError>> HandlerResult for Result<(), E> {
     }
 }
 
-/// A type-erased handler for backend `DB`: decodes the payload and runs the user's fn.
-pub type HandlerFn<DB> =
-    for<'a> fn(&'a mut HandlerContext<DB>, &'a [u8]) -> BoxFuture<'a, Result<(), HandlerError>>;
+/// A type-erased handler for backend `DB`: decodes the payload, written at the given
+/// schema version (the row's), into the current event type ([`Event::decode`]) and runs
+/// the user's fn.
+pub type HandlerFn<DB> = for<'a> fn(
+    &'a mut HandlerContext<DB>,
+    u32,
+    &'a [u8],
+) -> BoxFuture<'a, Result<(), HandlerError>>;
 
 /// Hands out the [`HandlerFn`] of a registered handler for the backend the consumer
 /// runs on. Generated code implements it through [`ConcreteHandler`] or
@@ -250,9 +255,10 @@ impl<DB: Backend> HandlerFactory for ConcreteHandler<DB> {
 /// A handler generic over the backend: `#[outbox_handler]` on
 /// `async fn h<DB: Backend>(ctx: &mut HandlerContext<DB>, event: E)` implements this.
 pub trait GenericHandler: Send + Sync + 'static {
-    /// Decodes the payload and runs the handler on backend `DB`.
+    /// Decodes the payload (of schema `version`) and runs the handler on backend `DB`.
     fn call<'a, DB: Backend>(
         ctx: &'a mut HandlerContext<DB>,
+        version: u32,
         payload: &'a [u8],
     ) -> BoxFuture<'a, Result<(), HandlerError>>;
 }
@@ -341,16 +347,10 @@ impl fmt::Debug for HandlerRegistration {
 
 inventory::collect!(HandlerRegistration);
 
-/// Decodes a payload into the handler's event type; a failure is
-/// [`FailureKind::Undecodable`] (the event goes dead at once with serde's error,
-/// redacted: where and why, never the values).
-pub fn decode_payload<E: Event>(payload: &[u8]) -> Result<E, HandlerError> {
-    serde_json::from_slice(payload).map_err(|e| {
-        HandlerError::undecodable(format!(
-            "undecodable payload for event type `{}` v{}: {}",
-            E::EVENT_TYPE,
-            E::VERSION,
-            crate::redact::redact_json_error(&e)
-        ))
-    })
+/// Decodes a payload of schema `version` into the handler's event type, upcasting an
+/// older version ([`Event::decode`]); a failure is [`FailureKind::Undecodable`] (the
+/// event goes dead at once with serde's error, redacted: where and why, never the
+/// values).
+pub fn decode_payload<E: Event>(version: u32, payload: &[u8]) -> Result<E, HandlerError> {
+    E::decode(version, payload).map_err(|e| HandlerError::undecodable(e.message()))
 }

@@ -89,6 +89,7 @@ mod admin;
 #[doc(hidden)]
 pub mod backend;
 mod catalog;
+pub mod compat;
 mod config;
 #[cfg(feature = "kafka")]
 mod consumer;
@@ -141,12 +142,12 @@ pub mod sqlite {
 
 pub use admin::Admin;
 pub use backend::{Backend, OutboxRow, SqlValue, Status, StatusCounts, WaitingCount};
-pub use catalog::{Catalog, CatalogBuilder, CatalogError};
+pub use catalog::{Catalog, CatalogBuilder, CatalogError, EventInfo, VersionInfo};
 pub use config::{OutboxConfig, Retention, Waiting};
 #[cfg(feature = "kafka")]
 pub use consumer::ConsumerStats;
 pub use error::{Error, Result};
-pub use event::{Event, EventId, EventKey};
+pub use event::{DecodeError, Event, EventId, EventKey};
 pub use handler::{EventMeta, FailureKind, HandlerContext, HandlerError};
 #[cfg(feature = "kafka")]
 pub use kafka::{KafkaConfig, OnUnreachableBroker, TopicSettings};
@@ -162,6 +163,12 @@ pub use runtime::{migrate, OutboxRuntime, RuntimeHandle};
 /// reported with a path the user's crate can name.
 pub use serde;
 pub use service::Service;
+
+/// schemars, for `#[derive(JsonSchema)]` on events whose schema the catalog exports
+/// (feature `schema`); derive with `#[schemars(crate = "outbox_runtime::schemars")]`
+/// unless your crate depends on the same schemars itself.
+#[cfg(feature = "schema")]
+pub use schemars;
 
 /// The sqlx this crate is built with: use `outbox_runtime::sqlx` for your own queries,
 /// pools and transactions, so your crate never pins a second, incompatible sqlx.

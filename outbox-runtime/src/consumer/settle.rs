@@ -287,7 +287,7 @@ impl<DB: Backend> Consumer<DB> {
             key: row.key.clone(),
             attempt: u32::try_from(row.attempts).unwrap_or(0) + 1,
         });
-        let result = AssertUnwindSafe((handler.call)(work, row.payload.as_bytes()))
+        let result = AssertUnwindSafe((handler.call)(work, version, row.payload.as_bytes()))
             .catch_unwind()
             .await;
         let (kind, error) = match result {

@@ -16,11 +16,46 @@ pub struct TaskCreated {
     pub title: String,
 }
 
-#[outbox_event(service = Task, name = "task.renamed", version = 3, max_retries = 5, key = task_id)]
+#[outbox_event(service = Task, name = "task.renamed", version = 3, max_retries = 5, key = task_id,
+    upcast(1 = old::TaskRenamedV1, 2 = old::TaskRenamedV2))]
 #[derive(Serialize, Deserialize)]
 pub struct TaskRenamed {
     pub task_id: u64,
     pub title: String,
+}
+
+// The older versions of `task.renamed`, each converting into the next; paths work.
+mod old {
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    pub struct TaskRenamedV1 {
+        pub task_id: u64,
+    }
+
+    #[derive(Deserialize)]
+    pub struct TaskRenamedV2 {
+        pub task_id: u64,
+        pub name: String,
+    }
+
+    impl From<TaskRenamedV1> for TaskRenamedV2 {
+        fn from(v1: TaskRenamedV1) -> Self {
+            TaskRenamedV2 {
+                task_id: v1.task_id,
+                name: String::new(),
+            }
+        }
+    }
+
+    impl From<TaskRenamedV2> for super::TaskRenamed {
+        fn from(v2: TaskRenamedV2) -> Self {
+            super::TaskRenamed {
+                task_id: v2.task_id,
+                title: v2.name,
+            }
+        }
+    }
 }
 
 // An optional key: `None` publishes without a key.
@@ -97,6 +132,25 @@ fn main() {
     );
     assert_eq!((r.max_retries, r.key_field), (Some(5), Some("task_id")));
     assert_eq!(r.rust_type, format!("{}::TaskRenamed", module_path!()));
+    let older: Vec<(u32, String)> = r
+        .older_versions
+        .iter()
+        .map(|o| (o.version, o.rust_type.to_owned()))
+        .collect();
+    assert_eq!(
+        older,
+        [
+            (1, format!("{}::old::TaskRenamedV1", module_path!())),
+            (2, format!("{}::old::TaskRenamedV2", module_path!())),
+        ]
+    );
+    let from_v1 = TaskRenamed::decode(1, br#"{"task_id":9}"#).unwrap();
+    assert_eq!((from_v1.task_id, from_v1.title.as_str()), (9, ""));
+    let from_v2 = TaskRenamed::decode(2, br#"{"task_id":9,"name":"n"}"#).unwrap();
+    assert_eq!(from_v2.title, "n");
+    // Without a chain, every version up to the current one reads as the current type.
+    assert!(TaskCreated::decode(1, br#"{"task_id":"t","title":"x"}"#).is_ok());
+    assert!(TaskCreated::decode(2, br#"{"task_id":"t","title":"x"}"#).is_err());
     let r = find("TaskTyped");
     assert_eq!(r.key_field, Some("type"));
     let r = find("agent.state");
