@@ -84,11 +84,8 @@ mod tests {
         let b = Backoff::default();
         let mut gaps = Vec::new();
         let mut attempts = 0;
-        loop {
-            match decide(attempts, 20, &b) {
-                Decision::RetryAfter(d) => gaps.push(d.as_secs()),
-                Decision::Dead => break,
-            }
+        while let Decision::RetryAfter(d) = decide(attempts, 20, &b) {
+            gaps.push(d.as_secs());
             attempts += 1;
         }
         // Dead at the 20th failure: 19 gaps between 20 attempts.

@@ -332,7 +332,7 @@ async fn default_retry_schedule<DB: TestBackend>(pool: Pool<DB>) {
 
     let expected: Vec<i64> = [1, 2, 4, 8, 16]
         .into_iter()
-        .chain(std::iter::repeat(32).take(14))
+        .chain(std::iter::repeat_n(32, 14))
         .map(|s| s * 1000)
         .collect();
     for (i, (got, want)) in gaps.iter().zip(&expected).enumerate() {

@@ -61,7 +61,7 @@ impl Release for V2 {
         n: u32,
     ) -> BoxFuture<'a, outbox_runtime::Result<EventId>> {
         async move {
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 tx.publish(&Noted {
                     account: key,
                     n,
