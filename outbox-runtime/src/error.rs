@@ -167,6 +167,16 @@ pub enum Error {
 }
 
 impl Error {
+    #[cfg(feature = "kafka")]
+    /// Which side an error came from, for health: the broker for Kafka errors, the
+    /// database for everything else a relay or consumer meets.
+    pub(crate) fn side(&self) -> crate::health::Side {
+        match self {
+            Error::Kafka { .. } => crate::health::Side::Broker,
+            _ => crate::health::Side::Database,
+        }
+    }
+
     /// A database error with context.
     pub fn db(context: impl Into<String>, source: sqlx::Error) -> Self {
         Error::Database {

@@ -99,6 +99,8 @@ mod error;
 mod event;
 mod handler;
 #[cfg(feature = "kafka")]
+mod health;
+#[cfg(feature = "kafka")]
 mod kafka;
 /// The name grammar (the `outbox-names` crate, which the macros share).
 pub use outbox_names as names;
@@ -149,6 +151,8 @@ pub use consumer::ConsumerStats;
 pub use error::{Error, Result};
 pub use event::{DecodeError, Event, EventId, EventKey};
 pub use handler::{EventMeta, FailureKind, HandlerContext, HandlerError};
+#[cfg(feature = "kafka")]
+pub use health::{ComponentHealth, Health, Problem, Role, Side};
 #[cfg(feature = "kafka")]
 pub use kafka::{KafkaConfig, OnUnreachableBroker, TopicSettings};
 pub use outbox::{Outbox, OutboxTx, PublishOptions, RawEvent};

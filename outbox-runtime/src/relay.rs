@@ -55,6 +55,7 @@ use crate::config::OutboxConfig;
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::event::EventId;
+use crate::health::Side;
 use crate::kafka::{ClientLog, KafkaConfig, Producers};
 use crate::retry::Backoff;
 use crate::runtime::ShutdownSignal;
@@ -110,6 +111,7 @@ pub struct Relay<DB: Backend> {
     producers: Arc<Producers>,
     config: Arc<OutboxConfig>,
     stats: Arc<RelayStats>,
+    beat: Arc<crate::health::Beat>,
     consecutive_failures: AtomicU32,
     claim: Mutex<ClaimState>,
     /// Highest offset acknowledged per partition of the route's topic.
@@ -233,6 +235,7 @@ impl<DB: Backend> Relay<DB> {
             producers,
             config,
             stats: Arc::new(RelayStats::default()),
+            beat: Arc::default(),
             consecutive_failures: AtomicU32::new(0),
             claim: Mutex::new(ClaimState::default()),
             high_water: Mutex::new(HashMap::new()),
@@ -242,6 +245,10 @@ impl<DB: Backend> Relay<DB> {
     /// The relay's counters.
     pub fn stats(&self) -> Arc<RelayStats> {
         self.stats.clone()
+    }
+    /// What it last did, for [`crate::RuntimeHandle::health`].
+    pub(crate) fn beat(&self) -> Arc<crate::health::Beat> {
+        self.beat.clone()
     }
 
     /// One claim → produce → mark round. Returns what it did; `claimed == 0` means
@@ -654,6 +661,7 @@ impl<DB: Backend> Relay<DB> {
     /// the future instead (cancelling it) is safe too but may leave a round's rows
     /// leased: they are relayed again after the lease, possibly a second time.
     pub async fn run(self, mut shutdown: ShutdownSignal) -> Result<()> {
+        let _running = self.beat.running();
         let route = self.route.clone();
         let wakeups = wakeup::Wakeups::new(
             route.table(),
@@ -703,6 +711,7 @@ impl<DB: Backend> Relay<DB> {
                 };
                 match probe {
                     Ok(()) => {
+                        self.beat.broker_ok();
                         if probe_failures > 0 {
                             tracing::info!(service = %route.service(), failed_probes = probe_failures,
                                 "the broker answers again; relaying");
@@ -714,6 +723,7 @@ impl<DB: Backend> Relay<DB> {
                         probe_failures = 0;
                     }
                     Err(why) => {
+                        self.beat.failing(Side::Broker, &why);
                         probe_failures += 1;
                         outage_generation.get_or_insert(self.producers.current().0);
                         self.stats.failed_probes.fetch_add(1, Ordering::Relaxed);
@@ -741,11 +751,17 @@ impl<DB: Backend> Relay<DB> {
             match finished {
                 None => {}
                 Some(Ok(f)) => {
+                    self.beat.database_ok();
                     if let Some((generation, why)) = &f.unusable {
+                        self.beat.failing(Side::Broker, why);
                         self.replace_producer(*generation, why);
                         ready = false;
                         failed_rounds = 0;
                     } else if f.delivered_none {
+                        self.beat.failing(
+                            Side::Broker,
+                            &"the broker acknowledged none of a round's records",
+                        );
                         ready = false;
                         failed_rounds += 1;
                         if failed_rounds >= STUCK_ROUNDS {
@@ -759,13 +775,18 @@ impl<DB: Backend> Relay<DB> {
                             failed_rounds = 0;
                         }
                     } else {
+                        self.beat.broker_ok();
                         failed_rounds = 0;
                     }
                 }
                 Some(Err(e)) => {
+                    self.beat.failing(e.side(), &e);
                     failed = true;
                     tracing::warn!(service = %route.service(), error = %e, "relay round failed; retrying");
                 }
+            }
+            if claimed.is_ok() {
+                self.beat.database_ok();
             }
             match claimed {
                 Ok(Some(batch)) if ready => in_flight = Some(self.enqueue(batch).await),
@@ -786,6 +807,7 @@ impl<DB: Backend> Relay<DB> {
                 }
                 Ok(None) => {}
                 Err(e) => {
+                    self.beat.failing(Side::Database, &e);
                     failed = true;
                     tracing::warn!(service = %route.service(), error = %e, "relay claim failed; retrying");
                 }
@@ -801,6 +823,7 @@ impl<DB: Backend> Relay<DB> {
                 continue;
             }
             error_streak = 0;
+            self.beat.progress();
             if in_flight.is_some() || !ready {
                 continue;
             }

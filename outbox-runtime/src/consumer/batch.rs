@@ -104,9 +104,14 @@ impl<DB: Backend> Consumer<DB> {
             .collect();
         if records.len() > 1 {
             match self.process_batch(&records).await {
-                Ok(Some(_)) => return records.len(),
+                Ok(Some(_)) => {
+                    self.beat.database_ok();
+                    self.beat.progress();
+                    return records.len();
+                }
                 Ok(None) => {}
                 Err(e) => {
+                    self.beat.failing(crate::health::Side::Database, &e);
                     // One by one next, where each record is retried in place with a
                     // backoff: a record that fails every time then holds up only itself.
                     self.stats.db_retries.fetch_add(1, Ordering::Relaxed);

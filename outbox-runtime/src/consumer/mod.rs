@@ -168,6 +168,7 @@ pub struct Consumer<DB: Backend> {
     handlers: HashMap<String, Handler<DB>>,
     config: Arc<OutboxConfig>,
     stats: Arc<ConsumerStats>,
+    beat: Arc<crate::health::Beat>,
 }
 
 impl<DB: Backend> Consumer<DB> {
@@ -218,12 +219,17 @@ impl<DB: Backend> Consumer<DB> {
             handlers,
             config,
             stats: Arc::new(ConsumerStats::default()),
+            beat: Arc::default(),
         })
     }
 
     /// The consumer's counters.
     pub fn stats(&self) -> Arc<ConsumerStats> {
         self.stats.clone()
+    }
+    /// What it last did, for [`crate::RuntimeHandle::health`].
+    pub(crate) fn beat(&self) -> Arc<crate::health::Beat> {
+        self.beat.clone()
     }
 
     /// The service's route.
@@ -251,12 +257,14 @@ impl<DB: Backend> Consumer<DB> {
     /// queued are not processed and are delivered again later (and found settled if they
     /// were). Dropping the future instead is safe too, with more redeliveries.
     pub async fn run(self, kafka: &KafkaConfig, mut shutdown: ShutdownSignal) -> Result<()> {
+        let _running = self.beat.running();
         let this = Arc::new(self);
         let mut replaced = 0u32;
         loop {
             match this.session(kafka, &mut shutdown).await? {
                 SessionEnd::Shutdown => return Ok(()),
                 SessionEnd::Unusable(why) => {
+                    this.beat.failing(crate::health::Side::Broker, &why);
                     replaced += 1;
                     tracing::warn!(service = %this.route.service(), reason = %why,
                         "the Kafka consumer can no longer work; replacing it with a new one");
@@ -292,6 +300,8 @@ impl<DB: Backend> Consumer<DB> {
         consumer
             .subscribe(&[self.route.topic().as_str()])
             .map_err(|e| Error::kafka(format!("subscribing to {}", self.route.topic()), e))?;
+        // A new client replaced the one that could no longer work.
+        self.beat.recovered(crate::health::Side::Broker);
 
         let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<(i32, u64, i64)>();
         let mut lanes = Vec::new();
@@ -373,6 +383,7 @@ impl<DB: Backend> Consumer<DB> {
                     }
                     match msg {
                         Ok(m) => {
+                            self.beat.broker_ok();
                             let m = m.detach();
                             let epoch = offsets.received(m.partition(), m.offset());
                             let lane = lane_of(&m, lanes.len());

@@ -144,8 +144,13 @@ impl<DB: Backend> Consumer<DB> {
         let mut failures = 0u32;
         loop {
             match self.process_record(record).await {
-                Ok(outcome) => return Some(outcome),
+                Ok(outcome) => {
+                    self.beat.database_ok();
+                    self.beat.progress();
+                    return Some(outcome);
+                }
                 Err(e) => {
+                    self.beat.failing(crate::health::Side::Database, &e);
                     failures += 1;
                     self.stats.db_retries.fetch_add(1, Ordering::Relaxed);
                     let delay = self.config.consumer_failure_backoff.delay(failures);
