@@ -361,6 +361,7 @@ pub async fn full_flow<DB: TestBackend>(pool: Pool<DB>, broker: &TestBroker) {
             key: None,
             payload: "{}",
             max_retries: 20,
+            trace_context: None,
         },
     )
     .await

@@ -73,6 +73,7 @@ async fn insert_foreign<DB: Backend>(
             key: Some(key),
             payload: r#"{"user_id":"x","seq":0}"#,
             max_retries: 20,
+            trace_context: None,
         },
     )
     .await

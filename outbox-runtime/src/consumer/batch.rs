@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 
 use rdkafka::message::{Message, OwnedMessage};
 use sqlx::Transaction;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::record::Record;
@@ -100,7 +101,7 @@ impl<DB: Backend> Consumer<DB> {
     ) -> usize {
         let records: Vec<_> = msgs
             .iter()
-            .map(|m| Record::read(m, self.config.max_payload_bytes))
+            .map(|m| Record::read(m, self.config.max_payload_bytes, self.route.service()))
             .collect();
         if records.len() > 1 {
             match self.process_batch(&records).await {
@@ -108,9 +109,10 @@ impl<DB: Backend> Consumer<DB> {
                 Ok(None) => {}
                 Err(e) => {
                     // One by one next, where each record is retried in place with a
-                    // backoff: a record that fails every time then holds up only itself.
+                    // backoff: a record that fails every time then holds up only itself
+                    // (and is logged there, where its fate is decided).
                     self.stats.db_retries.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(service = %self.route.service(), records = records.len(), error = %e,
+                    tracing::debug!(service = %self.route.service(), records = records.len(), error = %e,
                         "a batch failed on the database; settling its records one by one");
                 }
             }
@@ -157,7 +159,8 @@ impl<DB: Backend> Consumer<DB> {
         };
         let mut outcomes = Vec::with_capacity(records.len());
         for record in records {
-            match self.step(&mut work, record, &mut batch).await? {
+            let step = self.step(&mut work, record, &mut batch);
+            match step.instrument(record.span.clone()).await? {
                 Step::InTx(outcome) => outcomes.push(outcome),
                 Step::Abort(_) => {
                     let _ = work.into_transaction().rollback().await;

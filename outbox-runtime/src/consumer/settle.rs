@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use futures::FutureExt;
 use rdkafka::message::Message;
 use sqlx::Transaction;
+use tracing::Instrument;
 
 use super::record::{Read, Record};
 use super::{Consumer, Outcome};
@@ -166,15 +167,22 @@ impl<DB: Backend> Consumer<DB> {
     /// Processes one record (any `rdkafka` message) in its own transaction. `Err` only
     /// for database failures, after which the same record must be processed again.
     pub async fn process<M: Message>(&self, msg: &M) -> Result<Outcome> {
-        self.process_record(&Record::read(msg, self.config.max_payload_bytes))
-            .await
+        let record = Record::read(msg, self.config.max_payload_bytes, self.route.service());
+        self.process_record(&record).await
     }
 
-    /// [`process`](Self::process) for a record intake has read.
+    /// [`process`](Self::process) for a record intake has read, in the record's span.
     pub(super) async fn process_record<M: Message>(
         &self,
         record: &Record<'_, M>,
     ) -> Result<Outcome> {
+        self.process_alone(record)
+            .instrument(record.span.clone())
+            .await
+    }
+
+    /// Processes one record in its own transaction.
+    async fn process_alone<M: Message>(&self, record: &Record<'_, M>) -> Result<Outcome> {
         if let Read::Skip(reason) = &record.read {
             // Nothing in the database to act on: no transaction.
             return Ok(self.skipped(reason.clone()));
@@ -227,6 +235,7 @@ impl<DB: Backend> Consumer<DB> {
                 return Ok(Step::Abort(Abort::Skip(reason)));
             }
         };
+        record.record_row(&row);
         if let Some(differs) = record.disagreement(&row, route) {
             let reason = format!(
                 "record at {} names event {event_id} but {differs}; the stored event is \
