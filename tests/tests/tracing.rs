@@ -12,10 +12,11 @@ use std::time::Duration;
 use opentelemetry::trace::{SpanId, TraceContextExt, TraceId, TracerProvider as _};
 use opentelemetry::Value;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use outbox_runtime::backend::NewRow;
 use outbox_runtime::{Backend, EventId, KafkaConfig, Outbox, OutboxRuntime};
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::TestDatabase;
-use outbox_tests::e2e::{eventually, prepare, test_config};
+use outbox_tests::e2e::{eventually, prepare, test_config, TestBackend};
 use outbox_tests::services::{Notification, NotificationRequested, Script};
 use sqlx::Pool;
 use tracing::Instrument;
@@ -229,4 +230,63 @@ async fn one_trace_from_publish_to_handler<T: TestDatabase>() {
     db.cleanup().await;
 }
 
-outbox_tests::every_backend!(one_trace_from_publish_to_handler);
+/// A row whose stored trace context is malformed (written by hand, or damaged) is
+/// relayed and handled as any other: the context is ignored, never an error.
+async fn a_malformed_trace_context_is_ignored<T: TestDatabase>()
+where
+    T::DB: TestBackend,
+{
+    exporter();
+    let db = T::create().await;
+    let pool: Pool<T::DB> = db.pool().clone();
+    let broker = TestBroker::mock().await;
+    let catalog = prepare(&pool, &broker).await;
+    let id = EventId::new();
+    let mut conn = pool.acquire().await.unwrap();
+    T::DB::insert(
+        &mut conn,
+        &"notification_outbox".parse().unwrap(),
+        &NewRow {
+            event_id: id.0,
+            service: &"notification".parse().unwrap(),
+            event_type: "NotificationRequested",
+            version: 1,
+            key: Some("bob"),
+            payload: r#"{"user_id":"bob","seq":0}"#,
+            max_retries: 20,
+            trace_context: Some("00-not-a-trace-context-01;state=x"),
+        },
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let runtime = OutboxRuntime::new(
+        catalog.clone(),
+        pool.clone(),
+        KafkaConfig::new(broker.bootstrap_servers()),
+    )
+    .config(test_config())
+    .services(["notification"])
+    .start()
+    .await
+    .unwrap();
+    eventually(
+        "the event to be handled",
+        Duration::from_secs(30),
+        || async {
+            let effects = T::DB::effects(&pool).await;
+            effects
+                .iter()
+                .any(|e| e.event_id == id.to_string())
+                .then_some(())
+        },
+    )
+    .await;
+    runtime.shutdown().await.unwrap();
+    db.cleanup().await;
+}
+
+outbox_tests::every_backend!(
+    one_trace_from_publish_to_handler,
+    a_malformed_trace_context_is_ignored
+);
