@@ -24,8 +24,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::trace::TraceText;
 
-/// The versions this crate was built with, so an application wires the same ones.
+// The versions this crate was built with, so an application wires the same ones.
 pub use opentelemetry;
+pub use opentelemetry_sdk;
 pub use tracing_opentelemetry;
 
 const TRACEPARENT: &str = "traceparent";

@@ -804,7 +804,7 @@ impl<DB: Backend> Relay<DB> {
                 }
                 Some(Err(e)) => {
                     failed = true;
-                    tracing::warn!(service = %route.service(), error = %e, "relay round failed; retrying");
+                    tracing::warn!(service = %route.service(), error = %e, "relay round failed; its rows not marked are relayed again when their lease ends");
                 }
             }
             match claimed {
