@@ -17,7 +17,7 @@ use outbox_runtime::backend::NewRow;
 use outbox_runtime::Catalog;
 use outbox_runtime::{
     Backend, EventId, KafkaConfig, Outbox, OutboxConfig, OutboxRow, OutboxRuntime, PublishOptions,
-    RawEvent, Status,
+    RawEvent, RuntimeHandle, Status,
 };
 use outbox_runtime::{Backoff, Waiting};
 use sqlx::Pool;
@@ -148,6 +148,26 @@ pub async fn prepare<DB: Backend>(pool: &Pool<DB>, broker: &TestBroker) -> Catal
     .expect("migrate");
     create_effects(pool).await;
     catalog
+}
+
+/// A runtime running the relay and consumer of `service` alone.
+pub async fn runtime_of<DB: Backend>(
+    pool: &Pool<DB>,
+    catalog: &Catalog,
+    broker: &TestBroker,
+    config: OutboxConfig,
+    service: &str,
+) -> RuntimeHandle {
+    OutboxRuntime::new(
+        catalog.clone(),
+        pool.clone(),
+        KafkaConfig::new(broker.bootstrap_servers()),
+    )
+    .config(config)
+    .services([service])
+    .start()
+    .await
+    .expect("the runtime starts")
 }
 
 /// Creates the `effects` table.

@@ -13,10 +13,10 @@ use opentelemetry::trace::{SpanId, TraceContextExt, TraceId, TracerProvider as _
 use opentelemetry::Value;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use outbox_runtime::backend::NewRow;
-use outbox_runtime::{Backend, EventId, KafkaConfig, Outbox, OutboxRuntime};
+use outbox_runtime::{Backend, EventId, Outbox};
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::TestDatabase;
-use outbox_tests::e2e::{eventually, prepare, test_config, TestBackend};
+use outbox_tests::e2e::{eventually, prepare, runtime_of, test_config, TestBackend};
 use outbox_tests::services::{Notification, NotificationRequested, Script};
 use sqlx::Pool;
 use tracing::Instrument;
@@ -78,6 +78,11 @@ fn attribute<'a>(span: &'a SpanData, key: &str) -> Option<&'a Value> {
         .map(|kv| &kv.value)
 }
 
+/// An attribute as text (numbers may be recorded as either).
+fn text(span: &SpanData, key: &str) -> Option<String> {
+    attribute(span, key).map(|v| v.as_str().into_owned())
+}
+
 async fn one_trace_from_publish_to_handler<T: TestDatabase>() {
     let exporter = exporter();
     let db = T::create().await;
@@ -125,16 +130,7 @@ async fn one_trace_from_publish_to_handler<T: TestDatabase>() {
         "{stored}"
     );
 
-    let runtime = OutboxRuntime::new(
-        catalog.clone(),
-        pool.clone(),
-        KafkaConfig::new(broker.bootstrap_servers()),
-    )
-    .config(config)
-    .services(["notification"])
-    .start()
-    .await
-    .unwrap();
+    let runtime = runtime_of(&pool, &catalog, &broker, config, "notification").await;
 
     let spans = eventually(
         "the publish, produce, consume and handler spans of one trace",
@@ -184,31 +180,19 @@ async fn one_trace_from_publish_to_handler<T: TestDatabase>() {
     // Fields an operator filters on.
     let event_id = id.to_string();
     for span in [produce, consume] {
-        assert_eq!(
-            attribute(span, "service").map(Value::as_str).as_deref(),
-            Some("notification"),
-            "{span:#?}"
-        );
-        assert_eq!(
-            attribute(span, "event_type").map(Value::as_str).as_deref(),
-            Some("NotificationRequested"),
-            "{span:#?}"
-        );
-        assert_eq!(
-            attribute(span, "event_id").map(Value::as_str).as_deref(),
-            Some(event_id.as_str()),
-            "{span:#?}"
-        );
-        assert_eq!(
-            attribute(span, "key").map(Value::as_str).as_deref(),
-            Some("ada"),
-            "{span:#?}"
-        );
-        assert_eq!(
-            attribute(span, "attempt").map(Value::as_str).as_deref(),
-            Some("1"),
-            "{span:#?}"
-        );
+        for (field, value) in [
+            ("service", "notification"),
+            ("event_type", "NotificationRequested"),
+            ("event_id", event_id.as_str()),
+            ("key", "ada"),
+            ("attempt", "1"),
+        ] {
+            assert_eq!(
+                text(span, field).as_deref(),
+                Some(value),
+                "{field}: {span:#?}"
+            );
+        }
         for field in ["partition", "offset"] {
             assert!(attribute(span, field).is_some(), "{field}: {span:#?}");
         }
@@ -219,12 +203,12 @@ async fn one_trace_from_publish_to_handler<T: TestDatabase>() {
         .unwrap()
         .into_iter()
         .filter(|s| s.name == "outbox.relay.round")
-        .filter(|s| attribute(s, "service").map(Value::as_str).as_deref() == Some("notification"))
+        .filter(|s| text(s, "service").as_deref() == Some("notification"))
         .collect();
     assert!(
         rounds
             .iter()
-            .any(|r| attribute(r, "published").map(Value::as_str).as_deref() == Some("1")),
+            .any(|r| text(r, "published").as_deref() == Some("1")),
         "{rounds:#?}"
     );
     db.cleanup().await;
@@ -260,16 +244,7 @@ where
     .await
     .unwrap();
     drop(conn);
-    let runtime = OutboxRuntime::new(
-        catalog.clone(),
-        pool.clone(),
-        KafkaConfig::new(broker.bootstrap_servers()),
-    )
-    .config(test_config())
-    .services(["notification"])
-    .start()
-    .await
-    .unwrap();
+    let runtime = runtime_of(&pool, &catalog, &broker, test_config(), "notification").await;
     eventually(
         "the event to be handled",
         Duration::from_secs(30),

@@ -15,12 +15,11 @@ use std::time::Duration;
 
 use outbox_runtime::backend::NewRow;
 use outbox_runtime::{
-    Admin, Backend, Backoff, Catalog, EventId, KafkaConfig, Outbox, OutboxConfig, OutboxRuntime,
-    RuntimeHandle, SqlValue, Status, Waiting,
+    Admin, Backend, Backoff, EventId, Outbox, OutboxConfig, SqlValue, Status, Waiting,
 };
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::TestDatabase;
-use outbox_tests::e2e::{eventually, prepare, test_config, TestBackend};
+use outbox_tests::e2e::{eventually, prepare, runtime_of, test_config, TestBackend};
 use outbox_tests::services::{Notification, NotificationRequested, Script};
 use sqlx::Pool;
 
@@ -31,25 +30,6 @@ async fn row<DB: Backend>(pool: &Pool<DB>, id: EventId) -> outbox_runtime::Outbo
         .await
         .expect("fetch")
         .expect("the row exists")
-}
-
-/// A relay and consumer of service `notification`.
-async fn notification_runtime<DB: Backend>(
-    pool: &Pool<DB>,
-    catalog: &Catalog,
-    broker: &TestBroker,
-    config: OutboxConfig,
-) -> RuntimeHandle {
-    OutboxRuntime::new(
-        catalog.clone(),
-        pool.clone(),
-        KafkaConfig::new(broker.bootstrap_servers()),
-    )
-    .config(config)
-    .services(["notification"])
-    .start()
-    .await
-    .unwrap()
 }
 
 /// Writes a row the way a newer release's publisher would: a type or version this
@@ -117,7 +97,7 @@ async fn waits_then_dead_after_grace<DB: TestBackend>(pool: Pool<DB>) {
         .unwrap();
     tx.commit().await.unwrap();
 
-    let runtime = notification_runtime(&pool, &catalog, &broker, config).await;
+    let runtime = runtime_of(&pool, &catalog, &broker, config, "notification").await;
 
     // Both wait: pending, no attempt counted, the reason kept, visible to operators.
     let waiting = eventually("both events to wait", Duration::from_secs(30), || async {
@@ -239,7 +219,7 @@ async fn zero_grace_is_dead_at_once<DB: TestBackend>(pool: Pool<DB>) {
         ..test_config()
     };
     let unknown = insert_foreign(&pool, "notification.Snoozed", 1, "ada").await;
-    let runtime = notification_runtime(&pool, &catalog, &broker, config).await;
+    let runtime = runtime_of(&pool, &catalog, &broker, config, "notification").await;
     let r = eventually(
         "the unknown event dead",
         Duration::from_secs(30),
@@ -279,7 +259,7 @@ async fn default_retry_schedule<DB: TestBackend>(pool: Pool<DB>) {
         .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(row(&pool, doomed).await.max_retries, 20);
-    let runtime = notification_runtime(&pool, &catalog, &broker, config).await;
+    let runtime = runtime_of(&pool, &catalog, &broker, config, "notification").await;
 
     let mut failed_at = Vec::new(); // database clock, one per failure
     let mut gaps = Vec::new(); // scheduled: next_attempt_at - failure time
