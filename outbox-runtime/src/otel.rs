@@ -114,3 +114,39 @@ pub(crate) fn set_parent(span: &Span, parent: TraceText<'_>) {
         let _ = span.set_parent(cx);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_contexts_parse_or_are_ignored() {
+        let stored =
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01;rojo=00f067aa0ba902b7";
+        let cx = parent_context(stored).expect("a valid context");
+        let span = cx.span();
+        let sc = span.span_context();
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(sc.is_remote() && sc.is_sampled());
+        assert_eq!(sc.trace_state().header(), "rojo=00f067aa0ba902b7");
+        for bad in [
+            "",
+            "garbage",
+            "00-zz-yy-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        ] {
+            assert!(parent_context(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn nothing_is_captured_without_a_layer() {
+        let span = tracing::info_span!("no subscriber");
+        assert_eq!(trace_context_of(&span), None);
+        assert_eq!(headers_of(&span), None);
+    }
+}

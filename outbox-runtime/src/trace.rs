@@ -4,7 +4,7 @@
 //! `tracestate` may), the envelope as the `ce_traceparent` / `ce_tracestate` headers.
 //!
 //! A malformed context is ignored wherever it is read, never an error: tracing must not
-//! decide what happens to an event. With the `otel` feature, [`crate::otel`] turns the
+//! decide what happens to an event. With the `otel` feature, `crate::otel` turns the
 //! text into span parents and back; without it the relay forwards a well-formed stored
 //! context as it is and the consumer ignores it.
 

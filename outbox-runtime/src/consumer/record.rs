@@ -20,8 +20,11 @@ pub(super) struct Record<'m, M> {
     /// What it names.
     pub(super) read: Read,
     /// Its `outbox.consume` span, which every step of its settlement (and the handler)
-    /// runs in: a child of the record's trace context (feature `otel`). `event_type`,
-    /// `key` and `attempt` are recorded from the row once it is locked.
+    /// runs in: a child of the record's trace context (feature `otel`). That comes from
+    /// the record's headers, not the row: it is the relay's produce span (the row holds
+    /// only the publisher's), it is known before any lock, and it decides nothing, so a
+    /// forged one can only misfile a trace. `event_type`, `key` and `attempt` are
+    /// recorded from the row once it is locked.
     pub(super) span: Span,
 }
 
