@@ -20,6 +20,7 @@ use outbox_runtime::{
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::TestDatabase;
 use outbox_tests::e2e::{eventually, prepare, runtime_of, test_config, TestBackend};
+use outbox_tests::logs::Logs;
 use outbox_tests::services::{Notification, NotificationRequested, Script};
 use sqlx::Pool;
 
@@ -207,6 +208,61 @@ async fn waits_then_dead_after_grace<DB: TestBackend>(pool: Pool<DB>) {
     assert_eq!(effects.len(), 2, "{effects:?}");
 }
 
+/// A wait is logged once, after its transaction commits: not also by a batch that
+/// sent the event back to wait and then rolled back (another record's handler failed),
+/// before the records are settled one by one. The log line carries the record's span.
+async fn a_wait_is_logged_once<DB: TestBackend>(pool: Pool<DB>) {
+    let logs = Logs::capture();
+    let broker = TestBroker::mock().await;
+    let catalog = prepare(&pool, &broker).await;
+    // One lane: the records queued together are settled as one batch.
+    let config = OutboxConfig {
+        consumer_lanes: 1,
+        waiting: Waiting {
+            recheck: Duration::from_secs(30),
+            grace: Duration::from_secs(60),
+        },
+        ..test_config()
+    };
+    let unknown = insert_foreign(&pool, "notification.Snoozed", 1, "ada").await;
+    let outbox =
+        Outbox::<Notification, DB>::with_config(pool.clone(), &catalog, config.clone()).unwrap();
+    let mut tx = outbox.begin().await.unwrap();
+    let failing = tx
+        .publish(&NotificationRequested {
+            user_id: "bob".into(),
+            seq: 0,
+            script: Script {
+                fail_times: 1,
+                ..Script::default()
+            },
+        })
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let runtime = runtime_of(&pool, &catalog, &broker, config, "notification").await;
+    eventually(
+        "the failing event retried",
+        Duration::from_secs(30),
+        || async { (row(&pool, failing).await.attempts == 1).then_some(()) },
+    )
+    .await;
+    eventually(
+        "the unknown event waiting",
+        Duration::from_secs(30),
+        || async { row(&pool, unknown).await.waiting_since.map(|_| ()) },
+    )
+    .await;
+    runtime.shutdown().await.unwrap();
+    let warned = logs.lines_with("it waits for one that can");
+    assert_eq!(warned.len(), 1, "{}", logs.text());
+    assert!(
+        warned[0].contains("outbox.consume{") && warned[0].contains(&unknown.to_string()),
+        "{}",
+        warned[0]
+    );
+}
+
 /// Grace zero: no waiting, dead at once (the behaviour before waiting existed).
 async fn zero_grace_is_dead_at_once<DB: TestBackend>(pool: Pool<DB>) {
     let broker = TestBroker::mock().await;
@@ -356,12 +412,14 @@ macro_rules! on_fresh_db {
 }
 
 on_fresh_db!(
+    a_wait_is_logged_once_after_commit => a_wait_is_logged_once,
     waits_then_dead_after_the_grace_period => waits_then_dead_after_grace,
     zero_grace_means_dead_at_once => zero_grace_is_dead_at_once,
     retries_follow_the_default_schedule => default_retry_schedule,
 );
 
 outbox_tests::every_backend!(
+    a_wait_is_logged_once_after_commit,
     waits_then_dead_after_the_grace_period,
     zero_grace_means_dead_at_once,
     retries_follow_the_default_schedule

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 
 use rdkafka::message::{Message, OwnedMessage};
 use sqlx::Transaction;
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 use uuid::Uuid;
 
 use super::record::Record;
@@ -42,6 +42,8 @@ pub(super) struct Batch {
     handled: HashSet<i64>,
     /// Events handled so far, so a repeat in the same batch is a duplicate.
     handled_events: HashSet<Uuid>,
+    /// What the records' steps log once the batch commits, each in its record's span.
+    logs: Vec<(Span, Box<dyn FnOnce() + Send>)>,
 }
 
 impl<DB: Backend> Scope<DB> for Batch {
@@ -87,6 +89,11 @@ impl<DB: Backend> Scope<DB> for Batch {
         self.handled.insert(row.id);
         self.handled_events.insert(event_id.0);
         Ok(())
+    }
+
+    fn log_after_commit(&mut self, log: impl FnOnce() + Send + 'static) {
+        // The steps run in their records' spans.
+        self.logs.push((Span::current(), Box::new(log)));
     }
 }
 
@@ -156,6 +163,7 @@ impl<DB: Backend> Consumer<DB> {
             open,
             handled: HashSet::new(),
             handled_events: HashSet::new(),
+            logs: Vec::new(),
         };
         let mut outcomes = Vec::with_capacity(records.len());
         for record in records {
@@ -175,6 +183,9 @@ impl<DB: Backend> Consumer<DB> {
                 .map_err(|e| self.db_error("marking consumed the batch starting with", first, e))?;
         }
         self.commit(work, first).await?;
+        for (span, log) in batch.logs {
+            span.in_scope(log);
+        }
         for outcome in &outcomes {
             self.count(outcome);
         }

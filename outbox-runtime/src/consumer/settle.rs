@@ -84,6 +84,10 @@ pub(super) trait Scope<DB: Backend> {
         row: &RowState,
         event_id: EventId,
     ) -> Result<()>;
+
+    /// Logs what a step did in the transaction once it commits: a batch that rolls
+    /// back settles its records again one by one, and they log then (once).
+    fn log_after_commit(&mut self, log: impl FnOnce() + Send + 'static);
 }
 
 /// One record in a transaction of its own.
@@ -131,6 +135,11 @@ impl<DB: Backend> Scope<DB> for Alone {
         DB::mark_consumed(tx, c.route.table(), &[row.id])
             .await
             .map_err(|e| c.event_error("marking consumed", event_id, e))
+    }
+
+    /// Alone, the transaction commits right after the step.
+    fn log_after_commit(&mut self, log: impl FnOnce() + Send + 'static) {
+        log();
     }
 }
 
@@ -257,7 +266,8 @@ impl<DB: Backend> Consumer<DB> {
                 .open_predecessor(self, work.transaction(), key, row.id)
                 .await?
             {
-                self.defer(work.transaction(), key, &row, event_id).await?;
+                self.defer(work.transaction(), scope, key, &row, event_id)
+                    .await?;
                 return Ok(Step::InTx(Outcome::Deferred));
             }
         }
@@ -272,11 +282,15 @@ impl<DB: Backend> Consumer<DB> {
                     "event `{}` has schema version {}, newer than the handler's {}",
                     row.event_type, row.version, handler.version
                 );
-                return self.wait(work.transaction(), row, event_id, reason).await;
+                return self
+                    .wait(work.transaction(), scope, row, event_id, reason)
+                    .await;
             }
             None if self.catalog.event(&row.event_type).is_none() => {
                 let reason = format!("unknown event type `{}`", row.event_type);
-                return self.wait(work.transaction(), row, event_id, reason).await;
+                return self
+                    .wait(work.transaction(), scope, row, event_id, reason)
+                    .await;
             }
             None => {
                 let reason = format!(
@@ -284,7 +298,9 @@ impl<DB: Backend> Consumer<DB> {
                     row.event_type,
                     route.service()
                 );
-                return self.wait(work.transaction(), row, event_id, reason).await;
+                return self
+                    .wait(work.transaction(), scope, row, event_id, reason)
+                    .await;
             }
         };
 
@@ -321,6 +337,7 @@ impl<DB: Backend> Consumer<DB> {
     async fn wait(
         &self,
         tx: &mut Transaction<'static, DB>,
+        scope: &mut impl Scope<DB>,
         row: RowState,
         event_id: EventId,
         reason: String,
@@ -351,12 +368,15 @@ impl<DB: Backend> Consumer<DB> {
             );
             return Ok(Step::Abort(Abort::Dead(row, reason)));
         }
-        if row.waiting {
-            tracing::debug!(service = %self.route.service(), row = row.id, %event_id, %reason, "event still waits");
-        } else {
-            tracing::warn!(service = %self.route.service(), row = row.id, %event_id, %reason, recheck = ?waiting.recheck, grace = ?waiting.grace,
-                "this consumer cannot handle the event yet (an older release during a deploy?); it waits for one that can");
-        }
+        let (service, id, first) = (self.route.service().clone(), row.id, !row.waiting);
+        scope.log_after_commit(move || {
+            if first {
+                tracing::warn!(%service, row = id, %event_id, %reason, recheck = ?waiting.recheck, grace = ?waiting.grace,
+                    "this consumer cannot handle the event yet (an older release during a deploy?); it waits for one that can");
+            } else {
+                tracing::debug!(%service, row = id, %event_id, %reason, "event still waits");
+            }
+        });
         Ok(Step::InTx(Outcome::Waiting { reason: text }))
     }
 
@@ -365,6 +385,7 @@ impl<DB: Backend> Consumer<DB> {
     async fn defer(
         &self,
         tx: &mut Transaction<'static, DB>,
+        scope: &mut impl Scope<DB>,
         key: &str,
         row: &RowState,
         event_id: EventId,
@@ -384,9 +405,12 @@ impl<DB: Backend> Consumer<DB> {
             self.stats
                 .republished
                 .fetch_add(republished, Ordering::Relaxed);
-            tracing::warn!(service = %route.service(), row = row.id, predecessors = republished,
-                "published predecessors of this event never reached the consumer before it \
-                 (lost with the broker?); publishing them again");
+            let (service, id) = (route.service().clone(), row.id);
+            scope.log_after_commit(move || {
+                tracing::warn!(%service, row = id, predecessors = republished,
+                    "published predecessors of this event never reached the consumer before it \
+                     (lost with the broker?); publishing them again");
+            });
         }
         Ok(())
     }
