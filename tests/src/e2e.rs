@@ -170,6 +170,26 @@ pub async fn runtime_of<DB: Backend>(
     .expect("the runtime starts")
 }
 
+/// Publishes one `NotificationRequested` for `user_id` (seq 0) in a transaction of its
+/// own.
+pub async fn publish_notification<DB: Backend>(
+    outbox: &Outbox<Notification, DB>,
+    user_id: &str,
+    script: Script,
+) -> EventId {
+    let mut tx = outbox.begin().await.expect("begin");
+    let id = tx
+        .publish(&NotificationRequested {
+            user_id: user_id.into(),
+            seq: 0,
+            script,
+        })
+        .await
+        .expect("publish");
+    tx.commit().await.expect("commit");
+    id
+}
+
 /// Creates the `effects` table.
 pub async fn create_effects<DB: Backend>(pool: &Pool<DB>) {
     let mut conn = pool.acquire().await.expect("connection");

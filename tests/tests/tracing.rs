@@ -16,8 +16,10 @@ use outbox_runtime::backend::NewRow;
 use outbox_runtime::{Backend, EventId, Outbox};
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::TestDatabase;
-use outbox_tests::e2e::{eventually, prepare, runtime_of, test_config, TestBackend};
-use outbox_tests::services::{Notification, NotificationRequested, Script};
+use outbox_tests::e2e::{
+    eventually, prepare, publish_notification, runtime_of, test_config, TestBackend,
+};
+use outbox_tests::services::{Notification, Script};
 use sqlx::Pool;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -101,21 +103,9 @@ async fn one_trace_from_publish_to_handler<T: TestDatabase>() {
         TraceId::INVALID,
         "the OpenTelemetry layer is installed"
     );
-    let id: EventId = async {
-        let mut tx = outbox.begin().await.unwrap();
-        let id = tx
-            .publish(&NotificationRequested {
-                user_id: "ada".into(),
-                seq: 0,
-                script: Script::default(),
-            })
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-        id
-    }
-    .instrument(business.clone())
-    .await;
+    let id = publish_notification(&outbox, "ada", Script::default())
+        .instrument(business.clone())
+        .await;
     let business_id = business.context().span().span_context().span_id();
     drop(business);
 

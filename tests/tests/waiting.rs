@@ -19,7 +19,9 @@ use outbox_runtime::{
 };
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::TestDatabase;
-use outbox_tests::e2e::{eventually, prepare, runtime_of, test_config, TestBackend};
+use outbox_tests::e2e::{
+    eventually, prepare, publish_notification, runtime_of, test_config, TestBackend,
+};
 use outbox_tests::logs::Logs;
 use outbox_tests::services::{Notification, NotificationRequested, Script};
 use sqlx::Pool;
@@ -227,19 +229,11 @@ async fn a_wait_is_logged_once<DB: TestBackend>(pool: Pool<DB>) {
     let unknown = insert_foreign(&pool, "notification.Snoozed", 1, "ada").await;
     let outbox =
         Outbox::<Notification, DB>::with_config(pool.clone(), &catalog, config.clone()).unwrap();
-    let mut tx = outbox.begin().await.unwrap();
-    let failing = tx
-        .publish(&NotificationRequested {
-            user_id: "bob".into(),
-            seq: 0,
-            script: Script {
-                fail_times: 1,
-                ..Script::default()
-            },
-        })
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let script = Script {
+        fail_times: 1,
+        ..Script::default()
+    };
+    let failing = publish_notification(&outbox, "bob", script).await;
     let runtime = runtime_of(&pool, &catalog, &broker, config, "notification").await;
     eventually(
         "the failing event retried",
@@ -301,19 +295,11 @@ async fn default_retry_schedule<DB: TestBackend>(pool: Pool<DB>) {
     };
     let outbox =
         Outbox::<Notification, DB>::with_config(pool.clone(), &catalog, config.clone()).unwrap();
-    let mut tx = outbox.begin().await.unwrap();
-    let doomed = tx
-        .publish(&NotificationRequested {
-            user_id: "doomed".into(),
-            seq: 0,
-            script: Script {
-                always_fail: true,
-                ..Script::default()
-            },
-        })
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let script = Script {
+        always_fail: true,
+        ..Script::default()
+    };
+    let doomed = publish_notification(&outbox, "doomed", script).await;
     assert_eq!(row(&pool, doomed).await.max_retries, 20);
     let runtime = runtime_of(&pool, &catalog, &broker, config, "notification").await;
 
