@@ -15,6 +15,8 @@
 //! | header `ce_eventversion` | the schema version, decimal (`1`) |
 //! | header `ce_outboxenvelope` | the envelope version, decimal (`1`) |
 //! | header `ce_partitionkey` | the key again, when there is one (CloudEvents partitioning extension) |
+//! | header `ce_traceparent` | the W3C `traceparent` of the relay's produce span (a child of the publisher's), when the event has one (CloudEvents distributed-tracing extension) |
+//! | header `ce_tracestate` | the W3C `tracestate` with it, when there is one |
 //!
 //! Any CloudEvents-aware consumer can read it without this crate. A record whose
 //! envelope version is newer than [`ENVELOPE_VERSION`] is refused with a reason rather
@@ -50,6 +52,10 @@ pub mod header {
     pub const ENVELOPE: &str = "ce_outboxenvelope";
     /// The ordering key.
     pub const PARTITION_KEY: &str = "ce_partitionkey";
+    /// W3C `traceparent` (distributed-tracing extension).
+    pub const TRACEPARENT: &str = "ce_traceparent";
+    /// W3C `tracestate` (distributed-tracing extension).
+    pub const TRACESTATE: &str = "ce_tracestate";
 }
 
 /// One event as it travels through Kafka.
@@ -69,6 +75,11 @@ pub struct Envelope {
     pub time: DateTime<Utc>,
     /// The JSON payload.
     pub payload: Vec<u8>,
+    /// The W3C `traceparent` the event's trace continues from, if any. Read as sent:
+    /// a malformed one is ignored by the consumer, never an error.
+    pub traceparent: Option<String>,
+    /// The W3C `tracestate` that goes with it, if any.
+    pub tracestate: Option<String>,
 }
 
 /// Why a record is not a readable envelope. Each is a permanent condition of the record.
@@ -101,7 +112,7 @@ impl Envelope {
         let version = self.version.to_string();
         let envelope = ENVELOPE_VERSION.to_string();
         let time = self.time.to_rfc3339_opts(SecondsFormat::Micros, true);
-        let mut h = OwnedHeaders::new_with_capacity(9)
+        let mut h = OwnedHeaders::new_with_capacity(11)
             .insert(hdr(header::SPEC_VERSION, "1.0"))
             .insert(hdr(header::ID, &id))
             .insert(hdr(header::SOURCE, &self.service))
@@ -112,6 +123,12 @@ impl Envelope {
             .insert(hdr(header::ENVELOPE, &envelope));
         if let Some(key) = &self.key {
             h = h.insert(hdr(header::PARTITION_KEY, key));
+        }
+        if let Some(traceparent) = &self.traceparent {
+            h = h.insert(hdr(header::TRACEPARENT, traceparent));
+            if let Some(tracestate) = &self.tracestate {
+                h = h.insert(hdr(header::TRACESTATE, tracestate));
+            }
         }
         h
     }
@@ -185,6 +202,9 @@ impl Envelope {
             None => None,
         };
         let payload = msg.payload().ok_or(EnvelopeError::MissingPayload)?.to_vec();
+        // Tracing only: an unreadable trace header is no trace, not a bad envelope.
+        let traceparent = get(header::TRACEPARENT).ok().flatten();
+        let tracestate = get(header::TRACESTATE).ok().flatten();
         Ok(Envelope {
             event_id,
             service,
@@ -193,6 +213,8 @@ impl Envelope {
             key,
             time,
             payload,
+            traceparent,
+            tracestate,
         })
     }
 
@@ -230,6 +252,8 @@ mod tests {
                 .unwrap()
                 .with_timezone(&Utc),
             payload: br#"{"job":"x","n":1}"#.to_vec(),
+            traceparent: None,
+            tracestate: None,
         }
     }
 
@@ -256,6 +280,19 @@ mod tests {
                 Some(env.event_id)
             );
         }
+    }
+
+    #[test]
+    fn trace_context_travels_in_the_tracing_extension() {
+        let mut env = sample(Some("k"));
+        env.traceparent =
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned());
+        env.tracestate = Some("rojo=00f067aa0ba902b7".to_owned());
+        let h = env.headers();
+        let names: Vec<&str> = h.iter().map(|h| h.key).collect();
+        assert_eq!(names[9..], ["ce_traceparent", "ce_tracestate"]);
+        let back = Envelope::decode(&record(&env, Some(h))).unwrap();
+        assert_eq!(back, env);
     }
 
     #[test]

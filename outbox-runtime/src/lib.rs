@@ -15,6 +15,8 @@
 //! - [`OutboxConfig`], [`KafkaConfig`]: the settings; [`RelayStats`], [`ConsumerStats`]:
 //!   the counters.
 //! - [`envelope`]: the wire format (CloudEvents binary-mode headers).
+//! - `otel` (feature `otel`): one OpenTelemetry trace from `publish` through the relay
+//!   to the handler (W3C trace context in the row and the record).
 //! - [`Admin`]: dead letters and replay, for operators; [`postgres`] / [`sqlite`]: what
 //!   operators and pool builders need from the store.
 //!
@@ -104,6 +106,8 @@ mod health;
 mod kafka;
 /// The name grammar (the `outbox-names` crate, which the macros share).
 pub use outbox_names as names;
+#[cfg(feature = "otel")]
+pub mod otel;
 mod outbox;
 mod redact;
 #[cfg(feature = "kafka")]
@@ -113,6 +117,7 @@ mod route;
 #[cfg(feature = "kafka")]
 mod runtime;
 mod service;
+mod trace;
 mod wakeup;
 
 #[doc(hidden)]

@@ -150,6 +150,8 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
 
     /// Writes `event` into the outbox on `conn`: pass your transaction (`&mut tx`). The
     /// event is delivered if and only if that transaction commits. Returns the event id.
+    /// With the `otel` feature, the row keeps the W3C trace context of the current
+    /// `tracing` span, which the relay and the handler continue.
     ///
     /// (A plain fn returning a boxed future, not an `async fn`: the event is serialised
     /// before the future exists, so a misrouted event is one compile error, not three.)
@@ -177,6 +179,9 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
             .max_retries
             .or(E::MAX_RETRIES)
             .unwrap_or(self.config.default_max_retries);
+        // The caller's span, here and now (feature `otel`): the future may be polled
+        // in another.
+        let trace_context = crate::trace::current();
         Box::pin(async move {
             let payload = encoded?;
             self.insert(
@@ -187,6 +192,7 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
                 &payload,
                 max_retries,
                 options.event_id,
+                trace_context.as_deref(),
             )
             .await
         })
@@ -211,6 +217,7 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
             &event.payload,
             event.max_retries.unwrap_or(self.config.default_max_retries),
             None,
+            crate::trace::current().as_deref(),
         )
         .await
     }
@@ -262,6 +269,7 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
         payload: &str,
         max_retries: u32,
         event_id: Option<EventId>,
+        trace_context: Option<&str>,
     ) -> Result<EventId> {
         if payload.len() > self.config.max_payload_bytes {
             return Err(Error::PayloadTooLarge {
@@ -289,6 +297,7 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
             key,
             payload,
             max_retries: i32::try_from(max_retries).unwrap_or(i32::MAX),
+            trace_context,
         };
         DB::insert(conn, self.route.table(), &row)
             .await

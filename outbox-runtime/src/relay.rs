@@ -48,6 +48,8 @@ use std::time::{Duration, Instant};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use sqlx::Pool;
+use tracing::field::Empty;
+use tracing::{Instrument, Span};
 
 use crate::backend::{Backend, ClaimedRow};
 use crate::catalog::Route;
@@ -59,6 +61,7 @@ use crate::health::Side;
 use crate::kafka::{ClientLog, KafkaConfig, Producers};
 use crate::retry::Backoff;
 use crate::runtime::ShutdownSignal;
+use crate::trace::{self, TraceText};
 use crate::wakeup;
 
 /// Counters of one relay, for tests, examples and metrics.
@@ -338,7 +341,9 @@ impl<DB: Backend> Relay<DB> {
         }
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
         failpoint!("relay.after_claim");
-        Ok(Some(Claimed { rows, token }))
+        let span = tracing::info_span!("outbox.relay.round", service = %route.service(),
+            claimed = rows.len(), published = Empty);
+        Ok(Some(Claimed { rows, token, span }))
     }
 
     fn claim_state(&self) -> std::sync::MutexGuard<'_, ClaimState> {
@@ -363,19 +368,35 @@ impl<DB: Backend> Relay<DB> {
     /// delivery).
     async fn enqueue(&self, batch: Claimed) -> InFlight {
         let (generation, producer) = self.producers.current();
-        let pending = self.produce(&producer, &batch.rows).await;
+        let (pending, spans) = self
+            .produce(&producer, &batch.rows, &batch.span)
+            .instrument(batch.span.clone())
+            .await;
         InFlight {
             rows: batch.rows,
             token: batch.token,
             pending,
             producer,
             generation,
+            span: batch.span,
+            spans,
         }
+    }
+
+    /// Waits for a batch's delivery reports, then marks it ([`Relay::mark_round`]), in
+    /// the round's span.
+    async fn finish(&self, batch: InFlight) -> Result<Finished> {
+        let span = batch.span.clone();
+        let finished = self.mark_round(batch).instrument(span.clone()).await;
+        if let Ok(f) = &finished {
+            span.record("published", f.report.published);
+        }
+        finished
     }
 
     /// Waits for a batch's delivery reports, then marks it: acknowledged rows published
     /// (fenced by the lease token), permanent failures dead, the rest given back.
-    async fn finish(&self, batch: InFlight) -> Result<Finished> {
+    async fn mark_round(&self, batch: InFlight) -> Result<Finished> {
         let route = &self.route;
         let InFlight {
             rows,
@@ -383,6 +404,8 @@ impl<DB: Backend> Relay<DB> {
             pending,
             producer,
             generation,
+            span: _,
+            spans,
         } = batch;
         let outcomes = wait_for_reports(pending).await;
         failpoint!("relay.after_produce");
@@ -396,9 +419,11 @@ impl<DB: Backend> Relay<DB> {
             .fatal_error()
             .map(|(code, reason)| format!("fatal error {code:?}: {reason}"));
         let mut log_went_back = false;
-        for (row, outcome) in rows.iter().zip(outcomes) {
+        for ((row, outcome), span) in rows.iter().zip(outcomes).zip(&spans) {
             match outcome {
                 Produced::Acked { partition, offset } => {
+                    span.record("partition", partition);
+                    span.record("offset", offset);
                     acked.push(row.id);
                     log_went_back |= self.acknowledged(partition, offset);
                 }
@@ -414,6 +439,7 @@ impl<DB: Backend> Relay<DB> {
                 Produced::Permanent(e) => dead.push((row.id, e)),
             }
         }
+        drop(spans); // the produce spans end with their delivery reports
         if log_went_back {
             self.redeliver_lost();
         }
@@ -551,8 +577,9 @@ impl<DB: Backend> Relay<DB> {
             match DB::mark_published(&self.pool, route.table(), ids, token).await {
                 Ok(marked) => return Ok(marked),
                 Err(e) if attempt < MARK_ATTEMPTS => {
+                    // Logged as a warning once, by the caller, if every try fails.
                     let delay = self.config.relay_failure_backoff.delay(attempt);
-                    tracing::warn!(service = %route.service(), error = %e, ?delay, "marking rows published failed; retrying");
+                    tracing::debug!(service = %route.service(), error = %e, ?delay, "marking rows published failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
                 Err(e) => {
@@ -566,15 +593,26 @@ impl<DB: Backend> Relay<DB> {
     }
 
     /// Enqueues every row in id order; the delivery reports are awaited by
-    /// [`wait_for_reports`].
+    /// [`wait_for_reports`]. Each row has an `outbox.produce` span under `round`, a
+    /// child of the trace context the row stores (feature `otel`), whose own context
+    /// the record carries; it ends with the row's delivery report.
     async fn produce(
         &self,
         producer: &FutureProducer<ClientLog>,
         rows: &[ClaimedRow],
-    ) -> Vec<Pending> {
+        round: &Span,
+    ) -> (Vec<Pending>, Vec<Span>) {
         let mut pending = Vec::with_capacity(rows.len());
+        let mut spans = Vec::with_capacity(rows.len());
         let service = self.route.service().to_string();
         for row in rows {
+            let span = tracing::info_span!(parent: round, "outbox.produce",
+                service = %self.route.service(), event_type = %row.event_type,
+                event_id = %row.event_id, key = row.key.as_deref(), attempt = row.attempts + 1,
+                partition = Empty, offset = Empty);
+            let stored = row.trace_context.as_deref().and_then(TraceText::parse);
+            let (traceparent, tracestate) = trace::continue_in(&span, stored).unzip();
+            spans.push(span);
             let envelope = Envelope {
                 event_id: EventId(row.event_id),
                 service: service.clone(),
@@ -583,6 +621,8 @@ impl<DB: Backend> Relay<DB> {
                 key: row.key.clone(),
                 time: row.created_at,
                 payload: Vec::new(),
+                traceparent,
+                tracestate: tracestate.flatten(),
             };
             let mut record = FutureRecord::to(self.route.topic().as_str())
                 .payload(row.payload.as_bytes())
@@ -605,7 +645,7 @@ impl<DB: Backend> Relay<DB> {
             };
             pending.push(enqueued);
         }
-        pending
+        (pending, spans)
     }
 
     /// Whether the broker answers for this relay's topic: a metadata request on the
@@ -782,7 +822,7 @@ impl<DB: Backend> Relay<DB> {
                 Some(Err(e)) => {
                     self.beat.failing(e.side(), &e);
                     failed = true;
-                    tracing::warn!(service = %route.service(), error = %e, "relay round failed; retrying");
+                    tracing::warn!(service = %route.service(), error = %e, "relay round failed; its rows not marked are relayed again when their lease ends");
                 }
             }
             if claimed.is_ok() {
@@ -845,6 +885,8 @@ impl<DB: Backend> Relay<DB> {
 struct Claimed {
     rows: Vec<ClaimedRow>,
     token: i64,
+    /// The round's span (`outbox.relay.round`), until the batch is marked.
+    span: Span,
 }
 
 impl Claimed {
@@ -864,6 +906,10 @@ struct InFlight {
     /// The producer it was enqueued on, and that producer's generation.
     producer: FutureProducer<ClientLog>,
     generation: u64,
+    /// The round's span.
+    span: Span,
+    /// Each row's `outbox.produce` span, ended by its delivery report.
+    spans: Vec<Span>,
 }
 
 /// What finishing a batch found besides its [`RoundReport`].

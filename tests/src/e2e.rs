@@ -17,7 +17,7 @@ use outbox_runtime::backend::NewRow;
 use outbox_runtime::Catalog;
 use outbox_runtime::{
     Backend, EventId, KafkaConfig, Outbox, OutboxConfig, OutboxRow, OutboxRuntime, PublishOptions,
-    RawEvent, Status,
+    RawEvent, RuntimeHandle, Status,
 };
 use outbox_runtime::{Backoff, Waiting};
 use sqlx::Pool;
@@ -148,6 +148,46 @@ pub async fn prepare<DB: Backend>(pool: &Pool<DB>, broker: &TestBroker) -> Catal
     .expect("migrate");
     create_effects(pool).await;
     catalog
+}
+
+/// A runtime running the relay and consumer of `service` alone.
+pub async fn runtime_of<DB: Backend>(
+    pool: &Pool<DB>,
+    catalog: &Catalog,
+    broker: &TestBroker,
+    config: OutboxConfig,
+    service: &str,
+) -> RuntimeHandle {
+    OutboxRuntime::new(
+        catalog.clone(),
+        pool.clone(),
+        KafkaConfig::new(broker.bootstrap_servers()),
+    )
+    .config(config)
+    .services([service])
+    .start()
+    .await
+    .expect("the runtime starts")
+}
+
+/// Publishes one `NotificationRequested` for `user_id` (seq 0) in a transaction of its
+/// own.
+pub async fn publish_notification<DB: Backend>(
+    outbox: &Outbox<Notification, DB>,
+    user_id: &str,
+    script: Script,
+) -> EventId {
+    let mut tx = outbox.begin().await.expect("begin");
+    let id = tx
+        .publish(&NotificationRequested {
+            user_id: user_id.into(),
+            seq: 0,
+            script,
+        })
+        .await
+        .expect("publish");
+    tx.commit().await.expect("commit");
+    id
 }
 
 /// Creates the `effects` table.
@@ -361,6 +401,7 @@ pub async fn full_flow<DB: TestBackend>(pool: Pool<DB>, broker: &TestBroker) {
             key: None,
             payload: "{}",
             max_retries: 20,
+            trace_context: None,
         },
     )
     .await

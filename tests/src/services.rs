@@ -14,6 +14,7 @@ use outbox_runtime::{
     outbox_event, outbox_handler, outbox_service, Backend, HandlerContext, HandlerError, SqlValue,
 };
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 /// The agent service: compatibility route over the legacy shared table.
 #[outbox_service(table = "outbox_events")]
@@ -185,6 +186,7 @@ async fn record<DB: Backend>(
         }
     }
     let meta = ctx.meta().clone();
+    // A span of the handler's own, under the consumer's (tests/tracing.rs).
     ctx.execute(
         "INSERT INTO effects (event_id, service, event_type, event_key, seq, attempt) VALUES (?, ?, ?, ?, ?, ?)",
         &[
@@ -196,6 +198,7 @@ async fn record<DB: Backend>(
             SqlValue::from(meta.attempt),
         ],
     )
+    .instrument(tracing::info_span!("handler.effect"))
     .await?;
     Ok(())
 }

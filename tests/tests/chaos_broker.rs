@@ -714,6 +714,8 @@ fn forged_headers(row: &outbox_runtime::OutboxRow, replace: &[(&str, &str)]) -> 
         key: row.key.clone(),
         time: row.created_at,
         payload: Vec::new(),
+        traceparent: None,
+        tracestate: None,
     }
     .headers();
     let mut out = OwnedHeaders::new();

@@ -389,6 +389,7 @@ async fn malformed_records<B: ChaosBackend>() {
                 key: Some(&key),
                 payload,
                 max_retries: 20,
+                trace_context: None,
             },
         )
         .await
@@ -430,6 +431,8 @@ async fn malformed_records<B: ChaosBackend>() {
         key: Some(key.into()),
         time: chrono::Utc::now(),
         payload: Vec::new(),
+        traceparent: None,
+        tracestate: None,
     };
     // The record a relay produces for a row.
     let faithful = |id: EventId| {

@@ -403,6 +403,8 @@ fn record(row: &ClaimedRow, offset: i64) -> OwnedMessage {
         key: row.key.clone(),
         time: row.created_at,
         payload: Vec::new(),
+        traceparent: None,
+        tracestate: None,
     };
     OwnedMessage::new(
         Some(row.payload.clone().into_bytes()),

@@ -138,6 +138,8 @@ fn envelope_of(row: &OutboxRow) -> Envelope {
         key: row.key.clone(),
         time: row.created_at,
         payload: Vec::new(),
+        traceparent: None,
+        tracestate: None,
     }
 }
 

@@ -59,6 +59,7 @@ async fn publish_to<DB: Backend>(
         key,
         payload: &payload,
         max_retries: 3,
+        trace_context: None,
     };
     let mut tx = DB::begin(pool).await.expect("begin");
     DB::insert(&mut *tx, table, &row).await.expect("insert");
@@ -311,6 +312,7 @@ async fn claim_lease_and_fencing<T: TestDatabase>() {
         key: None,
         payload: "{}",
         max_retries: 3,
+        trace_context: None,
     };
     let mut tx = T::DB::begin(pool).await.expect("begin");
     let err = T::DB::insert(&mut *tx, &TABLE, &dup)
@@ -1099,6 +1101,7 @@ async fn concurrent_writers_and_claimers<T: TestDatabase>() {
                         key: key.as_deref(),
                         payload: &payload,
                         max_retries: 3,
+                        trace_context: None,
                     };
                     T::DB::insert(&mut *tx, &TABLE, &row).await?;
                     written.push(event_id);

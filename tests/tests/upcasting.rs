@@ -225,6 +225,8 @@ async fn older_rows_and_records_reach_the_v3_handler<T: TestDatabase>() {
         key: None,
         time: v1_row.created_at,
         payload: Vec::new(),
+        traceparent: None,
+        tracestate: None,
     };
     let payload = format!(
         r#"{{"entry":"{}","amount":{{"cents":1,"currency":"FORGED"}}}}"#,

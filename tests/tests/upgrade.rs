@@ -1,7 +1,7 @@
 //! Upgrading a running database: a table made by the previous release's DDL
 //! (`tests/fixtures/ddl-0.1/<backend>.sql`, copied from 0.1 as it shipped), with rows in
-//! it, is brought up to date by `migrate`: the columns added since (`waiting_since`) are
-//! added, no row is lost or changed, the status view is replaced, the new statements
+//! it, is brought up to date by `migrate`: the columns added since (`waiting_since`,
+//! `trace_context`) are added, no row is lost or changed, the status view is replaced, the new statements
 //! work on the old rows, and a second `migrate` changes nothing. On every backend.
 
 use std::time::Duration;
@@ -56,6 +56,7 @@ async fn an_old_table_is_upgraded_in_place<T: TestDatabase>() {
                 key: Some(key),
                 payload: &format!(r#"{{"task_id":"{key}","seq":{n}}}"#),
                 max_retries: 20,
+                trace_context: None,
             },
         )
         .await
@@ -86,6 +87,7 @@ async fn an_old_table_is_upgraded_in_place<T: TestDatabase>() {
     for (row, id) in rows.iter().zip(&ids) {
         assert_eq!(row.event_id, id.0);
         assert!(row.waiting_since.is_none(), "{row:?}");
+        assert!(row.trace_context.is_none(), "{row:?}");
     }
     assert_eq!(rows[1].status, Status::Dead);
     assert_eq!(rows[1].last_error.as_deref(), Some("old reason"));
@@ -125,7 +127,39 @@ async fn an_old_table_is_upgraded_in_place<T: TestDatabase>() {
     .unwrap();
     drop(conn);
     assert_eq!(in_view, 1, "the replaced view shows the waiting row");
+
+    // The trace context column is written by the insert and read by the relay's claim.
+    let traced = EventId::new();
+    let context = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01;rojo=00f067aa0ba902b7";
+    let mut conn = pool.acquire().await.unwrap();
+    T::DB::insert(
+        &mut conn,
+        &table,
+        &NewRow {
+            event_id: traced.0,
+            service: &service,
+            event_type: "TaskCreated",
+            version: 1,
+            key: Some("traced"),
+            payload: r#"{"task_id":"traced"}"#,
+            max_retries: 20,
+            trace_context: Some(context),
+        },
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let claimed = T::DB::claim(pool, &table, &service, 10, Duration::from_secs(30), 7)
+        .await
+        .unwrap();
+    let row = claimed
+        .iter()
+        .find(|r| r.event_id == traced.0)
+        .expect("the new row is claimed");
+    assert_eq!(row.trace_context.as_deref(), Some(context));
     let before = T::DB::fetch_all(pool, &table, &service).await.unwrap();
+    assert_eq!(before.len(), 4);
+    assert_eq!(before[3].trace_context.as_deref(), Some(context));
 
     // Again: nothing changes.
     outbox_runtime::migrate(pool, &catalog, ["task"])

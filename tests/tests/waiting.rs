@@ -15,12 +15,14 @@ use std::time::Duration;
 
 use outbox_runtime::backend::NewRow;
 use outbox_runtime::{
-    Admin, Backend, Backoff, Catalog, EventId, KafkaConfig, Outbox, OutboxConfig, OutboxRuntime,
-    RuntimeHandle, SqlValue, Status, Waiting,
+    Admin, Backend, Backoff, EventId, Outbox, OutboxConfig, SqlValue, Status, Waiting,
 };
 use outbox_tests::broker::TestBroker;
 use outbox_tests::db::TestDatabase;
-use outbox_tests::e2e::{eventually, prepare, test_config, TestBackend};
+use outbox_tests::e2e::{
+    eventually, prepare, publish_notification, runtime_of, test_config, TestBackend,
+};
+use outbox_tests::logs::Logs;
 use outbox_tests::services::{Notification, NotificationRequested, Script};
 use sqlx::Pool;
 
@@ -31,25 +33,6 @@ async fn row<DB: Backend>(pool: &Pool<DB>, id: EventId) -> outbox_runtime::Outbo
         .await
         .expect("fetch")
         .expect("the row exists")
-}
-
-/// A relay and consumer of service `notification`.
-async fn notification_runtime<DB: Backend>(
-    pool: &Pool<DB>,
-    catalog: &Catalog,
-    broker: &TestBroker,
-    config: OutboxConfig,
-) -> RuntimeHandle {
-    OutboxRuntime::new(
-        catalog.clone(),
-        pool.clone(),
-        KafkaConfig::new(broker.bootstrap_servers()),
-    )
-    .config(config)
-    .services(["notification"])
-    .start()
-    .await
-    .unwrap()
 }
 
 /// Writes a row the way a newer release's publisher would: a type or version this
@@ -73,6 +56,7 @@ async fn insert_foreign<DB: Backend>(
             key: Some(key),
             payload: r#"{"user_id":"x","seq":0}"#,
             max_retries: 20,
+            trace_context: None,
         },
     )
     .await
@@ -116,7 +100,7 @@ async fn waits_then_dead_after_grace<DB: TestBackend>(pool: Pool<DB>) {
         .unwrap();
     tx.commit().await.unwrap();
 
-    let runtime = notification_runtime(&pool, &catalog, &broker, config).await;
+    let runtime = runtime_of(&pool, &catalog, &broker, config, "notification").await;
 
     // Both wait: pending, no attempt counted, the reason kept, visible to operators.
     let waiting = eventually("both events to wait", Duration::from_secs(30), || async {
@@ -226,6 +210,53 @@ async fn waits_then_dead_after_grace<DB: TestBackend>(pool: Pool<DB>) {
     assert_eq!(effects.len(), 2, "{effects:?}");
 }
 
+/// A wait is logged once, after its transaction commits: not also by a batch that
+/// sent the event back to wait and then rolled back (another record's handler failed),
+/// before the records are settled one by one. The log line carries the record's span.
+async fn a_wait_is_logged_once<DB: TestBackend>(pool: Pool<DB>) {
+    let logs = Logs::capture();
+    let broker = TestBroker::mock().await;
+    let catalog = prepare(&pool, &broker).await;
+    // One lane: the records queued together are settled as one batch.
+    let config = OutboxConfig {
+        consumer_lanes: 1,
+        waiting: Waiting {
+            recheck: Duration::from_secs(30),
+            grace: Duration::from_secs(60),
+        },
+        ..test_config()
+    };
+    let unknown = insert_foreign(&pool, "notification.Snoozed", 1, "ada").await;
+    let outbox =
+        Outbox::<Notification, DB>::with_config(pool.clone(), &catalog, config.clone()).unwrap();
+    let script = Script {
+        fail_times: 1,
+        ..Script::default()
+    };
+    let failing = publish_notification(&outbox, "bob", script).await;
+    let runtime = runtime_of(&pool, &catalog, &broker, config, "notification").await;
+    eventually(
+        "the failing event retried",
+        Duration::from_secs(30),
+        || async { (row(&pool, failing).await.attempts == 1).then_some(()) },
+    )
+    .await;
+    eventually(
+        "the unknown event waiting",
+        Duration::from_secs(30),
+        || async { row(&pool, unknown).await.waiting_since.map(|_| ()) },
+    )
+    .await;
+    runtime.shutdown().await.unwrap();
+    let warned = logs.lines_with("it waits for one that can");
+    assert_eq!(warned.len(), 1, "{}", logs.text());
+    assert!(
+        warned[0].contains("outbox.consume{") && warned[0].contains(&unknown.to_string()),
+        "{}",
+        warned[0]
+    );
+}
+
 /// Grace zero: no waiting, dead at once (the behaviour before waiting existed).
 async fn zero_grace_is_dead_at_once<DB: TestBackend>(pool: Pool<DB>) {
     let broker = TestBroker::mock().await;
@@ -238,7 +269,7 @@ async fn zero_grace_is_dead_at_once<DB: TestBackend>(pool: Pool<DB>) {
         ..test_config()
     };
     let unknown = insert_foreign(&pool, "notification.Snoozed", 1, "ada").await;
-    let runtime = notification_runtime(&pool, &catalog, &broker, config).await;
+    let runtime = runtime_of(&pool, &catalog, &broker, config, "notification").await;
     let r = eventually(
         "the unknown event dead",
         Duration::from_secs(30),
@@ -264,21 +295,13 @@ async fn default_retry_schedule<DB: TestBackend>(pool: Pool<DB>) {
     };
     let outbox =
         Outbox::<Notification, DB>::with_config(pool.clone(), &catalog, config.clone()).unwrap();
-    let mut tx = outbox.begin().await.unwrap();
-    let doomed = tx
-        .publish(&NotificationRequested {
-            user_id: "doomed".into(),
-            seq: 0,
-            script: Script {
-                always_fail: true,
-                ..Script::default()
-            },
-        })
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let script = Script {
+        always_fail: true,
+        ..Script::default()
+    };
+    let doomed = publish_notification(&outbox, "doomed", script).await;
     assert_eq!(row(&pool, doomed).await.max_retries, 20);
-    let runtime = notification_runtime(&pool, &catalog, &broker, config).await;
+    let runtime = runtime_of(&pool, &catalog, &broker, config, "notification").await;
 
     let mut failed_at = Vec::new(); // database clock, one per failure
     let mut gaps = Vec::new(); // scheduled: next_attempt_at - failure time
@@ -375,12 +398,14 @@ macro_rules! on_fresh_db {
 }
 
 on_fresh_db!(
+    a_wait_is_logged_once_after_commit => a_wait_is_logged_once,
     waits_then_dead_after_the_grace_period => waits_then_dead_after_grace,
     zero_grace_means_dead_at_once => zero_grace_is_dead_at_once,
     retries_follow_the_default_schedule => default_retry_schedule,
 );
 
 outbox_tests::every_backend!(
+    a_wait_is_logged_once_after_commit,
     waits_then_dead_after_the_grace_period,
     zero_grace_means_dead_at_once,
     retries_follow_the_default_schedule

@@ -6,9 +6,11 @@
 -- outbox_runtime's migrate call; usable as-is by your own migration tool after the
 -- replacement (see `Backend::migration_sql`).
 --
--- Upgrading a table made by 0.1 (before `waiting_since`): outbox_runtime's migrate adds
--- the column first; with your own tool, run once before this script:
+-- Upgrading a table made by an earlier release: outbox_runtime's migrate adds the
+-- columns it lacks first; with your own tool, run once before this script those of
+-- the following that the table lacks:
 --   ALTER TABLE {table} ADD COLUMN waiting_since DATETIME(6) NULL;
+--   ALTER TABLE {table} ADD COLUMN trace_context VARCHAR(1024) CHARACTER SET ascii NULL;
 --
 -- Times are DATETIME(6) in UTC, always written from UTC_TIMESTAMP(6) (the database
 -- clock, independent of the session time zone); there are deliberately no time
@@ -35,6 +37,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     consumed_at     DATETIME(6)  NULL,
     dead_at         DATETIME(6)  NULL,
     waiting_since   DATETIME(6)  NULL,  -- waiting for a consumer that can handle it
+    trace_context   VARCHAR(1024) CHARACTER SET ascii NULL,  -- W3C traceparent[;tracestate] of the publisher (feature otel)
     PRIMARY KEY (id),
     UNIQUE KEY uq_event_id (event_id),
     -- The claim walks pending rows of one service in id order (InnoDB appends the
@@ -54,5 +57,6 @@ SELECT id, event_id, service, event_type, event_version, event_key, payload,
                    WHEN 1 THEN 'published' WHEN 2 THEN 'consumed'
                    WHEN 3 THEN 'dead' ELSE CAST(status AS CHAR) END AS status,
        attempts, max_retries, next_attempt_at, lease_token, locked_until, last_error,
-       created_at, updated_at, published_at, consumed_at, dead_at, waiting_since
+       created_at, updated_at, published_at, consumed_at, dead_at, waiting_since,
+       trace_context
 FROM {table};

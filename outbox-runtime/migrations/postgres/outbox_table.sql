@@ -3,9 +3,11 @@
 -- Used by outbox_runtime's migrate call; usable as-is by your own migration tool after
 -- the replacement (see `Backend::migration_sql`).
 --
--- Upgrading a table made by 0.1 (before `waiting_since`): outbox_runtime's migrate adds
--- the column first; with your own tool, run once before this script:
+-- Upgrading a table made by an earlier release: outbox_runtime's migrate adds the
+-- columns it lacks first; with your own tool, run once before this script those of
+-- the following that the table lacks:
 --   ALTER TABLE {table} ADD COLUMN waiting_since TIMESTAMPTZ NULL;
+--   ALTER TABLE {table} ADD COLUMN trace_context TEXT NULL;
 CREATE TABLE IF NOT EXISTS {table} (
     id              BIGSERIAL PRIMARY KEY,
     event_id        UUID        NOT NULL UNIQUE,
@@ -26,7 +28,8 @@ CREATE TABLE IF NOT EXISTS {table} (
     published_at    TIMESTAMPTZ NULL,
     consumed_at     TIMESTAMPTZ NULL,
     dead_at         TIMESTAMPTZ NULL,
-    waiting_since   TIMESTAMPTZ NULL   -- waiting for a consumer that can handle it
+    waiting_since   TIMESTAMPTZ NULL,  -- waiting for a consumer that can handle it
+    trace_context   TEXT        NULL   -- W3C traceparent[;tracestate] of the publisher (feature otel)
 );
 -- The claim walks the pending rows of one service in due order (next_attempt_at, id).
 -- Not (service, id): the primary key gives id order too, and with a LIMIT the planner
@@ -57,5 +60,6 @@ SELECT id, event_id, service, event_type, event_version, event_key, payload,
                    WHEN 1 THEN 'published' WHEN 2 THEN 'consumed'
                    WHEN 3 THEN 'dead' ELSE CAST(status AS TEXT) END AS status,
        attempts, max_retries, next_attempt_at, lease_token, locked_until, last_error,
-       created_at, updated_at, published_at, consumed_at, dead_at, waiting_since
+       created_at, updated_at, published_at, consumed_at, dead_at, waiting_since,
+       trace_context
 FROM {table};

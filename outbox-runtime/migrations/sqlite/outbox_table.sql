@@ -5,9 +5,11 @@
 -- usable as-is by your own migration tool after the replacement (see
 -- `Backend::migration_sql`).
 --
--- Upgrading a table made by 0.1 (before `waiting_since`): outbox_runtime's migrate adds
--- the column first; with your own tool, run once before this script:
+-- Upgrading a table made by an earlier release: outbox_runtime's migrate adds the
+-- columns it lacks first; with your own tool, run once before this script those of
+-- the following that the table lacks:
 --   ALTER TABLE {table} ADD COLUMN waiting_since INTEGER NULL;
+--   ALTER TABLE {table} ADD COLUMN trace_context TEXT NULL;
 --
 -- Times are INTEGER unix microseconds (UTC), always computed in SQL from the database
 -- clock (`julianday('now')`, millisecond resolution), so comparisons are plain integer
@@ -34,7 +36,8 @@ CREATE TABLE IF NOT EXISTS {table} (
     published_at    INTEGER      NULL,                -- unix µs
     consumed_at     INTEGER      NULL,                -- unix µs
     dead_at         INTEGER      NULL,                -- unix µs
-    waiting_since   INTEGER      NULL                 -- unix µs; waiting for a consumer that can handle it
+    waiting_since   INTEGER      NULL,                -- unix µs; waiting for a consumer that can handle it
+    trace_context   TEXT         NULL                 -- W3C traceparent[;tracestate] of the publisher (feature otel)
 );
 -- The claim walks pending rows of one service in id order.
 CREATE INDEX IF NOT EXISTS {table}_claim_idx ON {table} (service, status, id);
@@ -53,5 +56,6 @@ SELECT id, event_id, service, event_type, event_version, event_key, payload,
                    WHEN 1 THEN 'published' WHEN 2 THEN 'consumed'
                    WHEN 3 THEN 'dead' ELSE CAST(status AS TEXT) END AS status,
        attempts, max_retries, next_attempt_at, lease_token, locked_until, last_error,
-       created_at, updated_at, published_at, consumed_at, dead_at, waiting_since
+       created_at, updated_at, published_at, consumed_at, dead_at, waiting_since,
+       trace_context
 FROM {table};

@@ -109,6 +109,9 @@ pub struct NewRow<'a> {
     pub payload: &'a str,
     /// Retries before the event goes dead.
     pub max_retries: i32,
+    /// The publisher's W3C trace context, `traceparent[;tracestate]` (feature `otel`);
+    /// `None` writes NULL.
+    pub trace_context: Option<&'a str>,
 }
 
 /// A row claimed by a relay: everything needed to produce it.
@@ -130,6 +133,9 @@ pub struct ClaimedRow {
     pub attempts: i32,
     /// When the event was published (database clock).
     pub created_at: DateTime<Utc>,
+    /// The publisher's W3C trace context, `traceparent[;tracestate]`, as stored (not
+    /// checked: the relay ignores a malformed one).
+    pub trace_context: Option<String>,
 }
 
 /// The consumer's view of a row, read under a row lock inside its transaction: the
@@ -202,6 +208,9 @@ pub struct OutboxRow {
     /// no handler, newer version), database clock; cleared by a handler failure and a
     /// replay.
     pub waiting_since: Option<DateTime<Utc>>,
+    /// The publisher's W3C trace context, `traceparent[;tracestate]` (feature `otel`),
+    /// as stored.
+    pub trace_context: Option<String>,
 }
 
 /// Events of one service waiting for a consumer that can handle them, by event type

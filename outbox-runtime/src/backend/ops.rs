@@ -102,16 +102,24 @@ macro_rules! store_ops {
             row: &'c $crate::backend::NewRow<'c>,
         ) -> Result<(), sqlx::Error> {
             let s = Self::statements(table);
-            sqlx::query(s.insert.text())
+            let sql = match row.trace_context {
+                Some(_) => &s.insert_traced,
+                None => &s.insert,
+            };
+            let query = sqlx::query(sql.text())
                 .bind(row.event_id)
                 .bind(row.service.as_str())
                 .bind(row.event_type)
                 .bind(row.version)
                 .bind(row.key)
                 .bind(row.payload)
-                .bind(row.max_retries)
-                .execute(conn)
-                .await?;
+                .bind(row.max_retries);
+            match row.trace_context {
+                Some(context) => query.bind(context),
+                None => query,
+            }
+            .execute(conn)
+            .await?;
             Ok(())
         }
 

@@ -39,7 +39,7 @@ macro_rules! claim_template {
                       FOR NO KEY UPDATE SKIP LOCKED) AS due \
               WHERE t.id = due.id \
              RETURNING t.id, t.event_id, t.event_type, t.event_version, t.event_key, t.payload, \
-                       t.attempts, t.created_at"
+                       t.attempts, t.created_at, t.trace_context"
         )
     };
 }

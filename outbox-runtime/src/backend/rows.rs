@@ -148,6 +148,7 @@ where
             consumed_at: opt_time("consumed_at")?,
             dead_at: opt_time("dead_at")?,
             waiting_since: opt_time("waiting_since")?,
+            trace_context: opt_text("trace_context")?,
         })
     }
 
@@ -161,6 +162,9 @@ where
             payload: self.try_get::<DbText, _>("payload")?.0,
             attempts: self.try_get("attempts")?,
             created_at: self.try_get::<DbTime, _>("created_at")?.0,
+            trace_context: self
+                .try_get::<Option<DbText>, _>("trace_context")?
+                .map(|t| t.0),
         })
     }
 

@@ -88,12 +88,12 @@ struct BoundedOp {
 
 const ROW: &str = "id, event_id, service, event_type, event_version, event_key, payload, \
     status, attempts, max_retries, next_attempt_at, last_error, created_at, updated_at, \
-    published_at, consumed_at, dead_at, waiting_since";
+    published_at, consumed_at, dead_at, waiting_since, trace_context";
 const ROW_STATE: &str = "id, status, attempts, max_retries, event_key, event_type, \
     event_version, payload, CASE WHEN next_attempt_at <= {now} THEN 1 ELSE 0 END AS due, \
     CASE WHEN waiting_since IS NULL THEN 0 ELSE 1 END AS waiting";
-const CLAIMED: &str =
-    "id, event_id, event_type, event_version, event_key, payload, attempts, created_at";
+const CLAIMED: &str = "id, event_id, event_type, event_version, event_key, payload, attempts, \
+    created_at, trace_context";
 const CLAIMABLE: &str = "o.service = {p} AND o.status = {pending} \
     AND o.next_attempt_at <= {now} AND (o.locked_until IS NULL OR o.locked_until <= {now}) \
     AND (o.event_key IS NULL OR NOT EXISTS (SELECT 1 FROM {t} p WHERE p.service = o.service \
@@ -143,6 +143,10 @@ fn push_marks(s: &mut String, n: usize) {
 pub(crate) struct Statements {
     /// event id, service, type, version, key, payload, max retries.
     pub insert: Sql,
+    /// [`insert`](Self::insert)'s, then the trace context. Only an event with a trace
+    /// context names the column, so a publisher without one (no `otel` feature, no
+    /// span) still writes into a table `migrate` has not upgraded yet.
+    pub insert_traced: Sql,
     /// ids, token.
     pub mark_published: Sql,
     /// delay, error, ids, token.
@@ -231,6 +235,11 @@ impl Statements {
                 "INSERT INTO {t} (event_id, service, event_type, event_version, \
                 event_key, payload, max_retries, next_attempt_at, created_at, updated_at) \
                 VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {now}, {now}, {now})",
+            ),
+            insert_traced: r(
+                "INSERT INTO {t} (event_id, service, event_type, event_version, \
+                event_key, payload, max_retries, trace_context, next_attempt_at, created_at, \
+                updated_at) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {now}, {now}, {now})",
             ),
             mark_published: r(
                 "UPDATE {t} SET status = {published}, published_at = {now}, \
@@ -500,6 +509,7 @@ mod tests {
     fn all(s: &Statements) -> Vec<String> {
         let mut v: Vec<String> = [
             &s.insert,
+            &s.insert_traced,
             &s.mark_published,
             &s.release,
             &s.mark_dead_leased,

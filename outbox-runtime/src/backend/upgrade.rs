@@ -20,12 +20,21 @@ pub(crate) struct AddedColumn {
 }
 
 /// The columns added since 0.1, oldest first.
-pub(crate) const ADDED_COLUMNS: &[AddedColumn] = &[AddedColumn {
-    name: "waiting_since",
-    postgres: "TIMESTAMPTZ NULL",
-    mysql: "DATETIME(6) NULL",
-    sqlite: "INTEGER NULL",
-}];
+pub(crate) const ADDED_COLUMNS: &[AddedColumn] = &[
+    AddedColumn {
+        name: "waiting_since",
+        postgres: "TIMESTAMPTZ NULL",
+        mysql: "DATETIME(6) NULL",
+        sqlite: "INTEGER NULL",
+    },
+    // The publisher's W3C trace context, `traceparent[;tracestate]` (feature `otel`).
+    AddedColumn {
+        name: "trace_context",
+        postgres: "TEXT NULL",
+        mysql: "VARCHAR(1024) CHARACTER SET ascii NULL",
+        sqlite: "TEXT NULL",
+    },
+];
 
 /// Adds the [`ADDED_COLUMNS`] that `table` lacks. `existing_sql` lists the table's
 /// columns (one bind: the table name); no column means no table yet, which the DDL then

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 
 use rdkafka::message::{Message, OwnedMessage};
 use sqlx::Transaction;
+use tracing::{Instrument, Span};
 use uuid::Uuid;
 
 use super::record::Record;
@@ -41,6 +42,8 @@ pub(super) struct Batch {
     handled: HashSet<i64>,
     /// Events handled so far, so a repeat in the same batch is a duplicate.
     handled_events: HashSet<Uuid>,
+    /// What the records' steps log once the batch commits, each in its record's span.
+    logs: Vec<(Span, Box<dyn FnOnce() + Send>)>,
 }
 
 impl<DB: Backend> Scope<DB> for Batch {
@@ -87,6 +90,11 @@ impl<DB: Backend> Scope<DB> for Batch {
         self.handled_events.insert(event_id.0);
         Ok(())
     }
+
+    fn log_after_commit(&mut self, log: impl FnOnce() + Send + 'static) {
+        // The steps run in their records' spans.
+        self.logs.push((Span::current(), Box::new(log)));
+    }
 }
 
 impl<DB: Backend> Consumer<DB> {
@@ -100,7 +108,7 @@ impl<DB: Backend> Consumer<DB> {
     ) -> usize {
         let records: Vec<_> = msgs
             .iter()
-            .map(|m| Record::read(m, self.config.max_payload_bytes))
+            .map(|m| Record::read(m, self.config.max_payload_bytes, self.route.service()))
             .collect();
         if records.len() > 1 {
             match self.process_batch(&records).await {
@@ -113,9 +121,10 @@ impl<DB: Backend> Consumer<DB> {
                 Err(e) => {
                     self.beat.failing(crate::health::Side::Database, &e);
                     // One by one next, where each record is retried in place with a
-                    // backoff: a record that fails every time then holds up only itself.
+                    // backoff: a record that fails every time then holds up only itself
+                    // (and is logged there, where its fate is decided).
                     self.stats.db_retries.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(service = %self.route.service(), records = records.len(), error = %e,
+                    tracing::debug!(service = %self.route.service(), records = records.len(), error = %e,
                         "a batch failed on the database; settling its records one by one");
                 }
             }
@@ -159,10 +168,12 @@ impl<DB: Backend> Consumer<DB> {
             open,
             handled: HashSet::new(),
             handled_events: HashSet::new(),
+            logs: Vec::new(),
         };
         let mut outcomes = Vec::with_capacity(records.len());
         for record in records {
-            match self.step(&mut work, record, &mut batch).await? {
+            let step = self.step(&mut work, record, &mut batch);
+            match step.instrument(record.span.clone()).await? {
                 Step::InTx(outcome) => outcomes.push(outcome),
                 Step::Abort(_) => {
                     let _ = work.into_transaction().rollback().await;
@@ -177,6 +188,9 @@ impl<DB: Backend> Consumer<DB> {
                 .map_err(|e| self.db_error("marking consumed the batch starting with", first, e))?;
         }
         self.commit(work, first).await?;
+        for (span, log) in batch.logs {
+            span.in_scope(log);
+        }
         for outcome in &outcomes {
             self.count(outcome);
         }

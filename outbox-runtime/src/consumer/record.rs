@@ -3,11 +3,15 @@
 //! this reading and never parses the headers again.
 
 use rdkafka::message::Message;
+use tracing::field::Empty;
+use tracing::Span;
 
 use crate::backend::RowState;
 use crate::catalog::Route;
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::event::EventId;
+use crate::route::ServiceName;
+use crate::trace::{self, TraceText};
 
 /// One record as intake read it.
 pub(super) struct Record<'m, M> {
@@ -15,6 +19,13 @@ pub(super) struct Record<'m, M> {
     pub(super) msg: &'m M,
     /// What it names.
     pub(super) read: Read,
+    /// Its `outbox.consume` span, which every step of its settlement (and the handler)
+    /// runs in: a child of the record's trace context (feature `otel`). That comes from
+    /// the record's headers, not the row: it is the relay's produce span (the row holds
+    /// only the publisher's), it is known before any lock, and it decides nothing, so a
+    /// forged one can only misfile a trace. `event_type`, `key` and `attempt` are
+    /// recorded from the row once it is locked.
+    pub(super) span: Span,
 }
 
 /// What a record names.
@@ -32,7 +43,7 @@ pub(super) enum Read {
 impl<'m, M: Message> Record<'m, M> {
     /// Reads `msg` once: a record over `max_payload_bytes`, or one without a readable
     /// event id, is a skip.
-    pub(super) fn read(msg: &'m M, max_payload_bytes: usize) -> Self {
+    pub(super) fn read(msg: &'m M, max_payload_bytes: usize, service: &ServiceName) -> Self {
         let size = msg.payload().map_or(0, <[u8]>::len);
         let read = if size > max_payload_bytes {
             Read::Skip(format!(
@@ -56,7 +67,30 @@ impl<'m, M: Message> Record<'m, M> {
                 (None, Ok(_)) => Read::Skip("record has no readable event id".to_owned()),
             }
         };
-        Record { msg, read }
+        let span = tracing::info_span!("outbox.consume", service = %service,
+            event_type = Empty, event_id = Empty, key = Empty, attempt = Empty,
+            partition = msg.partition(), offset = msg.offset());
+        if let Read::Event { event_id, envelope } = &read {
+            span.record("event_id", tracing::field::display(event_id));
+            if let Ok(Envelope {
+                traceparent: Some(traceparent),
+                tracestate,
+                ..
+            }) = envelope
+            {
+                trace::adopt(&span, TraceText::new(traceparent, tracestate.as_deref()));
+            }
+        }
+        Record { msg, read, span }
+    }
+
+    /// Records what the locked `row` says in the record's span.
+    pub(super) fn record_row(&self, row: &RowState) {
+        self.span.record("event_type", row.event_type.as_str());
+        if let Some(key) = &row.key {
+            self.span.record("key", key.as_str());
+        }
+        self.span.record("attempt", row.attempts.saturating_add(1));
     }
 
     /// The event id the record names, if any.

@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use futures::FutureExt;
 use rdkafka::message::Message;
 use sqlx::Transaction;
+use tracing::Instrument;
 
 use super::record::{Read, Record};
 use super::{Consumer, Outcome};
@@ -83,6 +84,10 @@ pub(super) trait Scope<DB: Backend> {
         row: &RowState,
         event_id: EventId,
     ) -> Result<()>;
+
+    /// Logs what a step did in the transaction once it commits: a batch that rolls
+    /// back settles its records again one by one, and they log then (once).
+    fn log_after_commit(&mut self, log: impl FnOnce() + Send + 'static);
 }
 
 /// One record in a transaction of its own.
@@ -131,6 +136,11 @@ impl<DB: Backend> Scope<DB> for Alone {
             .await
             .map_err(|e| c.event_error("marking consumed", event_id, e))
     }
+
+    /// Alone, the transaction commits right after the step.
+    fn log_after_commit(&mut self, log: impl FnOnce() + Send + 'static) {
+        log();
+    }
 }
 
 impl<DB: Backend> Consumer<DB> {
@@ -171,15 +181,22 @@ impl<DB: Backend> Consumer<DB> {
     /// Processes one record (any `rdkafka` message) in its own transaction. `Err` only
     /// for database failures, after which the same record must be processed again.
     pub async fn process<M: Message>(&self, msg: &M) -> Result<Outcome> {
-        self.process_record(&Record::read(msg, self.config.max_payload_bytes))
-            .await
+        let record = Record::read(msg, self.config.max_payload_bytes, self.route.service());
+        self.process_record(&record).await
     }
 
-    /// [`process`](Self::process) for a record intake has read.
+    /// [`process`](Self::process) for a record intake has read, in the record's span.
     pub(super) async fn process_record<M: Message>(
         &self,
         record: &Record<'_, M>,
     ) -> Result<Outcome> {
+        self.process_alone(record)
+            .instrument(record.span.clone())
+            .await
+    }
+
+    /// Processes one record in its own transaction.
+    async fn process_alone<M: Message>(&self, record: &Record<'_, M>) -> Result<Outcome> {
         if let Read::Skip(reason) = &record.read {
             // Nothing in the database to act on: no transaction.
             return Ok(self.skipped(reason.clone()));
@@ -232,6 +249,7 @@ impl<DB: Backend> Consumer<DB> {
                 return Ok(Step::Abort(Abort::Skip(reason)));
             }
         };
+        record.record_row(&row);
         if let Some(differs) = record.disagreement(&row, route) {
             let reason = format!(
                 "record at {} names event {event_id} but {differs}; the stored event is \
@@ -253,7 +271,8 @@ impl<DB: Backend> Consumer<DB> {
                 .open_predecessor(self, work.transaction(), key, row.id)
                 .await?
             {
-                self.defer(work.transaction(), key, &row, event_id).await?;
+                self.defer(work.transaction(), scope, key, &row, event_id)
+                    .await?;
                 return Ok(Step::InTx(Outcome::Deferred));
             }
         }
@@ -268,11 +287,15 @@ impl<DB: Backend> Consumer<DB> {
                     "event `{}` has schema version {}, newer than the handler's {}",
                     row.event_type, row.version, handler.version
                 );
-                return self.wait(work.transaction(), row, event_id, reason).await;
+                return self
+                    .wait(work.transaction(), scope, row, event_id, reason)
+                    .await;
             }
             None if self.catalog.event(&row.event_type).is_none() => {
                 let reason = format!("unknown event type `{}`", row.event_type);
-                return self.wait(work.transaction(), row, event_id, reason).await;
+                return self
+                    .wait(work.transaction(), scope, row, event_id, reason)
+                    .await;
             }
             None => {
                 let reason = format!(
@@ -280,7 +303,9 @@ impl<DB: Backend> Consumer<DB> {
                     row.event_type,
                     route.service()
                 );
-                return self.wait(work.transaction(), row, event_id, reason).await;
+                return self
+                    .wait(work.transaction(), scope, row, event_id, reason)
+                    .await;
             }
         };
 
@@ -317,6 +342,7 @@ impl<DB: Backend> Consumer<DB> {
     async fn wait(
         &self,
         tx: &mut Transaction<'static, DB>,
+        scope: &mut impl Scope<DB>,
         row: RowState,
         event_id: EventId,
         reason: String,
@@ -347,12 +373,15 @@ impl<DB: Backend> Consumer<DB> {
             );
             return Ok(Step::Abort(Abort::Dead(row, reason)));
         }
-        if row.waiting {
-            tracing::debug!(service = %self.route.service(), row = row.id, %event_id, %reason, "event still waits");
-        } else {
-            tracing::warn!(service = %self.route.service(), row = row.id, %event_id, %reason, recheck = ?waiting.recheck, grace = ?waiting.grace,
-                "this consumer cannot handle the event yet (an older release during a deploy?); it waits for one that can");
-        }
+        let (service, id, first) = (self.route.service().clone(), row.id, !row.waiting);
+        scope.log_after_commit(move || {
+            if first {
+                tracing::warn!(%service, row = id, %event_id, %reason, recheck = ?waiting.recheck, grace = ?waiting.grace,
+                    "this consumer cannot handle the event yet (an older release during a deploy?); it waits for one that can");
+            } else {
+                tracing::debug!(%service, row = id, %event_id, %reason, "event still waits");
+            }
+        });
         Ok(Step::InTx(Outcome::Waiting { reason: text }))
     }
 
@@ -361,6 +390,7 @@ impl<DB: Backend> Consumer<DB> {
     async fn defer(
         &self,
         tx: &mut Transaction<'static, DB>,
+        scope: &mut impl Scope<DB>,
         key: &str,
         row: &RowState,
         event_id: EventId,
@@ -380,9 +410,12 @@ impl<DB: Backend> Consumer<DB> {
             self.stats
                 .republished
                 .fetch_add(republished, Ordering::Relaxed);
-            tracing::warn!(service = %route.service(), row = row.id, predecessors = republished,
-                "published predecessors of this event never reached the consumer before it \
-                 (lost with the broker?); publishing them again");
+            let (service, id) = (route.service().clone(), row.id);
+            scope.log_after_commit(move || {
+                tracing::warn!(%service, row = id, predecessors = republished,
+                    "published predecessors of this event never reached the consumer before it \
+                     (lost with the broker?); publishing them again");
+            });
         }
         Ok(())
     }
