@@ -77,6 +77,11 @@ pub struct OutboxConfig {
     /// consumer de-duplicates by event id); set it above your worst consumer lag.
     /// Default 15 min; `None` turns the sweep off.
     pub redeliver_after: Option<Duration>,
+    /// How often each service's backlog is sampled into the metrics' gauges (one
+    /// statement per service: rows pending, due, published and unconsumed, waiting,
+    /// dead, and the oldest ages; see `outbox_runtime::metrics`). Run where the
+    /// service's relays run. Default 15 s; `None` turns the sampling off.
+    pub metrics_interval: Option<Duration>,
     /// Deleting old rows so the table stays small; `None` keeps every row. Default:
     /// consumed rows after 7 days, dead rows kept, in batches of 1000 every minute.
     pub retention: Option<Retention>,
@@ -156,6 +161,7 @@ impl Default for OutboxConfig {
                 cap: Duration::from_secs(10),
             },
             retention: Some(Retention::default()),
+            metrics_interval: Some(Duration::from_secs(15)),
             redeliver_after: Some(Duration::from_secs(15 * 60)),
             consumer_lanes: 4,
             consumer_batch_size: 32,

@@ -59,6 +59,18 @@ pub struct EventMeta {
 pub struct HandlerContext<DB: Backend> {
     tx: sqlx::Transaction<'static, DB>,
     meta: EventMeta,
+    /// The handlers that succeeded in this transaction, for the metrics recorded once
+    /// it commits (a rolled-back batch runs its handlers again).
+    pub(crate) succeeded: Vec<Succeeded>,
+}
+
+/// A handler that succeeded: what the metrics record after COMMIT.
+#[derive(Debug, Clone)]
+pub(crate) struct Succeeded {
+    pub event_type: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub published_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub took: std::time::Duration,
 }
 
 impl<DB: Backend> HandlerContext<DB> {
@@ -74,7 +86,11 @@ impl<DB: Backend> HandlerContext<DB> {
             key: None,
             attempt: 0,
         };
-        HandlerContext { tx, meta }
+        HandlerContext {
+            tx,
+            meta,
+            succeeded: Vec::new(),
+        }
     }
 
     /// The event the next handler run handles (used by the consumer).

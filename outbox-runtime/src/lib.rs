@@ -104,6 +104,8 @@ mod handler;
 mod health;
 #[cfg(feature = "kafka")]
 mod kafka;
+#[cfg(feature = "kafka")]
+pub mod metrics;
 /// The name grammar (the `outbox-names` crate, which the macros share).
 pub use outbox_names as names;
 #[cfg(feature = "otel")]
@@ -148,7 +150,7 @@ pub mod sqlite {
 }
 
 pub use admin::Admin;
-pub use backend::{Backend, OutboxRow, SqlValue, Status, StatusCounts, WaitingCount};
+pub use backend::{Backend, Backlog, OutboxRow, SqlValue, Status, StatusCounts, WaitingCount};
 pub use catalog::{Catalog, CatalogBuilder, CatalogError, EventInfo, VersionInfo};
 pub use config::{OutboxConfig, Retention, Waiting};
 #[cfg(feature = "kafka")]

@@ -115,6 +115,7 @@ pub struct Relay<DB: Backend> {
     config: Arc<OutboxConfig>,
     stats: Arc<RelayStats>,
     beat: Arc<crate::health::Beat>,
+    metrics: crate::metrics::RelayMetrics,
     consecutive_failures: AtomicU32,
     claim: Mutex<ClaimState>,
     /// Highest offset acknowledged per partition of the route's topic.
@@ -233,6 +234,7 @@ impl<DB: Backend> Relay<DB> {
         config: Arc<OutboxConfig>,
     ) -> Self {
         Relay {
+            metrics: crate::metrics::RelayMetrics::new(route.service()),
             pool,
             route,
             producers,
@@ -290,6 +292,7 @@ impl<DB: Backend> Relay<DB> {
         // relays on few keys, the heads are mostly leased to the other relays, and a
         // full claim would walk the whole backlog to find almost nothing.
         let bounded = DB::BOUNDED_CLAIM && self.claim_state().bounded;
+        let started = Instant::now();
         let mut rows = if bounded {
             DB::claim_window(
                 &self.pool,
@@ -313,6 +316,7 @@ impl<DB: Backend> Relay<DB> {
             .await
         }
         .map_err(context)?;
+        self.metrics.claim.record(started.elapsed().as_secs_f64());
         let full = rows.len() == limit as usize;
         if bounded && !full && self.full_scan_due() {
             // The window can hide heads behind a long run of waiting rows (a parked
@@ -339,6 +343,7 @@ impl<DB: Backend> Relay<DB> {
         if rows.is_empty() {
             return Ok(None);
         }
+        self.metrics.published.increment(rows.len() as u64);
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
         failpoint!("relay.after_claim");
         let span = tracing::info_span!("outbox.relay.round", service = %route.service(),
@@ -422,6 +427,7 @@ impl<DB: Backend> Relay<DB> {
         for ((row, outcome), span) in rows.iter().zip(outcomes).zip(&spans) {
             match outcome {
                 Produced::Acked { partition, offset } => {
+                    self.metrics.acked(row.created_at);
                     span.record("partition", partition);
                     span.record("offset", offset);
                     acked.push(row.id);
@@ -454,7 +460,10 @@ impl<DB: Backend> Relay<DB> {
         };
         let report = &mut finished.report;
         if !acked.is_empty() {
+            let started = Instant::now();
             let marked = self.mark_published(&acked, token).await?;
+            self.metrics.mark.record(started.elapsed().as_secs_f64());
+            self.metrics.relayed.increment(marked);
             report.published = marked;
             failpoint!("relay.after_mark");
             self.stats.published.fetch_add(marked, Ordering::Relaxed);
@@ -463,6 +472,7 @@ impl<DB: Backend> Relay<DB> {
             // about the producer.
             let fenced = acked.len() as u64 - marked.min(acked.len() as u64);
             self.stats.fenced.fetch_add(fenced, Ordering::Relaxed);
+            self.metrics.fenced.increment(fenced);
             if marked > 0 {
                 // Marking unblocks the next event of each of these keys: wake the
                 // service's other relays in this process that went idle because every
@@ -477,6 +487,7 @@ impl<DB: Backend> Relay<DB> {
             if changed {
                 report.dead += 1;
                 self.stats.dead.fetch_add(1, Ordering::Relaxed);
+                self.metrics.too_large.increment(1);
                 tracing::error!(service = %route.service(), row = id, %reason, "outbox event is dead: the broker refuses it");
             }
         }
@@ -577,6 +588,7 @@ impl<DB: Backend> Relay<DB> {
             match DB::mark_published(&self.pool, route.table(), ids, token).await {
                 Ok(marked) => return Ok(marked),
                 Err(e) if attempt < MARK_ATTEMPTS => {
+                    self.metrics.db_retries.increment(1);
                     // Logged as a warning once, by the caller, if every try fails.
                     let delay = self.config.relay_failure_backoff.delay(attempt);
                     tracing::debug!(service = %route.service(), error = %e, ?delay, "marking rows published failed; retrying");

@@ -255,6 +255,18 @@ impl<DB: Backend> OutboxRuntime<DB> {
                     tasks.push((format!("relay {s}"), tokio::spawn(relay.run(rx))));
                 }
                 relay_stats.insert(s.clone(), stats);
+                if let Some(every) = config.metrics_interval {
+                    let rx = stop_rx.clone();
+                    let pool = self.pool.clone();
+                    let route = route.clone();
+                    tasks.push((
+                        format!("backlog sampler {s}"),
+                        tokio::spawn(async move {
+                            sample_backlog::<DB>(pool, route, every, rx).await;
+                            Ok(())
+                        }),
+                    ));
+                }
                 if config.retention.is_some() || config.redeliver_after.is_some() {
                     let rx = stop_rx.clone();
                     let pool = self.pool.clone();
@@ -438,6 +450,32 @@ async fn housekeeping<DB: Backend>(
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// Samples one service's backlog into the metrics' gauges every `every` until
+/// `shutdown`. A failed sample is logged at debug and tried again next time.
+async fn sample_backlog<DB: Backend>(
+    pool: Pool<DB>,
+    route: crate::catalog::Route,
+    every: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let gauges = crate::metrics::BacklogGauges::new(route.service());
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        match DB::backlog(&pool, route.table(), route.service()).await {
+            Ok(backlog) => gauges.set(&backlog),
+            Err(e) => {
+                tracing::debug!(service = %route.service(), error = %e, "sampling the backlog failed")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => {}
         }
     }

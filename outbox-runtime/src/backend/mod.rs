@@ -165,6 +165,10 @@ pub struct RowState {
     /// Whether the row is already waiting for a consumer that can handle it
     /// (`waiting_since` is set; see [`Backend::wait`]).
     pub waiting: bool,
+    /// When the business transaction wrote it (database clock).
+    pub created_at: DateTime<Utc>,
+    /// When the broker acknowledged it, if it did (database clock).
+    pub published_at: Option<DateTime<Utc>>,
 }
 
 /// A whole row, for operators and tests.
@@ -211,6 +215,26 @@ pub struct OutboxRow {
     /// The publisher's W3C trace context, `traceparent[;tracestate]` (feature `otel`),
     /// as stored.
     pub trace_context: Option<String>,
+}
+
+/// The backlog of one service ([`Backend::backlog`]), sampled by housekeeping into the
+/// metrics' gauges. Ages are on the database clock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Backlog {
+    /// Pending rows.
+    pub pending: u64,
+    /// Pending rows due now.
+    pub due: u64,
+    /// Seconds since the oldest due pending row became due (0 if none).
+    pub oldest_due: f64,
+    /// Published, unconsumed rows.
+    pub unconsumed: u64,
+    /// Seconds since the oldest of them was published (0 if none).
+    pub oldest_unconsumed: f64,
+    /// Pending rows waiting for a consumer that can handle them.
+    pub waiting: u64,
+    /// Dead rows.
+    pub dead: u64,
 }
 
 /// Events of one service waiting for a consumer that can handle them, by event type
@@ -539,6 +563,14 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         grace: Duration,
         reason: &'c str,
     ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send + 'c;
+
+    /// The backlog of `service` in one statement: rows by open status, the due ones,
+    /// the oldest due and the oldest unconsumed row's age, waiting and dead rows.
+    fn backlog<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p TableName,
+        service: &'p ServiceName,
+    ) -> impl Future<Output = Result<Backlog, sqlx::Error>> + Send + 'p;
 
     /// The waiting rows of `service` ([`wait`](Self::wait)) by event type and reason,
     /// for operators.

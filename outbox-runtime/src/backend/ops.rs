@@ -362,6 +362,46 @@ macro_rules! store_ops {
             Ok(done.rows_affected() == 1)
         }
 
+        async fn backlog<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            service: &'p $crate::route::ServiceName,
+        ) -> Result<$crate::backend::Backlog, sqlx::Error> {
+            use sqlx::Row as _;
+            use $crate::backend::rows::DbTime;
+            let s = Self::statements(table);
+            let rows = sqlx::query(s.backlog.text())
+                .bind(service.as_str())
+                .fetch_all(pool)
+                .await?;
+            let mut b = $crate::backend::Backlog::default();
+            let age = |now: DbTime, at: Option<DbTime>| {
+                at.map_or(0.0, |at| {
+                    (now.0 - at.0).num_milliseconds().max(0) as f64 / 1000.0
+                })
+            };
+            for r in &rows {
+                let status: i16 = r.try_get(0)?;
+                let n = r.try_get::<i64, _>(1)?.max(0) as u64;
+                let now: DbTime = r.try_get(6)?;
+                match $crate::backend::Status::from_i16(status) {
+                    Some($crate::backend::Status::Pending) => {
+                        b.pending = n;
+                        b.due = r.try_get::<i64, _>(2)?.max(0) as u64;
+                        b.oldest_due = age(now, r.try_get(3)?);
+                        b.waiting = r.try_get::<i64, _>(5)?.max(0) as u64;
+                    }
+                    Some($crate::backend::Status::Published) => {
+                        b.unconsumed = n;
+                        b.oldest_unconsumed = age(now, r.try_get(4)?);
+                    }
+                    Some($crate::backend::Status::Dead) => b.dead = n,
+                    _ => {}
+                }
+            }
+            Ok(b)
+        }
+
         async fn waiting<'p>(
             pool: &'p sqlx::Pool<Self>,
             table: &'p $crate::route::TableName,

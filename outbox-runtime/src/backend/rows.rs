@@ -180,6 +180,10 @@ where
             payload: self.try_get::<DbText, _>("payload")?.0,
             due: self.try_get::<DbFlag, _>("due")?.0,
             waiting: self.try_get::<DbFlag, _>("waiting")?.0,
+            created_at: self.try_get::<DbTime, _>("created_at")?.0,
+            published_at: self
+                .try_get::<Option<DbTime>, _>("published_at")?
+                .map(|t| t.0),
         })
     }
 }

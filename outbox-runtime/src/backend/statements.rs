@@ -91,7 +91,7 @@ const ROW: &str = "id, event_id, service, event_type, event_version, event_key, 
     published_at, consumed_at, dead_at, waiting_since, trace_context";
 const ROW_STATE: &str = "id, status, attempts, max_retries, event_key, event_type, \
     event_version, payload, CASE WHEN next_attempt_at <= {now} THEN 1 ELSE 0 END AS due, \
-    CASE WHEN waiting_since IS NULL THEN 0 ELSE 1 END AS waiting";
+    CASE WHEN waiting_since IS NULL THEN 0 ELSE 1 END AS waiting, created_at, published_at";
 const CLAIMED: &str = "id, event_id, event_type, event_version, event_key, payload, attempts, \
     created_at, trace_context";
 const CLAIMABLE: &str = "o.service = {p} AND o.status = {pending} \
@@ -179,6 +179,8 @@ pub(crate) struct Statements {
     pub wait: Sql,
     /// service.
     pub waiting: Sql,
+    /// service.
+    pub backlog: Sql,
     /// delay, error, id, attempts.
     pub retry_later: Sql,
     /// reason, id, attempts.
@@ -288,6 +290,14 @@ impl Statements {
                 WHERE service = {p} AND status = {pending} AND waiting_since IS NOT NULL \
                 GROUP BY event_type, last_error ORDER BY event_type, last_error",
             ),
+            // COUNT, not SUM: SUM of integers is NUMERIC on PostgreSQL.
+            backlog: r("SELECT status, COUNT(*), \
+                COUNT(CASE WHEN status = {pending} AND next_attempt_at <= {now} THEN 1 END), \
+                MIN(CASE WHEN status = {pending} AND next_attempt_at <= {now} \
+                    THEN next_attempt_at END), \
+                MIN(published_at), COUNT(waiting_since), {now} FROM {t} \
+                WHERE service = {p} AND status IN ({pending}, {published}, {dead}) \
+                GROUP BY status"),
             // A handler ran, so the event no longer waits for one.
             retry_later: r(
                 "UPDATE {t} SET status = {pending}, attempts = attempts + 1, \

@@ -110,6 +110,7 @@ impl<DB: Backend> Consumer<DB> {
             .iter()
             .map(|m| Record::read(m, self.config.max_payload_bytes, self.route.service()))
             .collect();
+        self.metrics.batch_size.record(records.len() as f64);
         if records.len() > 1 {
             match self.process_batch(&records).await {
                 Ok(Some(_)) => {
@@ -124,6 +125,7 @@ impl<DB: Backend> Consumer<DB> {
                     // backoff: a record that fails every time then holds up only itself
                     // (and is logged there, where its fate is decided).
                     self.stats.db_retries.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.db_retries.increment(1);
                     tracing::debug!(service = %self.route.service(), records = records.len(), error = %e,
                         "a batch failed on the database; settling its records one by one");
                 }

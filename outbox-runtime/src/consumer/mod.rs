@@ -169,6 +169,7 @@ pub struct Consumer<DB: Backend> {
     config: Arc<OutboxConfig>,
     stats: Arc<ConsumerStats>,
     beat: Arc<crate::health::Beat>,
+    metrics: crate::metrics::ConsumerMetrics,
 }
 
 impl<DB: Backend> Consumer<DB> {
@@ -213,6 +214,7 @@ impl<DB: Backend> Consumer<DB> {
             return Err(Error::Config(problems.join("; ")));
         }
         Ok(Consumer {
+            metrics: crate::metrics::ConsumerMetrics::new(route.service(), handlers.keys()),
             pool,
             route,
             catalog: catalog.clone(),

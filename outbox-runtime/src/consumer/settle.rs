@@ -21,7 +21,8 @@ use super::{Consumer, Outcome};
 use crate::backend::{AttemptsFence, Backend, RowState, Status};
 use crate::error::{Error, Result};
 use crate::event::EventId;
-use crate::handler::{EventMeta, FailureKind, HandlerContext};
+use crate::handler::{EventMeta, FailureKind, HandlerContext, Succeeded};
+use crate::metrics::DeadReason;
 use crate::retry::{decide, Decision};
 use crate::runtime::ShutdownSignal;
 
@@ -37,8 +38,8 @@ pub(super) enum Step {
 pub(super) enum Abort {
     /// No outbox row to act on.
     Skip(String),
-    /// Dead at once, with the reason.
-    Dead(RowState, String),
+    /// Dead at once, with the reason and its class.
+    Dead(RowState, String, DeadReason),
     /// The handler failed or panicked.
     Failed {
         row: RowState,
@@ -163,6 +164,7 @@ impl<DB: Backend> Consumer<DB> {
                     self.beat.failing(crate::health::Side::Database, &e);
                     failures += 1;
                     self.stats.db_retries.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.db_retries.increment(1);
                     let delay = self.config.consumer_failure_backoff.delay(failures);
                     tracing::warn!(service = %self.route.service(), offset = record.msg.offset(), error = %e, ?delay,
                         "processing failed on the database; retrying the same record");
@@ -287,14 +289,16 @@ impl<DB: Backend> Consumer<DB> {
                     "event `{}` has schema version {}, newer than the handler's {}",
                     row.event_type, row.version, handler.version
                 );
+                let why = (reason, DeadReason::Version);
                 return self
-                    .wait(work.transaction(), scope, row, event_id, reason)
+                    .wait(work.transaction(), scope, row, event_id, why)
                     .await;
             }
             None if self.catalog.event(&row.event_type).is_none() => {
                 let reason = format!("unknown event type `{}`", row.event_type);
+                let why = (reason, DeadReason::UnknownType);
                 return self
-                    .wait(work.transaction(), scope, row, event_id, reason)
+                    .wait(work.transaction(), scope, row, event_id, why)
                     .await;
             }
             None => {
@@ -303,8 +307,9 @@ impl<DB: Backend> Consumer<DB> {
                     row.event_type,
                     route.service()
                 );
+                let why = (reason, DeadReason::NoHandler);
                 return self
-                    .wait(work.transaction(), scope, row, event_id, reason)
+                    .wait(work.transaction(), scope, row, event_id, why)
                     .await;
             }
         };
@@ -317,11 +322,18 @@ impl<DB: Backend> Consumer<DB> {
             key: row.key.clone(),
             attempt: u32::try_from(row.attempts).unwrap_or(0) + 1,
         });
+        let started = std::time::Instant::now();
         let result = AssertUnwindSafe((handler.call)(work, version, row.payload.as_bytes()))
             .catch_unwind()
             .await;
         let (kind, error) = match result {
             Ok(Ok(())) => {
+                work.succeeded.push(Succeeded {
+                    event_type: row.event_type.clone(),
+                    created_at: row.created_at,
+                    published_at: row.published_at,
+                    took: started.elapsed(),
+                });
                 scope
                     .handled(self, work.transaction(), &row, event_id)
                     .await?;
@@ -345,11 +357,11 @@ impl<DB: Backend> Consumer<DB> {
         scope: &mut impl Scope<DB>,
         row: RowState,
         event_id: EventId,
-        reason: String,
+        (reason, class): (String, DeadReason),
     ) -> Result<Step> {
         let waiting = self.config.waiting;
         if waiting.grace.is_zero() {
-            return Ok(Step::Abort(Abort::Dead(row, reason)));
+            return Ok(Step::Abort(Abort::Dead(row, reason, class)));
         }
         let note = " (waiting for a consumer that can handle it; see OutboxConfig::waiting)";
         let text = crate::backend::error_with_note(&reason, note);
@@ -371,8 +383,9 @@ impl<DB: Backend> Consumer<DB> {
                     waiting.grace
                 ),
             );
-            return Ok(Step::Abort(Abort::Dead(row, reason)));
+            return Ok(Step::Abort(Abort::Dead(row, reason, class)));
         }
+        self.metrics.waiting(class);
         let (service, id, first) = (self.route.service().clone(), row.id, !row.waiting);
         scope.log_after_commit(move || {
             if first {
@@ -423,24 +436,38 @@ impl<DB: Backend> Consumer<DB> {
     /// Commits the transaction of one record or one batch (`record` names it in errors).
     pub(super) async fn commit<M: Message>(
         &self,
-        work: HandlerContext<DB>,
+        mut work: HandlerContext<DB>,
         record: &Record<'_, M>,
     ) -> Result<()> {
         failpoint!("consumer.before_commit");
+        let succeeded = std::mem::take(&mut work.succeeded);
         work.into_transaction()
             .commit()
             .await
             .map_err(|e| self.db_error("committing the handler of", record, e))?;
         failpoint!("consumer.after_commit");
+        for h in &succeeded {
+            self.metrics
+                .handled(&h.event_type, h.created_at, h.published_at, h.took);
+        }
         Ok(())
     }
 
     /// Counts an outcome settled inside a committed transaction.
     pub(super) fn count(&self, outcome: &Outcome) {
         let counter = match outcome {
-            Outcome::Handled => &self.stats.handled,
-            Outcome::Duplicate => &self.stats.duplicates,
-            Outcome::Deferred => &self.stats.deferred,
+            Outcome::Handled => {
+                self.metrics.consumed.increment(1);
+                &self.stats.handled
+            }
+            Outcome::Duplicate => {
+                self.metrics.duplicates.increment(1);
+                &self.stats.duplicates
+            }
+            Outcome::Deferred => {
+                self.metrics.deferred.increment(1);
+                &self.stats.deferred
+            }
             Outcome::NotDue => &self.stats.not_due,
             Outcome::Waiting { .. } => &self.stats.waiting,
             Outcome::Mismatch { reason } => {
@@ -457,7 +484,7 @@ impl<DB: Backend> Consumer<DB> {
         let route = &self.route;
         match abort {
             Abort::Skip(reason) => Ok(self.skipped(reason)),
-            Abort::Dead(row, reason) => self.dead(&row, reason).await,
+            Abort::Dead(row, reason, class) => self.dead(&row, reason, class).await,
             Abort::Failed {
                 row,
                 kind: FailureKind::Transient,
@@ -480,6 +507,9 @@ impl<DB: Backend> Consumer<DB> {
                         )
                     })?;
                     self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    if let Some(t) = self.metrics.of_type(&row.event_type) {
+                        t.retried.increment(1);
+                    }
                     tracing::info!(service = %route.service(), row = row.id, ?delay, %error, "handler failed; retrying later");
                     Ok(Outcome::Retry { error })
                 }
@@ -488,10 +518,16 @@ impl<DB: Backend> Consumer<DB> {
                         &error,
                         &format!(" [retries exhausted: failed {} times]", row.attempts + 1),
                     );
-                    self.dead(&row, reason).await
+                    self.dead(&row, reason, DeadReason::Exhausted).await
                 }
             },
-            Abort::Failed { row, error, .. } => self.dead(&row, error).await,
+            Abort::Failed { row, error, kind } => {
+                let class = match kind {
+                    FailureKind::Undecodable => DeadReason::Undecodable,
+                    _ => DeadReason::Permanent,
+                };
+                self.dead(&row, error, class).await
+            }
         }
     }
 
@@ -525,7 +561,7 @@ impl<DB: Backend> Consumer<DB> {
         )
     }
 
-    async fn dead(&self, row: &RowState, reason: String) -> Result<Outcome> {
+    async fn dead(&self, row: &RowState, reason: String, class: DeadReason) -> Result<Outcome> {
         let route = &self.route;
         DB::mark_dead(
             &self.pool,
@@ -542,12 +578,14 @@ impl<DB: Backend> Consumer<DB> {
             )
         })?;
         self.stats.dead.fetch_add(1, Ordering::Relaxed);
+        self.metrics.dead(class);
         tracing::error!(service = %route.service(), row = row.id, %reason, "outbox event is dead");
         Ok(Outcome::Dead { reason })
     }
 
     fn skipped(&self, reason: String) -> Outcome {
         self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+        self.metrics.skipped.increment(1);
         tracing::error!(service = %self.route.service(), %reason, "record skipped");
         Outcome::Skipped { reason }
     }
