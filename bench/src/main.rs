@@ -17,7 +17,9 @@
 //! - **d** 1 vs 2 vs 4 relays on many keys and on few keys (`--relay-keys`): throughput
 //!   and per-key order violations read back from the topic;
 //! - **e** drain rate with a large table (mostly consumed rows) vs a small one;
-//! - **f** peak RSS (VmHWM, reset per phase) of relay and consumer phases.
+//! - **f** peak RSS (VmHWM, reset per phase) of relay and consumer phases;
+//! - **g** the cost of metrics: the framework's drain (b) and latency at 1,000/s (c)
+//!   with a Prometheus recorder installed and without, interleaved ([`Toggle`]).
 //!
 //! Databases (`--db postgres|mysql|both`): every section runs on PostgreSQL; sections a
 //! and b also run on MariaDB (reported as "a (MariaDB)", "b (MariaDB)"). What differs
@@ -247,7 +249,8 @@ const HELP: &str = "outbox-bench [flags]   (normally run through scripts/bench.s
                       each run creates a fresh database on each server and drops it at the end
   --broker B          host:port of a Kafka broker, or `mock` (librdkafka mock cluster);
                       default $OUTBOX_BENCH_BROKERS or mock
-  --only a,b,c,d,e    sections to run (f, peak memory, comes with b and c)
+  --only a,b,c,d,e,g  sections to run (f, peak memory, comes with b and c; g, the cost
+                      of a metrics recorder, is not in the default set)
   --repeats N         repeats per variant (median reported; default 3)
   --backlog N         relay drain backlog (default 200000; 1000000 for the issue's figure)
   --large N           consumed rows in the large table (default 2000000)
@@ -666,6 +669,10 @@ impl BenchDb for Postgres {
         }
         if ctx.args.wants("c") {
             section_c(ctx, report).await?;
+            report.write(&ctx.args, &ctx.broker, false)?;
+        }
+        if ctx.args.wants("g") {
+            section_g(ctx, report).await?;
         }
         Ok(())
     }
@@ -1861,6 +1868,165 @@ async fn latency_raw(
     consumer.await??;
     rt_pool.close().await;
     Ok((l, mem))
+}
+
+/// A recorder that hands out real Prometheus handles while on and no-op handles while
+/// off: the runtime registers its handles when a relay or consumer is created, so each
+/// variant of section g gets what was current when it started. Installed once per
+/// process, by section g only.
+struct Toggle {
+    on: std::sync::atomic::AtomicBool,
+    inner: metrics_exporter_prometheus::PrometheusRecorder,
+}
+
+impl metrics::Recorder for Toggle {
+    fn describe_counter(
+        &self,
+        k: metrics::KeyName,
+        u: Option<metrics::Unit>,
+        d: metrics::SharedString,
+    ) {
+        self.inner.describe_counter(k, u, d)
+    }
+    fn describe_gauge(
+        &self,
+        k: metrics::KeyName,
+        u: Option<metrics::Unit>,
+        d: metrics::SharedString,
+    ) {
+        self.inner.describe_gauge(k, u, d)
+    }
+    fn describe_histogram(
+        &self,
+        k: metrics::KeyName,
+        u: Option<metrics::Unit>,
+        d: metrics::SharedString,
+    ) {
+        self.inner.describe_histogram(k, u, d)
+    }
+    fn register_counter(&self, k: &metrics::Key, m: &metrics::Metadata<'_>) -> metrics::Counter {
+        if self.on.load(Ordering::SeqCst) {
+            self.inner.register_counter(k, m)
+        } else {
+            metrics::Counter::noop()
+        }
+    }
+    fn register_gauge(&self, k: &metrics::Key, m: &metrics::Metadata<'_>) -> metrics::Gauge {
+        if self.on.load(Ordering::SeqCst) {
+            self.inner.register_gauge(k, m)
+        } else {
+            metrics::Gauge::noop()
+        }
+    }
+    fn register_histogram(
+        &self,
+        k: &metrics::Key,
+        m: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        if self.on.load(Ordering::SeqCst) {
+            self.inner.register_histogram(k, m)
+        } else {
+            metrics::Histogram::noop()
+        }
+    }
+}
+
+static TOGGLE: OnceLock<&'static Toggle> = OnceLock::new();
+
+/// Turns the metrics recorder on or off for what starts next (installs it once).
+fn metrics_on(on: bool) -> Res<()> {
+    let toggle = match TOGGLE.get() {
+        Some(t) => *t,
+        None => {
+            let t: &'static Toggle = Box::leak(Box::new(Toggle {
+                on: std::sync::atomic::AtomicBool::new(false),
+                inner: metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder(),
+            }));
+            metrics::set_global_recorder(t).map_err(|e| format!("installing the recorder: {e}"))?;
+            let _ = TOGGLE.set(t);
+            t
+        }
+    };
+    toggle.on.store(on, Ordering::SeqCst);
+    Ok(())
+}
+
+/// Section g: the framework's drain and its latency at 1,000 events/s with a Prometheus
+/// recorder installed and without, interleaved (on, off, off, on, ...).
+async fn section_g(ctx: &Ctx<Postgres>, report: &mut Report) -> Res<()> {
+    let n = ctx.args.backlog;
+    log(format!(
+        "g: metrics recorder on vs off: drain of {n} rows, latency at 1000/s"
+    ));
+    let (mut drain, mut p50, mut p99) = (
+        [Vec::new(), Vec::new()],
+        [Vec::new(), Vec::new()],
+        [Vec::new(), Vec::new()],
+    );
+    for rep in 0..ctx.args.repeats {
+        for on in if rep % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        } {
+            metrics_on(on)?;
+            let i = usize::from(on);
+            ctx.load(ctx.route.table().as_str(), 0, n, 10_000).await?;
+            let route = ctx
+                .route_with_fresh_topic(ctx.route.table().as_str())
+                .await?;
+            let (r, _) = framework_drain(ctx, &route, n, 1).await?;
+            let (l, _) = latency_framework(ctx, 1000).await?;
+            log(format!(
+                "g: recorder {:<3} drain {r:>8.0} events/s  1000/s p50 {:>6.1} ms p99 {:>6.1} ms",
+                if on { "on" } else { "off" },
+                l.0,
+                l.1
+            ));
+            drain[i].push(r);
+            p50[i].push(l.0);
+            p99[i].push(l.1);
+        }
+    }
+    metrics_on(false)?;
+    let range = |v: &[f64]| {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
+        format!("{lo:.1}–{hi:.1}")
+    };
+    let mut rows = Vec::new();
+    for (what, v, higher_is_better) in [
+        ("drain, events/s", &mut drain, true),
+        ("latency at 1,000/s, p50 ms", &mut p50, false),
+        ("latency at 1,000/s, p99 ms", &mut p99, false),
+    ] {
+        let (off_range, on_range) = (range(&v[0]), range(&v[1]));
+        let (off, on) = (median(&mut v[0]), median(&mut v[1]));
+        let cost = if higher_is_better { off / on } else { on / off };
+        rows.push(vec![
+            what.into(),
+            format!("{off:.1} ({off_range})"),
+            format!("{on:.1} ({on_range})"),
+            format!("{cost:.3}"),
+        ]);
+    }
+    report.section(
+        "g. The cost of metrics: a Prometheus recorder installed vs none",
+        &[
+            "figure",
+            "no recorder: median (range)",
+            "recorder: median (range)",
+            "cost (> 1 = slower with it)",
+        ],
+        rows,
+        "Goal: ≤ 1.03. Same process, variants interleaved; the recorder is \
+         `metrics-exporter-prometheus`'s, installed for the whole run and handing out no-op \
+         handles to the variant without it (handles are registered when a relay or consumer \
+         starts). Each latency figure is one 1,000 events/s run of section c's framework \
+         pipeline.",
+    );
+    Ok(())
 }
 
 async fn section_c(ctx: &Ctx<Postgres>, report: &mut Report) -> Res<()> {

@@ -14,8 +14,11 @@ use crate::route::TableName;
 /// instant ADD COLUMN, SQLite).
 pub(crate) struct AddedColumn {
     pub name: &'static str,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub postgres: &'static str,
+    #[cfg_attr(not(feature = "mysql"), allow(dead_code))]
     pub mysql: &'static str,
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     pub sqlite: &'static str,
 }
 
