@@ -522,7 +522,7 @@ impl<DB: Backend> Relay<DB> {
             })?;
         self.stats.released.fetch_add(released, Ordering::Relaxed);
         tracing::warn!(service = %route.service(), rows = ids.len(), ?delay, error = %why,
-            "the broker did not take events; they are due again after the delay");
+            "events not delivered are given back; they are due again after the delay");
         Ok(released)
     }
 
