@@ -1,9 +1,10 @@
 //! A rolling deploy, for real: two consumer instances of service `rollout` in one
 //! consumer group, in processes of their own, built from two releases
 //! (`rollout-v1`: `rollout.Noted` v1 and its handler; `rollout-v2`: `rollout.Noted` v2
-//! and a new type `rollout.Renamed`, with handlers). Both publish while both run, on the
-//! same 8 keys, so the old instance is handed events of the new release for the
-//! partitions it owns. Then the old instance stops (SIGTERM, as a deploy stops it).
+//! and a new type `rollout.Renamed`, with handlers). Both publish while both run (the new
+//! release on 8 keys, the old one on 8 keys of its own and on the new release's keys
+//! for one event in four), so the old instance is handed events of the new release for
+//! the partitions it owns, and keeps handling its own. Then the old instance stops (SIGTERM, as a deploy stops it).
 //!
 //! Checked: the old instance sent new events back to wait (its counter) and made none
 //! dead; in the end every event is consumed, none is dead, each was handled exactly once
