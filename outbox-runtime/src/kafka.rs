@@ -315,6 +315,8 @@ pub struct ClientLog {
     client: &'static str,
     last: Mutex<HashMap<String, (Instant, u64)>>,
     rebalances: AtomicU64,
+    /// A consumer's service, whose lag per partition its statistics report.
+    lag_of: Option<metrics::SharedString>,
 }
 
 impl ClientLog {
@@ -323,6 +325,16 @@ impl ClientLog {
             client,
             last: Mutex::new(HashMap::new()),
             rebalances: AtomicU64::new(0),
+            lag_of: None,
+        }
+    }
+
+    /// A consumer's context that turns librdkafka's statistics (when
+    /// `statistics.interval.ms` is set) into the consumer-lag gauge of `service`.
+    pub(crate) fn consumer_of(service: &crate::route::ServiceName) -> Self {
+        ClientLog {
+            lag_of: Some(metrics::SharedString::from(service.as_str().to_owned())),
+            ..ClientLog::new("consumer")
         }
     }
 
@@ -353,6 +365,23 @@ impl ClientLog {
 }
 
 impl ClientContext for ClientLog {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(service) = &self.lag_of else {
+            return;
+        };
+        for topic in statistics.topics.values() {
+            for (partition, p) in &topic.partitions {
+                // -1: not known yet (no committed offset, no fetch); the internal
+                // partition -1 is the topic's unassigned messages.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!(crate::metrics::CONSUMER_LAG,
+                        "service" => service.clone(), "partition" => partition.to_string())
+                    .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         let kind = format!("log:{fac}");
         if (level as i32) > (RDKafkaLogLevel::Warning as i32) {

@@ -69,6 +69,9 @@ pub const UNCONSUMED: &str = "outbox_unconsumed_rows";
 pub const OLDEST_UNCONSUMED: &str = "outbox_oldest_unconsumed_seconds";
 /// Gauge: pending rows waiting for a consumer that can handle them.
 pub const WAITING_ROWS: &str = "outbox_waiting_rows";
+/// Gauge, by `partition`: the consumer's lag (records behind the partition's end), from
+/// librdkafka's statistics every `metrics_interval`.
+pub const CONSUMER_LAG: &str = "outbox_consumer_lag";
 /// Gauge: dead rows.
 pub const DEAD_ROWS: &str = "outbox_dead_rows";
 

@@ -209,7 +209,10 @@ where
                 ]
                 .iter()
                 .all(|g| at(g) == Some(0.0));
-                (zero && at(m::DEAD_ROWS) == Some(4.0)).then_some(seen)
+                let caught_up = seen
+                    .iter()
+                    .any(|(k, v)| k.starts_with(m::CONSUMER_LAG) && *v == 0.0);
+                (zero && at(m::DEAD_ROWS) == Some(4.0) && caught_up).then_some(seen)
             }
         },
     )
@@ -262,6 +265,13 @@ where
     assert!(!rec.samples(m::CLAIM).is_empty());
     assert!(!rec.samples(m::MARK).is_empty());
     assert!(!rec.samples(m::BATCH_SIZE).is_empty());
+    // The consumer's lag per partition, from the client's statistics.
+    let lag: Vec<_> = rec
+        .gauges
+        .iter()
+        .filter(|(k, _)| k.starts_with(m::CONSUMER_LAG))
+        .collect();
+    assert!(!lag.is_empty(), "no consumer lag gauge: {:?}", rec.gauges);
     db.cleanup().await;
 }
 

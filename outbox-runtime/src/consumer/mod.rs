@@ -290,9 +290,20 @@ impl<DB: Backend> Consumer<DB> {
         kafka: &KafkaConfig,
         shutdown: &mut ShutdownSignal,
     ) -> Result<SessionEnd> {
-        let consumer: StreamConsumer<ClientLog> = kafka
-            .consumer_config(self.route.group().as_str(), self.config.max_payload_bytes)
-            .create_with_context(ClientLog::new("consumer"))
+        let mut client =
+            kafka.consumer_config(self.route.group().as_str(), self.config.max_payload_bytes);
+        if let (Some(every), None) = (
+            self.config.metrics_interval,
+            client.get("statistics.interval.ms"),
+        ) {
+            // The lag per partition, for the metrics (ClientLog::stats).
+            client.set(
+                "statistics.interval.ms",
+                every.as_millis().clamp(1, i32::MAX as u128).to_string(),
+            );
+        }
+        let consumer: StreamConsumer<ClientLog> = client
+            .create_with_context(ClientLog::consumer_of(self.route.service()))
             .map_err(|e| {
                 Error::kafka(
                     format!("creating the consumer of service {}", self.route.service()),
