@@ -69,7 +69,7 @@ async fn record<DB: Backend>(
     id: &str,
     n: u32,
 ) -> Result<(), HandlerError> {
-    if ctx.meta().service == "notification" && n % 10 == 0 && ctx.attempt() == 1 {
+    if ctx.meta().service == "notification" && n.is_multiple_of(10) && ctx.attempt() == 1 {
         return Err(HandlerError::transient("mail server busy"));
     }
     let meta = ctx.meta().clone();
