@@ -43,12 +43,19 @@ async fn baseline<B: ChaosBackend>() {
         })
     };
     let mut warm_events = 0;
+    let warm_deadline = std::time::Instant::now() + Duration::from_secs(90);
     while !both() {
         warm.total = 16;
         warm_events += warm.run(&outbox).await.committed;
+        // Bounded in time too: fail with the consumers' state, not a harness timeout.
         assert!(
-            warm_events < 5_000,
-            "the second consumer never got a partition"
+            warm_events < 5_000 && std::time::Instant::now() < warm_deadline,
+            "a consumer never handled an event in the warm-up ({warm_events} events): \
+             {:?} / {:?}; health {:?} / {:?}",
+            r1.consumer_stats("task"),
+            r2.consumer_stats("task"),
+            r1.health(),
+            r2.health()
         );
         tokio::time::sleep(Duration::from_millis(100)).await; // load pacing
     }
