@@ -16,7 +16,7 @@
 pub enum NameKind {
     /// A service name: `[a-z][a-z0-9-]*`, at most 48 characters, no trailing or double `-`.
     Service,
-    /// An SQL table name: `[a-z_][a-z0-9_]*`, at most [`MAX_TABLE_LEN`] (58) characters,
+    /// An SQL table name: `[a-z_][a-z0-9_]*`, at most [`MAX_TABLE_LEN`] (57) characters,
     /// not a [reserved word](RESERVED_WORDS) and not a [system name](SYSTEM_PREFIXES)
     /// (`pg_*`, `sqlite_*`, [`information_schema`, `mysql`, ...](SYSTEM_NAMES)).
     Table,
@@ -44,9 +44,9 @@ impl NameKind {
 }
 
 /// The longest table name: 63 (PostgreSQL's identifier limit, which truncates longer
-/// names; MySQL's is 64) less the 5 of `_view`, so the status view `<table>_view` that
-/// the migration creates keeps its full, distinct name.
-pub const MAX_TABLE_LEN: usize = 63 - "_view".len();
+/// names; MySQL's is 64) less the 6 of `_audit`, so the tables the migration creates
+/// beside it (`<table>_audit`, the view `<table>_view`) keep their full, distinct names.
+pub const MAX_TABLE_LEN: usize = 63 - "_audit".len();
 
 /// Checks `name` against the grammar of `kind`; on failure returns why, in words that
 /// say what is allowed.

@@ -208,6 +208,92 @@ impl Catalog {
     }
 }
 
+/// A service's route as an operator tool is given it, without the application's types
+/// ([`Catalog::from_routes`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct RouteSpec {
+    /// The service name.
+    pub service: String,
+    /// Its outbox table.
+    pub table: String,
+    /// Its topic (default: the service name, as `#[outbox_service]` derives it).
+    #[serde(default)]
+    pub topic: Option<String>,
+    /// Its consumer group (default: the service name).
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+impl Catalog {
+    /// A catalog of routes only, without event types or handlers: what an operator
+    /// tool outside the application needs (the standalone `outbox` command line). Names
+    /// are checked like every other; every problem is reported at once.
+    pub fn from_routes(
+        routes: impl IntoIterator<Item = RouteSpec>,
+    ) -> Result<Catalog, CatalogError> {
+        let mut problems = BTreeSet::new();
+        let mut map = BTreeMap::new();
+        for spec in routes {
+            let topic = spec.topic.as_deref().unwrap_or(&spec.service);
+            let group = spec.group.as_deref().unwrap_or(&spec.service);
+            let checked = (
+                ServiceName::checked(&spec.service),
+                TableName::checked(&spec.table),
+                TopicName::checked(topic),
+                GroupName::checked(group),
+            );
+            match checked {
+                (Ok(service), Ok(table), Ok(topic), Ok(group)) => {
+                    if map.contains_key(&spec.service) {
+                        problems.insert(format!("service `{}` is given twice", spec.service));
+                        continue;
+                    }
+                    map.insert(
+                        spec.service.clone(),
+                        Route::new(service, table, topic, group, ""),
+                    );
+                }
+                (service, table, topic, group) => {
+                    for e in [service.err(), table.err(), topic.err(), group.err()]
+                        .into_iter()
+                        .flatten()
+                    {
+                        problems.insert(format!("service `{}`: {}", spec.service, e));
+                    }
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(CatalogError {
+                problems: problems.into_iter().collect(),
+            });
+        }
+        Ok(Catalog {
+            inner: Arc::new(Inner {
+                routes: map,
+                events: BTreeMap::new(),
+                handlers: BTreeMap::new(),
+            }),
+        })
+    }
+
+    /// The routes of a catalog export ([`Catalog::to_json`], its `services`), as
+    /// [`from_routes`](Self::from_routes) builds them: an operator tool's view of an
+    /// application it was not compiled with.
+    pub fn from_export(json: &serde_json::Value) -> Result<Catalog, CatalogError> {
+        let services = json
+            .get("services")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
+        let specs: Vec<RouteSpec> = serde_json::from_value(services).map_err(|e| CatalogError {
+            problems: vec![format!(
+                "not a catalog export (`services: [{{service, table, topic, group}}]`): {e}"
+            )],
+        })?;
+        Catalog::from_routes(specs)
+    }
+}
+
 /// Runtime overrides on top of the compile-time registry.
 #[derive(Debug, Clone, Default)]
 pub struct CatalogBuilder {

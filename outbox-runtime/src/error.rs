@@ -115,6 +115,9 @@ pub enum Error {
     /// Invalid configuration.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// An operator's request is invalid (an event key too long, a zero page size).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
     /// A relay or consumer task panicked or was cancelled.
     #[error("outbox task {task} ended abnormally: {source}")]
     Join {

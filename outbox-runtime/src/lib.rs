@@ -91,6 +91,8 @@ mod admin;
 #[doc(hidden)]
 pub mod backend;
 mod catalog;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod compat;
 mod config;
 #[cfg(feature = "kafka")]
@@ -149,9 +151,15 @@ pub mod sqlite {
     pub use crate::backend::sqlite::{sqlite_connect_options, sqlite_outbox_options};
 }
 
-pub use admin::Admin;
-pub use backend::{Backend, Backlog, OutboxRow, SqlValue, Status, StatusCounts, WaitingCount};
-pub use catalog::{Catalog, CatalogBuilder, CatalogError, EventInfo, VersionInfo};
+pub use admin::{
+    Admin, DeadPage, EventDetail, Page, ReplayOptions, ReplayProgress, ReplayReport,
+    ServiceOverview,
+};
+pub use backend::{
+    AuditEntry, Backend, Backlog, DeadFilter, DeadReason, KeyCounts, OutboxRow, ParkedKey,
+    SqlValue, Status, StatusCounts, WaitingCount,
+};
+pub use catalog::{Catalog, CatalogBuilder, CatalogError, EventInfo, RouteSpec, VersionInfo};
 pub use config::{OutboxConfig, Retention, Waiting};
 #[cfg(feature = "kafka")]
 pub use consumer::ConsumerStats;

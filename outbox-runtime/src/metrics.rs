@@ -75,49 +75,7 @@ pub const CONSUMER_LAG: &str = "outbox_consumer_lag";
 /// Gauge: dead rows.
 pub const DEAD_ROWS: &str = "outbox_dead_rows";
 
-/// Why an event is dead: a bounded set, the `reason` label of [`DEAD`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DeadReason {
-    /// The payload does not decode into the handler's type.
-    Undecodable,
-    /// No consumer knew the event type within the waiting grace period.
-    UnknownType,
-    /// No consumer had a handler for it within the grace period.
-    NoHandler,
-    /// No consumer knew its version within the grace period.
-    Version,
-    /// The handler said retrying cannot help.
-    Permanent,
-    /// The handler failed max-retries times.
-    Exhausted,
-    /// The broker refuses it (too large).
-    TooLarge,
-}
-
-impl DeadReason {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeadReason::Undecodable => "undecodable",
-            DeadReason::UnknownType => "unknown_type",
-            DeadReason::NoHandler => "no_handler",
-            DeadReason::Version => "version",
-            DeadReason::Permanent => "permanent",
-            DeadReason::Exhausted => "exhausted",
-            DeadReason::TooLarge => "too_large",
-        }
-    }
-
-    const ALL: [DeadReason; 7] = [
-        DeadReason::Undecodable,
-        DeadReason::UnknownType,
-        DeadReason::NoHandler,
-        DeadReason::Version,
-        DeadReason::Permanent,
-        DeadReason::Exhausted,
-        DeadReason::TooLarge,
-    ];
-}
+pub use crate::backend::DeadReason;
 
 /// Seconds from `at` (database clock) to now (this process's clock), never negative.
 fn since(at: DateTime<Utc>) -> f64 {

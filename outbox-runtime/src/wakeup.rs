@@ -106,6 +106,22 @@ impl Armed<'_> {
     }
 }
 
+/// Wakes the relays of `(table, service)` in this process and, where the database has
+/// NOTIFY, in every other process now (an operator's replay from another binary).
+/// Best effort: relays poll anyway.
+pub(crate) async fn wake_everywhere<DB: Backend>(
+    pool: &Pool<DB>,
+    table: &TableName,
+    service: &ServiceName,
+) {
+    wake_local(table, service);
+    if DB::HAS_NOTIFY {
+        if let Err(e) = DB::notify(pool, CHANNEL, &hint(table, service)).await {
+            tracing::debug!(error = %e, "outbox wake-up NOTIFY failed");
+        }
+    }
+}
+
 /// The hint payload for a table and service.
 pub(crate) fn hint(table: &TableName, service: &ServiceName) -> String {
     format!("{table}:{service}")

@@ -487,7 +487,7 @@ pub async fn check<B: ChaosBackend>(
             report.unledgered_rows += 1;
         }
         match r.status {
-            Status::Dead => {
+            Status::Dead | Status::Discarded => {
                 let reason = r.last_error.clone().unwrap_or_default();
                 if reason.trim().is_empty() {
                     report.dead_without_reason += 1;

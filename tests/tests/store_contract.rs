@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use outbox_runtime::backend::{AttemptsFence, Backend, ClaimedRow, NewRow, OutboxRow, Status};
+use outbox_runtime::backend::{
+    AttemptsFence, Backend, ClaimedRow, DeadReason, NewRow, OutboxRow, Status,
+};
 use outbox_runtime::{ServiceName, TableName};
 use outbox_tests::db::TestDatabase;
 use sqlx::types::chrono::{DateTime, Utc};
@@ -376,11 +378,16 @@ async fn head_of_key<T: TestDatabase>() {
     );
 
     // b1 dead (consumer side): b2 is the head now.
-    assert!(
-        T::DB::mark_dead(pool, &TABLE, b1_id, AttemptsFence(0), "poison")
-            .await
-            .expect("dead")
-    );
+    assert!(T::DB::mark_dead(
+        pool,
+        &TABLE,
+        b1_id,
+        AttemptsFence(0),
+        "poison",
+        DeadReason::Permanent
+    )
+    .await
+    .expect("dead"));
     assert_eq!(
         event_ids(&claim(pool, &SVC, 10, LONG, token()).await),
         vec![b2]
@@ -603,9 +610,16 @@ async fn consumer_failures_fenced_by_attempts<T: TestDatabase>() {
             .await
             .expect("retry")
     );
-    assert!(!T::DB::mark_dead(pool, &TABLE, id, AttemptsFence(0), "x")
-        .await
-        .expect("dead"));
+    assert!(!T::DB::mark_dead(
+        pool,
+        &TABLE,
+        id,
+        AttemptsFence(0),
+        "x",
+        DeadReason::Permanent
+    )
+    .await
+    .expect("dead"));
     assert_eq!(fetch(pool, e).await.attempts, 1);
 
     // Due again after the delay: the relay re-publishes it with its attempts count.
@@ -618,20 +632,32 @@ async fn consumer_failures_fenced_by_attempts<T: TestDatabase>() {
         1
     );
 
-    assert!(
-        T::DB::mark_dead(pool, &TABLE, id, AttemptsFence(1), "undecodable")
-            .await
-            .expect("dead")
-    );
+    assert!(T::DB::mark_dead(
+        pool,
+        &TABLE,
+        id,
+        AttemptsFence(1),
+        "undecodable",
+        DeadReason::Permanent
+    )
+    .await
+    .expect("dead"));
     let r = fetch(pool, e).await;
     assert_eq!((r.status, r.attempts), (Status::Dead, 2));
     assert_eq!(r.last_error.as_deref(), Some("undecodable"));
     assert!(r.dead_at.is_some());
 
     // Dead is terminal.
-    assert!(!T::DB::mark_dead(pool, &TABLE, id, AttemptsFence(2), "x")
-        .await
-        .expect("dead"));
+    assert!(!T::DB::mark_dead(
+        pool,
+        &TABLE,
+        id,
+        AttemptsFence(2),
+        "x",
+        DeadReason::Permanent
+    )
+    .await
+    .expect("dead"));
     assert!(
         !T::DB::retry_later(pool, &TABLE, id, AttemptsFence(2), Duration::ZERO, "x")
             .await
@@ -698,9 +724,16 @@ async fn terminal_states_and_defer<T: TestDatabase>() {
             .await
             .expect("retry")
     );
-    assert!(!T::DB::mark_dead(pool, &TABLE, id, AttemptsFence(0), "x")
-        .await
-        .expect("dead"));
+    assert!(!T::DB::mark_dead(
+        pool,
+        &TABLE,
+        id,
+        AttemptsFence(0),
+        "x",
+        DeadReason::Permanent
+    )
+    .await
+    .expect("dead"));
     assert_eq!(
         T::DB::mark_published(pool, &TABLE, &[id], t)
             .await
@@ -819,9 +852,16 @@ async fn open_predecessors<T: TestDatabase>() {
     let k3 = publish(pool, &SVC, Some("k")).await;
     let k3_id = fetch(pool, k3).await.id;
     assert!(has("k", k3_id).await, "k2 pending");
-    assert!(T::DB::mark_dead(pool, &TABLE, k2_id, AttemptsFence(0), "x")
-        .await
-        .expect("dead"));
+    assert!(T::DB::mark_dead(
+        pool,
+        &TABLE,
+        k2_id,
+        AttemptsFence(0),
+        "x",
+        DeadReason::Permanent
+    )
+    .await
+    .expect("dead"));
     assert!(!has("k", k3_id).await, "dead predecessor");
     db.cleanup().await;
 }

@@ -65,8 +65,12 @@ pub enum Status {
     Published = 1,
     /// Handled; terminal.
     Consumed = 2,
-    /// Given up, with `last_error` as the reason; terminal.
+    /// Given up, with `last_error` as the reason and `dead_reason` as its class.
+    /// Terminal, except that an operator may replay it ([`crate::Admin::replay`]).
     Dead = 3,
+    /// A dead event an operator set aside ([`crate::Admin::discard`]): kept for the
+    /// record, never replayed by a filter; terminal.
+    Discarded = 4,
 }
 
 impl Status {
@@ -82,13 +86,94 @@ impl Status {
             1 => Status::Published,
             2 => Status::Consumed,
             3 => Status::Dead,
+            4 => Status::Discarded,
             _ => return None,
         })
     }
 
     /// Whether no transition leaves this status.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Status::Consumed | Status::Dead)
+        matches!(self, Status::Consumed | Status::Dead | Status::Discarded)
+    }
+
+    /// The name operators see (`pending`, …, `discarded`), as in the table's view.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Published => "published",
+            Status::Consumed => "consumed",
+            Status::Dead => "dead",
+            Status::Discarded => "discarded",
+        }
+    }
+}
+
+/// Why an event is dead: a bounded set, stored in the row's `dead_reason` column (the
+/// detail is in `last_error`), the `reason` label of the dead-events metric and a
+/// dead-letter filter for operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadReason {
+    /// The payload does not decode into the handler's type.
+    Undecodable,
+    /// No consumer knew the event type within the waiting grace period.
+    UnknownType,
+    /// No consumer had a handler for it within the grace period.
+    NoHandler,
+    /// No consumer knew its version within the grace period.
+    Version,
+    /// The handler said retrying cannot help.
+    Permanent,
+    /// The handler failed max-retries times.
+    Exhausted,
+    /// The broker refuses it (too large).
+    TooLarge,
+}
+
+impl DeadReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [DeadReason; 7] = [
+        DeadReason::Undecodable,
+        DeadReason::UnknownType,
+        DeadReason::NoHandler,
+        DeadReason::Version,
+        DeadReason::Permanent,
+        DeadReason::Exhausted,
+        DeadReason::TooLarge,
+    ];
+
+    /// The stored and shown name: `undecodable`, `unknown_type`, `no_handler`,
+    /// `version`, `permanent`, `exhausted`, `too_large`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::Undecodable => "undecodable",
+            DeadReason::UnknownType => "unknown_type",
+            DeadReason::NoHandler => "no_handler",
+            DeadReason::Version => "version",
+            DeadReason::Permanent => "permanent",
+            DeadReason::Exhausted => "exhausted",
+            DeadReason::TooLarge => "too_large",
+        }
+    }
+}
+
+impl std::fmt::Display for DeadReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DeadReason {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DeadReason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = DeadReason::ALL.iter().map(|r| r.as_str()).collect();
+                format!("unknown dead reason `{s}` (one of: {})", names.join(", "))
+            })
     }
 }
 
@@ -215,6 +300,11 @@ pub struct OutboxRow {
     /// The publisher's W3C trace context, `traceparent[;tracestate]` (feature `otel`),
     /// as stored.
     pub trace_context: Option<String>,
+    /// The class of `last_error` for a dead row ([`DeadReason`]'s name); `None` for rows
+    /// that died before the column existed.
+    pub dead_reason: Option<String>,
+    /// Since when an operator has held this pending row's key ([`crate::Admin::park`]).
+    pub parked_at: Option<DateTime<Utc>>,
 }
 
 /// The backlog of one service ([`Backend::backlog`]), sampled by housekeeping into the
@@ -262,6 +352,131 @@ pub struct StatusCounts {
     pub consumed: u64,
     /// Given up.
     pub dead: u64,
+    /// Dead and set aside by an operator.
+    pub discarded: u64,
+}
+
+/// Keys of one service that do not flow ([`Backend::key_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KeyCounts {
+    /// Keys whose head failed at least once and waits for its retry (or for a consumer
+    /// that can handle it): every later event of the key waits behind it.
+    pub failing: u64,
+    /// Keys an operator parked.
+    pub parked: u64,
+}
+
+/// A key an operator parked ([`Backend::parked`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ParkedKey {
+    /// The key.
+    pub key: String,
+    /// Its pending events (parked, and later ones waiting behind them).
+    pub pending: u64,
+    /// When it was parked (database clock).
+    pub parked_since: DateTime<Utc>,
+}
+
+/// Which dead rows of a service an operator means: every `Some` field must match.
+/// Texts are compared exactly, except `error_contains` (case-insensitive substring of
+/// `last_error`); ages are on the database clock, from `dead_at`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct DeadFilter {
+    /// The event type.
+    pub event_type: Option<String>,
+    /// The reason class.
+    pub reason: Option<DeadReason>,
+    /// Part of the last error, in any case.
+    pub error_contains: Option<String>,
+    /// The event key.
+    pub key: Option<String>,
+    /// Dead for at least this long.
+    #[serde(with = "opt_secs")]
+    pub older_than: Option<Duration>,
+    /// Dead for at most this long.
+    #[serde(with = "opt_secs")]
+    pub newer_than: Option<Duration>,
+}
+
+impl DeadFilter {
+    /// Whether no field is set (every dead row matches).
+    pub fn is_empty(&self) -> bool {
+        *self == DeadFilter::default()
+    }
+
+    /// The `LIKE` pattern for `error_contains`: lower case, `!` escaping the pattern's
+    /// own characters (`!` is the escape character in every dialect's statement).
+    pub(crate) fn error_pattern(&self) -> Option<String> {
+        self.error_contains.as_ref().map(|text| {
+            let mut p = String::with_capacity(text.len() + 2);
+            p.push('%');
+            for c in text.to_lowercase().chars() {
+                if matches!(c, '%' | '_' | '!') {
+                    p.push('!');
+                }
+                p.push(c);
+            }
+            p.push('%');
+            p
+        })
+    }
+}
+
+/// Durations as fractional seconds in JSON (audit rows, `--json`).
+mod opt_secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let secs = Option::<f64>::deserialize(d)?;
+        secs.map(|s| {
+            Duration::try_from_secs_f64(s).map_err(|e| serde::de::Error::custom(e.to_string()))
+        })
+        .transpose()
+    }
+}
+
+/// An operator's action, as its audit row records it ([`Backend::audit`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEntry {
+    /// The row id (audit rows are listed newest first).
+    pub id: i64,
+    /// When (database clock).
+    pub at: DateTime<Utc>,
+    /// Who ([`crate::Admin::acting_as`]).
+    pub actor: String,
+    /// What: `replay`, `replay_matching`, `discard`, `park`, `unpark`.
+    pub action: String,
+    /// The service.
+    pub service: String,
+    /// On what: an event id, a key, or a filter as JSON.
+    pub target: String,
+    /// How many rows changed.
+    pub affected: u64,
+}
+
+/// An audit row to write ([`Backend::audit_insert`]).
+#[derive(Debug, Clone, Copy)]
+pub struct NewAudit<'a> {
+    /// Who.
+    pub actor: &'a str,
+    /// What.
+    pub action: &'a str,
+    /// The service.
+    pub service: &'a ServiceName,
+    /// On what.
+    pub target: &'a str,
+    /// Rows changed so far.
+    pub affected: u64,
 }
 
 /// What a consumer-side failure transition is fenced by: the attempts count it read
@@ -313,6 +528,34 @@ mod tests {
         assert!(noted.starts_with("éé"));
         assert!(noted.ends_with(" [retries exhausted: failed 21 times]"));
         assert_eq!(error_with_note("boom", " [x]"), "boom [x]");
+    }
+
+    #[test]
+    fn error_filters_match_literally_in_any_case() {
+        let f = DeadFilter {
+            error_contains: Some("50% Off_now!".into()),
+            ..DeadFilter::default()
+        };
+        assert_eq!(f.error_pattern().as_deref(), Some("%50!% off!_now!!%"));
+        assert!(DeadFilter::default().is_empty() && !f.is_empty());
+        assert_eq!("exhausted".parse::<DeadReason>(), Ok(DeadReason::Exhausted));
+        assert!("nope"
+            .parse::<DeadReason>()
+            .unwrap_err()
+            .contains("too_large"));
+        let json = serde_json::to_string(&DeadFilter {
+            reason: Some(DeadReason::NoHandler),
+            older_than: Some(Duration::from_secs(90)),
+            ..DeadFilter::default()
+        })
+        .unwrap();
+        assert!(json.contains(r#""reason":"no_handler""#) && json.contains(r#""older_than":90.0"#));
+        assert_eq!(
+            serde_json::from_str::<DeadFilter>(&json)
+                .unwrap()
+                .older_than,
+            Some(Duration::from_secs(90))
+        );
     }
 }
 
@@ -429,8 +672,8 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         error: &'p str,
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'p;
 
-    /// Marks a claimed row dead (relay side: permanent produce error), fenced by the
-    /// lease. Returns whether it changed.
+    /// Marks a claimed row dead (relay side: the broker refuses it as too large, class
+    /// [`DeadReason::TooLarge`]), fenced by the lease. Returns whether it changed.
     fn mark_dead_leased<'p>(
         pool: &'p Pool<Self>,
         table: &'p TableName,
@@ -539,14 +782,15 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         error: &'p str,
     ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send + 'p;
 
-    /// Consumer side: dead with `reason` (attempts + 1, `lease_token = 0`), fenced like
-    /// [`retry_later`](Self::retry_later).
+    /// Consumer side: dead with `reason` and its `class` (attempts + 1,
+    /// `lease_token = 0`), fenced like [`retry_later`](Self::retry_later).
     fn mark_dead<'p>(
         pool: &'p Pool<Self>,
         table: &'p TableName,
         id: i64,
         fence: AttemptsFence,
         reason: &'p str,
+        class: DeadReason,
     ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send + 'p;
 
     /// Consumer side, in its transaction: row `id` (open, locked) cannot be handled by
@@ -636,6 +880,105 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         table: &'p TableName,
         service: &'p ServiceName,
     ) -> impl Future<Output = Result<StatusCounts, sqlx::Error>> + Send + 'p;
+
+    /// Operators: the dead rows of `service` that match `filter`, with ids above
+    /// `after` (the cursor: the last id of the previous page), in id order, at most
+    /// `limit`.
+    fn dead_page<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p TableName,
+        service: &'p ServiceName,
+        filter: &'p DeadFilter,
+        after: i64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send + 'p;
+
+    /// Operators: how many dead rows of `service` match `filter`.
+    fn dead_count<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p TableName,
+        service: &'p ServiceName,
+        filter: &'p DeadFilter,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'p;
+
+    /// Operators, in their transaction: replays the rows `ids` of `service` that are
+    /// still dead, like [`revive`](Self::revive). Returns how many changed.
+    fn revive_ids<'c>(
+        conn: &'c mut Self::Connection,
+        table: &'c TableName,
+        service: &'c ServiceName,
+        ids: &'c [i64],
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'c;
+
+    /// Operators, in their transaction: sets the dead row of `event_id` aside
+    /// ([`Status::Discarded`]), keeping it. Returns whether it changed.
+    fn discard<'c>(
+        conn: &'c mut Self::Connection,
+        table: &'c TableName,
+        service: &'c ServiceName,
+        event_id: Uuid,
+    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send + 'c;
+
+    /// Operators, in their transaction: holds `key`: its pending rows that no relay
+    /// holds a lease on are parked (`parked_at` set, due in a century), so no claim
+    /// takes them and the key's later events wait behind them (head of key). Returns
+    /// how many rows were parked; 0 if the key has nothing pending.
+    fn park<'c>(
+        conn: &'c mut Self::Connection,
+        table: &'c TableName,
+        service: &'c ServiceName,
+        key: &'c str,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'c;
+
+    /// Operators, in their transaction: releases a parked key, its parked rows due now
+    /// (the relay then sends the key's events in order). Returns how many.
+    fn unpark<'c>(
+        conn: &'c mut Self::Connection,
+        table: &'c TableName,
+        service: &'c ServiceName,
+        key: &'c str,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'c;
+
+    /// Operators: the parked keys of `service`, by key.
+    fn parked<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p TableName,
+        service: &'p ServiceName,
+    ) -> impl Future<Output = Result<Vec<ParkedKey>, sqlx::Error>> + Send + 'p;
+
+    /// Operators: how many keys of `service` are held behind a failing head or parked.
+    fn key_counts<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p TableName,
+        service: &'p ServiceName,
+    ) -> impl Future<Output = Result<KeyCounts, sqlx::Error>> + Send + 'p;
+
+    /// Operators, in the transaction of the change it records: appends an audit row to
+    /// `<table>_audit`; `reference` ties the rows' changes of one action together
+    /// ([`audit_add`](Self::audit_add)).
+    fn audit_insert<'c>(
+        conn: &'c mut Self::Connection,
+        table: &'c TableName,
+        reference: Uuid,
+        entry: &'c NewAudit<'c>,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
+
+    /// Operators, in the transaction of a further change of the same action: adds
+    /// `affected` to the audit row of `reference`.
+    fn audit_add<'c>(
+        conn: &'c mut Self::Connection,
+        table: &'c TableName,
+        reference: Uuid,
+        affected: u64,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
+
+    /// Operators: the newest `limit` audit rows of `<table>_audit`, of `service` or all.
+    fn audit<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p TableName,
+        service: Option<&'p ServiceName>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<AuditEntry>, sqlx::Error>> + Send + 'p;
 
     /// The database clock.
     fn now<'p>(
@@ -732,6 +1075,7 @@ pub(crate) fn counts_from(rows: impl IntoIterator<Item = (i16, i64)>) -> StatusC
             Some(Status::Published) => c.published += n,
             Some(Status::Consumed) => c.consumed += n,
             Some(Status::Dead) => c.dead += n,
+            Some(Status::Discarded) => c.discarded += n,
             None => {}
         }
     }

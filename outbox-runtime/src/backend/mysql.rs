@@ -45,6 +45,7 @@ pub(crate) const SQL: SqlDialect = SqlDialect {
     interval: "INTERVAL {p} MICROSECOND",
     nullable_delay: "{p}",
     nullable_uuid: "{p}",
+    nullable_text: "{p}",
     in_ids: "IN ({list})",
     in_list: "IN ({list})",
     for_update: " FOR UPDATE",

@@ -179,6 +179,7 @@ macro_rules! store_ops {
             let done = Self::retry(|| {
                 sqlx::query(s.mark_dead_leased.text())
                     .bind(reason)
+                    .bind($crate::backend::DeadReason::TooLarge.as_str())
                     .bind(id)
                     .bind(token)
                     .execute(pool)
@@ -483,12 +484,14 @@ macro_rules! store_ops {
             id: i64,
             fence: $crate::backend::AttemptsFence,
             reason: &'p str,
+            class: $crate::backend::DeadReason,
         ) -> Result<bool, sqlx::Error> {
             let s = Self::statements(table);
             let reason = $crate::backend::truncate_error(reason);
             let done = Self::retry(|| {
                 sqlx::query(s.mark_dead.text())
                     .bind(reason)
+                    .bind(class.as_str())
                     .bind(id)
                     .bind(fence.0)
                     .execute(pool)
@@ -603,6 +606,214 @@ macro_rules! store_ops {
             Ok($crate::backend::counts_from(rows))
         }
 
+        async fn dead_page<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            service: &'p $crate::route::ServiceName,
+            filter: &'p $crate::backend::DeadFilter,
+            after: i64,
+            limit: u32,
+        ) -> Result<Vec<$crate::backend::OutboxRow>, sqlx::Error> {
+            use $crate::backend::rows::OutboxRowExt as _;
+            let s = Self::statements(table);
+            let pattern = filter.error_pattern();
+            let q = sqlx::query(s.dead_page.text());
+            $crate::backend::ops::bind_dead_filter!(q, service, filter, pattern)
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| r.outbox_row())
+                .collect()
+        }
+
+        async fn dead_count<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            service: &'p $crate::route::ServiceName,
+            filter: &'p $crate::backend::DeadFilter,
+        ) -> Result<u64, sqlx::Error> {
+            let s = Self::statements(table);
+            let pattern = filter.error_pattern();
+            let q = sqlx::query_scalar::<_, i64>(s.dead_count.text());
+            let n = $crate::backend::ops::bind_dead_filter!(q, service, filter, pattern)
+                .fetch_one(pool)
+                .await?;
+            Ok(n.max(0) as u64)
+        }
+
+        async fn revive_ids<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            table: &'c $crate::route::TableName,
+            service: &'c $crate::route::ServiceName,
+            ids: &'c [i64],
+        ) -> Result<u64, sqlx::Error> {
+            let s = Self::statements(table);
+            let mut changed = 0;
+            for chunk in ids.chunks(Self::ID_CHUNK) {
+                let sql = s.revive_ids.get(chunk.len());
+                let q = sqlx::query(&sql);
+                changed += Self::bind_ids(q, chunk)
+                    .bind(service.as_str())
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+            }
+            Ok(changed)
+        }
+
+        async fn discard<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            table: &'c $crate::route::TableName,
+            service: &'c $crate::route::ServiceName,
+            event_id: uuid::Uuid,
+        ) -> Result<bool, sqlx::Error> {
+            let s = Self::statements(table);
+            let done = sqlx::query(s.discard.text())
+                .bind(service.as_str())
+                .bind(event_id)
+                .execute(conn)
+                .await?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        async fn park<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            table: &'c $crate::route::TableName,
+            service: &'c $crate::route::ServiceName,
+            key: &'c str,
+        ) -> Result<u64, sqlx::Error> {
+            let s = Self::statements(table);
+            let hold = Self::delay(std::time::Duration::MAX);
+            let done = sqlx::query(s.park.text())
+                .bind(hold)
+                .bind(service.as_str())
+                .bind(key)
+                .execute(conn)
+                .await?;
+            Ok(done.rows_affected())
+        }
+
+        async fn unpark<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            table: &'c $crate::route::TableName,
+            service: &'c $crate::route::ServiceName,
+            key: &'c str,
+        ) -> Result<u64, sqlx::Error> {
+            let s = Self::statements(table);
+            let done = sqlx::query(s.unpark.text())
+                .bind(service.as_str())
+                .bind(key)
+                .execute(conn)
+                .await?;
+            Ok(done.rows_affected())
+        }
+
+        async fn parked<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            service: &'p $crate::route::ServiceName,
+        ) -> Result<Vec<$crate::backend::ParkedKey>, sqlx::Error> {
+            use sqlx::Row as _;
+            use $crate::backend::rows::{DbText, DbTime};
+            let s = Self::statements(table);
+            sqlx::query(s.parked.text())
+                .bind(service.as_str())
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok($crate::backend::ParkedKey {
+                        key: r.try_get::<DbText, _>(0)?.0,
+                        pending: r.try_get::<i64, _>(1)?.max(0) as u64,
+                        parked_since: r.try_get::<DbTime, _>(2)?.0,
+                    })
+                })
+                .collect()
+        }
+
+        async fn key_counts<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            service: &'p $crate::route::ServiceName,
+        ) -> Result<$crate::backend::KeyCounts, sqlx::Error> {
+            let s = Self::statements(table);
+            let (failing, parked): (i64, i64) = sqlx::query_as(s.key_counts.text())
+                .bind(service.as_str())
+                .fetch_one(pool)
+                .await?;
+            Ok($crate::backend::KeyCounts {
+                failing: failing.max(0) as u64,
+                parked: parked.max(0) as u64,
+            })
+        }
+
+        async fn audit_insert<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            table: &'c $crate::route::TableName,
+            reference: uuid::Uuid,
+            entry: &'c $crate::backend::NewAudit<'c>,
+        ) -> Result<(), sqlx::Error> {
+            let s = Self::statements(table);
+            sqlx::query(s.audit_insert.text())
+                .bind(reference)
+                .bind(entry.actor)
+                .bind(entry.action)
+                .bind(entry.service.as_str())
+                .bind(entry.target)
+                .bind(i64::try_from(entry.affected).unwrap_or(i64::MAX))
+                .execute(conn)
+                .await?;
+            Ok(())
+        }
+
+        async fn audit_add<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            table: &'c $crate::route::TableName,
+            reference: uuid::Uuid,
+            affected: u64,
+        ) -> Result<(), sqlx::Error> {
+            let s = Self::statements(table);
+            sqlx::query(s.audit_add.text())
+                .bind(i64::try_from(affected).unwrap_or(i64::MAX))
+                .bind(reference)
+                .execute(conn)
+                .await?;
+            Ok(())
+        }
+
+        async fn audit<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            service: Option<&'p $crate::route::ServiceName>,
+            limit: u32,
+        ) -> Result<Vec<$crate::backend::AuditEntry>, sqlx::Error> {
+            use sqlx::Row as _;
+            use $crate::backend::rows::{DbText, DbTime};
+            let s = Self::statements(table);
+            let service = service.map(|s| s.as_str());
+            sqlx::query(s.audit_list.text())
+                .bind(service)
+                .bind(service)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok($crate::backend::AuditEntry {
+                        id: r.try_get(0)?,
+                        at: r.try_get::<DbTime, _>(1)?.0,
+                        actor: r.try_get::<DbText, _>(2)?.0,
+                        action: r.try_get::<DbText, _>(3)?.0,
+                        service: r.try_get::<DbText, _>(4)?.0,
+                        target: r.try_get::<DbText, _>(5)?.0,
+                        affected: r.try_get::<i64, _>(6)?.max(0) as u64,
+                    })
+                })
+                .collect()
+        }
+
         async fn now(
             pool: &sqlx::Pool<Self>,
         ) -> Result<chrono::DateTime<chrono::Utc>, sqlx::Error> {
@@ -637,6 +848,32 @@ macro_rules! store_ops {
     };
 }
 pub(crate) use store_ops;
+
+/// Binds a [`super::DeadFilter`] to a statement rendered with `{dead_filter}`: the
+/// service, then each field twice (its NULL test, its value). `pattern` is the filter's
+/// `error_pattern()`, owned by the caller.
+macro_rules! bind_dead_filter {
+    ($q:expr, $service:expr, $filter:expr, $pattern:expr) => {{
+        let f: &$crate::backend::DeadFilter = $filter;
+        let reason = f.reason.map(|r| r.as_str());
+        let older = f.older_than.map(Self::delay);
+        let newer = f.newer_than.map(Self::delay);
+        $q.bind($service.as_str())
+            .bind(f.event_type.as_deref())
+            .bind(f.event_type.as_deref())
+            .bind(reason)
+            .bind(reason)
+            .bind($pattern.as_deref())
+            .bind($pattern.as_deref())
+            .bind(f.key.as_deref())
+            .bind(f.key.as_deref())
+            .bind(older)
+            .bind(older)
+            .bind(newer)
+            .bind(newer)
+    }};
+}
+pub(crate) use bind_dead_filter;
 
 #[cfg(test)]
 mod tests {

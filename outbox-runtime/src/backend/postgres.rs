@@ -65,6 +65,7 @@ pub(crate) const SQL: SqlDialect = SqlDialect {
     interval: "make_interval(secs => {p})",
     nullable_delay: "{p}::float8",
     nullable_uuid: "{p}::uuid",
+    nullable_text: "{p}::text",
     in_ids: "= ANY({p})",
     in_list: "= ANY({p})",
     for_update: " FOR UPDATE",

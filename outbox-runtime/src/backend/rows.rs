@@ -149,6 +149,8 @@ where
             dead_at: opt_time("dead_at")?,
             waiting_since: opt_time("waiting_since")?,
             trace_context: opt_text("trace_context")?,
+            dead_reason: opt_text("dead_reason")?,
+            parked_at: opt_time("parked_at")?,
         })
     }
 

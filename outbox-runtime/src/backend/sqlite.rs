@@ -47,6 +47,7 @@ pub(crate) const SQL: SqlDialect = SqlDialect {
     interval: "{p}",
     nullable_delay: "{p}",
     nullable_uuid: "{p}",
+    nullable_text: "{p}",
     // Ids as one JSON array parameter: one statement shape (and one cached prepared
     // statement) serves every list length.
     in_ids: "IN (SELECT value FROM json_each({p}))",

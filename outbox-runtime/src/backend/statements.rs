@@ -8,14 +8,15 @@
 //! |---|---|
 //! | `{t}` | the table |
 //! | `{p}` | the next bind parameter (`$n` on PostgreSQL, `?` elsewhere) |
-//! | `{p_delay}`, `{p_uuid}` | a parameter that may be NULL (PostgreSQL needs its type) |
+//! | `{p_delay}`, `{p_uuid}`, `{p_text}` | a parameter that may be NULL (PostgreSQL needs its type) |
 //! | `{now}` | the database clock |
 //! | `{now_plus}`, `{now_minus}` | the clock moved by a delay parameter |
 //! | `{in_ids}` | `IN` a list of row ids, bound as the dialect binds them |
 //! | `{in_list}` | `IN` a list of event ids or keys |
 //! | `{unlease}` | clears the lease (fences a relay still holding it) and stamps `updated_at` |
 //! | `{lease}` | takes the lease: token and expiry parameters |
-//! | `{pending}` … `{dead}`, `{open}`, `{done}` | status values, from [`Status`] |
+//! | `{pending}` … `{discarded}`, `{open}`, `{done}` | status values, from [`Status`] |
+//! | `{dead_filter}` | the operator's [`super::DeadFilter`] on dead rows of a service |
 //! | `{row}`, `{row_state}`, `{claimed}` | the columns the row decoders read |
 //! | `{claimable}` | heads of key among due, unleased rows of a service (alias `o`) |
 //! | `{for_update}`, `{skip_locked}` | row locks, where the database has them |
@@ -44,6 +45,8 @@ pub(crate) struct SqlDialect {
     pub nullable_delay: &'static str,
     /// A uuid parameter that may be NULL.
     pub nullable_uuid: &'static str,
+    /// A text parameter that may be NULL.
+    pub nullable_text: &'static str,
     /// `IN` a list of row ids; `{list}` is a `?` per element, appended per call.
     pub in_ids: &'static str,
     /// `IN` a list of other values.
@@ -88,7 +91,7 @@ struct BoundedOp {
 
 const ROW: &str = "id, event_id, service, event_type, event_version, event_key, payload, \
     status, attempts, max_retries, next_attempt_at, last_error, created_at, updated_at, \
-    published_at, consumed_at, dead_at, waiting_since, trace_context";
+    published_at, consumed_at, dead_at, waiting_since, trace_context, dead_reason, parked_at";
 const ROW_STATE: &str = "id, status, attempts, max_retries, event_key, event_type, \
     event_version, payload, CASE WHEN next_attempt_at <= {now} THEN 1 ELSE 0 END AS due, \
     CASE WHEN waiting_since IS NULL THEN 0 ELSE 1 END AS waiting, created_at, published_at";
@@ -98,6 +101,17 @@ const CLAIMABLE: &str = "o.service = {p} AND o.status = {pending} \
     AND o.next_attempt_at <= {now} AND (o.locked_until IS NULL OR o.locked_until <= {now}) \
     AND (o.event_key IS NULL OR NOT EXISTS (SELECT 1 FROM {t} p WHERE p.service = o.service \
     AND p.event_key = o.event_key AND p.status = {pending} AND p.id < o.id))";
+
+/// Dead rows of a service that match an operator's filter. Parameters: service, then
+/// each filter field twice (NULL test, value): event type, reason, error pattern, key,
+/// older than, newer than. The pattern is lower case with `!` as its escape character.
+const DEAD_FILTER: &str = "service = {p} AND status = {dead} \
+    AND ({p_text} IS NULL OR event_type = {p}) \
+    AND ({p_text} IS NULL OR dead_reason = {p}) \
+    AND ({p_text} IS NULL OR LOWER(last_error) LIKE {p} ESCAPE '!') \
+    AND ({p_text} IS NULL OR event_key = {p}) \
+    AND ({p_delay} IS NULL OR dead_at <= {now_minus}) \
+    AND ({p_delay} IS NULL OR dead_at >= {now_minus})";
 
 /// A rendered statement. Only a MySQL list leaves a tail: the `?` list goes between.
 #[derive(Debug)]
@@ -199,6 +213,28 @@ pub(crate) struct Statements {
     pub fetch_all: Sql,
     /// service.
     pub counts: Sql,
+    /// [`DEAD_FILTER`]'s, after id, limit.
+    pub dead_page: Sql,
+    /// [`DEAD_FILTER`]'s.
+    pub dead_count: Sql,
+    /// ids, service.
+    pub revive_ids: Sql,
+    /// service, event id.
+    pub discard: Sql,
+    /// delay (the hold), service, key.
+    pub park: Sql,
+    /// service, key.
+    pub unpark: Sql,
+    /// service.
+    pub parked: Sql,
+    /// service.
+    pub key_counts: Sql,
+    /// reference, actor, action, service, target, affected.
+    pub audit_insert: Sql,
+    /// affected, reference.
+    pub audit_add: Sql,
+    /// service (nullable), service, limit.
+    pub audit_list: Sql,
     /// [`SqlDialect::own`], in its order.
     pub own: Vec<Sql>,
 }
@@ -208,7 +244,8 @@ const UNLEASE: &str = "locked_until = NULL, lease_token = 0, updated_at = {now}"
 const PURGE: BoundedOp = BoundedOp {
     head: "DELETE FROM {t}",
     filter: "service = {p} AND ((status = {consumed} AND consumed_at < {now_minus}) \
-        OR ({p_delay} IS NOT NULL AND status = {dead} AND dead_at < {now_minus}))",
+        OR ({p_delay} IS NOT NULL AND status IN ({dead}, {discarded}) \
+            AND dead_at < {now_minus}))",
     ordered: false,
     recheck: "status {done}",
 };
@@ -219,9 +256,10 @@ const REDELIVER_STALE: BoundedOp = BoundedOp {
     ordered: true,
     recheck: "status = {published}",
 };
+const REVIVE_SET: &str = "UPDATE {t} SET status = {pending}, attempts = 0, \
+    next_attempt_at = {now}, dead_at = NULL, dead_reason = NULL, waiting_since = NULL, {unlease}";
 const REVIVE: BoundedOp = BoundedOp {
-    head: "UPDATE {t} SET status = {pending}, attempts = 0, next_attempt_at = {now}, \
-        dead_at = NULL, waiting_since = NULL, {unlease}",
+    head: REVIVE_SET,
     filter: "service = {p} AND status = {dead} AND ({p_uuid} IS NULL OR event_id = {p})",
     ordered: true,
     recheck: "status = {dead}",
@@ -252,7 +290,7 @@ impl Statements {
                 {unlease} WHERE id {in_ids} AND lease_token = {p} AND status = {pending}",
             ),
             mark_dead_leased: r("UPDATE {t} SET status = {dead}, attempts = attempts + 1, \
-                last_error = {p}, dead_at = {now}, {unlease} \
+                last_error = {p}, dead_reason = {p}, dead_at = {now}, {unlease} \
                 WHERE id = {p} AND lease_token = {p} AND status = {pending}"),
             lock_by_event: r("SELECT {row_state} FROM {t} \
                 WHERE event_id = {p} AND service = {p}{for_update}"),
@@ -305,7 +343,7 @@ impl Statements {
                 {unlease} WHERE id = {p} AND attempts = {p} AND status {open}",
             ),
             mark_dead: r("UPDATE {t} SET status = {dead}, attempts = attempts + 1, \
-                last_error = {p}, dead_at = {now}, {unlease} \
+                last_error = {p}, dead_reason = {p}, dead_at = {now}, {unlease} \
                 WHERE id = {p} AND attempts = {p} AND status {open}"),
             purge: b(&PURGE),
             redeliver_stale: b(&REDELIVER_STALE),
@@ -317,6 +355,40 @@ impl Statements {
             fetch: r("SELECT {row} FROM {t} WHERE event_id = {p}"),
             fetch_all: r("SELECT {row} FROM {t} WHERE service = {p} ORDER BY id"),
             counts: r("SELECT status, COUNT(*) FROM {t} WHERE service = {p} GROUP BY status"),
+            dead_page: r("SELECT {row} FROM {t} WHERE {dead_filter} AND id > {p} \
+                ORDER BY id LIMIT {p}"),
+            dead_count: r("SELECT COUNT(*) FROM {t} WHERE {dead_filter}"),
+            revive_ids: r(&format!(
+                "{REVIVE_SET} WHERE id {{in_ids}} AND service = {{p}} AND status = {{dead}}"
+            )),
+            discard: r("UPDATE {t} SET status = {discarded}, updated_at = {now} \
+                WHERE service = {p} AND event_id = {p} AND status = {dead}"),
+            // A parked row is not due for a century, so no claim ever looks at it, and
+            // every later event of its key waits behind it (head of key): the claim and
+            // the consumer need no change. Leased rows are left to their relay.
+            park: r("UPDATE {t} SET parked_at = COALESCE(parked_at, {now}), \
+                next_attempt_at = {now_plus}, updated_at = {now} \
+                WHERE service = {p} AND event_key = {p} AND status = {pending} \
+                AND (locked_until IS NULL OR locked_until <= {now})"),
+            unpark: r("UPDATE {t} SET parked_at = NULL, next_attempt_at = {now}, \
+                updated_at = {now} WHERE service = {p} AND event_key = {p} \
+                AND status = {pending} AND parked_at IS NOT NULL"),
+            parked: r("SELECT event_key, COUNT(*), MIN(parked_at) FROM {t} \
+                WHERE service = {p} AND status = {pending} AND event_key IS NOT NULL \
+                GROUP BY event_key HAVING COUNT(parked_at) > 0 ORDER BY event_key"),
+            key_counts: r("SELECT \
+                COUNT(DISTINCT CASE WHEN parked_at IS NULL \
+                    AND (attempts > 0 OR waiting_since IS NOT NULL) THEN event_key END), \
+                COUNT(DISTINCT CASE WHEN parked_at IS NOT NULL THEN event_key END) \
+                FROM {t} WHERE service = {p} AND status = {pending} \
+                AND event_key IS NOT NULL"),
+            audit_insert: r("INSERT INTO {t}_audit \
+                (ref, at, actor, action, service, target, affected) \
+                VALUES ({p}, {now}, {p}, {p}, {p}, {p}, {p})"),
+            audit_add: r("UPDATE {t}_audit SET affected = affected + {p} WHERE ref = {p}"),
+            audit_list: r("SELECT id, at, actor, action, service, target, affected \
+                FROM {t}_audit WHERE ({p_text} IS NULL OR service = {p}) \
+                ORDER BY id DESC LIMIT {p}"),
             own: d.own.iter().map(|tpl| r(tpl)).collect(),
         }
     }
@@ -412,6 +484,7 @@ impl Renderer<'_> {
             "list" => self.tail = Some(self.out.len()),
             "p_delay" => self.expand(d.nullable_delay),
             "p_uuid" => self.expand(d.nullable_uuid),
+            "p_text" => self.expand(d.nullable_text),
             "now" => self.out.push_str(d.now),
             "now_plus" | "now_minus" => {
                 self.out.push_str(d.now);
@@ -429,6 +502,8 @@ impl Renderer<'_> {
             "published" => self.status(&[Status::Published]),
             "consumed" => self.status(&[Status::Consumed]),
             "dead" => self.status(&[Status::Dead]),
+            "discarded" => self.status(&[Status::Discarded]),
+            "dead_filter" => self.expand(DEAD_FILTER),
             "open" => {
                 self.out.push_str("IN (");
                 self.status(&[Status::Pending, Status::Published]);
@@ -436,7 +511,7 @@ impl Renderer<'_> {
             }
             "done" => {
                 self.out.push_str("IN (");
-                self.status(&[Status::Consumed, Status::Dead]);
+                self.status(&[Status::Consumed, Status::Dead, Status::Discarded]);
                 self.out.push(')');
             }
             "row" => self.out.push_str(ROW),
@@ -543,6 +618,17 @@ mod tests {
             &s.fetch,
             &s.fetch_all,
             &s.counts,
+            &s.dead_page,
+            &s.dead_count,
+            &s.revive_ids,
+            &s.discard,
+            &s.park,
+            &s.unpark,
+            &s.parked,
+            &s.key_counts,
+            &s.audit_insert,
+            &s.audit_add,
+            &s.audit_list,
         ]
         .iter()
         .map(|s| s.get(2).into_owned())
@@ -580,8 +666,8 @@ mod tests {
             s.purge.text(),
             "DELETE FROM t WHERE id IN (SELECT id FROM t WHERE service = $1 AND ((status = 2 \
              AND consumed_at < now() - make_interval(secs => $2)) OR ($3::float8 IS NOT NULL \
-             AND status = 3 AND dead_at < now() - make_interval(secs => $4))) LIMIT $5) \
-             AND status IN (2, 3)"
+             AND status IN (3, 4) AND dead_at < now() - make_interval(secs => $4))) LIMIT $5) \
+             AND status IN (2, 3, 4)"
         );
     }
 
@@ -599,8 +685,8 @@ mod tests {
         assert_eq!(
             s.revive.text(),
             "UPDATE t SET status = 0, attempts = 0, next_attempt_at = UTC_TIMESTAMP(6), \
-             dead_at = NULL, waiting_since = NULL, locked_until = NULL, lease_token = 0, \
-             updated_at = UTC_TIMESTAMP(6) WHERE service = ? AND status = 3 \
+             dead_at = NULL, dead_reason = NULL, waiting_since = NULL, locked_until = NULL, \
+             lease_token = 0, updated_at = UTC_TIMESTAMP(6) WHERE service = ? AND status = 3 \
              AND (? IS NULL OR event_id = ?) ORDER BY id LIMIT ?"
         );
     }

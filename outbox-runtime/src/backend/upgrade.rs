@@ -37,6 +37,20 @@ pub(crate) const ADDED_COLUMNS: &[AddedColumn] = &[
         mysql: "VARCHAR(1024) CHARACTER SET ascii NULL",
         sqlite: "TEXT NULL",
     },
+    // The class of a dead row's `last_error` (`DeadReason`), for operators' filters.
+    AddedColumn {
+        name: "dead_reason",
+        postgres: "TEXT NULL",
+        mysql: "VARCHAR(32) CHARACTER SET ascii NULL",
+        sqlite: "TEXT NULL",
+    },
+    // Since when an operator has held the row's key (`Admin::park`).
+    AddedColumn {
+        name: "parked_at",
+        postgres: "TIMESTAMPTZ NULL",
+        mysql: "DATETIME(6) NULL",
+        sqlite: "INTEGER NULL",
+    },
 ];
 
 /// Adds the [`ADDED_COLUMNS`] that `table` lacks. `existing_sql` lists the table's

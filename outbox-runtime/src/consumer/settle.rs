@@ -18,11 +18,11 @@ use tracing::Instrument;
 
 use super::record::{Read, Record};
 use super::{Consumer, Outcome};
+use crate::backend::DeadReason;
 use crate::backend::{AttemptsFence, Backend, RowState, Status};
 use crate::error::{Error, Result};
 use crate::event::EventId;
 use crate::handler::{EventMeta, FailureKind, HandlerContext, Succeeded};
-use crate::metrics::DeadReason;
 use crate::retry::{decide, Decision};
 use crate::runtime::ShutdownSignal;
 
@@ -569,6 +569,7 @@ impl<DB: Backend> Consumer<DB> {
             row.id,
             AttemptsFence(row.attempts),
             &reason,
+            class,
         )
         .await
         .map_err(|e| {
