@@ -73,8 +73,29 @@ pub trait TestDatabase: Sized + Send + Sync + 'static {
     /// The pool to the fresh database.
     fn pool(&self) -> &Pool<Self::DB>;
 
+    /// A URL of the fresh database, for a process of its own (`DATABASE_URL`).
+    fn url(&self) -> String;
+
     /// Closes the pool and drops the database.
     fn cleanup(self) -> impl Future<Output = ()> + Send;
+}
+
+/// `url` with its database (the path) replaced by `name`, its query kept.
+fn url_of_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[authority_end..]
+        .find('/')
+        .map_or(base.len(), |i| authority_end + i);
+    let mut out = format!("{}/{name}", &base[..host_end]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
 }
 
 fn env_url(var: &str, default: &str) -> String {
@@ -223,6 +244,10 @@ impl TestDatabase for TestPg {
         &self.pool
     }
 
+    fn url(&self) -> String {
+        url_of_database(&env_url(PG_URL_ENV, DEFAULT_PG_URL), &self.name)
+    }
+
     fn cleanup(self) -> impl Future<Output = ()> + Send {
         TestPg::cleanup(self)
     }
@@ -313,6 +338,10 @@ impl TestDatabase for TestMySql {
         &self.pool
     }
 
+    fn url(&self) -> String {
+        url_of_database(&env_url(MYSQL_URL_ENV, DEFAULT_MYSQL_URL), &self.name)
+    }
+
     fn cleanup(self) -> impl Future<Output = ()> + Send {
         TestMySql::cleanup(self)
     }
@@ -372,6 +401,10 @@ impl TestDatabase for TestSqlite {
 
     fn pool(&self) -> &Pool<Sqlite> {
         &self.pool
+    }
+
+    fn url(&self) -> String {
+        format!("sqlite:{}", self.dir.path().join("outbox.db").display())
     }
 
     fn cleanup(self) -> impl Future<Output = ()> + Send {
