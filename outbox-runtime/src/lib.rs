@@ -87,7 +87,7 @@ macro_rules! failpoint {
     };
 }
 
-mod admin;
+pub mod admin;
 #[doc(hidden)]
 pub mod backend;
 mod catalog;
@@ -95,6 +95,8 @@ mod catalog;
 pub mod cli;
 pub mod compat;
 mod config;
+#[cfg(feature = "console")]
+pub mod console;
 #[cfg(feature = "kafka")]
 mod consumer;
 #[cfg(feature = "kafka")]

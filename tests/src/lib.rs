@@ -5,6 +5,7 @@
 //! lines ([`logs`]).
 
 pub mod broker;
+pub mod browser;
 pub mod chaos;
 pub mod db;
 pub mod e2e;

@@ -29,6 +29,7 @@
 //! on delivers it after its successors: that is the operator's call.
 
 mod actions;
+pub mod units;
 
 use std::sync::Arc;
 

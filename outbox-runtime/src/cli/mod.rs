@@ -40,11 +40,12 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use crate::admin::units::{age, parse_duration};
 use crate::admin::{Admin, Page, ReplayOptions};
 use crate::backend::{Backend, DeadFilter, DeadReason};
 use crate::error::Error;
 use crate::event::EventId;
-use output::{age, cell, parse_duration, Table};
+use output::{cell, Table};
 
 /// The `outbox` command line's arguments: mount them as a subcommand of the
 /// application's own clap parser (`Outbox(OutboxArgs)`).
