@@ -31,10 +31,11 @@ struct Cli {
     /// A catalog export of the application (`<app> outbox catalog --json`).
     #[arg(long, env = "OUTBOX_CATALOG")]
     catalog: Option<PathBuf>,
-    /// A service and its table, `service=table` (repeatable), instead of `--catalog`.
+    /// A service and its table, `service=table`, or a service on its default table
+    /// (`<service>_outbox`); repeatable; instead of `--catalog`.
     #[arg(
         long = "route",
-        value_name = "SERVICE=TABLE",
+        value_name = "SERVICE[=TABLE]",
         conflicts_with = "catalog"
     )]
     routes: Vec<String>,
@@ -53,7 +54,7 @@ fn catalog(cli: &Cli) -> Result<Catalog, String> {
     if cli.routes.is_empty() {
         return Err(
             "which services? give --catalog FILE (an export: `<app> outbox catalog --json`) \
-             or --route SERVICE=TABLE"
+             or --route SERVICE[=TABLE]"
                 .into(),
         );
     }
@@ -61,12 +62,13 @@ fn catalog(cli: &Cli) -> Result<Catalog, String> {
         .routes
         .iter()
         .map(|r| {
-            let (service, table) = r
-                .split_once('=')
-                .ok_or_else(|| format!("--route `{r}`: write SERVICE=TABLE"))?;
+            let (service, table) = match r.split_once('=') {
+                Some((service, table)) => (service.trim(), table.trim().to_owned()),
+                None => (r.trim(), outbox_runtime::names::default_table(r.trim())),
+            };
             Ok(RouteSpec {
-                service: service.trim().to_owned(),
-                table: table.trim().to_owned(),
+                service: service.to_owned(),
+                table,
                 topic: None,
                 group: None,
             })

@@ -216,10 +216,10 @@ pub struct RouteSpec {
     pub service: String,
     /// Its outbox table.
     pub table: String,
-    /// Its topic (default: the service name, as `#[outbox_service]` derives it).
+    /// Its topic (default: `outbox.<service>`, as `#[outbox_service]` derives it).
     #[serde(default)]
     pub topic: Option<String>,
-    /// Its consumer group (default: the service name).
+    /// Its consumer group (default: `outbox.<service>.consumer`).
     #[serde(default)]
     pub group: Option<String>,
 }
@@ -234,13 +234,19 @@ impl Catalog {
         let mut problems = BTreeSet::new();
         let mut map = BTreeMap::new();
         for spec in routes {
-            let topic = spec.topic.as_deref().unwrap_or(&spec.service);
-            let group = spec.group.as_deref().unwrap_or(&spec.service);
+            let topic = spec
+                .topic
+                .clone()
+                .unwrap_or_else(|| crate::names::default_topic(&spec.service));
+            let group = spec
+                .group
+                .clone()
+                .unwrap_or_else(|| crate::names::default_group(&spec.service));
             let checked = (
                 ServiceName::checked(&spec.service),
                 TableName::checked(&spec.table),
-                TopicName::checked(topic),
-                GroupName::checked(group),
+                TopicName::checked(&topic),
+                GroupName::checked(&group),
             );
             match checked {
                 (Ok(service), Ok(table), Ok(topic), Ok(group)) => {
