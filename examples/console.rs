@@ -49,7 +49,7 @@ enum AppCommand {
     /// Serve the web console (the default).
     Serve,
     /// Operate the outbox.
-    Outbox(OutboxArgs),
+    Outbox(Box<OutboxArgs>),
 }
 
 /// First run: publish some tasks, let four die (as a consumer would mark them), and
