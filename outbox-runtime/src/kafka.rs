@@ -23,7 +23,14 @@ use crate::error::{Error, Result};
 /// `enable.auto.offset.store=false` (offsets are stored only after the handler's
 /// transaction commits), `enable.auto.commit=true` (stored offsets are committed in the
 /// background and on rebalance), `auto.offset.reset=earliest`. Extra properties cannot
-/// override those.
+/// override those. It also sets defaults that extra properties do override:
+/// `linger.ms=2` (batches records produced within 2 ms; `0` for the lowest latency at a
+/// low rate), `message.timeout.ms=30000`, `reconnect.backoff.max.ms=1000`, and on
+/// consumers the fetch sizes derived from `max_payload_bytes`, `fetch.wait.max.ms=10`,
+/// `session.timeout.ms=10000`, `heartbeat.interval.ms=1000`.
+///
+/// Start from the application's own rdkafka settings with
+/// [`from_client_config`](Self::from_client_config).
 #[derive(Debug, Clone, Default)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`, e.g. `127.0.0.1:9092`.
@@ -86,6 +93,36 @@ impl KafkaConfig {
         KafkaConfig {
             bootstrap_servers: bootstrap_servers.into(),
             ..Default::default()
+        }
+    }
+
+    /// A config from an rdkafka [`ClientConfig`] the application already has (its
+    /// security settings, client id, …): `bootstrap.servers` (or
+    /// `metadata.broker.list`) becomes [`bootstrap_servers`](Self::bootstrap_servers),
+    /// every other property goes to [`common`](Self::common), for the producer and the
+    /// consumers alike. The properties the framework fixes still win (see above), and
+    /// `group.id` is ignored: each service's consumer group comes from the catalog.
+    pub fn from_client_config(config: &ClientConfig) -> Self {
+        let map = config.config_map();
+        let bootstrap = map
+            .get("bootstrap.servers")
+            .or_else(|| map.get("metadata.broker.list"))
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        let common = map
+            .iter()
+            .filter(|(k, _)| {
+                !matches!(
+                    &k[..],
+                    "bootstrap.servers" | "metadata.broker.list" | "group.id"
+                )
+            })
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        KafkaConfig {
+            bootstrap_servers: bootstrap,
+            common,
+            ..KafkaConfig::default()
         }
     }
 
@@ -471,6 +508,27 @@ mod tests {
         let c = k.consumer_config("g", 900_000);
         assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(c.get("group.id"), Some("g"));
+    }
+
+    #[test]
+    fn an_applications_client_config_is_the_starting_point() {
+        let mut mine = ClientConfig::new();
+        mine.set("bootstrap.servers", "k1:9093,k2:9093")
+            .set("security.protocol", "SASL_SSL")
+            .set("client.id", "billing")
+            .set("group.id", "ignored")
+            .set("enable.idempotence", "false");
+        let k = KafkaConfig::from_client_config(&mine);
+        assert_eq!(k.bootstrap_servers, "k1:9093,k2:9093");
+        let p = k.producer_config();
+        let c = k.consumer_config("outbox.billing.consumer", 900_000);
+        for cfg in [&p, &c] {
+            assert_eq!(cfg.get("bootstrap.servers"), Some("k1:9093,k2:9093"));
+            assert_eq!(cfg.get("security.protocol"), Some("SASL_SSL"));
+            assert_eq!(cfg.get("client.id"), Some("billing"));
+        }
+        assert_eq!(p.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("group.id"), Some("outbox.billing.consumer"));
     }
 
     #[test]

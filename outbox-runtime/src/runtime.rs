@@ -495,9 +495,13 @@ pub async fn migrate<'a, DB: Backend>(
         tables.insert(route.table().clone());
     }
     for t in tables {
+        let started = std::time::Instant::now();
         DB::migrate(pool, &t)
             .await
             .map_err(|e| Error::db(format!("migrating outbox table {t}"), e))?;
+        // Said every time, so a start that migrates is never silent about it; a table
+        // already current costs a catalog read and the idempotent DDL, under a lock.
+        tracing::info!(table = %t, took = ?started.elapsed(), "outbox table migrated (created, upgraded or already current); OutboxRuntime::migrate(false) only checks it");
     }
     Ok(())
 }
@@ -544,6 +548,27 @@ impl RuntimeHandle {
                 .map(|(service, role, beat)| beat.snapshot(service, *role))
                 .collect(),
         }
+    }
+
+    /// Runs until `signal` completes, then shuts down like [`shutdown`](Self::shutdown):
+    /// the application's own stop signal, e.g. `tokio::signal::ctrl_c()` (mapped to
+    /// `()`), a `CancellationToken::cancelled()`, or a oneshot receiver.
+    ///
+    /// ```ignore
+    /// let token = tokio_util::sync::CancellationToken::new();
+    /// let outbox = runtime.start().await?.run_until(token.clone().cancelled_owned());
+    /// tokio::try_join!(serve_http(token.clone()), outbox)?;
+    /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before `signal` completes drops the handle, which leaves the
+    /// relays and consumers running detached (as dropping a [`RuntimeHandle`] does);
+    /// after it, the shutdown may be partial (what stopped stays stopped).
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> Result<()> {
+        signal.await;
+        tracing::info!("outbox runtime: stop signal received, shutting down");
+        self.shutdown().await
     }
 
     /// Asks every relay and consumer to stop after its current round or record, and

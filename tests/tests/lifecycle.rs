@@ -3,8 +3,9 @@
 //! - A relay with a one-minute poll interval still relays at once when woken: in-process
 //!   after a local commit (every backend), and through LISTEN/NOTIFY when the commit
 //!   happened elsewhere (PostgreSQL).
-//! - Shutting the runtime down in the middle of a stream loses nothing and applies
-//!   nothing twice: a new runtime finishes the work.
+//! - Shutting the runtime down in the middle of a stream (on the application's own
+//!   signal, `run_until`) loses nothing and applies nothing twice: a new runtime
+//!   finishes the work.
 
 use std::time::{Duration, Instant};
 
@@ -145,7 +146,11 @@ async fn shutdown_mid_stream_loses_nothing_and_a_new_runtime_finishes() {
         .services(["task"])
         .start()
     };
-    let first = start().await.unwrap();
+    // The first runtime stops on the application's own signal (`run_until`).
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let first = tokio::spawn(start().await.unwrap().run_until(async {
+        let _ = stopped.await;
+    }));
     eventually("some events consumed", Duration::from_secs(60), || async {
         let c = <sqlx::Postgres as Backend>::counts(
             &pool,
@@ -157,7 +162,11 @@ async fn shutdown_mid_stream_loses_nothing_and_a_new_runtime_finishes() {
         (c.consumed > 0).then_some(())
     })
     .await;
-    first.shutdown().await.expect("graceful shutdown");
+    stop.send(()).unwrap();
+    first
+        .await
+        .unwrap()
+        .expect("graceful shutdown on the application's signal");
     let after_first = <sqlx::Postgres as Backend>::counts(
         &pool,
         &"task_outbox".parse().unwrap(),
