@@ -259,18 +259,63 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn insert(
+    /// Writes `events` into the outbox on `conn` (your transaction) in one multi-row
+    /// statement per 500 events: what publishing each in turn does, in far fewer round
+    /// trips, for backfills and imports. Every event is checked before anything is
+    /// written; all or nothing with the transaction. Returns the ids in order (ids, and
+    /// so each key's order, follow the slice).
+    pub fn publish_all<'a, E: PublishedThrough<S>>(
+        &'a self,
+        conn: &'a mut DB::Connection,
+        events: &[E],
+    ) -> BoxFuture<'a, Result<Vec<EventId>>> {
+        let encoded: Result<Vec<(String, Option<String>)>> = events
+            .iter()
+            .map(|event| {
+                let payload = serde_json::to_string(event).map_err(|source| Error::Serialize {
+                    event_type: E::EVENT_TYPE.to_owned(),
+                    source,
+                })?;
+                Ok((payload, event.key()))
+            })
+            .collect();
+        let max_retries = E::MAX_RETRIES.unwrap_or(self.config.default_max_retries);
+        let max_retries = i32::try_from(max_retries).unwrap_or(i32::MAX);
+        let trace_context = crate::trace::current();
+        Box::pin(async move {
+            let encoded = encoded?;
+            let mut ids = Vec::with_capacity(encoded.len());
+            let mut rows = Vec::with_capacity(encoded.len());
+            for (payload, key) in &encoded {
+                let key = self.checked_key(E::EVENT_TYPE, payload, key.as_deref())?;
+                let id = EventId::new();
+                ids.push(id);
+                rows.push(NewRow {
+                    event_id: id.0,
+                    service: self.route.service(),
+                    event_type: E::EVENT_TYPE,
+                    version: i32::try_from(E::VERSION).unwrap_or(i32::MAX),
+                    key,
+                    payload,
+                    max_retries,
+                    trace_context: trace_context.as_deref(),
+                });
+            }
+            DB::insert_many(conn, self.route.table(), &rows)
+                .await
+                .map_err(|e| self.insert_error(e, E::EVENT_TYPE))?;
+            Ok(ids)
+        })
+    }
+
+    /// `key` trimmed (blank = none), after checking the payload's size and the key's
+    /// length.
+    fn checked_key<'k>(
         &self,
-        conn: &mut DB::Connection,
         event_type: &str,
-        version: u32,
-        key: Option<&str>,
         payload: &str,
-        max_retries: u32,
-        event_id: Option<EventId>,
-        trace_context: Option<&str>,
-    ) -> Result<EventId> {
+        key: Option<&'k str>,
+    ) -> Result<Option<&'k str>> {
         if payload.len() > self.config.max_payload_bytes {
             return Err(Error::PayloadTooLarge {
                 event_type: event_type.to_owned(),
@@ -288,6 +333,41 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
                 limit: crate::backend::MAX_KEY_LEN,
             });
         }
+        Ok(key)
+    }
+
+    /// A failed insert, with the missing table named as such.
+    fn insert_error(&self, e: sqlx::Error, event_type: &str) -> Error {
+        if crate::error::is_missing_table(&e) {
+            return Error::MissingTable {
+                table: self.route.table().to_string(),
+                service: self.route.service().to_string(),
+                source: e,
+            };
+        }
+        Error::db(
+            format!(
+                "publishing `{event_type}` into {} (service {})",
+                self.route.table(),
+                S::NAME
+            ),
+            e,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn insert(
+        &self,
+        conn: &mut DB::Connection,
+        event_type: &str,
+        version: u32,
+        key: Option<&str>,
+        payload: &str,
+        max_retries: u32,
+        event_id: Option<EventId>,
+        trace_context: Option<&str>,
+    ) -> Result<EventId> {
+        let key = self.checked_key(event_type, payload, key)?;
         let id = event_id.unwrap_or_default();
         let row = NewRow {
             event_id: id.0,
@@ -301,23 +381,7 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
         };
         DB::insert(conn, self.route.table(), &row)
             .await
-            .map_err(|e| {
-                if crate::error::is_missing_table(&e) {
-                    return Error::MissingTable {
-                        table: self.route.table().to_string(),
-                        service: self.route.service().to_string(),
-                        source: e,
-                    };
-                }
-                Error::db(
-                    format!(
-                        "publishing `{event_type}` into {} (service {})",
-                        self.route.table(),
-                        S::NAME
-                    ),
-                    e,
-                )
-            })?;
+            .map_err(|e| self.insert_error(e, event_type))?;
         Ok(id)
     }
 
@@ -374,6 +438,20 @@ impl<S: Service, DB: Backend> OutboxTx<'_, S, DB> {
             let id = insert.await?;
             *published += 1;
             Ok(id)
+        })
+    }
+
+    /// Publishes many events in this transaction ([`Outbox::publish_all`]).
+    pub fn publish_all<'a, E: PublishedThrough<S>>(
+        &'a mut self,
+        events: &[E],
+    ) -> BoxFuture<'a, Result<Vec<EventId>>> {
+        let insert = self.outbox.publish_all(&mut self.tx, events);
+        let published = &mut self.published;
+        Box::pin(async move {
+            let ids = insert.await?;
+            *published += ids.len();
+            Ok(ids)
         })
     }
 

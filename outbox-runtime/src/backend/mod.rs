@@ -609,6 +609,15 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         row: &'c NewRow<'c>,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
 
+    /// Inserts many pending rows, due now, on the caller's connection (its transaction),
+    /// in as few multi-row statements as the database's bind limit allows (500 rows
+    /// each), in the given order (ids, and so per-key order, follow it). For backfills.
+    fn insert_many<'c>(
+        conn: &'c mut Self::Connection,
+        table: &'c TableName,
+        rows: &'c [NewRow<'c>],
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
+
     /// Claims up to `limit` due rows of `service` in one short transaction: status
     /// pending, `next_attempt_at <= now`, lease free or expired, and no older pending
     /// row with the same key (head of key, so per-key order survives many relays and a

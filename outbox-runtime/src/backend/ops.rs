@@ -123,6 +123,36 @@ macro_rules! store_ops {
             Ok(())
         }
 
+        async fn insert_many<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            table: &'c $crate::route::TableName,
+            rows: &'c [$crate::backend::NewRow<'c>],
+        ) -> Result<(), sqlx::Error> {
+            // One column list for the whole call: the trace context column is named only
+            // if some row has one (a table `migrate` has not upgraded still takes the rest).
+            let traced = rows.iter().any(|r| r.trace_context.is_some());
+            for chunk in rows.chunks($crate::backend::statements::INSERT_ROWS) {
+                let sql =
+                    $crate::backend::statements::insert_many(Self::SQL, table, chunk.len(), traced);
+                let mut q = sqlx::query(&sql);
+                for row in chunk {
+                    q = q
+                        .bind(row.event_id)
+                        .bind(row.service.as_str())
+                        .bind(row.event_type)
+                        .bind(row.version)
+                        .bind(row.key)
+                        .bind(row.payload)
+                        .bind(row.max_retries);
+                    if traced {
+                        q = q.bind(row.trace_context);
+                    }
+                }
+                q.execute(&mut *conn).await?;
+            }
+            Ok(())
+        }
+
         async fn mark_published<'p>(
             pool: &'p sqlx::Pool<Self>,
             table: &'p $crate::route::TableName,

@@ -394,6 +394,37 @@ impl Statements {
     }
 }
 
+/// Rows per multi-row INSERT ([`insert_many`]): 9 binds each, far below every
+/// database's bind limit (SQLite's 32,766 the lowest).
+pub(crate) const INSERT_ROWS: usize = 500;
+
+/// A multi-row INSERT of `rows` rows for `d` and `table`, with the trace context column
+/// if `traced` (binds per row: event id, service, type, version, key, payload, max
+/// retries[, trace context]). Rendered per call: bulk inserts are rare and large.
+pub(crate) fn insert_many(d: &SqlDialect, table: &TableName, rows: usize, traced: bool) -> String {
+    let (columns, binds) = if traced {
+        (
+            "event_id, service, event_type, event_version, event_key, payload, max_retries, \
+          trace_context, next_attempt_at, created_at, updated_at",
+            8,
+        )
+    } else {
+        (
+            "event_id, service, event_type, event_version, event_key, payload, max_retries, \
+          next_attempt_at, created_at, updated_at",
+            7,
+        )
+    };
+    let tuple = format!("({}{{now}}, {{now}}, {{now}})", "{p}, ".repeat(binds));
+    let tuples = vec![tuple; rows.max(1)].join(", ");
+    render(
+        d,
+        table,
+        &format!("INSERT INTO {{t}} ({columns}) VALUES {tuples}"),
+    )
+    .head
+}
+
 /// The template of a bounded operation in `d`'s form.
 fn bounded(d: &SqlDialect, op: &BoundedOp) -> String {
     let BoundedOp {
@@ -689,6 +720,19 @@ mod tests {
              lease_token = 0, updated_at = UTC_TIMESTAMP(6) WHERE service = ? AND status = 3 \
              AND (? IS NULL OR event_id = ?) ORDER BY id LIMIT ?"
         );
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn multi_row_inserts_number_every_row() {
+        let table = TableName::new("t").unwrap();
+        let sql = insert_many(&crate::backend::postgres::SQL, &table, 2, false);
+        assert!(sql.ends_with(
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now(), now()), \
+             ($8, $9, $10, $11, $12, $13, $14, now(), now(), now())"
+        ));
+        let traced = insert_many(&crate::backend::postgres::SQL, &table, 1, true);
+        assert!(traced.contains("trace_context") && traced.contains("$8, now()"));
     }
 
     #[test]
