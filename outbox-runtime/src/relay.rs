@@ -477,7 +477,7 @@ impl<DB: Backend> Relay<DB> {
                 // Marking unblocks the next event of each of these keys: wake the
                 // service's other relays in this process that went idle because every
                 // head of key was leased (they would otherwise wait for the poll).
-                wakeup::local_waker(route.table(), route.service()).notify_waiters();
+                wakeup::wake_siblings(route.table(), route.service());
             }
         }
         for (id, reason) in &dead {

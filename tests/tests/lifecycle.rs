@@ -279,3 +279,61 @@ async fn a_published_event_whose_record_the_consumer_never_saw_is_published_agai
     assert_eq!(effects.len(), 1, "{effects:?}");
     db.cleanup().await;
 }
+
+/// One commit wakes a relay once: the in-process wake-up and the relay's own NOTIFY
+/// coming back through LISTEN must not each cost it a claim. Commits one event at a
+/// time (each waits until published) and counts the times the relay went idle.
+async fn idle_claims_per_commit<DB: TestBackend>(pool: sqlx::Pool<DB>) -> f64 {
+    const EVENTS: u32 = 40;
+    let broker = TestBroker::mock().await;
+    let catalog = prepare(&pool, &broker).await;
+    let runtime = OutboxRuntime::new(
+        catalog.clone(),
+        pool.clone(),
+        KafkaConfig::new(broker.bootstrap_servers()),
+    )
+    .config(slow_poll())
+    .services(["task"])
+    .consumers(false)
+    .start()
+    .await
+    .unwrap();
+    let outbox = Outbox::<Task, DB>::with_config(pool.clone(), &catalog, slow_poll()).unwrap();
+    let stats = runtime.relay_stats("task")[0].clone();
+    let idles = || stats.idles.load(std::sync::atomic::Ordering::Relaxed);
+    eventually("the relay to go idle", Duration::from_secs(10), || async {
+        (idles() >= 1).then_some(())
+    })
+    .await;
+    let before = idles();
+    for seq in 0..EVENTS {
+        let mut tx = outbox.begin().await.unwrap();
+        let id = tx.publish(&event("one", seq)).await.unwrap();
+        tx.commit().await.unwrap();
+        eventually(
+            "the event to be published",
+            Duration::from_secs(10),
+            || async {
+                let row = DB::fetch(&pool, &"task_outbox".parse().unwrap(), id.0)
+                    .await
+                    .unwrap()?;
+                (row.status == Status::Published).then_some(())
+            },
+        )
+        .await;
+        // Let a late wake-up (the NOTIFY coming back) land before the next commit.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let per_commit = (idles() - before) as f64 / f64::from(EVENTS);
+    runtime.shutdown().await.unwrap();
+    per_commit
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_one_commit_costs_one_idle_claim() {
+    let db = TestPg::create().await;
+    let per_commit = idle_claims_per_commit(db.pool().clone()).await;
+    println!("idle claims per commit: {per_commit:.2}");
+    assert!(per_commit <= 1.25, "{per_commit:.2} idle claims per commit");
+    db.cleanup().await;
+}
