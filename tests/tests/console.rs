@@ -47,13 +47,44 @@ async fn post(addr: std::net::SocketAddr, path: &str, body: &str, cookie: Option
         .unwrap_or(0)
 }
 
-async fn text_of(c: &Client, css: &str) -> String {
-    c.find(Locator::Css(css))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+/// The text of the first `css` element once `want` holds for it: a click loads the
+/// next page while the old one may still answer, so poll with a deadline.
+async fn text_when(c: &Client, css: &str, want: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut last = String::new();
+    loop {
+        if let Ok(el) = c.find(Locator::Css(css)).await {
+            if let Ok(text) = el.text().await {
+                if want(&text) {
+                    return text;
+                }
+                last = text;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "`{css}` never showed what was expected; last: {last:?}; page: {}",
+            c.source().await.unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the page's source contains `needle` (after a click, as above).
+async fn page_shows(c: &Client, needle: &str) {
+    text_when(c, "body", |_| true).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let source = c.source().await.unwrap_or_default();
+        if source.contains(needle) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the page never showed {needle:?}: {source}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -149,7 +180,7 @@ async fn an_operator_uses_the_console_in_a_browser() {
         .click()
         .await
         .unwrap();
-    assert_eq!(text_of(&c, "#count").await, "3 dead letters match.");
+    text_when(&c, "#count", |t| t == "3 dead letters match.").await;
     c.find(Locator::Css("input[name=key]"))
         .await
         .unwrap()
@@ -168,7 +199,7 @@ async fn an_operator_uses_the_console_in_a_browser() {
         .click()
         .await
         .unwrap();
-    assert_eq!(text_of(&c, "#count").await, "1 dead letters match.");
+    text_when(&c, "#count", |t| t == "1 dead letters match.").await;
     assert!(c.current_url().await.unwrap().as_str().contains("key=a2"));
 
     // The event holding markup: shown as text, nothing runs.
@@ -176,12 +207,12 @@ async fn an_operator_uses_the_console_in_a_browser() {
         .await
         .unwrap();
     assert_ne!(c.title().await.unwrap(), "pwned");
-    assert!(text_of(&c, "#payload")
-        .await
-        .contains("<script>document.title='pwned'</script>"));
-    assert!(text_of(&c, "#last-error")
-        .await
-        .contains(r#"<img src=x onerror="#));
+    text_when(&c, "#payload", |t| {
+        t.contains("<script>document.title='pwned'</script>")
+    })
+    .await;
+    text_when(&c, "#last-error", |t| t.contains(r#"<img src=x onerror="#)).await;
+    assert_ne!(c.title().await.unwrap(), "pwned");
     let imgs = c.find_all(Locator::Css("img")).await.unwrap();
     assert!(imgs.is_empty(), "markup from the payload became elements");
 
@@ -207,11 +238,7 @@ async fn an_operator_uses_the_console_in_a_browser() {
         .click()
         .await
         .unwrap();
-    assert!(c
-        .source()
-        .await
-        .unwrap()
-        .contains("operator token is missing or wrong"));
+    page_shows(&c, "operator token is missing or wrong").await;
     let row = |i: usize| {
         let pool = pool.clone();
         let id = ids[i];
@@ -289,11 +316,7 @@ async fn an_operator_uses_the_console_in_a_browser() {
         .click()
         .await
         .unwrap();
-    assert!(
-        c.source().await.unwrap().contains("replayed."),
-        "{}",
-        c.source().await.unwrap()
-    );
+    page_shows(&c, "replayed.").await;
     eventually("the replayed event to be consumed", WAIT, || async {
         (row(1).await.status == Status::Consumed).then_some(())
     })
@@ -317,7 +340,7 @@ async fn an_operator_uses_the_console_in_a_browser() {
         .click()
         .await
         .unwrap();
-    assert!(text_of(&c, "#dry-run").await.contains("1 dead letters"));
+    text_when(&c, "#dry-run", |t| t.contains("1 dead letters")).await;
     assert_eq!(row(2).await.status, Status::Dead);
 
     let audit = admin.audit_log(None, 10).await.unwrap();
