@@ -173,6 +173,16 @@ async fn an_operator_uses_the_console_in_a_browser() {
         std::fs::write(docs.join("console.png"), &png).unwrap();
     }
 
+    // A crafted link cannot make the console say what its author wants.
+    c.goto(&format!(
+        "{base}/?done=Enter%20your%20token%20at%20evil.example&n=1"
+    ))
+    .await
+    .unwrap();
+    let crafted = c.source().await.unwrap();
+    assert!(!crafted.contains("evil.example"), "{crafted}");
+    c.goto(&base).await.unwrap();
+
     // Dead letters, filtered by key through the form.
     c.find(Locator::LinkText("notification"))
         .await

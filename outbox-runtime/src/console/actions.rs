@@ -11,7 +11,7 @@ use axum::Form;
 use uuid::Uuid;
 
 use super::html::{esc, url_value};
-use super::pages::{action_form, error_page, plain_error, respond, Csrf, FilterForm};
+use super::pages::{action_form, error_page, plain_error, respond, Csrf, Done, FilterForm};
 use super::security::refusal;
 use super::Shared;
 use crate::admin::ReplayOptions;
@@ -64,9 +64,9 @@ fn unconfirmed<DB: Backend>(c: &Shared<DB>, headers: &HeaderMap) -> Response {
     plain_error(c, &Csrf::of(headers), StatusCode::BAD_REQUEST, why)
 }
 
-/// A 303 to `path` with a note saying what was done.
-fn done(path: &str, what: &str) -> Response {
-    Redirect::to(&format!("{path}?done={}", url_value(what))).into_response()
+/// A 303 to `path` with a note saying what was done (one of the fixed [`Done`]s).
+fn done(path: &str, what: Done, n: u64) -> Response {
+    Redirect::to(&format!("{path}?done={}&n={n}", what.as_str())).into_response()
 }
 
 fn event_path<DB: Backend>(c: &Shared<DB>, service: &str, id: Uuid) -> String {
@@ -116,16 +116,17 @@ async fn one<DB: Backend>(
     } else {
         c.admin.discard(&service, EventId(uuid)).await
     };
-    let (verb, changed) = match result {
-        Ok(changed) => (if replay { "replayed" } else { "discarded" }, changed),
+    let changed = match result {
+        Ok(changed) => changed,
         Err(e) => return error_page(&c, &csrf, &e),
     };
-    let what = if changed {
-        format!("Event {uuid} {verb}.")
-    } else {
-        format!("Event {uuid} is not dead: nothing {verb}.")
+    let what = match (replay, changed) {
+        (true, true) => Done::Replayed,
+        (true, false) => Done::NotReplayed,
+        (false, true) => Done::Discarded,
+        (false, false) => Done::NotDiscarded,
     };
-    done(&event_path(&c, &service, uuid), &what)
+    done(&event_path(&c, &service, uuid), what, u64::from(changed))
 }
 
 /// POST `/services/{service}/replay`: without `confirm`, the dry run and a form to
@@ -195,13 +196,7 @@ pub(super) async fn replay_matching<DB: Backend>(
         .replay_matching(&service, &filter, &options, |_| {})
         .await
     {
-        Ok(r) => done(
-            &dead_path,
-            &format!(
-                "Replayed {} of {} matching dead letters.",
-                r.replayed, r.matched
-            ),
-        ),
+        Ok(r) => done(&dead_path, Done::ReplayedMatching, r.replayed),
         Err(e) => error_page(&c, &csrf, &e),
     }
 }
@@ -251,13 +246,11 @@ async fn hold<DB: Backend>(
         Err(e) => return error_page(&c, &csrf, &e),
     };
     let what = match (park, n) {
-        (true, 0) => format!("Key {key} has no pending event: nothing held."),
-        (true, n) => format!("Key {key} parked: {n} events held."),
-        (false, 0) => format!("Key {key} is not parked."),
-        (false, n) => format!("Key {key} released: {n} events due now."),
+        (true, 0) => Done::NothingHeld,
+        (true, _) => Done::Parked,
+        (false, 0) => Done::NotParked,
+        (false, _) => Done::Released,
     };
-    done(
-        &format!("{}/services/{}/keys", c.base(), url_value(&service)),
-        &what,
-    )
+    let keys = format!("{}/services/{}/keys", c.base(), url_value(&service));
+    done(&keys, what, n)
 }

@@ -199,17 +199,74 @@ impl FilterForm {
     }
 }
 
-/// A done-message from a redirect after an action.
+/// What an action did, named in the redirect after it (`?done=<what>&n=<count>`). Only
+/// these fixed messages are ever shown, so a crafted link cannot make the console say
+/// something of its author's choosing ("enter your token at …").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum Done {
+    Replayed,
+    NotReplayed,
+    Discarded,
+    NotDiscarded,
+    ReplayedMatching,
+    Parked,
+    NothingHeld,
+    Released,
+    NotParked,
+    /// Anything else: shown as nothing.
+    #[serde(other)]
+    Unknown,
+}
+
+impl Done {
+    /// The query value.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Done::Replayed => "replayed",
+            Done::NotReplayed => "not_replayed",
+            Done::Discarded => "discarded",
+            Done::NotDiscarded => "not_discarded",
+            Done::ReplayedMatching => "replayed_matching",
+            Done::Parked => "parked",
+            Done::NothingHeld => "nothing_held",
+            Done::Released => "released",
+            Done::NotParked => "not_parked",
+            Done::Unknown => "unknown",
+        }
+    }
+
+    fn message(self, n: u64) -> Option<String> {
+        Some(match self {
+            Done::Replayed => "The event was replayed.".into(),
+            Done::NotReplayed => "The event is not dead: nothing was replayed.".into(),
+            Done::Discarded => "The event was discarded.".into(),
+            Done::NotDiscarded => "The event is not dead: nothing was discarded.".into(),
+            Done::ReplayedMatching => format!("Replayed {n} matching dead letters."),
+            Done::Parked => format!("The key was parked: {n} events held."),
+            Done::NothingHeld => "The key has no pending event: nothing was held.".into(),
+            Done::Released => format!("The key was released: {n} events due now."),
+            Done::NotParked => "The key is not parked.".into(),
+            Done::Unknown => return None,
+        })
+    }
+}
+
+/// The note a redirect after an action asks for.
 #[derive(Debug, Default, serde::Deserialize)]
 pub(super) struct Note {
     #[serde(default)]
-    done: Option<String>,
+    done: Option<Done>,
+    /// Text, not a number: this struct is also read flattened, where serde sees strings.
+    #[serde(default)]
+    n: Option<String>,
 }
 
 fn note(n: &Note) -> String {
+    let count = n.n.as_deref().and_then(|n| n.parse().ok()).unwrap_or(0);
     n.done
-        .as_deref()
-        .map(|d| format!("<p class=\"note\">{}</p>", esc(&short(d, 300))))
+        .and_then(|d| d.message(count))
+        .map(|m| format!("<p class=\"note\">{}</p>", esc(&m)))
         .unwrap_or_default()
 }
 
@@ -303,8 +360,8 @@ pub(super) struct DeadQuery {
     filter: FilterForm,
     #[serde(default)]
     after: Option<String>,
-    #[serde(default)]
-    done: Option<String>,
+    #[serde(flatten)]
+    note: Note,
 }
 
 /// `/services/{service}/dead`: dead letters with filters, a page at a time.
@@ -393,7 +450,7 @@ pub(super) async fn dead<DB: Backend>(
         .collect();
     let mut body = format!(
         "{}<p><a href=\"{}/services/{svc}/keys\">Parked keys of {}</a></p>{form}<p id=\"count\">{count} dead letters match.</p>",
-        note(&Note { done: q.done.clone() }),
+        note(&q.note),
         esc(base),
         esc(&service),
     );
