@@ -108,17 +108,20 @@ pub fn parse_args(
     valid: &[&str],
     each: impl FnMut(&Arg),
 ) -> Vec<Arg> {
-    parse_args_with_lists(cx, macro_name, args, valid, &[], each)
+    parse_args_with_lists(cx, macro_name, args, valid, &[], &[], each)
 }
 
 /// [`parse_args`] where the keys of `lists` (key, example) take a list,
-/// `key(...)`, whose tokens reach `each` as an `Expr::Verbatim` value.
+/// `key(...)`, whose tokens reach `each` as an `Expr::Verbatim` value, and the keys of
+/// `flags` are written alone (`public`) and reach `each` with an empty
+/// `Expr::Verbatim`.
 pub fn parse_args_with_lists(
     cx: &Ctxt,
     macro_name: &str,
     args: TokenStream,
     valid: &[&str],
     lists: &[(&str, &str)],
+    flags: &[&str],
     mut each: impl FnMut(&Arg),
 ) -> Vec<Arg> {
     let metas = match Punctuated::<Meta, Token![,]>::parse_terminated.parse2(args) {
@@ -150,7 +153,16 @@ pub fn parse_args_with_lists(
             .iter()
             .find(|(k, _)| *k == key_str)
             .map(|(_, example)| *example);
+        let is_flag = flags.contains(&key_str.as_str());
         let value = match (meta, list_example) {
+            (Meta::Path(_), None) if is_flag => Expr::Verbatim(TokenStream::new()),
+            (meta, None) if is_flag => {
+                cx.error_spanned_by(
+                    &meta,
+                    format!("`{key_str}` is a flag and takes no value: write `{key_str}` alone"),
+                );
+                continue;
+            }
             (Meta::List(list), Some(_)) => Expr::Verbatim(list.tokens),
             (meta, Some(example)) => {
                 cx.error_spanned_by(
@@ -454,17 +466,31 @@ pub fn service_name_assertion(service: &ServiceRef) -> TokenStream {
         name = lit.value(),
         ty = ty.to_token_stream(),
     );
-    quote::quote_spanned! {at(lit.span())=>
+    let declared = quote::quote!(<#ty as ::outbox_runtime::__private::Service>::NAME);
+    let given = lit.to_token_stream();
+    const_str_assertion(lit.span(), &declared, &given, false, &message)
+}
+
+/// A compile-time check of two `&'static str` expressions: a panic with `message`
+/// (reported at `span`) when they are equal and `panic_if_equal`, or differ and not.
+pub fn const_str_assertion(
+    span: Span,
+    left: &TokenStream,
+    right: &TokenStream,
+    panic_if_equal: bool,
+    message: &str,
+) -> TokenStream {
+    quote::quote_spanned! {at(span)=>
         const _: () = {
-            let declared = <#ty as ::outbox_runtime::__private::Service>::NAME.as_bytes();
-            let given = #lit.as_bytes();
-            let mut same = declared.len() == given.len();
+            let left = #left.as_bytes();
+            let right = #right.as_bytes();
+            let mut same = left.len() == right.len();
             let mut i = 0;
-            while same && i < given.len() {
-                same = declared[i] == given[i];
+            while same && i < right.len() {
+                same = left[i] == right[i];
                 i += 1;
             }
-            if !same {
+            if same == #panic_if_equal {
                 ::core::panic!(#message);
             }
         };

@@ -14,9 +14,19 @@ use crate::names::{self, NameKind};
 use crate::service::item_keyword_span;
 
 const MACRO: &str = "outbox_event";
-const KEYS: &[&str] = &["service", "name", "version", "key", "max_retries", "upcast"];
+const KEYS: &[&str] = &[
+    "service",
+    "name",
+    "version",
+    "key",
+    "max_retries",
+    "upcast",
+    "public",
+];
 /// The keys that take a list, with an example for the error message.
 const LISTS: &[(&str, &str)] = &[("upcast", "1 = TaskCreatedV1, 2 = TaskCreatedV2")];
+/// The keys written alone.
+const FLAGS: &[&str] = &["public"];
 
 /// A validated event declaration.
 struct Event<'a> {
@@ -29,6 +39,8 @@ struct Event<'a> {
     /// The older versions (`upcast(N = Type, ...)`), oldest first; empty unless the
     /// chain is valid.
     upcast: Vec<(u32, Type)>,
+    /// `public`: other services may subscribe to it.
+    public: bool,
 }
 
 /// One `N = Type` of `upcast(...)`, as written.
@@ -103,7 +115,8 @@ fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Event<'a
     let mut max_retries = None;
     let mut key = None;
     let mut upcast = None;
-    let args = attr::parse_args_with_lists(cx, MACRO, args, KEYS, LISTS, |arg| {
+    let mut public = false;
+    let args = attr::parse_args_with_lists(cx, MACRO, args, KEYS, LISTS, FLAGS, |arg| {
         let (k, v) = (&arg.key, &arg.value);
         match k.to_string().as_str() {
             "service" => {
@@ -118,6 +131,7 @@ fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Event<'a
             "version" => version = attr::get_u32(cx, k, v, 1),
             "max_retries" => max_retries = attr::get_u32(cx, k, v, 0),
             "upcast" => upcast = parse_upcast(cx, k, v),
+            "public" => public = true,
             "key" => {
                 if let (Some(field), Some((ident, _, fields))) =
                     (attr::get_ident(cx, k, v, "task_id"), target)
@@ -209,6 +223,7 @@ fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Event<'a
         max_retries,
         key,
         upcast,
+        public,
     })
 }
 
@@ -421,6 +436,7 @@ fn impl_event(event: &Event) -> TokenStream {
         max_retries,
         key,
         upcast,
+        public,
     } = event;
     let private = quote!(::outbox_runtime::__private);
     let service_ty = &service.ty;
@@ -445,6 +461,17 @@ fn impl_event(event: &Event) -> TokenStream {
     };
     let guard_service = quote!(for<'__guard> #service_ty: #private::Service);
     let decode = decode_fn(ident, *version, upcast);
+    let public_impl = public.then(|| {
+        quote! {
+            #[automatically_derived]
+            impl #private::PublicEvent for #ident
+            where
+                for<'__guard> #ident: #private::Event,
+                #guard_service,
+            {
+            }
+        }
+    });
     quote! {
         #[automatically_derived]
         impl #private::Event for #ident
@@ -476,6 +503,8 @@ fn impl_event(event: &Event) -> TokenStream {
             #guard_service,
         {
         }
+
+        #public_impl
     }
 }
 
@@ -559,6 +588,7 @@ fn generate(event: &Event) -> TokenStream {
         max_retries,
         key,
         upcast,
+        public,
     } = event;
     let private = quote!(::outbox_runtime::__private);
     let service_ty = &service.ty;
@@ -629,6 +659,7 @@ fn generate(event: &Event) -> TokenStream {
                     rust_type: ::core::concat!(::core::module_path!(), "::", #rust_type),
                     older_versions: &[#(#older),*],
                     schema: __outbox_schema,
+                    public: #public,
                 }
             }
         };

@@ -14,7 +14,7 @@ use crate::attr::{self, Ctxt, ServiceRef};
 use crate::service::item_keyword_span;
 
 const MACRO: &str = "outbox_handler";
-const KEYS: &[&str] = &["service"];
+const KEYS: &[&str] = &["service", "subscriber"];
 
 const CONTEXT_MESSAGE: &str = "handlers must take `&mut HandlerContext<Db>` as their first \
      argument so your writes and the consumed mark commit in one transaction";
@@ -34,6 +34,9 @@ struct Handler<'a> {
     event: &'a Type,
     output: &'a Type,
     service: Option<ServiceRef>,
+    /// `subscriber = Notification`: the handler runs in that service, on another
+    /// service's public event, from its inbox.
+    subscriber: Option<ServiceRef>,
 }
 
 pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
@@ -58,11 +61,29 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
 
 fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Handler<'a>> {
     let mut service = None;
+    let mut subscriber = None;
     let mut service_ok = true;
+    let mut owner_key = None;
     attr::parse_args(cx, MACRO, args, KEYS, |arg| {
-        service = attr::get_service(cx, &arg.key, &arg.value);
-        service_ok = service.is_some();
+        let parsed = attr::get_service(cx, &arg.key, &arg.value);
+        service_ok &= parsed.is_some();
+        match arg.key.to_string().as_str() {
+            "service" => {
+                owner_key = Some(arg.key.clone());
+                service = parsed;
+            }
+            _ => subscriber = parsed,
+        }
     });
+    if let (Some(key), Some(_)) = (&owner_key, &subscriber) {
+        cx.error_spanned_by(
+            key,
+            "give either `service = ...` (a handler in the service that owns the event) or \
+             `subscriber = ...` (a handler in another service, on the owner's public event), \
+             not both",
+        );
+        service_ok = false;
+    }
 
     let Item::Fn(func) = item else {
         cx.error_at(
@@ -196,6 +217,7 @@ fn validate<'a>(cx: &Ctxt, args: TokenStream, item: &'a Item) -> Option<Handler<
         event,
         output: output?,
         service,
+        subscriber,
     })
 }
 
@@ -322,6 +344,7 @@ fn generate(handler: &Handler) -> TokenStream {
         event,
         output,
         service,
+        subscriber,
     } = handler;
     let private = quote!(::outbox_runtime::__private);
     let fn_ident = &func.sig.ident;
@@ -405,16 +428,63 @@ fn generate(handler: &Handler) -> TokenStream {
         }
     });
 
-    quote! {
-        #[doc(hidden)]
-        const _: () = {
-            #service_check
-            #factory
-            #private::inventory::submit! {
+    let (subscriber_check, registration) = match subscriber {
+        Some(subscriber) => {
+            let ty = &subscriber.ty;
+            // The subscriber is checked at its name (a type that is not a service: one
+            // error, the uses below all spanned there), the event at its type (an event
+            // its owner did not make public), a service subscribing to its own event at
+            // the subscriber.
+            let sub = attr::located_at(ty.to_token_stream(), ty.span());
+            let event_at = attr::located_at(event.to_token_stream(), event.span());
+            let sub_name = quote_spanned! {attr::at(ty.span())=>
+                <#sub as #private::Service>::NAME
+            };
+            let is_public = quote_spanned! {attr::at(event.span())=>
+                const _: () = __outbox_public::<#event_at>();
+            };
+            let own = format!(
+                "`{}` subscribes to an event of its own: a service handles its own events \
+                 with `#[outbox_handler]` (no `subscriber`), through its own consumer",
+                attr::pretty(ty)
+            );
+            let owner = quote!(<<#event as #private::Event>::Service as #private::Service>::NAME);
+            let not_own = attr::const_str_assertion(ty.span(), &owner, &sub_name, true, &own);
+            let name_assertion = attr::service_name_assertion(subscriber);
+            let check = quote! {
+                const fn __outbox_public<E: ?::core::marker::Sized + #private::PublicEvent>() {}
+                #is_public
+                #not_own
+                #name_assertion
+            };
+            let registration = quote! {
+                #private::HandlerRegistration::subscription::<#event>(
+                    #sub_name,
+                    ::core::concat!(::core::module_path!(), "::", #fn_name),
+                    &__OUTBOX_FACTORY,
+                )
+            };
+            (Some(check), registration)
+        }
+        None => (
+            None,
+            quote! {
                 #private::HandlerRegistration::of::<#event>(
                     ::core::concat!(::core::module_path!(), "::", #fn_name),
                     &__OUTBOX_FACTORY,
                 )
+            },
+        ),
+    };
+
+    quote! {
+        #[doc(hidden)]
+        const _: () = {
+            #service_check
+            #subscriber_check
+            #factory
+            #private::inventory::submit! {
+                #registration
             }
         };
     }

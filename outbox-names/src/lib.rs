@@ -267,6 +267,19 @@ pub fn default_group(service: &str) -> String {
     format!("outbox.{}.consumer", service)
 }
 
+/// The default inbox table of a subscribing service: `<name with - as _>_inbox`. One
+/// per subscriber, shared by every service it subscribes to.
+pub fn default_inbox_table(subscriber: &str) -> String {
+    format!("{}_inbox", snake(subscriber))
+}
+
+/// The default consumer group of a subscription:
+/// `outbox.<publisher>.subscriber.<subscriber>`, one per (publisher, subscriber) pair,
+/// so each subscriber reads the publisher's whole topic once.
+pub fn default_subscription_group(publisher: &str, subscriber: &str) -> String {
+    format!("outbox.{publisher}.subscriber.{subscriber}")
+}
+
 /// The default service name of a marker type: `ActiveScheduler` → `active-scheduler`.
 pub fn kebab_from_camel(ident: &str) -> String {
     let mut out = String::with_capacity(ident.len() + 4);

@@ -9,7 +9,7 @@ pub use serde_json;
 pub use crate::backend::Backend;
 pub use crate::event::{
     decode_version, no_schema, upcast, DecodeError, Event, EventKey, EventRegistration, HandledBy,
-    OlderVersion, PublishedThrough,
+    OlderVersion, PublicEvent, PublishedThrough,
 };
 pub use crate::handler::{
     decode_payload, ConcreteHandler, GenericHandler, GenericHandlerFactory, HandlerContext,

@@ -39,6 +39,8 @@ pub struct EventInfo {
     /// Every version the consumer decodes, oldest first, the current one last: the
     /// older ones come from the type's `upcast(...)` chain.
     pub versions: Vec<VersionInfo>,
+    /// Whether other services may subscribe to it (`#[outbox_event(public)]`).
+    pub public: bool,
 }
 
 /// One schema version of an event type.
@@ -64,8 +66,56 @@ pub struct HandlerInfo {
     pub name: String,
     /// The backends it runs on (`any` for generic handlers).
     pub backends: Vec<String>,
+    /// The subscribing service, for a subscription's handler.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscriber: Option<String>,
     #[serde(skip)]
     registration: Option<&'static HandlerRegistration>,
+}
+
+/// One subscription in the catalog: a service (the subscriber) handling public events
+/// of another (the publisher), read from the publisher's topic into the subscriber's
+/// inbox table in the subscriber's own database.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubscriptionInfo {
+    /// The subscribing service.
+    pub subscriber: String,
+    /// The service whose events it handles.
+    pub publisher: String,
+    /// The publisher's topic, which the subscriber reads.
+    pub topic: String,
+    /// The subscriber's consumer group on that topic (default
+    /// `outbox.<publisher>.subscriber.<subscriber>`, see
+    /// [`crate::names::default_subscription_group`]).
+    pub group: String,
+    /// The subscriber's inbox table (default `<subscriber>_inbox`, see
+    /// [`crate::names::default_inbox_table`]).
+    pub inbox: String,
+    /// The event types it handles, each with its handler.
+    pub handlers: Vec<HandlerInfo>,
+    /// The inbox as a route: service = the publisher (the rows' `service`), table =
+    /// the inbox, topic = the publisher's, group = the subscription's.
+    #[serde(skip)]
+    route: Route,
+}
+
+impl SubscriptionInfo {
+    /// The inbox route: what the subscriber's intake, worker and [`crate::Admin`]
+    /// act on (service = the publisher, table = the inbox).
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+
+    /// The registration behind the handler of `event_type`.
+    pub(crate) fn handler_registration(
+        &self,
+        event_type: &str,
+    ) -> Option<&'static HandlerRegistration> {
+        self.handlers
+            .iter()
+            .find(|h| h.event_type == event_type)
+            .and_then(|h| h.registration)
+    }
 }
 
 /// Every problem found while building the catalog.
@@ -102,6 +152,8 @@ struct Inner {
     routes: BTreeMap<String, Route>,
     events: BTreeMap<String, EventInfo>,
     handlers: BTreeMap<(String, String), HandlerInfo>,
+    /// By (subscriber, publisher).
+    subscriptions: BTreeMap<(String, String), SubscriptionInfo>,
 }
 
 impl Catalog {
@@ -195,15 +247,38 @@ impl Catalog {
             .and_then(|h| h.registration)
     }
 
+    /// Every subscription, by subscriber then publisher.
+    pub fn subscriptions(&self) -> impl Iterator<Item = &SubscriptionInfo> {
+        self.inner.subscriptions.values()
+    }
+
+    /// The subscriptions of one subscribing service.
+    pub fn subscriptions_of<'a>(
+        &'a self,
+        subscriber: &'a str,
+    ) -> impl Iterator<Item = &'a SubscriptionInfo> + 'a {
+        self.subscriptions()
+            .filter(move |s| s.subscriber == subscriber)
+    }
+
+    /// The subscription of `subscriber` to `publisher`'s events.
+    pub fn subscription(&self, subscriber: &str, publisher: &str) -> Option<&SubscriptionInfo> {
+        self.inner
+            .subscriptions
+            .get(&(subscriber.to_owned(), publisher.to_owned()))
+    }
+
     /// The whole catalog as JSON (for docs and CI diffs): services with their table,
-    /// topic and group; events with version, key, owner and every version they decode
-    /// (`versions: [{version, rust_type, schema}]`, what [`crate::compat::check`]
-    /// compares); handlers.
+    /// topic and group; events with version, key, owner, whether they are public and
+    /// every version they decode (`versions: [{version, rust_type, schema}]`, what
+    /// [`crate::compat::check`] compares); handlers; subscriptions with the
+    /// publisher's topic, the subscriber's group and inbox table, and their handlers.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "services": self.inner.routes.values().collect::<Vec<_>>(),
             "events": self.inner.events.values().collect::<Vec<_>>(),
             "handlers": self.inner.handlers.values().collect::<Vec<_>>(),
+            "subscriptions": self.inner.subscriptions.values().collect::<Vec<_>>(),
         })
     }
 }
@@ -279,6 +354,7 @@ impl Catalog {
                 routes: map,
                 events: BTreeMap::new(),
                 handlers: BTreeMap::new(),
+                subscriptions: BTreeMap::new(),
             }),
         })
     }
@@ -308,14 +384,18 @@ pub struct CatalogBuilder {
     tables: BTreeMap<String, String>,
     topics: BTreeMap<String, String>,
     groups: BTreeMap<String, String>,
-    /// `OUTBOX_<X>_TABLE|TOPIC|GROUP` variables whose `<X>` is no declared service:
+    /// Inbox tables by subscriber.
+    inboxes: BTreeMap<String, String>,
+    /// Subscription groups by (subscriber, publisher).
+    subscription_groups: BTreeMap<(String, String), String>,
+    /// `OUTBOX_<X>_TABLE|TOPIC|GROUP|INBOX` variables whose `<X>` is no declared service:
     /// reported by `build`, since a misspelt override silently ignored routes events
     /// to the default table or topic.
     unknown_env: BTreeSet<String>,
 }
 
 /// The per-service environment variables' suffixes and what they override.
-const ENV_SUFFIXES: [&str; 3] = ["_TABLE", "_TOPIC", "_GROUP"];
+const ENV_SUFFIXES: [&str; 4] = ["_TABLE", "_TOPIC", "_GROUP", "_INBOX"];
 
 /// Variable families that are not service overrides even when they end like one (the
 /// broker settings, and the test suite's, fault suite's, tansu's and bench's
@@ -365,9 +445,28 @@ impl CatalogBuilder {
         self
     }
 
+    /// Overrides a subscriber's inbox table (default `<subscriber>_inbox`).
+    pub fn inbox(mut self, subscriber: &str, table: impl Into<String>) -> Self {
+        self.inboxes.insert(subscriber.to_owned(), table.into());
+        self
+    }
+
+    /// Overrides the consumer group `subscriber` reads `publisher`'s topic in (default
+    /// `outbox.<publisher>.subscriber.<subscriber>`; the group prefix still applies).
+    pub fn subscription_group(
+        mut self,
+        subscriber: &str,
+        publisher: &str,
+        group: impl Into<String>,
+    ) -> Self {
+        self.subscription_groups
+            .insert((subscriber.to_owned(), publisher.to_owned()), group.into());
+        self
+    }
+
     /// Reads overrides from the environment: `OUTBOX_TOPIC_PREFIX`,
     /// `OUTBOX_GROUP_PREFIX`, and per service `OUTBOX_<SERVICE>_TABLE`, `_TOPIC`,
-    /// `_GROUP` (service name upper-cased, `-` as `_`: `OUTBOX_ACTIVE_SCHEDULER_TOPIC`).
+    /// `_GROUP`, `_INBOX` (service name upper-cased, `-` as `_`: `OUTBOX_ACTIVE_SCHEDULER_TOPIC`).
     /// A variable of that form naming no declared service (`OUTBOX_TASKS_TABLE` when
     /// the service is `task`) is a problem [`build`](Self::build) reports. See
     /// [`from_vars`](Self::from_vars).
@@ -416,6 +515,7 @@ impl CatalogBuilder {
                     let map = match suffix {
                         "_TABLE" => &mut self.tables,
                         "_TOPIC" => &mut self.topics,
+                        "_INBOX" => &mut self.inboxes,
                         _ => &mut self.groups,
                     };
                     map.insert((*service).to_owned(), value);
@@ -616,13 +716,19 @@ impl CatalogBuilder {
                             schema: (e.schema)(),
                         }))
                         .collect(),
+                    public: e.public,
                 },
             );
         }
 
         // Handlers.
         let mut handler_map: BTreeMap<(String, String), HandlerInfo> = BTreeMap::new();
+        let mut subscription_handlers: Vec<&'static HandlerRegistration> = Vec::new();
         for h in handlers {
+            if h.subscriber.is_some() {
+                subscription_handlers.push(h);
+                continue;
+            }
             let key = (h.service.to_owned(), h.event_type.to_owned());
             if let Some(existing) = handler_map.get(&key) {
                 problems.insert(format!(
@@ -658,10 +764,19 @@ impl CatalogBuilder {
                         .iter()
                         .map(|b| (*b).to_owned())
                         .collect(),
+                    subscriber: None,
                     registration: Some(h),
                 },
             );
         }
+
+        let subscriptions = self.subscriptions(
+            &mut problems,
+            &routes,
+            &invalid,
+            &event_map,
+            &subscription_handlers,
+        );
 
         if !problems.is_empty() {
             return Err(CatalogError {
@@ -673,8 +788,169 @@ impl CatalogBuilder {
                 routes,
                 events: event_map,
                 handlers: handler_map,
+                subscriptions,
             }),
         })
+    }
+
+    /// The subscriptions, from the handlers registered with `subscriber = ...`: one per
+    /// (subscriber, publisher), validated (a public event of a declared service, no
+    /// service subscribing to itself, one handler per event and subscriber, inbox and
+    /// group names checked and distinct from every outbox table and group).
+    fn subscriptions(
+        &self,
+        problems: &mut BTreeSet<String>,
+        routes: &BTreeMap<String, Route>,
+        invalid: &BTreeSet<&str>,
+        events: &BTreeMap<String, EventInfo>,
+        handlers: &[&'static HandlerRegistration],
+    ) -> BTreeMap<(String, String), SubscriptionInfo> {
+        let mut out: BTreeMap<(String, String), SubscriptionInfo> = BTreeMap::new();
+        for h in handlers {
+            let Some(subscriber) = h.subscriber else {
+                continue;
+            };
+            let Some(event) = events.get(h.event_type) else {
+                problems.insert(format!(
+                    "handler `{}` subscribes to event type `{}`, which is not registered",
+                    h.name, h.event_type
+                ));
+                continue;
+            };
+            if !event.public {
+                problems.insert(format!(
+                    "handler `{}` of service `{subscriber}` subscribes to `{}`, which service `{}` has not made public (`#[outbox_event(..., public)]`)",
+                    h.name, h.event_type, event.service
+                ));
+                continue;
+            }
+            if subscriber == event.service {
+                problems.insert(format!(
+                    "handler `{}` subscribes service `{subscriber}` to its own event `{}`; handle it with `#[outbox_handler]` (no `subscriber`)",
+                    h.name, h.event_type
+                ));
+                continue;
+            }
+            if invalid.contains(subscriber) || invalid.contains(event.service.as_str()) {
+                continue;
+            }
+            let (Some(sub_route), Some(publisher)) =
+                (routes.get(subscriber), routes.get(&event.service))
+            else {
+                problems.insert(format!(
+                    "handler `{}` subscribes service `{subscriber}`, which is not declared with #[outbox_service]",
+                    h.name
+                ));
+                continue;
+            };
+            let key = (subscriber.to_owned(), event.service.clone());
+            if !out.contains_key(&key) {
+                let inbox = self
+                    .inboxes
+                    .get(subscriber)
+                    .cloned()
+                    .unwrap_or_else(|| crate::names::default_inbox_table(subscriber));
+                let group = format!(
+                    "{}{}",
+                    self.group_prefix,
+                    self.subscription_groups
+                        .get(&key)
+                        .cloned()
+                        .unwrap_or_else(|| {
+                            crate::names::default_subscription_group(&event.service, subscriber)
+                        })
+                );
+                match (TableName::checked(&inbox), GroupName::checked(&group)) {
+                    (Ok(table), Ok(group_name)) => {
+                        out.insert(
+                            key.clone(),
+                            SubscriptionInfo {
+                                subscriber: subscriber.to_owned(),
+                                publisher: event.service.clone(),
+                                topic: publisher.topic().to_string(),
+                                group,
+                                inbox,
+                                handlers: Vec::new(),
+                                route: Route::new(
+                                    publisher.service().clone(),
+                                    table,
+                                    publisher.topic().clone(),
+                                    group_name,
+                                    sub_route.rust_type(),
+                                ),
+                            },
+                        );
+                    }
+                    (table, group) => {
+                        for e in [table.err(), group.err()].into_iter().flatten() {
+                            problems.insert(format!(
+                                "subscription of `{subscriber}` to `{}`: {e}",
+                                event.service
+                            ));
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(sub) = out.get_mut(&key) else {
+                continue;
+            };
+            if let Some(existing) = sub.handlers.iter().find(|x| x.event_type == h.event_type) {
+                problems.insert(format!(
+                    "event type `{}` has two handlers in subscriber `{subscriber}`: `{}` and `{}`; keep one",
+                    h.event_type, existing.name, h.name
+                ));
+                continue;
+            }
+            sub.handlers.push(HandlerInfo {
+                service: event.service.clone(),
+                event_type: h.event_type.to_owned(),
+                name: h.name.to_owned(),
+                backends: h
+                    .factory
+                    .backends()
+                    .iter()
+                    .map(|b| (*b).to_owned())
+                    .collect(),
+                subscriber: Some(subscriber.to_owned()),
+                registration: Some(h),
+            });
+        }
+        for (subscriber, _) in self
+            .inboxes
+            .iter()
+            .filter(|(s, _)| !routes.contains_key(*s))
+        {
+            problems.insert(format!(
+                "an inbox override names service `{subscriber}`, which is not declared"
+            ));
+        }
+        for sub in out.values() {
+            for r in routes.values() {
+                if r.table().as_str() == sub.inbox {
+                    problems.insert(format!(
+                        "the inbox of `{}` is table `{}`, which is also the outbox table of service `{}`; give the inbox its own table",
+                        sub.subscriber, sub.inbox, r.service()
+                    ));
+                }
+                if r.group().as_str() == sub.group {
+                    problems.insert(format!(
+                        "the subscription of `{}` to `{}` uses consumer group `{}`, which is also the group of service `{}`",
+                        sub.subscriber, sub.publisher, sub.group, r.service()
+                    ));
+                }
+            }
+        }
+        let mut groups: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+        for sub in out.values() {
+            if let Some((s, p)) = groups.insert(&sub.group, (&sub.subscriber, &sub.publisher)) {
+                problems.insert(format!(
+                    "subscriptions `{s}` <- `{p}` and `{}` <- `{}` share consumer group `{}`; each needs its own",
+                    sub.subscriber, sub.publisher, sub.group
+                ));
+            }
+        }
+        out
     }
 }
 

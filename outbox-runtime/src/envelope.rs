@@ -106,6 +106,22 @@ pub enum EnvelopeError {
 }
 
 impl Envelope {
+    /// The envelope of an outbox row of `service`, without a trace context: the
+    /// record a relay produces for it (with the payload as the record's value).
+    pub(crate) fn of_row(service: &str, row: &crate::backend::ClaimedRow) -> Envelope {
+        Envelope {
+            event_id: EventId(row.event_id),
+            service: service.to_owned(),
+            event_type: row.event_type.clone(),
+            version: u32::try_from(row.version).unwrap_or(0),
+            key: row.key.clone(),
+            time: row.created_at,
+            payload: Vec::new(),
+            traceparent: None,
+            tracestate: None,
+        }
+    }
+
     /// The Kafka headers of this envelope.
     pub fn headers(&self) -> OwnedHeaders {
         let id = self.event_id.to_string();

@@ -152,9 +152,20 @@ pub trait PublishedThrough<S: Service>: Event {}
 #[diagnostic::on_unimplemented(
     message = "a handler on the consumer of service `{S}` cannot receive `{Self}`",
     label = "this event is owned by another service",
-    note = "handlers run in the consumer of the service that owns the event; attach the handler to that service, or drop `service = ...` from `#[outbox_handler]`"
+    note = "handlers run in the consumer of the service that owns the event; attach the handler to that service, or drop `service = ...` from `#[outbox_handler]`; for another service to handle it, its owner makes it `public` and that service subscribes with `#[outbox_handler(subscriber = ...)]`"
 )]
 pub trait HandledBy<S: Service>: Event {}
+
+/// Proof that other services may subscribe to an event: its owner declared it
+/// `#[outbox_event(service = ..., public)]`. A subscriber's handler
+/// (`#[outbox_handler(subscriber = Notification)]`) compiles only for public events, so
+/// a service's internal events stay its own.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a public event: other services cannot subscribe to it",
+    label = "not declared `public` by the service that owns it",
+    note = "the owner decides: declare it `#[outbox_event(service = ..., public)]` where it is defined, or handle it in the service that owns it with `#[outbox_handler]` (no `subscriber`)"
+)]
+pub trait PublicEvent: Event {}
 
 /// Types usable as an event key (`key = field`). Implemented for strings, integers,
 /// UUIDs and `Option`s of them.
@@ -217,6 +228,8 @@ pub struct EventRegistration {
     /// The JSON schema of the current type, when it implements `JsonSchema` (feature
     /// `schema`).
     pub schema: fn() -> Option<serde_json::Value>,
+    /// Whether other services may subscribe to it (`public`).
+    pub public: bool,
 }
 
 /// For registrations without a known schema.
@@ -238,6 +251,7 @@ impl EventRegistration {
             rust_type,
             older_versions: &[],
             schema: no_schema,
+            public: false,
         }
     }
 }

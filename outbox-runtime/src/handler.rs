@@ -318,8 +318,12 @@ impl<H: GenericHandler> HandlerFactory for GenericHandlerFactory<H> {
 
 /// One handler as registered at compile time, collected through `inventory`.
 pub struct HandlerRegistration {
-    /// The owning service of the handled event: the consumer that runs the handler.
+    /// The owning service of the handled event: the consumer that runs the handler,
+    /// unless `subscriber` is set.
     pub service: &'static str,
+    /// For a subscription (`#[outbox_handler(subscriber = Notification)]`): the
+    /// subscribing service, whose inbox and subscriber consumer run the handler.
+    pub subscriber: Option<&'static str>,
     /// The handled event type.
     pub event_type: &'static str,
     /// The event's schema version the handler was compiled against.
@@ -335,6 +339,24 @@ impl HandlerRegistration {
     pub const fn of<E: Event>(name: &'static str, factory: &'static dyn HandlerFactory) -> Self {
         HandlerRegistration {
             service: <E::Service as crate::service::Service>::NAME,
+            subscriber: None,
+            event_type: E::EVENT_TYPE,
+            event_version: E::VERSION,
+            name,
+            factory,
+        }
+    }
+
+    /// The registration of a handler of event `E` (public: the macro checks it) in
+    /// the service named `subscriber`.
+    pub const fn subscription<E: Event>(
+        subscriber: &'static str,
+        name: &'static str,
+        factory: &'static dyn HandlerFactory,
+    ) -> Self {
+        HandlerRegistration {
+            service: <E::Service as crate::service::Service>::NAME,
+            subscriber: Some(subscriber),
             event_type: E::EVENT_TYPE,
             event_version: E::VERSION,
             name,
@@ -354,6 +376,7 @@ impl fmt::Debug for HandlerRegistration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HandlerRegistration")
             .field("service", &self.service)
+            .field("subscriber", &self.subscriber)
             .field("event_type", &self.event_type)
             .field("name", &self.name)
             .field("backends", &self.factory.backends())

@@ -369,8 +369,14 @@ impl ClientLog {
     /// A consumer's context that turns librdkafka's statistics (when
     /// `statistics.interval.ms` is set) into the consumer-lag gauge of `service`.
     pub(crate) fn consumer_of(service: &crate::route::ServiceName) -> Self {
+        Self::consumer_labelled(service.as_str())
+    }
+
+    /// [`consumer_of`](Self::consumer_of) under any `service` label (a subscription's
+    /// intake: `<subscriber><-<publisher>`).
+    pub(crate) fn consumer_labelled(label: &str) -> Self {
         ClientLog {
-            lag_of: Some(metrics::SharedString::from(service.as_str().to_owned())),
+            lag_of: Some(metrics::SharedString::from(label.to_owned())),
             ..ClientLog::new("consumer")
         }
     }

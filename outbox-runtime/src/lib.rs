@@ -123,6 +123,8 @@ mod route;
 #[cfg(feature = "kafka")]
 mod runtime;
 mod service;
+#[cfg(feature = "kafka")]
+mod subscriber;
 mod trace;
 mod wakeup;
 
@@ -161,12 +163,14 @@ pub use backend::{
     AuditEntry, Backend, Backlog, DeadFilter, DeadReason, KeyCounts, OutboxRow, ParkedKey,
     SqlValue, Status, StatusCounts, WaitingCount,
 };
-pub use catalog::{Catalog, CatalogBuilder, CatalogError, EventInfo, RouteSpec, VersionInfo};
+pub use catalog::{
+    Catalog, CatalogBuilder, CatalogError, EventInfo, RouteSpec, SubscriptionInfo, VersionInfo,
+};
 pub use config::{OutboxConfig, Retention, Waiting};
 #[cfg(feature = "kafka")]
 pub use consumer::ConsumerStats;
 pub use error::{Error, Result};
-pub use event::{DecodeError, Event, EventId, EventKey};
+pub use event::{DecodeError, Event, EventId, EventKey, PublicEvent};
 pub use handler::{EventMeta, FailureKind, HandlerContext, HandlerError};
 #[cfg(feature = "kafka")]
 pub use health::{ComponentHealth, Health, Problem, Role, Side};
@@ -184,6 +188,8 @@ pub use runtime::{migrate, OutboxRuntime, RuntimeHandle};
 /// reported with a path the user's crate can name.
 pub use serde;
 pub use service::Service;
+#[cfg(feature = "kafka")]
+pub use subscriber::{IntakeStats, Subscriber};
 
 /// schemars, for `#[derive(JsonSchema)]` on events whose schema the catalog exports
 /// (feature `schema`); derive with `#[schemars(crate = "outbox_runtime::schemars")]`

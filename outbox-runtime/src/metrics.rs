@@ -150,7 +150,16 @@ impl ConsumerMetrics {
         service: &ServiceName,
         event_types: impl IntoIterator<Item = &'a String>,
     ) -> Self {
-        let s = label(service);
+        Self::labelled(service.as_str(), event_types)
+    }
+
+    /// [`new`](Self::new) under any `service` label: a subscription's settlement is
+    /// labelled `<subscriber><-<publisher>`, apart from the publisher's own consumer.
+    pub(crate) fn labelled<'a>(
+        service: &str,
+        event_types: impl IntoIterator<Item = &'a String>,
+    ) -> Self {
+        let s = SharedString::from(service.to_owned());
         let types = event_types
             .into_iter()
             .map(|t| {

@@ -56,7 +56,6 @@ use crate::catalog::Route;
 use crate::config::OutboxConfig;
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
-use crate::event::EventId;
 use crate::health::Side;
 use crate::kafka::{ClientLog, KafkaConfig, Producers};
 use crate::retry::Backoff;
@@ -626,15 +625,9 @@ impl<DB: Backend> Relay<DB> {
             let (traceparent, tracestate) = trace::continue_in(&span, stored).unzip();
             spans.push(span);
             let envelope = Envelope {
-                event_id: EventId(row.event_id),
-                service: service.clone(),
-                event_type: row.event_type.clone(),
-                version: u32::try_from(row.version).unwrap_or(0),
-                key: row.key.clone(),
-                time: row.created_at,
-                payload: Vec::new(),
                 traceparent,
                 tracestate: tracestate.flatten(),
+                ..Envelope::of_row(&service, row)
             };
             let mut record = FutureRecord::to(self.route.topic().as_str())
                 .payload(row.payload.as_bytes())
@@ -998,7 +991,7 @@ fn classify(e: &KafkaError) -> Produced {
 }
 
 /// A fresh non-zero lease token (0 means "no lease").
-fn lease_token() -> i64 {
+pub(crate) fn lease_token() -> i64 {
     loop {
         let t: i64 = rand::random();
         if t != 0 {

@@ -190,6 +190,17 @@ impl<DB: Backend> OutboxRuntime<DB> {
         } else {
             check_tables(&self.pool, &self.catalog, &services).await?;
         }
+        // The subscriptions whose subscriber runs here: their inboxes are in this
+        // database, their topics are the publishers'.
+        let subscriptions: Vec<crate::catalog::SubscriptionInfo> = if self.run_consumers {
+            services
+                .iter()
+                .flat_map(|s| self.catalog.subscriptions_of(s))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
         self.warn_unhandled(&services);
         self.warn_publish_settings();
         if (self.run_relays || self.run_consumers) && !services.is_empty() {
@@ -197,6 +208,7 @@ impl<DB: Backend> OutboxRuntime<DB> {
                 .iter()
                 .filter_map(|s| self.catalog.route(s))
                 .map(|r| r.topic().to_string())
+                .chain(subscriptions.iter().map(|s| s.topic.clone()))
                 .collect();
             topics.sort();
             topics.dedup();
@@ -281,6 +293,38 @@ impl<DB: Backend> OutboxRuntime<DB> {
                 }
             }
         }
+        let mut subscriber_stats = BTreeMap::new();
+        for sub in &subscriptions {
+            let subscriber = crate::subscriber::Subscriber::new(
+                self.pool.clone(),
+                &self.catalog,
+                &sub.subscriber,
+                &sub.publisher,
+                config.clone(),
+            )?;
+            let name = format!("{}<-{}", sub.subscriber, sub.publisher);
+            subscriber_stats.insert(
+                (sub.subscriber.clone(), sub.publisher.clone()),
+                (subscriber.intake_stats(), subscriber.stats()),
+            );
+            beats.push((name.clone(), Role::Consumer, subscriber.beat()));
+            let kafka = self.kafka.clone();
+            let rx = stop_rx.clone();
+            tasks.push((
+                format!("subscriber {name}"),
+                tokio::spawn(async move { subscriber.run(&kafka, rx).await }),
+            ));
+            if config.retention.is_some() {
+                let rx = stop_rx.clone();
+                let pool = self.pool.clone();
+                let route = sub.route().clone();
+                let config = config.clone();
+                tasks.push((
+                    format!("housekeeping {name}"),
+                    tokio::spawn(async move { housekeeping::<DB>(pool, route, config, rx).await }),
+                ));
+            }
+        }
         if producer.is_some() && DB::HAS_NOTIFY {
             // One LISTEN connection for the whole runtime, outside the pool: it wakes
             // this process's relays when another process commits events.
@@ -301,6 +345,7 @@ impl<DB: Backend> OutboxRuntime<DB> {
             tasks,
             relay_stats,
             consumer_stats,
+            subscriber_stats,
             beats,
         })
     }
@@ -367,10 +412,15 @@ async fn check_tables<DB: Backend>(
     catalog: &Catalog,
     services: &[String],
 ) -> Result<()> {
+    let mut routes = Vec::new();
     for s in services {
         let route = catalog
             .route(s)
             .ok_or_else(|| Error::UnknownService(s.clone()))?;
+        routes.push((s, route));
+        routes.extend(catalog.subscriptions_of(s).map(|sub| (s, sub.route())));
+    }
+    for (s, route) in routes {
         // An indexed lookup of an id that never exists: cheap, and fails only if the
         // table (or the database) is not there.
         if let Err(e) = DB::fetch(pool, route.table(), uuid::Uuid::nil()).await {
@@ -493,6 +543,10 @@ pub async fn migrate<'a, DB: Backend>(
             .route(s)
             .ok_or_else(|| Error::UnknownService(s.to_owned()))?;
         tables.insert(route.table().clone());
+        // A subscriber's inbox has the outbox table's shape and DDL.
+        for sub in catalog.subscriptions_of(s) {
+            tables.insert(sub.route().table().clone());
+        }
     }
     for t in tables {
         let started = std::time::Instant::now();
@@ -512,8 +566,12 @@ pub struct RuntimeHandle {
     tasks: Vec<(String, JoinHandle<Result<()>>)>,
     relay_stats: BTreeMap<String, Vec<Arc<RelayStats>>>,
     consumer_stats: BTreeMap<String, Arc<ConsumerStats>>,
+    subscriber_stats: BTreeMap<(String, String), SubscriberStats>,
     beats: Vec<(String, Role, Arc<Beat>)>,
 }
+
+/// A subscription's counters: its intake's, and its settlement's.
+type SubscriberStats = (Arc<crate::subscriber::IntakeStats>, Arc<ConsumerStats>);
 
 impl RuntimeHandle {
     /// The counters of a service's relays.
@@ -527,6 +585,19 @@ impl RuntimeHandle {
     /// The counters of a service's consumer.
     pub fn consumer_stats(&self, service: &str) -> Option<&Arc<ConsumerStats>> {
         self.consumer_stats.get(service)
+    }
+
+    /// The counters of the subscription of `subscriber` to `publisher`, if it runs
+    /// here: its intake's (records read, inboxed, repeated, ignored, unusable) and its
+    /// settlement's (handled, retried, dead, ... from the inbox).
+    pub fn subscriber_stats(
+        &self,
+        subscriber: &str,
+        publisher: &str,
+    ) -> Option<(&Arc<crate::subscriber::IntakeStats>, &Arc<ConsumerStats>)> {
+        self.subscriber_stats
+            .get(&(subscriber.to_owned(), publisher.to_owned()))
+            .map(|(intake, settled)| (intake, settled))
     }
 
     /// What every relay and consumer of this runtime last did: whether it runs, how

@@ -94,7 +94,7 @@ pub struct AgentRunRequested {
 }
 
 /// A memory was stored.
-#[outbox_event(service = Memory, key = memory_id)]
+#[outbox_event(service = Memory, key = memory_id, public)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MemoryStored {
     /// The memory.
@@ -107,7 +107,7 @@ pub struct MemoryStored {
 }
 
 /// A notification must be sent.
-#[outbox_event(service = Notification, key = user_id)]
+#[outbox_event(service = Notification, key = user_id, public)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NotificationRequested {
     /// The recipient.
@@ -120,7 +120,7 @@ pub struct NotificationRequested {
 }
 
 /// A task was created.
-#[outbox_event(service = Task, key = task_id)]
+#[outbox_event(service = Task, key = task_id, public)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskCreated {
     /// The task.
@@ -166,8 +166,9 @@ pub fn effects_ddl(backend: &str) -> &'static str {
     }
 }
 
-/// Runs the script, then records the effect in the handler's transaction.
-async fn record<DB: Backend>(
+/// Runs the script, then records the effect in the handler's transaction (also used
+/// by the subscriptions' handlers, `tests/subscriptions.rs`).
+pub async fn record<DB: Backend>(
     ctx: &mut HandlerContext<DB>,
     key: &str,
     seq: u32,

@@ -394,6 +394,7 @@ fn a_broken_chain_registered_by_hand_fails_the_catalog_with_every_problem() {
             rust_type: "hand::Event",
             older_versions: older,
             schema: no_schema,
+            public: false,
         };
     static GAP: [OlderVersion; 2] = [
         OlderVersion {

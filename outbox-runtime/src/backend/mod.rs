@@ -199,6 +199,17 @@ pub struct NewRow<'a> {
     pub trace_context: Option<&'a str>,
 }
 
+/// A row a subscriber's intake writes into its inbox: an event read from the
+/// publisher's topic, pending (its handler runs from the inbox), or dead at once when
+/// the record is unusable (the reason and its class given).
+#[derive(Debug, Clone)]
+pub struct NewInboxRow<'a> {
+    /// The event as the record names it (`event_id` unique: a repeat is skipped).
+    pub row: NewRow<'a>,
+    /// Dead at once, with the reason and its class.
+    pub dead: Option<(&'a str, DeadReason)>,
+}
+
 /// A row claimed by a relay: everything needed to produce it.
 #[derive(Debug, Clone)]
 pub struct ClaimedRow {
@@ -617,6 +628,16 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         table: &'c TableName,
         rows: &'c [NewRow<'c>],
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'c;
+
+    /// Subscriber side, in the intake's transaction: inserts the rows into inbox
+    /// `table` (pending and due now, or dead with their reason), skipping every row
+    /// whose event id is already there (a repeated delivery), in as few statements as
+    /// the bind limit allows, in the given order. Returns how many rows were new.
+    fn insert_inbox<'c>(
+        conn: &'c mut Self::Connection,
+        table: &'c TableName,
+        rows: &'c [NewInboxRow<'c>],
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'c;
 
     /// Claims up to `limit` due rows of `service` in one short transaction: status
     /// pending, `next_attempt_at <= now`, lease free or expired, and no older pending

@@ -51,6 +51,7 @@ pub(crate) const SQL: SqlDialect = SqlDialect {
     for_update: " FOR UPDATE",
     skip_locked: " FOR UPDATE SKIP LOCKED",
     bounded: Bounded::OrderLimit,
+    skip_duplicate: ("INSERT IGNORE INTO", ""),
     own: &[
         "SELECT o.id FROM {t} o WHERE {claimable} ORDER BY o.id LIMIT {p} FOR UPDATE SKIP LOCKED",
         "UPDATE {t} SET {lease} WHERE id {in_ids} AND status = {pending}",

@@ -153,6 +153,39 @@ macro_rules! store_ops {
             Ok(())
         }
 
+        async fn insert_inbox<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            table: &'c $crate::route::TableName,
+            rows: &'c [$crate::backend::NewInboxRow<'c>],
+        ) -> Result<u64, sqlx::Error> {
+            let mut inserted = 0;
+            for chunk in rows.chunks($crate::backend::statements::INSERT_ROWS) {
+                let sql = $crate::backend::statements::insert_inbox(Self::SQL, table, chunk.len());
+                let mut q = sqlx::query(&sql);
+                for r in chunk {
+                    let status = match r.dead {
+                        Some(_) => $crate::backend::Status::Dead,
+                        None => $crate::backend::Status::Pending,
+                    };
+                    q = q
+                        .bind(r.row.event_id)
+                        .bind(r.row.service.as_str())
+                        .bind(r.row.event_type)
+                        .bind(r.row.version)
+                        .bind(r.row.key)
+                        .bind(r.row.payload)
+                        .bind(r.row.max_retries)
+                        .bind(r.row.trace_context)
+                        .bind(status.as_i16())
+                        .bind(r.dead.map(|(reason, _)| reason))
+                        .bind(r.dead.map(|(_, class)| class.as_str()))
+                        .bind(r.dead.is_some());
+                }
+                inserted += q.execute(&mut *conn).await?.rows_affected();
+            }
+            Ok(inserted)
+        }
+
         async fn mark_published<'p>(
             pool: &'p sqlx::Pool<Self>,
             table: &'p $crate::route::TableName,

@@ -71,6 +71,7 @@ pub(crate) const SQL: SqlDialect = SqlDialect {
     for_update: " FOR UPDATE",
     skip_locked: " FOR UPDATE SKIP LOCKED",
     bounded: Bounded::Subquery,
+    skip_duplicate: ("INSERT INTO", " ON CONFLICT (event_id) DO NOTHING"),
     own: &[CLAIM, CLAIM_WINDOWED],
 };
 

@@ -56,6 +56,7 @@ pub(crate) const SQL: SqlDialect = SqlDialect {
     for_update: "",
     skip_locked: "",
     bounded: Bounded::Subquery,
+    skip_duplicate: ("INSERT INTO", " ON CONFLICT (event_id) DO NOTHING"),
     own: &[CLAIM],
 };
 

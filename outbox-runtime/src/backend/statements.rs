@@ -57,6 +57,10 @@ pub(crate) struct SqlDialect {
     pub skip_locked: &'static str,
     /// How an UPDATE or DELETE is bounded to the first rows.
     pub bounded: Bounded,
+    /// An INSERT that skips rows whose event id exists: how it begins and ends
+    /// (MySQL: `INSERT IGNORE`, since `ON DUPLICATE KEY UPDATE` reports a skipped row
+    /// as affected when the client asks for found rows, as sqlx does).
+    pub skip_duplicate: (&'static str, &'static str),
     /// The dialect's own statements (its claim), rendered into [`Statements::own`].
     pub own: &'static [&'static str],
 }
@@ -421,6 +425,29 @@ pub(crate) fn insert_many(d: &SqlDialect, table: &TableName, rows: usize, traced
         d,
         table,
         &format!("INSERT INTO {{t}} ({columns}) VALUES {tuples}"),
+    )
+    .head
+}
+
+/// An inbox INSERT of `rows` rows (see [`super::Backend::insert_inbox`]): the
+/// publish-time columns, the status, and for a dead row its reason, class and time; a
+/// row whose event id exists is skipped.
+pub(crate) fn insert_inbox(d: &SqlDialect, table: &TableName, rows: usize) -> String {
+    let columns = "event_id, service, event_type, event_version, event_key, payload, \
+        max_retries, trace_context, status, last_error, dead_reason, dead_at, \
+        next_attempt_at, created_at, updated_at";
+    let tuple = format!(
+        "({}CASE WHEN {{p}} THEN {{now}} ELSE NULL END, {{now}}, {{now}}, {{now}})",
+        "{p}, ".repeat(11)
+    );
+    let tuples = vec![tuple; rows.max(1)].join(", ");
+    render(
+        d,
+        table,
+        &format!(
+            "{} {{t}} ({columns}) VALUES {tuples}{}",
+            d.skip_duplicate.0, d.skip_duplicate.1
+        ),
     )
     .head
 }

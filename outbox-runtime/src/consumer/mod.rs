@@ -185,36 +185,49 @@ impl<DB: Backend> Consumer<DB> {
             .route(service)
             .ok_or_else(|| Error::UnknownService(service.to_owned()))?
             .clone();
-        let mut handlers = HashMap::new();
-        let mut problems = Vec::new();
-        for info in catalog.handlers_of(service) {
-            let Some(reg) = catalog.handler_registration(service, &info.event_type) else {
-                continue;
-            };
-            match reg.for_backend::<DB>() {
-                Some(call) => {
-                    handlers.insert(
-                        info.event_type.clone(),
-                        Handler {
-                            call,
-                            version: reg.event_version,
-                        },
-                    );
-                }
-                None => problems.push(format!(
-                    "handler `{}` runs on {:?}, but the consumer of service `{}` runs on {}",
-                    reg.name,
-                    reg.factory.backends(),
-                    service,
-                    DB::BACKEND_NAME
-                )),
-            }
-        }
-        if !problems.is_empty() {
-            return Err(Error::Config(problems.join("; ")));
-        }
-        Ok(Consumer {
-            metrics: crate::metrics::ConsumerMetrics::new(route.service(), handlers.keys()),
+        let registrations = catalog.handlers_of(service).filter_map(|info| {
+            catalog
+                .handler_registration(service, &info.event_type)
+                .map(|reg| (info.event_type.clone(), reg))
+        });
+        let handlers = resolve::<DB>(registrations, service)?;
+        let metrics = crate::metrics::ConsumerMetrics::new(route.service(), handlers.keys());
+        Ok(Self::with(pool, route, catalog, handlers, config, metrics))
+    }
+
+    /// The settlement side of a subscription: the handlers `sub.subscriber` registered
+    /// for `sub.publisher`'s public events, run on the rows of the subscriber's inbox
+    /// (route: service = the publisher, table = the inbox). The subscriber's intake and
+    /// worker ([`crate::subscriber`]) feed it.
+    pub(crate) fn for_subscription(
+        pool: Pool<DB>,
+        catalog: &Catalog,
+        sub: &crate::catalog::SubscriptionInfo,
+        config: Arc<OutboxConfig>,
+    ) -> Result<Self> {
+        let route = sub.route().clone();
+        let registrations = sub.handlers.iter().filter_map(|info| {
+            sub.handler_registration(&info.event_type)
+                .map(|reg| (info.event_type.clone(), reg))
+        });
+        let handlers = resolve::<DB>(registrations, &sub.subscriber)?;
+        let metrics = crate::metrics::ConsumerMetrics::labelled(
+            &format!("{}<-{}", sub.subscriber, sub.publisher),
+            handlers.keys(),
+        );
+        Ok(Self::with(pool, route, catalog, handlers, config, metrics))
+    }
+
+    fn with(
+        pool: Pool<DB>,
+        route: Route,
+        catalog: &Catalog,
+        handlers: HashMap<String, Handler<DB>>,
+        config: Arc<OutboxConfig>,
+        metrics: crate::metrics::ConsumerMetrics,
+    ) -> Self {
+        Consumer {
+            metrics,
             pool,
             route,
             catalog: catalog.clone(),
@@ -222,7 +235,19 @@ impl<DB: Backend> Consumer<DB> {
             config,
             stats: Arc::new(ConsumerStats::default()),
             beat: Arc::default(),
-        })
+        }
+    }
+
+    /// Settles an inbox row handed over as a record built from it (the subscriber's
+    /// worker): the same steps as a record from the broker, in its own transaction,
+    /// database failures retried in place. `None` if shutdown came first.
+    pub(crate) async fn settle_inbox_row(
+        &self,
+        msg: &OwnedMessage,
+        shutdown: &mut ShutdownSignal,
+    ) -> Option<Outcome> {
+        let record = record::Record::read(msg, usize::MAX, self.route.service());
+        self.settle(&record, shutdown).await
     }
 
     /// The consumer's counters.
@@ -446,6 +471,41 @@ impl<DB: Backend> Consumer<DB> {
             }
         }
         Ok(end)
+    }
+}
+
+/// The handlers of `owner` (a service, or a subscriber), resolved for backend `DB`: one
+/// error listing every handler written for another backend.
+fn resolve<DB: Backend>(
+    registrations: impl Iterator<Item = (String, &'static crate::handler::HandlerRegistration)>,
+    owner: &str,
+) -> Result<HashMap<String, Handler<DB>>> {
+    let mut handlers = HashMap::new();
+    let mut problems = Vec::new();
+    for (event_type, reg) in registrations {
+        match reg.for_backend::<DB>() {
+            Some(call) => {
+                handlers.insert(
+                    event_type,
+                    Handler {
+                        call,
+                        version: reg.event_version,
+                    },
+                );
+            }
+            None => problems.push(format!(
+                "handler `{}` runs on {:?}, but the consumer of service `{}` runs on {}",
+                reg.name,
+                reg.factory.backends(),
+                owner,
+                DB::BACKEND_NAME
+            )),
+        }
+    }
+    if problems.is_empty() {
+        Ok(handlers)
+    } else {
+        Err(Error::Config(problems.join("; ")))
     }
 }
 

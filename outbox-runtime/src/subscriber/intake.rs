@@ -1,0 +1,399 @@
+//! Intake: the publisher's topic into the subscriber's inbox. Records are taken as
+//! they come (what is already received, up to [`BATCH`]), written in one transaction
+//! (a repeated event id skipped by the unique index), and their offsets stored only
+//! after that commit.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures::FutureExt;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedMessage};
+use uuid::Uuid;
+
+use super::Shared;
+use crate::backend::{Backend, DeadReason, NewInboxRow, NewRow, MAX_KEY_LEN};
+use crate::envelope::Envelope;
+use crate::error::{Error, Result};
+use crate::kafka::{ClientLog, KafkaConfig};
+use crate::runtime::ShutdownSignal;
+
+/// Most records written in one intake transaction.
+const BATCH: usize = 256;
+
+/// What intake does with one record.
+enum Take {
+    /// Into the inbox (pending, or dead with a reason).
+    Row(OwnedRow),
+    /// An event type this subscriber does not subscribe to.
+    Ignore,
+}
+
+/// An inbox row as intake builds it from a record.
+struct OwnedRow {
+    event_id: Uuid,
+    event_type: String,
+    version: i32,
+    key: Option<String>,
+    payload: String,
+    max_retries: i32,
+    trace_context: Option<String>,
+    dead: Option<(String, DeadReason)>,
+}
+
+/// Runs intake until shutdown; a Kafka client that can no longer work is replaced.
+pub(super) async fn run<DB: Backend>(
+    shared: Arc<Shared<DB>>,
+    kafka: &KafkaConfig,
+    mut shutdown: ShutdownSignal,
+) -> Result<()> {
+    let mut replaced = 0u32;
+    loop {
+        match session(&shared, kafka, &mut shutdown).await? {
+            None => return Ok(()),
+            Some(why) => {
+                replaced += 1;
+                tracing::warn!(subscriber = %shared.sub.subscriber, publisher = %shared.sub.publisher,
+                    reason = %why, "the subscription's Kafka consumer can no longer work; replacing it");
+                let delay = shared.config.consumer_failure_backoff.delay(replaced);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => {}
+                }
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// One client's life. `Ok(None)` on shutdown, `Ok(Some(why))` when the client can no
+/// longer work.
+async fn session<DB: Backend>(
+    shared: &Shared<DB>,
+    kafka: &KafkaConfig,
+    shutdown: &mut ShutdownSignal,
+) -> Result<Option<String>> {
+    let sub = &shared.sub;
+    let route = sub.route();
+    let label = format!("{}<-{}", sub.subscriber, sub.publisher);
+    let client = kafka.consumer_config(route.group().as_str(), shared.config.max_payload_bytes);
+    let consumer: StreamConsumer<ClientLog> = client
+        .create_with_context(ClientLog::consumer_labelled(&label))
+        .map_err(|e| Error::kafka(format!("creating the consumer of subscription {label}"), e))?;
+    consumer
+        .subscribe(&[route.topic().as_str()])
+        .map_err(|e| Error::kafka(format!("subscribing to {}", route.topic()), e))?;
+    let mut batch: Vec<OwnedMessage> = Vec::with_capacity(BATCH);
+    let mut end = None;
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            msg = consumer.recv() => msg,
+        };
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Ok(m) => batch.push(m.detach()),
+                Err(KafkaError::MessageConsumptionFatal(code)) => {
+                    end = Some(format!("fatal consumer error {code:?}"));
+                }
+                Err(e) => {
+                    if let Some((code, reason)) = consumer.client().fatal_error() {
+                        end = Some(format!("fatal error {code:?}: {reason}"));
+                    } else {
+                        let kind = format!("recv:{:?}", e.rdkafka_error_code());
+                        if let Some(suppressed) = consumer.context().allow(&kind) {
+                            tracing::warn!(subscription = %label, error = %e, suppressed,
+                                "consumer error event; the client recovers by itself");
+                        }
+                    }
+                }
+            }
+            // Take what is already received; never wait to fill a batch.
+            if end.is_none() && batch.len() < BATCH {
+                next = consumer.recv().now_or_never();
+            }
+        }
+        if !batch.is_empty() {
+            if !write(shared, &batch, shutdown).await {
+                break; // shutting down: the records' offsets stay unstored
+            }
+            for m in &batch {
+                if let Err(e) = consumer.store_offset(m.topic(), m.partition(), m.offset()) {
+                    // Stale after a rebalance; the new owner re-reads the records and
+                    // finds them in the inbox.
+                    tracing::debug!(error = %e, "storing the offset failed");
+                }
+            }
+            batch.clear();
+            crate::wakeup::wake_local(route.table(), route.service());
+        }
+        if end.is_some() {
+            break;
+        }
+    }
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(subscription = %label, error = %e, "final offset commit failed"),
+    }
+    Ok(end)
+}
+
+/// Writes the batch's rows in one transaction, retrying database failures in place
+/// until it commits. `false` if shutdown came first.
+async fn write<DB: Backend>(
+    shared: &Shared<DB>,
+    batch: &[OwnedMessage],
+    shutdown: &mut ShutdownSignal,
+) -> bool {
+    let stats = &shared.intake;
+    stats
+        .received
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    let mut rows = Vec::with_capacity(batch.len());
+    for m in batch {
+        match take(shared, m) {
+            Take::Row(row) => rows.push(row),
+            Take::Ignore => {
+                stats.ignored.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    if rows.is_empty() {
+        return true;
+    }
+    let route = shared.sub.route();
+    let mut failures = 0u32;
+    loop {
+        let new_rows: Vec<NewInboxRow<'_>> = rows
+            .iter()
+            .map(|r| NewInboxRow {
+                row: NewRow {
+                    event_id: r.event_id,
+                    service: route.service(),
+                    event_type: &r.event_type,
+                    version: r.version,
+                    key: r.key.as_deref(),
+                    payload: &r.payload,
+                    max_retries: r.max_retries,
+                    trace_context: r.trace_context.as_deref(),
+                },
+                dead: r.dead.as_ref().map(|(why, class)| (why.as_str(), *class)),
+            })
+            .collect();
+        let attempt = async {
+            let mut tx = DB::begin(&shared.pool).await?;
+            let inserted = DB::insert_inbox(&mut tx, route.table(), &new_rows).await?;
+            failpoint!("subscriber.before_intake_commit");
+            tx.commit().await?;
+            Ok::<u64, sqlx::Error>(inserted)
+        };
+        match attempt.await {
+            Ok(inserted) => {
+                failpoint!("subscriber.after_intake_commit");
+                stats.inboxed.fetch_add(inserted, Ordering::Relaxed);
+                stats.duplicates.fetch_add(
+                    rows.len() as u64 - inserted.min(rows.len() as u64),
+                    Ordering::Relaxed,
+                );
+                let unusable = rows.iter().filter(|r| r.dead.is_some()).count() as u64;
+                if unusable > 0 {
+                    stats.unusable.fetch_add(unusable, Ordering::Relaxed);
+                    for r in rows.iter().filter(|r| r.dead.is_some()) {
+                        if let Some((why, _)) = &r.dead {
+                            tracing::error!(subscriber = %shared.sub.subscriber, publisher = %shared.sub.publisher,
+                                event_id = %r.event_id, reason = %why, "unusable record written dead into the inbox");
+                        }
+                    }
+                }
+                return true;
+            }
+            Err(e) => {
+                failures += 1;
+                stats.db_retries.fetch_add(1, Ordering::Relaxed);
+                let delay = shared.config.consumer_failure_backoff.delay(failures);
+                tracing::warn!(subscriber = %shared.sub.subscriber, publisher = %shared.sub.publisher,
+                    table = %route.table(), error = %e, ?delay,
+                    "writing records into the inbox failed; retrying the same records");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => {}
+                }
+                if *shutdown.borrow() {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// What intake does with one record: the events of subscribed types (and of types
+/// this binary does not know: the worker makes them wait for a release that does, as
+/// the outbox's consumer does) become pending rows; the publisher's other events are
+/// left; an unusable record becomes a dead row with the reason.
+fn take<DB: Backend>(shared: &Shared<DB>, msg: &OwnedMessage) -> Take {
+    let sub = &shared.sub;
+    let config = &shared.config;
+    let at = || format!("{}[{}]@{}", msg.topic(), msg.partition(), msg.offset());
+    let size = msg.payload().map_or(0, <[u8]>::len);
+    let payload_text = || match msg.payload().map(std::str::from_utf8) {
+        Some(Ok(text)) if !text.contains('\0') => Some(text.to_owned()),
+        _ => None,
+    };
+    let envelope = (size <= config.max_payload_bytes).then(|| Envelope::decode(msg));
+    let event_id = match &envelope {
+        Some(Ok(e)) => e.event_id.0,
+        _ => Envelope::event_id_of(msg)
+            .map(|id| id.0)
+            .unwrap_or_else(|| derived_id(msg)),
+    };
+    let dead = |why: String, class: DeadReason, event_type: String, payload: String| {
+        Take::Row(OwnedRow {
+            event_id,
+            event_type,
+            version: 0,
+            key: None,
+            payload,
+            max_retries: 0,
+            trace_context: None,
+            dead: Some((why, class)),
+        })
+    };
+    let envelope = match envelope {
+        None => {
+            return dead(
+                format!(
+                    "record at {} has a {size}-byte payload, over the {}-byte limit \
+                     (OutboxConfig::max_payload_bytes); not stored",
+                    at(),
+                    config.max_payload_bytes
+                ),
+                DeadReason::TooLarge,
+                String::new(),
+                String::new(),
+            )
+        }
+        Some(Err(e)) => {
+            return dead(
+                format!("record at {} is not an outbox envelope: {e}", at()),
+                DeadReason::Undecodable,
+                String::new(),
+                payload_text().unwrap_or_default(),
+            )
+        }
+        Some(Ok(envelope)) => envelope,
+    };
+    if envelope.service != sub.publisher {
+        return dead(
+            format!(
+                "record at {} says it comes from service `{}`, but topic {} is service `{}`'s",
+                at(),
+                truncated(&envelope.service),
+                sub.topic,
+                sub.publisher
+            ),
+            DeadReason::Undecodable,
+            truncated(&envelope.event_type),
+            payload_text().unwrap_or_default(),
+        );
+    }
+    let subscribed = sub
+        .handlers
+        .iter()
+        .any(|h| h.event_type == envelope.event_type);
+    if !subscribed {
+        match shared.catalog.event(&envelope.event_type) {
+            // The publisher's own traffic (private events, public ones this subscriber
+            // does not take): the topic carries them all.
+            Some(info) if info.service == sub.publisher => return Take::Ignore,
+            Some(info) => {
+                return dead(
+                    format!(
+                        "record at {} is of event type `{}`, which belongs to service `{}`, \
+                         not to `{}`",
+                        at(),
+                        envelope.event_type,
+                        info.service,
+                        sub.publisher
+                    ),
+                    DeadReason::UnknownType,
+                    envelope.event_type.clone(),
+                    payload_text().unwrap_or_default(),
+                )
+            }
+            // Unknown here: perhaps a type a newer release of this subscriber takes.
+            // It waits in the inbox for one (dead after the waiting grace).
+            None => {}
+        }
+    }
+    if crate::names::check_name(crate::names::NameKind::EventType, &envelope.event_type).is_err() {
+        return dead(
+            format!("record at {} has an invalid event type name", at()),
+            DeadReason::Undecodable,
+            String::new(),
+            payload_text().unwrap_or_default(),
+        );
+    }
+    let Some(payload) = payload_text() else {
+        return dead(
+            format!("record at {} has a payload that is not UTF-8 text", at()),
+            DeadReason::Undecodable,
+            envelope.event_type.clone(),
+            String::new(),
+        );
+    };
+    let key = envelope
+        .key
+        .as_deref()
+        .map(str::trim)
+        .filter(|k| !k.is_empty());
+    if key.is_some_and(|k| k.len() > MAX_KEY_LEN) {
+        return dead(
+            format!(
+                "record at {} has a key over {MAX_KEY_LEN} bytes; its order cannot be kept",
+                at()
+            ),
+            DeadReason::Undecodable,
+            envelope.event_type.clone(),
+            payload,
+        );
+    }
+    let max_retries = shared
+        .catalog
+        .event(&envelope.event_type)
+        .and_then(|e| e.max_retries)
+        .unwrap_or(config.default_max_retries);
+    let trace_context = envelope
+        .traceparent
+        .as_ref()
+        .map(|p| match &envelope.tracestate {
+            Some(state) => format!("{p};{state}"),
+            None => p.clone(),
+        });
+    Take::Row(OwnedRow {
+        event_id,
+        event_type: envelope.event_type.clone(),
+        version: i32::try_from(envelope.version).unwrap_or(i32::MAX),
+        key: key.map(str::to_owned),
+        payload,
+        max_retries: i32::try_from(max_retries).unwrap_or(i32::MAX),
+        trace_context,
+        dead: None,
+    })
+}
+
+/// The id of a record without a readable event id: derived from where it is in the
+/// log (UUID v5 of topic, partition and offset), so reading it again finds its row.
+fn derived_id(msg: &OwnedMessage) -> Uuid {
+    let name = format!("{}/{}/{}", msg.topic(), msg.partition(), msg.offset());
+    Uuid::new_v5(&Uuid::NAMESPACE_URL, name.as_bytes())
+}
+
+/// A header value as shown in a reason: at most 64 characters.
+fn truncated(s: &str) -> String {
+    s.chars().take(64).collect()
+}

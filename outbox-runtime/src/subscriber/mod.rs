@@ -1,0 +1,147 @@
+//! Subscriptions: a service handling another service's public events, in its own
+//! database, through an inbox.
+//!
+//! One [`Subscriber`] per (subscriber, publisher) pair, in two halves that share the
+//! subscriber's inbox table (an outbox-shaped table: the same columns, statuses and
+//! state machine):
+//!
+//! * **Intake** ([`intake`]) reads the publisher's topic in the subscription's own
+//!   consumer group and writes each record it takes as an inbox row, keyed by the
+//!   event id (`ce_id`): a repeated delivery is skipped by the unique index, in the
+//!   same statement. The rows commit, then the offsets are stored: a crash before the
+//!   commit re-reads the records, one after it finds them in the inbox. A record that
+//!   cannot be used (no envelope, another source, a payload that is not text, a key
+//!   over the limit) is written dead with the reason; the publisher's events this
+//!   subscriber does not subscribe to are counted and left (the topic carries all of
+//!   them, its own consumer's too).
+//! * **Worker** ([`worker`]) runs the handlers from the inbox: it claims due heads of
+//!   key exactly as a relay does (`Backend::claim`, lease token, database clock) and
+//!   settles each through the consumer's settlement ([`crate::consumer`]), as if the
+//!   row had arrived as a record: row lock, checks, handler, consumed mark, one
+//!   transaction; after a failure the same retry, backoff, dead-letter and waiting
+//!   rules as the outbox. A key's later events wait behind its failing head (head of
+//!   key), other keys flow.
+//!
+//! Exactly-once effect rests on the inbox row: it exists once per event id, and its
+//! `consumed` mark commits with the handler's effects. Any later delivery of the same
+//! event, however late, finds the row (unless retention purged it: see
+//! [`crate::OutboxConfig::retention`]).
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use sqlx::Pool;
+
+use crate::backend::Backend;
+use crate::catalog::{Catalog, SubscriptionInfo};
+use crate::config::OutboxConfig;
+use crate::consumer::{Consumer, ConsumerStats};
+use crate::error::Result;
+use crate::kafka::KafkaConfig;
+use crate::runtime::ShutdownSignal;
+
+mod intake;
+mod worker;
+
+/// Counters of one subscription's intake (its settlement counts in
+/// [`ConsumerStats`]).
+#[derive(Debug, Default)]
+pub struct IntakeStats {
+    /// Records read from the publisher's topic.
+    pub received: AtomicU64,
+    /// Records written into the inbox as new rows (pending or dead).
+    pub inboxed: AtomicU64,
+    /// Records whose event id was already in the inbox (repeated deliveries).
+    pub duplicates: AtomicU64,
+    /// Records of event types this subscriber does not subscribe to: counted and left.
+    pub ignored: AtomicU64,
+    /// Records written dead at once (unusable: the reason is in the row).
+    pub unusable: AtomicU64,
+    /// Database failures retried in place.
+    pub db_retries: AtomicU64,
+}
+
+/// What a subscription's intake and worker share.
+struct Shared<DB: Backend> {
+    pool: Pool<DB>,
+    sub: SubscriptionInfo,
+    catalog: Catalog,
+    config: Arc<OutboxConfig>,
+    intake: Arc<IntakeStats>,
+}
+
+/// One subscription: the publisher's topic into the subscriber's inbox, and the
+/// inbox into the subscriber's handlers.
+pub struct Subscriber<DB: Backend> {
+    shared: Arc<Shared<DB>>,
+    consumer: Arc<Consumer<DB>>,
+}
+
+impl<DB: Backend> Subscriber<DB> {
+    /// The subscription of `subscriber` to `publisher`'s events, on the subscriber's
+    /// database `pool`. Fails if the catalog has no such subscription or a handler was
+    /// written for another backend.
+    pub fn new(
+        pool: Pool<DB>,
+        catalog: &Catalog,
+        subscriber: &str,
+        publisher: &str,
+        config: Arc<OutboxConfig>,
+    ) -> Result<Self> {
+        let sub = catalog
+            .subscription(subscriber, publisher)
+            .ok_or_else(|| {
+                crate::error::Error::Config(format!(
+                    "service `{subscriber}` has no subscription to `{publisher}` (no handler \
+                     with `#[outbox_handler(subscriber = ...)]` for its public events)"
+                ))
+            })?
+            .clone();
+        let consumer = Consumer::for_subscription(pool.clone(), catalog, &sub, config.clone())?;
+        Ok(Subscriber {
+            shared: Arc::new(Shared {
+                pool,
+                sub,
+                catalog: catalog.clone(),
+                config,
+                intake: Arc::default(),
+            }),
+            consumer: Arc::new(consumer),
+        })
+    }
+
+    /// The subscription.
+    pub fn subscription(&self) -> &SubscriptionInfo {
+        &self.shared.sub
+    }
+
+    /// The intake's counters.
+    pub fn intake_stats(&self) -> Arc<IntakeStats> {
+        self.shared.intake.clone()
+    }
+
+    /// The settlement's counters (handled, retried, dead, ... from the inbox).
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        self.consumer.stats()
+    }
+
+    /// What the settlement last did, for [`crate::RuntimeHandle::health`].
+    pub(crate) fn beat(&self) -> Arc<crate::health::Beat> {
+        self.consumer.beat()
+    }
+
+    /// Runs intake and worker until `shutdown` turns true.
+    ///
+    /// # Cancel safety
+    ///
+    /// Intake stores offsets only for records whose rows committed; the worker settles
+    /// each row in one transaction. Stopping (or dropping the future) at any point
+    /// leaves the inbox consistent: re-read records are skipped as repeats, and rows
+    /// leased by a stopped worker are claimed again when the lease expires.
+    pub async fn run(self, kafka: &KafkaConfig, shutdown: ShutdownSignal) -> Result<()> {
+        let intake = intake::run(self.shared.clone(), kafka, shutdown.clone());
+        let worker = worker::run(self.shared.clone(), self.consumer.clone(), shutdown);
+        let (intake, worker) = tokio::join!(intake, worker);
+        intake.and(worker)
+    }
+}
