@@ -314,14 +314,16 @@ impl<DB: Backend> OutboxRuntime<DB> {
                 format!("subscriber {name}"),
                 tokio::spawn(async move { subscriber.run(&kafka, rx).await }),
             ));
-            if config.retention.is_some() {
+            if let Some(retention) = config.retention {
                 let rx = stop_rx.clone();
                 let pool = self.pool.clone();
                 let route = sub.route().clone();
-                let config = config.clone();
                 tasks.push((
-                    format!("housekeeping {name}"),
-                    tokio::spawn(async move { housekeeping::<DB>(pool, route, config, rx).await }),
+                    format!("inbox retention {name}"),
+                    tokio::spawn(async move {
+                        crate::subscriber::retention::<DB>(pool, route, retention, rx).await;
+                        Ok(())
+                    }),
                 ));
             }
         }
@@ -538,15 +540,23 @@ pub async fn migrate<'a, DB: Backend>(
     services: impl IntoIterator<Item = &'a str>,
 ) -> Result<()> {
     let mut tables = std::collections::BTreeSet::new();
+    let mut inboxes = std::collections::BTreeSet::new();
     for s in services {
         let route = catalog
             .route(s)
             .ok_or_else(|| Error::UnknownService(s.to_owned()))?;
         tables.insert(route.table().clone());
-        // A subscriber's inbox has the outbox table's shape and DDL.
+        // A subscriber's inbox: the outbox table's shape, and its memory of purged events.
         for sub in catalog.subscriptions_of(s) {
-            tables.insert(sub.route().table().clone());
+            inboxes.insert(sub.route().table().clone());
         }
+    }
+    for t in &inboxes {
+        let started = std::time::Instant::now();
+        DB::migrate_inbox(pool, t)
+            .await
+            .map_err(|e| Error::db(format!("migrating inbox table {t}"), e))?;
+        tracing::info!(table = %t, took = ?started.elapsed(), "inbox table migrated (created, upgraded or already current)");
     }
     for t in tables {
         let started = std::time::Instant::now();

@@ -6,27 +6,32 @@
 
 #[test]
 fn the_users_migrations_are_the_runtimes() {
+    macro_rules! pair {
+        ($backend:literal, $file:literal) => {
+            (
+                concat!($backend, "/", $file),
+                include_str!(concat!("../../migrations/", $backend, "/", $file)),
+                include_str!(concat!(
+                    "../../outbox-runtime/migrations/",
+                    $backend,
+                    "/",
+                    $file
+                )),
+            )
+        };
+    }
     let pairs = [
-        (
-            "postgres",
-            include_str!("../../migrations/postgres/outbox_table.sql"),
-            include_str!("../../outbox-runtime/migrations/postgres/outbox_table.sql"),
-        ),
-        (
-            "mysql",
-            include_str!("../../migrations/mysql/outbox_table.sql"),
-            include_str!("../../outbox-runtime/migrations/mysql/outbox_table.sql"),
-        ),
-        (
-            "sqlite",
-            include_str!("../../migrations/sqlite/outbox_table.sql"),
-            include_str!("../../outbox-runtime/migrations/sqlite/outbox_table.sql"),
-        ),
+        pair!("postgres", "outbox_table.sql"),
+        pair!("mysql", "outbox_table.sql"),
+        pair!("sqlite", "outbox_table.sql"),
+        pair!("postgres", "inbox_seen.sql"),
+        pair!("mysql", "inbox_seen.sql"),
+        pair!("sqlite", "inbox_seen.sql"),
     ];
     for (backend, users, runtimes) in pairs {
         assert_eq!(
             users, runtimes,
-            "migrations/{backend}/outbox_table.sql differs from outbox-runtime/migrations/{backend}/outbox_table.sql: \
+            "migrations/{backend} differs from outbox-runtime/migrations/{backend}: \
              copy the runtime's file over the users' copy"
         );
     }

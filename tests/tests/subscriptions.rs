@@ -337,7 +337,7 @@ async fn scenario(broker: TestBroker) {
 
     let outsiders = [
         ("undecodable", "is not an outbox envelope"),
-        ("undecodable", "says it comes from service `agent`"),
+        ("undecodable", "says it comes from service \"agent\""),
         ("unknown_type", "unknown event type `TaskArchived`"),
     ];
     check_subscriber(
@@ -392,4 +392,149 @@ async fn across_databases_on_tansu() {
         return;
     };
     scenario(broker).await;
+}
+
+/// No forgetting window: the subscriber's retention deletes every settled inbox row,
+/// then the publisher sends all its events again (its safety valve, as after records
+/// lost to the broker, however late). Each is recognised by its key's watermark and
+/// skipped: still one effect per event. Newer events of the same keys still flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repeat_after_retention_deleted_the_inbox_row_is_still_a_repeat() {
+    use outbox_runtime::Retention;
+    let broker = TestBroker::mock().await;
+    let pg = TestPg::create().await;
+    let my = TestMySql::create().await;
+    let catalog = fresh_catalog(&broker).await;
+    for (pool, service) in [(pg.pool(), "task")] {
+        outbox_runtime::migrate(pool, &catalog, [service])
+            .await
+            .unwrap();
+        create_effects(pool).await;
+    }
+    outbox_runtime::migrate(my.pool(), &catalog, ["notification"])
+        .await
+        .unwrap();
+    create_effects(my.pool()).await;
+    // The publisher: relay only, so its rows stay `published` for the safety valve.
+    let task = OutboxRuntime::new(
+        catalog.clone(),
+        pg.pool().clone(),
+        KafkaConfig::new(broker.bootstrap_servers()),
+    )
+    .config(test_config())
+    .services(["task"])
+    .consumers(false)
+    .start()
+    .await
+    .unwrap();
+    // The subscriber deletes settled inbox rows at once (sweeps every 200 ms; a
+    // watermark settles for 1 s before the rows it covers go).
+    let retention = Retention {
+        consumed_after: Duration::ZERO,
+        dead_after: Some(Duration::ZERO),
+        batch: 1000,
+        interval: Duration::from_millis(200),
+    };
+    let notification = OutboxRuntime::new(
+        catalog.clone(),
+        my.pool().clone(),
+        KafkaConfig::new(broker.bootstrap_servers()),
+    )
+    .config(outbox_runtime::OutboxConfig {
+        retention: Some(retention),
+        ..test_config()
+    })
+    .services(["notification"])
+    .start()
+    .await
+    .unwrap();
+
+    let outbox =
+        Outbox::<Task, _>::with_config(pg.pool().clone(), &catalog, test_config()).unwrap();
+    let publish = |from: u32, to: u32| {
+        let outbox = outbox.clone();
+        async move {
+            let mut tx = outbox.begin().await.unwrap();
+            let events: Vec<TaskCreated> = (from..to)
+                .map(|seq| TaskCreated {
+                    task_id: format!("task-{}", seq % 3),
+                    seq,
+                    script: Script::default(),
+                })
+                .collect();
+            let ids = tx.publish_all(&events).await.unwrap();
+            tx.commit().await.unwrap();
+            ids
+        }
+    };
+    let first = publish(0, 30).await;
+    let effects_of_task = || async {
+        let effects: Vec<Effect> = <sqlx::MySql as TestBackend>::effects(my.pool())
+            .await
+            .into_iter()
+            .filter(|e| e.service == "task")
+            .collect();
+        effects
+    };
+    eventually(
+        "the first events handled and their inbox rows deleted",
+        Duration::from_secs(60),
+        || async {
+            let handled = effects_of_task().await.len() == first.len();
+            let left = inbox(my.pool(), &catalog, "notification", "task")
+                .await
+                .len();
+            (handled && left == 0).then_some(())
+        },
+    )
+    .await;
+
+    // The publisher sends everything again.
+    let table = "task_outbox".parse().unwrap();
+    let service = "task".parse().unwrap();
+    let again = <sqlx::Postgres as Backend>::redeliver_stale(
+        pg.pool(),
+        &table,
+        &service,
+        Duration::ZERO,
+        None,
+        1000,
+    )
+    .await
+    .unwrap();
+    assert_eq!(again, first.len() as u64);
+    let (intake, _) = notification
+        .subscriber_stats("notification", "task")
+        .unwrap();
+    eventually(
+        "the repeats read and skipped",
+        Duration::from_secs(60),
+        || async {
+            (intake.duplicates.load(std::sync::atomic::Ordering::Relaxed) >= first.len() as u64)
+                .then_some(())
+        },
+    )
+    .await;
+    // Newer events of the same keys are not held by the watermarks.
+    let second = publish(30, 36).await;
+    let effects = eventually(
+        "the newer events handled",
+        Duration::from_secs(60),
+        || async {
+            let effects = effects_of_task().await;
+            (effects.len() >= first.len() + second.len()).then_some(effects)
+        },
+    )
+    .await;
+    let per_event = effects_per_event(&effects);
+    for id in first.iter().chain(&second) {
+        assert_eq!(per_event.get(&id.to_string()), Some(&1), "event {id}");
+    }
+    assert_eq!(effects.len(), first.len() + second.len());
+    assert_key_order(&effects);
+
+    task.shutdown().await.unwrap();
+    notification.shutdown().await.unwrap();
+    pg.cleanup().await;
+    my.cleanup().await;
 }

@@ -608,10 +608,64 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     fn migrate(
         pool: &Pool<Self>,
         table: &TableName,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send {
+        Self::migrate_ddl(pool, table, Self::migration_sql(table))
+    }
+
+    /// Creates a subscriber's inbox table if missing: the outbox table's DDL, then the
+    /// inbox's memory of purged events (`<table>_seen`). Idempotent, like
+    /// [`migrate`](Self::migrate).
+    fn migrate_inbox(
+        pool: &Pool<Self>,
+        table: &TableName,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send {
+        Self::migrate_ddl(pool, table, Self::inbox_migration_sql(table))
+    }
+
+    /// Runs the DDL `sql` of `table` under the database's migration lock, after adding
+    /// the columns an older table lacks ([`upgrade`]).
+    fn migrate_ddl(
+        pool: &Pool<Self>,
+        table: &TableName,
+        sql: String,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
     /// The DDL that [`migrate`](Self::migrate) runs, for users' own migration tools.
     fn migration_sql(table: &TableName) -> String;
+
+    /// The DDL that [`migrate_inbox`](Self::migrate_inbox) runs, for users' own
+    /// migration tools.
+    fn inbox_migration_sql(table: &TableName) -> String;
+
+    /// Subscriber side: the watermarks of `keys` (`""` for events without a key) of
+    /// `service`'s events in inbox `table`: per key, the newest event id retention
+    /// deleted. With `settled_for`, only those raised at least that long ago (database
+    /// clock).
+    fn watermarks<'c>(
+        conn: &'c mut Self::Connection,
+        table: &'c TableName,
+        service: &'c ServiceName,
+        keys: &'c [String],
+        settled_for: Option<Duration>,
+    ) -> impl Future<Output = Result<Vec<(String, Uuid)>, sqlx::Error>> + Send + 'c;
+
+    /// Retention of an inbox, in one short transaction over up to `limit` rows of
+    /// `service` settled long enough ago (consumed more than `consumed_age` ago; dead or
+    /// discarded more than `dead_age` ago, if given): rows already covered by their
+    /// key's watermark, raised at least `settle` ago, are deleted; for the others the
+    /// watermark is raised to their newest event id (they go in a later round, once it
+    /// has settled: an intake that read the watermark before it was raised has written
+    /// by then). Returns (rows deleted, watermarks raised).
+    #[allow(clippy::too_many_arguments)]
+    fn purge_inbox<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p TableName,
+        service: &'p ServiceName,
+        consumed_age: Duration,
+        dead_age: Option<Duration>,
+        limit: u32,
+        settle: Duration,
+    ) -> impl Future<Output = Result<(u64, u64), sqlx::Error>> + Send + 'p;
 
     /// Inserts one pending row, due now, on the caller's connection (its transaction).
     fn insert<'c>(

@@ -52,6 +52,11 @@ pub(crate) const SQL: SqlDialect = SqlDialect {
     skip_locked: " FOR UPDATE SKIP LOCKED",
     bounded: Bounded::OrderLimit,
     skip_duplicate: ("INSERT IGNORE INTO", ""),
+    // Assignments run left to right: `raised_at` compares with the old id.
+    raise_watermark: "INSERT INTO {t}_seen (service, event_key, last_event_id, raised_at) \
+        VALUES ({p}, {p}, {p}, {now}) ON DUPLICATE KEY UPDATE \
+        raised_at = IF(VALUES(last_event_id) > last_event_id, VALUES(raised_at), raised_at), \
+        last_event_id = GREATEST(last_event_id, VALUES(last_event_id))",
     own: &[
         "SELECT o.id FROM {t} o WHERE {claimable} ORDER BY o.id LIMIT {p} FOR UPDATE SKIP LOCKED",
         "UPDATE {t} SET {lease} WHERE id {in_ids} AND status = {pending}",
@@ -163,6 +168,7 @@ impl Dialect for MySql {
     /// pooled connections keep their defaults.
     const BEGIN: &'static str = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION";
     const MIGRATION: &'static str = include_str!("../../migrations/mysql/outbox_table.sql");
+    const INBOX_MIGRATION: &'static str = include_str!("../../migrations/mysql/inbox_seen.sql");
     const ID_CHUNK: usize = IN_CHUNK;
     const LIST_CHUNK: usize = usize::MAX;
     const FIND_BEFORE_LOCK: bool = true;
@@ -203,8 +209,11 @@ impl Backend for MySql {
 
     store_ops!();
 
-    async fn migrate(pool: &Pool<Self>, table: &TableName) -> Result<(), sqlx::Error> {
-        let sql = Self::migration_sql(table);
+    async fn migrate_ddl(
+        pool: &Pool<Self>,
+        table: &TableName,
+        sql: String,
+    ) -> Result<(), sqlx::Error> {
         let lock = migrate_lock_name(table);
         let mut conn = pool.acquire().await?;
         // 1 = acquired, 0 = timed out, NULL = error.

@@ -29,6 +29,8 @@ pub(crate) trait Dialect: Backend {
     const BEGIN: &'static str;
     /// The DDL template, `{table}` to be replaced.
     const MIGRATION: &'static str;
+    /// The inbox's extra DDL template (`<table>_seen`), run after [`MIGRATION`](Self::MIGRATION).
+    const INBOX_MIGRATION: &'static str;
     /// Most row ids bound to one statement; longer lists are split.
     const ID_CHUNK: usize;
     /// Most event ids or keys bound to one statement; longer lists are split.
@@ -94,6 +96,118 @@ macro_rules! store_ops {
 
         fn migration_sql(table: &$crate::route::TableName) -> String {
             Self::MIGRATION.replace("{table}", table.as_str())
+        }
+
+        fn inbox_migration_sql(table: &$crate::route::TableName) -> String {
+            format!("{}\n{}", Self::MIGRATION, Self::INBOX_MIGRATION)
+                .replace("{table}", table.as_str())
+        }
+
+        async fn watermarks<'c>(
+            conn: &'c mut <Self as sqlx::Database>::Connection,
+            table: &'c $crate::route::TableName,
+            service: &'c $crate::route::ServiceName,
+            keys: &'c [String],
+            settled_for: Option<std::time::Duration>,
+        ) -> Result<Vec<(String, uuid::Uuid)>, sqlx::Error> {
+            let mut out = Vec::new();
+            for chunk in keys.chunks($crate::backend::statements::INSERT_ROWS) {
+                let sql = $crate::backend::statements::watermarks(
+                    Self::SQL,
+                    table,
+                    chunk.len(),
+                    settled_for.is_some(),
+                );
+                let mut q = sqlx::query_as::<_, ($crate::backend::rows::DbText, uuid::Uuid)>(&sql);
+                if let Some(settle) = settled_for {
+                    q = q.bind(Self::delay(settle));
+                }
+                q = q.bind(service.as_str());
+                for key in chunk {
+                    q = q.bind(key.as_str());
+                }
+                out.extend(
+                    q.fetch_all(&mut *conn)
+                        .await?
+                        .into_iter()
+                        .map(|(k, id)| (k.0, id)),
+                );
+            }
+            Ok(out)
+        }
+
+        async fn purge_inbox<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            service: &'p $crate::route::ServiceName,
+            consumed_age: std::time::Duration,
+            dead_age: Option<std::time::Duration>,
+            limit: u32,
+            settle: std::time::Duration,
+        ) -> Result<(u64, u64), sqlx::Error> {
+            let mut tx = Self::begin(pool).await?;
+            let sql = $crate::backend::statements::purge_candidates(Self::SQL, table);
+            let rows: Vec<(i64, Option<$crate::backend::rows::DbText>, uuid::Uuid)> =
+                sqlx::query_as(&sql)
+                    .bind(service.as_str())
+                    .bind(Self::delay(consumed_age))
+                    .bind(dead_age.map(Self::delay))
+                    .bind(Self::delay(dead_age.unwrap_or_default()))
+                    .bind(i64::from(limit))
+                    .fetch_all(&mut *tx)
+                    .await?;
+            if rows.is_empty() {
+                return Ok((0, 0));
+            }
+            let rows: Vec<(i64, Option<String>, uuid::Uuid)> = rows
+                .into_iter()
+                .map(|(id, k, e)| (id, k.map(|k| k.0), e))
+                .collect();
+            let mut keys: Vec<String> = rows
+                .iter()
+                .map(|(_, k, _)| k.clone().unwrap_or_default())
+                .collect();
+            keys.sort();
+            keys.dedup();
+            let settled: std::collections::HashMap<String, uuid::Uuid> =
+                Self::watermarks(&mut tx, table, service, &keys, Some(settle))
+                    .await?
+                    .into_iter()
+                    .collect();
+            let mut delete = Vec::new();
+            let mut raise: std::collections::BTreeMap<String, uuid::Uuid> = Default::default();
+            for (id, key, event_id) in rows {
+                let key = key.unwrap_or_default();
+                if settled.get(&key).is_some_and(|w| event_id <= *w) {
+                    delete.push(id);
+                } else {
+                    let w = raise.entry(key).or_insert(event_id);
+                    if event_id > *w {
+                        *w = event_id;
+                    }
+                }
+            }
+            let mut deleted = 0;
+            for chunk in delete.chunks($crate::backend::statements::INSERT_ROWS) {
+                let sql =
+                    $crate::backend::statements::delete_settled(Self::SQL, table, chunk.len());
+                let mut q = sqlx::query(&sql);
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                deleted += q.execute(&mut *tx).await?.rows_affected();
+            }
+            let sql = $crate::backend::statements::raise_watermark(Self::SQL, table);
+            for (key, event_id) in &raise {
+                sqlx::query(&sql)
+                    .bind(service.as_str())
+                    .bind(key.as_str())
+                    .bind(*event_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok((deleted, raise.len() as u64))
         }
 
         async fn insert<'c>(

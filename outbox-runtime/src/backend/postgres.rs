@@ -72,6 +72,10 @@ pub(crate) const SQL: SqlDialect = SqlDialect {
     skip_locked: " FOR UPDATE SKIP LOCKED",
     bounded: Bounded::Subquery,
     skip_duplicate: ("INSERT INTO", " ON CONFLICT (event_id) DO NOTHING"),
+    raise_watermark: "INSERT INTO {t}_seen (service, event_key, last_event_id, raised_at) \
+        VALUES ({p}, {p}, {p}, {now}) ON CONFLICT (service, event_key) DO UPDATE \
+        SET last_event_id = excluded.last_event_id, raised_at = excluded.raised_at \
+        WHERE {t}_seen.last_event_id < excluded.last_event_id",
     own: &[CLAIM, CLAIM_WINDOWED],
 };
 
@@ -166,6 +170,7 @@ impl Dialect for Postgres {
     const SQL: &'static SqlDialect = &SQL;
     const BEGIN: &'static str = "BEGIN";
     const MIGRATION: &'static str = include_str!("../../migrations/postgres/outbox_table.sql");
+    const INBOX_MIGRATION: &'static str = include_str!("../../migrations/postgres/inbox_seen.sql");
     const ID_CHUNK: usize = usize::MAX;
     const LIST_CHUNK: usize = usize::MAX;
     const FIND_BEFORE_LOCK: bool = false;
@@ -198,7 +203,11 @@ impl Backend for Postgres {
 
     store_ops!();
 
-    async fn migrate(pool: &Pool<Self>, table: &TableName) -> Result<(), sqlx::Error> {
+    async fn migrate_ddl(
+        pool: &Pool<Self>,
+        table: &TableName,
+        sql: String,
+    ) -> Result<(), sqlx::Error> {
         let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(MIGRATE_LOCK)
@@ -212,7 +221,6 @@ impl Backend for Postgres {
             |c| c.postgres,
         )
         .await?;
-        let sql = Self::migration_sql(table);
         sqlx::Executor::execute(&mut *tx, sql.as_str()).await?;
         tx.commit().await
     }

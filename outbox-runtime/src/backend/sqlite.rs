@@ -57,6 +57,10 @@ pub(crate) const SQL: SqlDialect = SqlDialect {
     skip_locked: "",
     bounded: Bounded::Subquery,
     skip_duplicate: ("INSERT INTO", " ON CONFLICT (event_id) DO NOTHING"),
+    raise_watermark: "INSERT INTO {t}_seen (service, event_key, last_event_id, raised_at) \
+        VALUES ({p}, {p}, {p}, {now}) ON CONFLICT (service, event_key) DO UPDATE \
+        SET last_event_id = excluded.last_event_id, raised_at = excluded.raised_at \
+        WHERE {t}_seen.last_event_id < excluded.last_event_id",
     own: &[CLAIM],
 };
 
@@ -125,6 +129,7 @@ impl Dialect for Sqlite {
     const SQL: &'static SqlDialect = &SQL;
     const BEGIN: &'static str = "BEGIN IMMEDIATE";
     const MIGRATION: &'static str = include_str!("../../migrations/sqlite/outbox_table.sql");
+    const INBOX_MIGRATION: &'static str = include_str!("../../migrations/sqlite/inbox_seen.sql");
     const ID_CHUNK: usize = usize::MAX;
     const LIST_CHUNK: usize = MAX_BINDS;
     const FIND_BEFORE_LOCK: bool = false;
@@ -156,7 +161,11 @@ impl Backend for Sqlite {
 
     store_ops!();
 
-    async fn migrate(pool: &Pool<Self>, table: &TableName) -> Result<(), sqlx::Error> {
+    async fn migrate_ddl(
+        pool: &Pool<Self>,
+        table: &TableName,
+        sql: String,
+    ) -> Result<(), sqlx::Error> {
         // One write transaction: concurrent migrations queue on the write lock, and the
         // second one finds everything in place.
         let mut tx = Self::begin(pool).await?;
@@ -167,7 +176,6 @@ impl Backend for Sqlite {
             |c| c.sqlite,
         )
         .await?;
-        let sql = Self::migration_sql(table);
         // sqlx runs every statement of a multi-statement string, in order.
         sqlx::query(&sql).execute(&mut *tx).await?;
         tx.commit().await

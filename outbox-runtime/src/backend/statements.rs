@@ -61,6 +61,8 @@ pub(crate) struct SqlDialect {
     /// (MySQL: `INSERT IGNORE`, since `ON DUPLICATE KEY UPDATE` reports a skipped row
     /// as affected when the client asks for found rows, as sqlx does).
     pub skip_duplicate: (&'static str, &'static str),
+    /// Raises the watermark of (service, key) in `{t}_seen` to an event id, if higher.
+    pub raise_watermark: &'static str,
     /// The dialect's own statements (its claim), rendered into [`Statements::own`].
     pub own: &'static [&'static str],
 }
@@ -450,6 +452,63 @@ pub(crate) fn insert_inbox(d: &SqlDialect, table: &TableName, rows: usize) -> St
         ),
     )
     .head
+}
+
+/// `{p}, {p}, …` with `n` marks.
+fn marks(n: usize) -> String {
+    vec!["{p}"; n.max(1)].join(", ")
+}
+
+/// The watermarks of `n` keys of a service (settled ones only: the first bind is the
+/// settling time).
+pub(crate) fn watermarks(d: &SqlDialect, table: &TableName, n: usize, settled: bool) -> String {
+    let settled = if settled {
+        "raised_at < {now_minus} AND "
+    } else {
+        ""
+    };
+    render(
+        d,
+        table,
+        &format!(
+            "SELECT event_key, last_event_id FROM {{t}}_seen WHERE {settled}service = {{p}} \
+             AND event_key IN ({})",
+            marks(n)
+        ),
+    )
+    .head
+}
+
+/// The rows of a service retention may delete (as [`PURGE`] filters them), oldest
+/// first, up to a limit.
+pub(crate) fn purge_candidates(d: &SqlDialect, table: &TableName) -> String {
+    render(
+        d,
+        table,
+        &format!(
+            "SELECT id, event_key, event_id FROM {{t}} WHERE {} ORDER BY id LIMIT {{p}}",
+            PURGE.filter
+        ),
+    )
+    .head
+}
+
+/// Deletes `n` rows by id, if they are still settled.
+pub(crate) fn delete_settled(d: &SqlDialect, table: &TableName, n: usize) -> String {
+    render(
+        d,
+        table,
+        &format!(
+            "DELETE FROM {{t}} WHERE id IN ({}) AND status {{done}}",
+            marks(n)
+        ),
+    )
+    .head
+}
+
+/// Raises one watermark (the dialect's upsert).
+pub(crate) fn raise_watermark(d: &SqlDialect, table: &TableName) -> String {
+    render(d, table, d.raise_watermark).head
 }
 
 /// The template of a bounded operation in `d`'s form.

@@ -167,27 +167,63 @@ async fn write<DB: Backend>(
         return true;
     }
     let route = shared.sub.route();
+    // Keys as the watermarks hold them: "" for events without a key.
+    let mut keys: Vec<String> = rows
+        .iter()
+        .map(|r| r.key.clone().unwrap_or_default())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    // A sweep deletes rows only once their watermark has stood for the settle time:
+    // a batch that took half of it from reading the watermarks to writing is given up
+    // and written again (with fresh watermarks), so it cannot bring back a row a
+    // sweep forgot meanwhile.
+    let budget = crate::subscriber::settle_time(&shared.config.retention.unwrap_or_default()) / 2;
     let mut failures = 0u32;
     loop {
-        let new_rows: Vec<NewInboxRow<'_>> = rows
-            .iter()
-            .map(|r| NewInboxRow {
-                row: NewRow {
-                    event_id: r.event_id,
-                    service: route.service(),
-                    event_type: &r.event_type,
-                    version: r.version,
-                    key: r.key.as_deref(),
-                    payload: &r.payload,
-                    max_retries: r.max_retries,
-                    trace_context: r.trace_context.as_deref(),
-                },
-                dead: r.dead.as_ref().map(|(why, class)| (why.as_str(), *class)),
-            })
-            .collect();
         let attempt = async {
+            let started = std::time::Instant::now();
             let mut tx = DB::begin(&shared.pool).await?;
-            let inserted = DB::insert_inbox(&mut tx, route.table(), &new_rows).await?;
+            let marks: std::collections::HashMap<String, Uuid> =
+                DB::watermarks(&mut tx, route.table(), route.service(), &keys, None)
+                    .await?
+                    .into_iter()
+                    .collect();
+            // At or below its key's watermark and so not in the inbox: settled, and
+            // deleted by retention since. A late repeat.
+            let fresh: Vec<NewInboxRow<'_>> = rows
+                .iter()
+                .filter(|r| {
+                    marks
+                        .get(r.key.as_deref().unwrap_or_default())
+                        .is_none_or(|mark| r.event_id > *mark)
+                })
+                .map(|r| NewInboxRow {
+                    row: NewRow {
+                        event_id: r.event_id,
+                        service: route.service(),
+                        event_type: &r.event_type,
+                        version: r.version,
+                        key: r.key.as_deref(),
+                        payload: &r.payload,
+                        max_retries: r.max_retries,
+                        trace_context: r.trace_context.as_deref(),
+                    },
+                    dead: r.dead.as_ref().map(|(why, class)| (why.as_str(), *class)),
+                })
+                .collect();
+            let inserted = if fresh.is_empty() {
+                0
+            } else {
+                DB::insert_inbox(&mut tx, route.table(), &fresh).await?
+            };
+            if started.elapsed() > budget {
+                let _ = tx.rollback().await;
+                return Err(sqlx::Error::Protocol(format!(
+                    "the batch took {:?} from reading the watermarks to writing, over {budget:?}",
+                    started.elapsed()
+                )));
+            }
             failpoint!("subscriber.before_intake_commit");
             tx.commit().await?;
             Ok::<u64, sqlx::Error>(inserted)
@@ -290,14 +326,14 @@ fn take<DB: Backend>(shared: &Shared<DB>, msg: &OwnedMessage) -> Take {
     if envelope.service != sub.publisher {
         return dead(
             format!(
-                "record at {} says it comes from service `{}`, but topic {} is service `{}`'s",
+                "record at {} says it comes from service {:?}, but topic {} is service `{}`'s",
                 at(),
                 truncated(&envelope.service),
                 sub.topic,
                 sub.publisher
             ),
             DeadReason::Undecodable,
-            truncated(&envelope.event_type),
+            valid_type(&envelope.event_type),
             payload_text().unwrap_or_default(),
         );
     }
@@ -393,7 +429,16 @@ fn derived_id(msg: &OwnedMessage) -> Uuid {
     Uuid::new_v5(&Uuid::NAMESPACE_URL, name.as_bytes())
 }
 
-/// A header value as shown in a reason: at most 64 characters.
+/// A header value as shown in a reason: at most 64 characters (shown escaped).
 fn truncated(s: &str) -> String {
     s.chars().take(64).collect()
+}
+
+/// An event type name for a dead row's column: the record's if it is a valid name,
+/// else empty (the reason says what the record held).
+fn valid_type(name: &str) -> String {
+    match crate::names::check_name(crate::names::NameKind::EventType, name) {
+        Ok(()) => name.to_owned(),
+        Err(_) => String::new(),
+    }
 }

@@ -24,8 +24,11 @@
 //!
 //! Exactly-once effect rests on the inbox row: it exists once per event id, and its
 //! `consumed` mark commits with the handler's effects. Any later delivery of the same
-//! event, however late, finds the row (unless retention purged it: see
-//! [`crate::OutboxConfig::retention`]).
+//! event finds the row, or, once retention deleted it, the key's watermark
+//! ([`retention`]): the newest event id of that key (publisher and key) that retention
+//! deleted. The publisher sends each key's events in order and its ids are UUIDv7
+//! (time-ordered), so an event at or below the watermark that is not in the inbox was
+//! settled before: skipped, however late it comes.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -41,7 +44,10 @@ use crate::kafka::KafkaConfig;
 use crate::runtime::ShutdownSignal;
 
 mod intake;
+mod retention;
 mod worker;
+
+pub(crate) use retention::{retention, settle_time};
 
 /// Counters of one subscription's intake (its settlement counts in
 /// [`ConsumerStats`]).
