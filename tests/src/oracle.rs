@@ -400,16 +400,34 @@ pub async fn check<B: ChaosBackend>(
     table: &str,
     duplicate_deliveries: u64,
 ) -> Report {
-    let ledger = B::ledger(pool).await.expect("reading the ledger");
-    let effects: Vec<(i64, String, String, i64)> = B::effects(pool)
+    check_subscriber(scenario, pool, pool, table, duplicate_deliveries).await
+}
+
+/// [`check`] for a subscriber of `task`'s events: the ledger is in the publisher's
+/// database, the effects and the rows (its inbox, `table`) in the subscriber's, which
+/// may be another backend. `duplicate_deliveries`: the repeats its intake skipped and
+/// its settlement found settled.
+pub async fn check_subscriber<P: ChaosBackend, S: ChaosBackend>(
+    scenario: &str,
+    publisher: &Pool<P>,
+    subscriber: &Pool<S>,
+    table: &str,
+    duplicate_deliveries: u64,
+) -> Report {
+    let ledger = P::ledger(publisher).await.expect("reading the ledger");
+    let effects: Vec<(i64, String, String, i64)> = S::effects(subscriber)
         .await
         .into_iter()
         .filter(|e| e.service == "task")
         .map(|e| (e.id, e.event_id, e.event_key, e.seq))
         .collect();
-    let rows = B::fetch_all(pool, &table.parse().unwrap(), &"task".parse().unwrap())
-        .await
-        .expect("reading the outbox");
+    let rows = S::fetch_all(
+        subscriber,
+        &table.parse().unwrap(),
+        &"task".parse().unwrap(),
+    )
+    .await
+    .expect("reading the outbox");
 
     let ledger_ids: BTreeSet<&str> = ledger.iter().map(|(id, _, _)| id.as_str()).collect();
     let ledger_by_id: BTreeMap<&str, (&str, i64)> = ledger

@@ -7,7 +7,8 @@
 //! | `CHAOS_DB_URL` | the scenario's database: `postgres://…`, `mysql://…` or `sqlite://<file path>` |
 //! | `CHAOS_BROKERS` | bootstrap servers |
 //! | `CHAOS_PREFIX` | topic and group prefix of the scenario's catalog |
-//! | `CHAOS_ROLE` | `relay`, `consumer` or `both` |
+//! | `CHAOS_ROLE` | `relay`, `consumer` or `both` (of `task`), or `subscriber`: `notification`'s subscription to `task`'s events, on this database (its inbox) |
+//! | `CHAOS_RETENTION_MS` | subscriber: sweep the inbox this often, deleting settled rows at once |
 //! | `CHAOS_LEASE_MS` | relay lease |
 //! | `CHAOS_STATS` | file the counters are written to (JSON, every 50 ms and at exit) |
 //! | `CHAOS_FREEZE` | a failpoint name: freeze there (see below) |
@@ -26,8 +27,9 @@ use outbox_runtime::sqlite::sqlite_connect_options;
 use outbox_runtime::Catalog;
 use outbox_runtime::ConsumerStats;
 use outbox_runtime::RelayStats;
-use outbox_runtime::{Backend, OutboxRuntime};
+use outbox_runtime::{outbox_handler, Backend, HandlerContext, HandlerError, OutboxRuntime};
 use outbox_tests::chaos::{chaos_config, WorkerStats};
+use outbox_tests::services::{record, Notification, TaskCreated};
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::SqlitePoolOptions;
@@ -77,9 +79,22 @@ fn write_stats(path: &str, stats: &WorkerStats) {
     }
 }
 
+/// The subscription the `subscriber` role runs: `notification` handles `task`'s
+/// events in its own database, recording the effect as `task`'s consumer does (the
+/// oracle reads the subscriber's `effects`).
+#[outbox_handler(subscriber = Notification)]
+async fn notification_on_task_created<DB: Backend>(
+    ctx: &mut HandlerContext<DB>,
+    event: TaskCreated,
+) -> Result<(), HandlerError> {
+    record(ctx, &event.task_id, event.seq, &event.script).await
+}
+
 struct Counters {
     relays: Vec<Arc<RelayStats>>,
     consumer: Option<Arc<ConsumerStats>>,
+    /// A subscriber's intake counters (its repeats add to `duplicates`).
+    intake: Option<Arc<outbox_runtime::IntakeStats>>,
 }
 
 fn collect(counters: &Counters) -> WorkerStats {
@@ -108,6 +123,9 @@ fn collect(counters: &Counters) -> WorkerStats {
         s.not_due = c.not_due.load(Ordering::Relaxed);
         s.republished = c.republished.load(Ordering::Relaxed);
     }
+    if let Some(i) = &counters.intake {
+        s.duplicates += i.duplicates.load(Ordering::Relaxed);
+    }
     s
 }
 
@@ -123,7 +141,7 @@ async fn main() {
     let _scenario = fail::FailScenario::setup();
     install_freeze();
     // The handlers live in the library; name one so it is linked in.
-    let _ = std::any::type_name::<outbox_tests::services::TaskCreated>();
+    let _ = std::any::type_name::<TaskCreated>();
 
     let url = must("CHAOS_DB_URL");
     const CONNECTING: &str = "chaos-worker: connecting to the database";
@@ -167,12 +185,21 @@ async fn serve<DB: Backend>(pool: Pool<DB>) {
         .expect("catalog");
     let mut config = chaos_config();
     config.relay_lease = Duration::from_millis(lease_ms);
+    if let Some(every) = var("CHAOS_RETENTION_MS").and_then(|v| v.parse().ok()) {
+        config.retention = Some(outbox_runtime::Retention {
+            consumed_after: Duration::ZERO,
+            dead_after: None,
+            batch: 1000,
+            interval: Duration::from_millis(every),
+        });
+    }
     let kafka = outbox_tests::chaos::chaos_kafka(&must("CHAOS_BROKERS"));
+    let subscriber = role == "subscriber";
     let handle = OutboxRuntime::new(catalog, pool, kafka)
         .config(config)
-        .services(["task"])
+        .services([if subscriber { "notification" } else { "task" }])
         .relays(role == "relay" || role == "both")
-        .consumers(role == "consumer" || role == "both")
+        .consumers(role == "consumer" || role == "both" || subscriber)
         .migrate(false)
         // A worker may start while the fault holds the broker down: it runs and
         // connects when the broker returns, as before startup checked the broker.
@@ -182,9 +209,17 @@ async fn serve<DB: Backend>(pool: Pool<DB>) {
         .await
         .expect("chaos-worker: starting the runtime");
 
-    let counters = Counters {
-        relays: handle.relay_stats("task").to_vec(),
-        consumer: handle.consumer_stats("task").cloned(),
+    let counters = match handle.subscriber_stats("notification", "task") {
+        Some((intake, settled)) => Counters {
+            relays: Vec::new(),
+            consumer: Some(settled.clone()),
+            intake: Some(intake.clone()),
+        },
+        None => Counters {
+            relays: handle.relay_stats("task").to_vec(),
+            consumer: handle.consumer_stats("task").cloned(),
+            intake: None,
+        },
     };
     // Counters are written by a plain thread: a frozen runtime worker must not stop them.
     let counters = Arc::new(counters);
