@@ -361,6 +361,33 @@ async fn scenario(broker: TestBroker) {
     .await;
     check_subscriber(pg.pool(), &catalog, "task", "memory", &memories, &[]).await;
 
+    // An operator sees the inbox's dead letters and replays one, through `Admin`.
+    let admin = outbox_runtime::Admin::new(my.pool().clone(), catalog.clone())
+        .inbox("notification")
+        .expect("notification has an inbox");
+    let dead = admin
+        .dead_letters("task", &Default::default(), outbox_runtime::Page::first(50))
+        .await
+        .expect("listing the inbox's dead letters");
+    assert_eq!(dead.rows.len(), 1 + outsiders.len());
+    let before = dead
+        .rows
+        .iter()
+        .find(|r| r.event_id == tasks.permanent.0)
+        .and_then(|r| r.dead_at)
+        .expect("the permanent failure is a dead letter");
+    assert!(admin.replay("task", tasks.permanent).await.unwrap());
+    eventually(
+        "the replayed event handled again (and dead again)",
+        Duration::from_secs(30),
+        || async {
+            let rows = inbox(my.pool(), &catalog, "notification", "task").await;
+            let row = rows.iter().find(|r| r.event_id == tasks.permanent.0)?;
+            (row.status == Status::Dead && row.dead_at.is_some_and(|at| at > before)).then_some(())
+        },
+    )
+    .await;
+
     // The copy was seen and skipped by both of task's subscribers.
     for (handle, name) in [(&notification, "notification"), (&memory, "memory")] {
         let (intake, _) = handle.subscriber_stats(name, "task").expect("it runs");

@@ -158,6 +158,34 @@ impl<DB: Backend> Admin<DB> {
         &self.pool
     }
 
+    /// The operator's view of `subscriber`'s inbox, on this admin's database (the
+    /// subscriber's): the same calls, with each publisher it subscribes to in place of
+    /// a service (`admin.inbox("notification")?.replay("task", id)` replays `task`'s
+    /// event in `notification`'s inbox). Changes are audited in `<inbox>_audit`.
+    pub fn inbox(&self, subscriber: &str) -> Result<Admin<DB>> {
+        let specs: Vec<crate::catalog::RouteSpec> = self
+            .catalog
+            .subscriptions_of(subscriber)
+            .map(|s| crate::catalog::RouteSpec {
+                service: s.publisher.clone(),
+                table: s.inbox.clone(),
+                topic: Some(s.topic.clone()),
+                group: Some(s.group.clone()),
+            })
+            .collect();
+        if specs.is_empty() {
+            return Err(Error::InvalidRequest(format!(
+                "service `{subscriber}` has no subscriptions in this catalog, so no inbox"
+            )));
+        }
+        let catalog = Catalog::from_routes(specs).map_err(|e| Error::Config(e.to_string()))?;
+        Ok(Admin {
+            pool: self.pool.clone(),
+            catalog: Arc::new(catalog),
+            actor: Arc::clone(&self.actor),
+        })
+    }
+
     pub(crate) fn route(&self, service: &str) -> Result<&Route> {
         self.catalog
             .route(service)
