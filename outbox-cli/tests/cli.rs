@@ -296,6 +296,65 @@ async fn operate<T: TestDatabase>() {
         .output()
         .unwrap();
     assert_eq!(json(&out)[0]["counts"]["discarded"], 1);
+
+    // A subscriber's inbox, named by the export's subscriptions: `--inbox memory` lists
+    // and replays `notification`'s events dead in `memory_inbox`.
+    let inbox = TableName::new("memory_inbox").unwrap();
+    T::DB::migrate_inbox(&pool, &inbox).await.unwrap();
+    let service = ServiceName::new(SERVICE).unwrap();
+    let dead_id = Uuid::now_v7();
+    let mut conn = pool.acquire().await.unwrap();
+    let rows = [outbox_runtime::backend::NewInboxRow {
+        row: NewRow {
+            event_id: dead_id,
+            service: &service,
+            event_type: "",
+            version: 0,
+            key: None,
+            payload: "",
+            max_retries: 0,
+            trace_context: None,
+        },
+        dead: Some((
+            "record at t[0]@7 is not an outbox envelope",
+            DeadReason::Undecodable,
+        )),
+    }];
+    assert_eq!(
+        T::DB::insert_inbox(&mut conn, &inbox, &rows).await.unwrap(),
+        1
+    );
+    drop(conn);
+    let export = serde_json::json!({
+        "services": [{"service": SERVICE, "table": TABLE, "topic": "notification", "group": "notification"}],
+        "subscriptions": [{"subscriber": "memory", "publisher": SERVICE, "topic": "notification",
+            "group": "outbox.notification.subscriber.memory", "inbox": "memory_inbox"}],
+    });
+    std::fs::write(&file, export.to_string()).unwrap();
+    let inbox_cmd = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .env("DATABASE_URL", &url)
+            .env("OUTBOX_ACTOR", "ops-test")
+            .args(["--catalog", file.to_str().unwrap(), "--inbox", "memory"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let listed = json(&inbox_cmd(&["dead", "list", "-s", SERVICE, "--json"]));
+    let listed = listed.to_string();
+    assert!(listed.contains(&dead_id.to_string()), "{listed}");
+    assert!(listed.contains("not an outbox envelope"), "{listed}");
+    let replayed = inbox_cmd(&["dead", "replay", "-s", SERVICE, &dead_id.to_string()]);
+    assert_eq!(
+        code(&replayed),
+        0,
+        "{}",
+        String::from_utf8_lossy(&replayed.stderr)
+    );
+    let row = T::DB::fetch(&pool, &inbox, dead_id).await.unwrap().unwrap();
+    assert_eq!(row.status, Status::Pending);
+    assert_eq!(code(&inbox_cmd(&["--inbox", "nobody", "status"])), 2);
+
     let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
         .env("DATABASE_URL", "postgres://someone:hunter2@127.0.0.1:1/x")
         .args(["--route", "a=a_outbox", "status"])

@@ -372,7 +372,74 @@ impl Catalog {
                 "not a catalog export (`services: [{{service, table, topic, group}}]`): {e}"
             )],
         })?;
-        Catalog::from_routes(specs)
+        let catalog = Catalog::from_routes(specs)?;
+        // The subscriptions, for an operator tool's `--inbox`: names only, no handlers.
+        #[derive(serde::Deserialize)]
+        struct SubscriptionSpec {
+            subscriber: String,
+            publisher: String,
+            topic: String,
+            group: String,
+            inbox: String,
+        }
+        let subs: Vec<SubscriptionSpec> = match json.get("subscriptions") {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| CatalogError {
+                problems: vec![format!(
+                    "the export's `subscriptions` are not `[{{subscriber, publisher, topic, group, inbox}}]`: {e}"
+                )],
+            })?,
+        };
+        let mut problems = BTreeSet::new();
+        let mut subscriptions = BTreeMap::new();
+        for s in subs {
+            let checked = (
+                ServiceName::checked(&s.publisher),
+                TableName::checked(&s.inbox),
+                TopicName::checked(&s.topic),
+                GroupName::checked(&s.group),
+            );
+            match checked {
+                (Ok(service), Ok(table), Ok(topic), Ok(group)) => {
+                    subscriptions.insert(
+                        (s.subscriber.clone(), s.publisher.clone()),
+                        SubscriptionInfo {
+                            route: Route::new(service, table, topic, group, ""),
+                            subscriber: s.subscriber,
+                            publisher: s.publisher,
+                            topic: s.topic,
+                            group: s.group,
+                            inbox: s.inbox,
+                            handlers: Vec::new(),
+                        },
+                    );
+                }
+                (service, table, topic, group) => {
+                    for e in [service.err(), table.err(), topic.err(), group.err()]
+                        .into_iter()
+                        .flatten()
+                    {
+                        problems.insert(format!(
+                            "subscription of `{}` to `{}`: {e}",
+                            s.subscriber, s.publisher
+                        ));
+                    }
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(CatalogError {
+                problems: problems.into_iter().collect(),
+            });
+        }
+        Ok(Catalog {
+            inner: Arc::new(Inner {
+                routes: catalog.inner.routes.clone(),
+                events: BTreeMap::new(),
+                handlers: BTreeMap::new(),
+                subscriptions,
+            }),
+        })
     }
 }
 

@@ -57,6 +57,10 @@ pub struct OutboxArgs {
     /// Who the audit rows name (default: `cli:$USER`).
     #[arg(long, global = true, env = "OUTBOX_ACTOR")]
     pub actor: Option<String>,
+    /// Act on this subscriber's inbox instead of the outboxes: each publisher it
+    /// subscribes to stands for a service (`--inbox notification dead list -s task`).
+    #[arg(long, global = true, value_name = "SUBSCRIBER")]
+    pub inbox: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -243,6 +247,16 @@ pub async fn run<DB: Backend>(args: &OutboxArgs, admin: Admin<DB>) -> ExitCode {
         format!("cli:{user}")
     });
     let admin = admin.acting_as(actor);
+    let admin = match &args.inbox {
+        None => admin,
+        Some(subscriber) => match admin.inbox(subscriber) {
+            Ok(inbox) => inbox,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     match execute(args, &admin).await {
         Ok(Ended::Done) => ExitCode::SUCCESS,
         Ok(Ended::Nothing(why)) => {

@@ -53,6 +53,7 @@ pub(super) async fn run<DB: Backend>(
         match session(&shared, kafka, &mut shutdown).await? {
             None => return Ok(()),
             Some(why) => {
+                shared.beat.failing(crate::health::Side::Broker, &why);
                 replaced += 1;
                 tracing::warn!(subscriber = %shared.sub.subscriber, publisher = %shared.sub.publisher,
                     reason = %why, "the subscription's Kafka consumer can no longer work; replacing it");
@@ -86,6 +87,7 @@ async fn session<DB: Backend>(
     consumer
         .subscribe(&[route.topic().as_str()])
         .map_err(|e| Error::kafka(format!("subscribing to {}", route.topic()), e))?;
+    shared.beat.recovered(crate::health::Side::Broker);
     let mut batch: Vec<OwnedMessage> = Vec::with_capacity(BATCH);
     let mut end = None;
     loop {
@@ -97,7 +99,10 @@ async fn session<DB: Backend>(
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Ok(m) => batch.push(m.detach()),
+                Ok(m) => {
+                    shared.beat.broker_ok();
+                    batch.push(m.detach());
+                }
                 Err(KafkaError::MessageConsumptionFatal(code)) => {
                     end = Some(format!("fatal consumer error {code:?}"));
                 }
@@ -231,6 +236,8 @@ async fn write<DB: Backend>(
         match attempt.await {
             Ok(inserted) => {
                 failpoint!("subscriber.after_intake_commit");
+                shared.beat.database_ok();
+                shared.beat.progress();
                 stats.inboxed.fetch_add(inserted, Ordering::Relaxed);
                 stats.duplicates.fetch_add(
                     rows.len() as u64 - inserted.min(rows.len() as u64),
@@ -249,6 +256,7 @@ async fn write<DB: Backend>(
                 return true;
             }
             Err(e) => {
+                shared.beat.failing(crate::health::Side::Database, &e);
                 failures += 1;
                 stats.db_retries.fetch_add(1, Ordering::Relaxed);
                 let delay = shared.config.consumer_failure_backoff.delay(failures);

@@ -74,6 +74,9 @@ struct Shared<DB: Backend> {
     catalog: Catalog,
     config: Arc<OutboxConfig>,
     intake: Arc<IntakeStats>,
+    /// What the subscription last did (intake's broker and database answers, the
+    /// settlement's), for [`crate::RuntimeHandle::health`].
+    beat: Arc<crate::health::Beat>,
 }
 
 /// One subscription: the publisher's topic into the subscriber's inbox, and the
@@ -111,6 +114,7 @@ impl<DB: Backend> Subscriber<DB> {
                 catalog: catalog.clone(),
                 config,
                 intake: Arc::default(),
+                beat: consumer.beat(),
             }),
             consumer: Arc::new(consumer),
         })
@@ -145,6 +149,7 @@ impl<DB: Backend> Subscriber<DB> {
     /// leaves the inbox consistent: re-read records are skipped as repeats, and rows
     /// leased by a stopped worker are claimed again when the lease expires.
     pub async fn run(self, kafka: &KafkaConfig, shutdown: ShutdownSignal) -> Result<()> {
+        let _running = self.shared.beat.running();
         let intake = intake::run(self.shared.clone(), kafka, shutdown.clone());
         let worker = worker::run(self.shared.clone(), self.consumer.clone(), shutdown);
         let (intake, worker) = tokio::join!(intake, worker);
