@@ -238,16 +238,16 @@ impl<DB: Backend> Consumer<DB> {
         }
     }
 
-    /// Settles an inbox row handed over as a record built from it (the subscriber's
-    /// worker): the same steps as a record from the broker, in its own transaction,
-    /// database failures retried in place. `None` if shutdown came first.
-    pub(crate) async fn settle_inbox_row(
+    /// Settles inbox rows handed over as the records built from them (the subscriber's
+    /// worker): the same steps as records from the broker, in one transaction when
+    /// they all take the happy path (else one by one), database failures retried in
+    /// place. Returns how many settled, from the front (fewer only on shutdown).
+    pub(crate) async fn settle_inbox_rows(
         &self,
-        msg: &OwnedMessage,
+        msgs: &[OwnedMessage],
         shutdown: &mut ShutdownSignal,
-    ) -> Option<Outcome> {
-        let record = record::Record::read(msg, usize::MAX, self.route.service());
-        self.settle(&record, shutdown).await
+    ) -> usize {
+        self.settle_batch(msgs, shutdown).await
     }
 
     /// The consumer's counters.

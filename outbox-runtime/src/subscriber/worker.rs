@@ -77,22 +77,28 @@ pub(super) async fn run<DB: Backend>(
             continue;
         }
         drop(armed);
-        // Heads of distinct keys (and keyless rows): settled side by side.
+        // Heads of distinct keys (and keyless rows): independent of each other, so
+        // settled side by side, each lane a batch per transaction.
         let topic = route.topic().as_str();
         let service = route.service().as_str();
-        let settled = futures::stream::iter(rows)
-            .map(|row| {
+        let batch = config.consumer_batch_size.max(1);
+        let mut chunks: Vec<Vec<OwnedMessage>> = Vec::new();
+        for row in &rows {
+            match chunks.last_mut() {
+                Some(chunk) if chunk.len() < batch => chunk.push(as_record(topic, service, row)),
+                _ => chunks.push(vec![as_record(topic, service, row)]),
+            }
+        }
+        let settled = futures::stream::iter(chunks)
+            .map(|chunk| {
                 let consumer = consumer.clone();
                 let mut shutdown = shutdown.clone();
-                async move {
-                    let msg = as_record(topic, service, &row);
-                    consumer.settle_inbox_row(&msg, &mut shutdown).await
-                }
+                async move { consumer.settle_inbox_rows(&chunk, &mut shutdown).await == chunk.len() }
             })
             .buffer_unordered(lanes)
             .collect::<Vec<_>>()
             .await;
-        if settled.iter().any(Option::is_none) {
+        if settled.iter().any(|done| !done) {
             // Shutdown came mid-settlement: the rows not settled keep their lease,
             // and are claimed again when it expires.
             return Ok(());
