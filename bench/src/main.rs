@@ -19,7 +19,9 @@
 //! - **e** drain rate with a large table (mostly consumed rows) vs a small one;
 //! - **f** peak RSS (VmHWM, reset per phase) of relay and consumer phases;
 //! - **g** the cost of metrics: the framework's drain (b) and latency at 1,000/s (c)
-//!   with a Prometheus recorder installed and without, interleaved ([`Toggle`]).
+//!   with a Prometheus recorder installed and without, interleaved ([`Toggle`]);
+//! - **h** subscriptions: the framework's subscriber vs a hand-written inbox consumer,
+//!   drain throughput and commit → subscriber handler latency ([`subscriber`]).
 //!
 //! Databases (`--db postgres|mysql|both`): every section runs on PostgreSQL; sections a
 //! and b also run on MariaDB (reported as "a (MariaDB)", "b (MariaDB)"). What differs
@@ -57,6 +59,8 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOpti
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Pool, QueryBuilder, Row};
 
+mod subscriber;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = std::result::Result<T, BoxError>;
 
@@ -65,7 +69,7 @@ type Res<T> = std::result::Result<T, BoxError>;
 pub struct Bench;
 
 /// The benchmark's event: a key and its position in the key's sequence.
-#[outbox_event(service = Bench, key = key)]
+#[outbox_event(service = Bench, key = key, public)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Tick {
     /// The ordering key.
@@ -152,6 +156,10 @@ struct Args {
     partitions: i32,
     /// `OutboxConfig::consumer_batch_size` of section c's framework (None: the default).
     consumer_batch: Option<usize>,
+    /// Section h: records in the drain's backlog.
+    sub_backlog: u64,
+    /// Section h: publish rates of the latency runs.
+    sub_rates: Vec<u64>,
 }
 
 /// Parses a comma-separated list (`--rates 100,1000`).
@@ -177,7 +185,7 @@ impl Args {
                 .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into()),
             db: Dbs::Postgres,
             broker: std::env::var("OUTBOX_BENCH_BROKERS").unwrap_or_else(|_| "mock".into()),
-            only: "a,b,c,d,e".into(),
+            only: "a,b,c,d,e,h".into(),
             repeats: 3,
             backlog: 200_000,
             large: 2_000_000,
@@ -190,6 +198,8 @@ impl Args {
             out: None,
             partitions: 6,
             consumer_batch: None,
+            sub_backlog: 20_000,
+            sub_rates: vec![500, 1000],
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -212,6 +222,8 @@ impl Args {
                 "--partitions" => a.partitions = val()?.parse()?,
                 "--out" => a.out = Some(val()?),
                 "--consumer-batch" => a.consumer_batch = Some(val()?.parse()?),
+                "--sub-backlog" => a.sub_backlog = val()?.parse()?,
+                "--sub-rates" => a.sub_rates = list(&val()?)?,
                 "--quick" => {
                     a.repeats = 3;
                     a.backlog = 20_000;
@@ -220,6 +232,7 @@ impl Args {
                     a.txn_secs = 1.0;
                     a.latency_secs = 3.0;
                     a.rates = vec![100, 1000];
+                    a.sub_backlog = 5_000;
                 }
                 "-h" | "--help" => {
                     println!("{}", HELP);
@@ -249,8 +262,8 @@ const HELP: &str = "outbox-bench [flags]   (normally run through scripts/bench.s
                       each run creates a fresh database on each server and drops it at the end
   --broker B          host:port of a Kafka broker, or `mock` (librdkafka mock cluster);
                       default $OUTBOX_BENCH_BROKERS or mock
-  --only a,b,c,d,e,g  sections to run (f, peak memory, comes with b and c; g, the cost
-                      of a metrics recorder, is not in the default set)
+  --only a,b,c,d,e,g,h  sections to run (f, peak memory, comes with b and c; g, the cost
+                      of a metrics recorder, is not in the default set; h, subscriptions)
   --repeats N         repeats per variant (median reported; default 3)
   --backlog N         relay drain backlog (default 200000; 1000000 for the issue's figure)
   --large N           consumed rows in the large table (default 2000000)
@@ -264,6 +277,8 @@ const HELP: &str = "outbox-bench [flags]   (normally run through scripts/bench.s
   --partitions N      partitions of every topic (default 6)
   --out FILE          write the markdown report there (e.g. BENCHMARKS.md)
   --consumer-batch N  consumer_batch_size of section c's framework (default: the library's)
+  --sub-backlog N     section h: records in the subscriber's drain (default 20000)
+  --sub-rates R1,R2   section h: latency rates in events/s (default 500,1000)
   --quick             small sizes, for trying the harness
 Environment: OUTBOX_BENCH_PENDING_KEY_INDEX=1 adds a partial index (service, event_key, id)
 WHERE status = 0 to every PostgreSQL outbox table (an experiment on the head-of-key probe).";
@@ -673,6 +688,10 @@ impl BenchDb for Postgres {
         }
         if ctx.args.wants("g") {
             section_g(ctx, report).await?;
+            report.write(&ctx.args, &ctx.broker, false)?;
+        }
+        if ctx.args.wants("h") {
+            subscriber::section_h(ctx, report).await?;
         }
         Ok(())
     }
@@ -1682,6 +1701,7 @@ async fn latency_framework(ctx: &Ctx<Postgres>, rate: u64) -> Res<((f64, f64, f6
     }
     let handle = OutboxRuntime::new(catalog.clone(), rt_pool.clone(), ctx.kafka())
         .config(config)
+        .services(["bench"])
         .start()
         .await?;
     let outbox = Outbox::<Bench, Postgres>::new(ctx.pool.clone(), &catalog)?;

@@ -17,7 +17,7 @@ use super::record::Record;
 use super::settle::{Located, Scope, Step};
 use super::{Consumer, Outcome};
 use crate::backend::{Backend, RowState};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::event::EventId;
 use crate::handler::HandlerContext;
 use crate::runtime::ShutdownSignal;
@@ -162,6 +162,66 @@ impl<DB: Backend> Consumer<DB> {
         event_ids.dedup();
         let Some((tx, locked)) = self.lock_batch(first, &event_ids).await? else {
             return Ok(None);
+        };
+        self.run_batch(tx, locked, records).await
+    }
+
+    /// Settles inbox rows in `tx`, the subscriber's intake transaction that has just
+    /// inserted them (still open): their handlers run and they are marked consumed in
+    /// it, and it commits; inbox row and effects in one transaction, as a hand-written
+    /// inbox does. `Ok(None)` when a record needs more than the happy path or a row is
+    /// held elsewhere: the transaction was rolled back (the inserts too), and intake
+    /// writes the rows alone instead.
+    pub(crate) async fn settle_in_intake(
+        &self,
+        mut tx: Transaction<'static, DB>,
+        msgs: &[OwnedMessage],
+    ) -> Result<Option<usize>> {
+        let records: Vec<_> = msgs
+            .iter()
+            .map(|m| Record::read(m, usize::MAX, self.route.service()))
+            .collect();
+        let Some(first) = records.first() else {
+            tx.commit()
+                .await
+                .map_err(|e| Error::db("committing the intake of a subscription", e))?;
+            return Ok(Some(0));
+        };
+        let mut event_ids: Vec<_> = records
+            .iter()
+            .filter_map(|r| r.event_id())
+            .map(|id| id.0)
+            .collect();
+        event_ids.sort_unstable();
+        event_ids.dedup();
+        let route = &self.route;
+        let locked: HashMap<_, _> =
+            DB::lock_batch_for_consume(&mut tx, route.table(), route.service(), &event_ids)
+                .await
+                .map_err(|e| self.db_error("locking the rows of a batch with", first, e))?
+                .into_iter()
+                .collect();
+        if event_ids.iter().any(|id| !locked.contains_key(id)) {
+            let _ = tx.rollback().await;
+            return Ok(None);
+        }
+        self.metrics.batch_size.record(records.len() as f64);
+        Ok(self
+            .run_batch(tx, locked, &records)
+            .await?
+            .map(|outcomes| outcomes.len()))
+    }
+
+    /// The records' steps in `tx`, whose rows `locked` holds; then the consumed mark and
+    /// COMMIT (see [`process_batch`](Self::process_batch)).
+    async fn run_batch<M: Message>(
+        &self,
+        tx: Transaction<'static, DB>,
+        locked: HashMap<Uuid, RowState>,
+        records: &[Record<'_, M>],
+    ) -> Result<Option<Vec<Outcome>>> {
+        let Some(first) = records.first() else {
+            return Ok(Some(Vec::new()));
         };
         let mut work = HandlerContext::begin(tx);
         let open = self.open_rows(work.transaction(), first, &locked).await?;

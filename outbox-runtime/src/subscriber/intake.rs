@@ -12,8 +12,10 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use uuid::Uuid;
 
+use super::lanes::Lanes;
 use super::Shared;
 use crate::backend::{Backend, DeadReason, NewInboxRow, NewRow, MAX_KEY_LEN};
+use crate::consumer::Consumer;
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::kafka::{ClientLog, KafkaConfig};
@@ -45,12 +47,14 @@ struct OwnedRow {
 /// Runs intake until shutdown; a Kafka client that can no longer work is replaced.
 pub(super) async fn run<DB: Backend>(
     shared: Arc<Shared<DB>>,
+    consumer: Arc<Consumer<DB>>,
+    lanes: Lanes,
     kafka: &KafkaConfig,
     mut shutdown: ShutdownSignal,
 ) -> Result<()> {
     let mut replaced = 0u32;
     loop {
-        match session(&shared, kafka, &mut shutdown).await? {
+        match session(&shared, &consumer, &lanes, kafka, &mut shutdown).await? {
             None => return Ok(()),
             Some(why) => {
                 shared.beat.failing(crate::health::Side::Broker, &why);
@@ -74,6 +78,8 @@ pub(super) async fn run<DB: Backend>(
 /// longer work.
 async fn session<DB: Backend>(
     shared: &Shared<DB>,
+    settlement: &Consumer<DB>,
+    lanes: &Lanes,
     kafka: &KafkaConfig,
     shutdown: &mut ShutdownSignal,
 ) -> Result<Option<String>> {
@@ -124,9 +130,9 @@ async fn session<DB: Backend>(
             }
         }
         if !batch.is_empty() {
-            if !write(shared, &batch, shutdown).await {
+            let Some(fresh) = write(shared, settlement, &batch, shutdown).await else {
                 break; // shutting down: the records' offsets stay unstored
-            }
+            };
             for m in &batch {
                 if let Err(e) = consumer.store_offset(m.topic(), m.partition(), m.offset()) {
                     // Stale after a rebalance; the new owner re-reads the records and
@@ -135,7 +141,19 @@ async fn session<DB: Backend>(
                 }
             }
             batch.clear();
-            crate::wakeup::wake_local(route.table(), route.service());
+            // The new rows go to the lanes at once; the worker is woken only for what
+            // they could not take (it polls for retries and deferrals anyway).
+            let mut all_taken = true;
+            if let Some(fresh) = fresh {
+                for (key, msg) in fresh {
+                    all_taken &= lanes.offer(key.as_deref(), msg);
+                }
+            } else {
+                all_taken = false;
+            }
+            if !all_taken {
+                crate::wakeup::wake_local(route.table(), route.service());
+            }
         }
         if end.is_some() {
             break;
@@ -148,13 +166,40 @@ async fn session<DB: Backend>(
     Ok(end)
 }
 
+/// The pending rows intake has just written, as records for the lanes (with their
+/// keys); `None` when some of the batch was not new (the worker sorts those out).
+type Fresh = Option<Vec<(Option<String>, OwnedMessage)>>;
+
+/// A database error while writing into the inbox.
+fn inbox_error(e: sqlx::Error) -> Error {
+    Error::db("writing records into the inbox", e)
+}
+
+/// How one attempt at writing a batch ended.
+enum Written {
+    /// Committed: rows new, whether all were, whether their handlers ran in the same
+    /// transaction.
+    Committed {
+        inserted: u64,
+        all_new: bool,
+        handled: bool,
+    },
+    /// The handlers could not all run in the intake's transaction (a failure, a row
+    /// held elsewhere): rolled back; write the rows alone.
+    Alone,
+}
+
 /// Writes the batch's rows in one transaction, retrying database failures in place
-/// until it commits. `false` if shutdown came first.
+/// until it commits. When every row is new, their handlers run in that same
+/// transaction first (inbox rows, effects and consumed marks commit together: one
+/// commit for the batch); if any of them leaves the happy path, the batch is written
+/// alone and the new rows go to the lanes. `None` if shutdown came first.
 async fn write<DB: Backend>(
     shared: &Shared<DB>,
+    consumer: &Consumer<DB>,
     batch: &[OwnedMessage],
     shutdown: &mut ShutdownSignal,
-) -> bool {
+) -> Option<Fresh> {
     let stats = &shared.intake;
     stats
         .received
@@ -169,9 +214,39 @@ async fn write<DB: Backend>(
         }
     }
     if rows.is_empty() {
-        return true;
+        return Some(Some(Vec::new()));
     }
     let route = shared.sub.route();
+    let topic = route.topic().as_str();
+    let service = route.service().as_str();
+    // The records the settlement sees: built from the rows as written.
+    let pending: Vec<(Option<String>, OwnedMessage)> = rows
+        .iter()
+        .filter(|r| r.dead.is_none())
+        .map(|r| {
+            let envelope = Envelope {
+                event_id: crate::event::EventId(r.event_id),
+                service: String::new(),
+                event_type: r.event_type.clone(),
+                version: u32::try_from(r.version).unwrap_or(0),
+                key: r.key.clone(),
+                time: chrono::Utc::now(),
+                payload: Vec::new(),
+                traceparent: None,
+                tracestate: None,
+            };
+            let msg = super::worker::record_of(
+                topic,
+                service,
+                envelope,
+                r.trace_context.as_deref(),
+                r.payload.as_bytes(),
+                0,
+            );
+            (r.key.clone(), msg)
+        })
+        .collect();
+    let msgs: Vec<OwnedMessage> = pending.iter().map(|(_, m)| m.clone()).collect();
     // Keys as the watermarks hold them: "" for events without a key.
     let mut keys: Vec<String> = rows
         .iter()
@@ -185,13 +260,15 @@ async fn write<DB: Backend>(
     // sweep forgot meanwhile.
     let budget = crate::subscriber::settle_time(&shared.config.retention.unwrap_or_default()) / 2;
     let mut failures = 0u32;
+    let mut together = !msgs.is_empty();
     loop {
         let attempt = async {
             let started = std::time::Instant::now();
-            let mut tx = DB::begin(&shared.pool).await?;
+            let mut tx = DB::begin(&shared.pool).await.map_err(inbox_error)?;
             let marks: std::collections::HashMap<String, Uuid> =
                 DB::watermarks(&mut tx, route.table(), route.service(), &keys, None)
-                    .await?
+                    .await
+                    .map_err(inbox_error)?
                     .into_iter()
                     .collect();
             // At or below its key's watermark and so not in the inbox: settled, and
@@ -220,21 +297,43 @@ async fn write<DB: Backend>(
             let inserted = if fresh.is_empty() {
                 0
             } else {
-                DB::insert_inbox(&mut tx, route.table(), &fresh).await?
+                DB::insert_inbox(&mut tx, route.table(), &fresh)
+                    .await
+                    .map_err(inbox_error)?
             };
+            let all_new = inserted == rows.len() as u64;
             if started.elapsed() > budget {
                 let _ = tx.rollback().await;
-                return Err(sqlx::Error::Protocol(format!(
+                return Err(inbox_error(sqlx::Error::Protocol(format!(
                     "the batch took {:?} from reading the watermarks to writing, over {budget:?}",
                     started.elapsed()
-                )));
+                ))));
             }
             failpoint!("subscriber.before_intake_commit");
-            tx.commit().await?;
-            Ok::<u64, sqlx::Error>(inserted)
+            if together && all_new {
+                return match consumer.settle_in_intake(tx, &msgs).await? {
+                    Some(_) => Ok(Written::Committed {
+                        inserted,
+                        all_new,
+                        handled: true,
+                    }),
+                    None => Ok(Written::Alone),
+                };
+            }
+            tx.commit().await.map_err(inbox_error)?;
+            Ok(Written::Committed {
+                inserted,
+                all_new,
+                handled: false,
+            })
         };
         match attempt.await {
-            Ok(inserted) => {
+            Ok(Written::Alone) => together = false,
+            Ok(Written::Committed {
+                inserted,
+                all_new,
+                handled,
+            }) => {
                 failpoint!("subscriber.after_intake_commit");
                 shared.beat.database_ok();
                 shared.beat.progress();
@@ -253,11 +352,18 @@ async fn write<DB: Backend>(
                         }
                     }
                 }
-                return true;
+                return Some(match (handled, all_new) {
+                    (true, _) => Some(Vec::new()),
+                    (false, true) => Some(pending),
+                    (false, false) => None,
+                });
             }
             Err(e) => {
                 shared.beat.failing(crate::health::Side::Database, &e);
                 failures += 1;
+                // Written alone next: a failure in a handler's statements must not
+                // hold the intake up.
+                together = false;
                 stats.db_retries.fetch_add(1, Ordering::Relaxed);
                 let delay = shared.config.consumer_failure_backoff.delay(failures);
                 tracing::warn!(subscriber = %shared.sub.subscriber, publisher = %shared.sub.publisher,
@@ -268,7 +374,7 @@ async fn write<DB: Backend>(
                     _ = shutdown.changed() => {}
                 }
                 if *shutdown.borrow() {
-                    return false;
+                    return None;
                 }
             }
         }

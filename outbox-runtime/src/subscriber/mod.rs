@@ -14,6 +14,10 @@
 //!   over the limit) is written dead with the reason; the publisher's events this
 //!   subscriber does not subscribe to are counted and left (the topic carries all of
 //!   them, its own consumer's too).
+//! * **Lanes** ([`lanes`]), the fast path: right after intake's commit, the rows it
+//!   wrote (all new) go to lanes by key, which settle them at once, a batch per
+//!   transaction, one key's rows in order. A row they cannot take (a full lane) is
+//!   left to the worker.
 //! * **Worker** ([`worker`]) runs the handlers from the inbox: it claims due heads of
 //!   key exactly as a relay does (`Backend::claim`, lease token, database clock) and
 //!   settles each through the consumer's settlement ([`crate::consumer`]), as if the
@@ -44,6 +48,7 @@ use crate::kafka::KafkaConfig;
 use crate::runtime::ShutdownSignal;
 
 mod intake;
+mod lanes;
 mod retention;
 mod worker;
 
@@ -150,9 +155,20 @@ impl<DB: Backend> Subscriber<DB> {
     /// leased by a stopped worker are claimed again when the lease expires.
     pub async fn run(self, kafka: &KafkaConfig, shutdown: ShutdownSignal) -> Result<()> {
         let _running = self.shared.beat.running();
-        let intake = intake::run(self.shared.clone(), kafka, shutdown.clone());
+        let (lanes, lane_tasks) =
+            lanes::start(&self.shared.config, self.consumer.clone(), shutdown.clone());
+        let intake = intake::run(
+            self.shared.clone(),
+            self.consumer.clone(),
+            lanes,
+            kafka,
+            shutdown.clone(),
+        );
         let worker = worker::run(self.shared.clone(), self.consumer.clone(), shutdown);
         let (intake, worker) = tokio::join!(intake, worker);
+        for task in lane_tasks {
+            let _ = task.await;
+        }
         intake.and(worker)
     }
 }

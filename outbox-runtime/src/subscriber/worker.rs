@@ -109,7 +109,27 @@ pub(super) async fn run<DB: Backend>(
 /// The record a claimed inbox row would have been on the publisher's topic: its
 /// headers are the envelope of the row, its offset the row id (for messages).
 fn as_record(topic: &str, service: &str, row: &ClaimedRow) -> OwnedMessage {
-    let (traceparent, tracestate) = match row.trace_context.as_deref() {
+    record_of(
+        topic,
+        service,
+        Envelope::of_row(service, row),
+        row.trace_context.as_deref(),
+        row.payload.as_bytes(),
+        row.id,
+    )
+}
+
+/// The record of an inbox row: `envelope` with the row's trace context
+/// (`traceparent[;tracestate]`) and payload, at offset `at` (a row id, or 0).
+pub(super) fn record_of(
+    topic: &str,
+    service: &str,
+    envelope: Envelope,
+    trace_context: Option<&str>,
+    payload: &[u8],
+    at: i64,
+) -> OwnedMessage {
+    let (traceparent, tracestate) = match trace_context {
         Some(text) => match text.split_once(';') {
             Some((parent, state)) => (Some(parent.to_owned()), Some(state.to_owned())),
             None => (Some(text.to_owned()), None),
@@ -117,17 +137,18 @@ fn as_record(topic: &str, service: &str, row: &ClaimedRow) -> OwnedMessage {
         None => (None, None),
     };
     let envelope = Envelope {
+        service: service.to_owned(),
         traceparent,
         tracestate,
-        ..Envelope::of_row(service, row)
+        ..envelope
     };
     OwnedMessage::new(
-        Some(row.payload.as_bytes().to_vec()),
-        row.key.as_ref().map(|k| k.as_bytes().to_vec()),
+        Some(payload.to_vec()),
+        envelope.key.as_ref().map(|k| k.as_bytes().to_vec()),
         topic.to_owned(),
         Timestamp::NotAvailable,
         -1,
-        row.id,
+        at,
         Some(envelope.headers()),
     )
 }
