@@ -1,7 +1,8 @@
-//! The fast path from intake to the handlers: the rows intake has just committed go to
-//! lanes by key, which settle them at once (a batch per transaction, through the
-//! consumer's settlement), instead of waiting for the worker's next claim: one
-//! transaction less per batch of events, and no claim round trip.
+//! The second-fastest path from intake to the handlers: when a batch's handlers could
+//! not all run in intake's own transaction (one failed, a row was held elsewhere), the
+//! rows intake has just written alone go to lanes by key, which settle them at once (a
+//! batch per transaction, through the consumer's settlement), instead of waiting for
+//! the worker's next claim.
 //!
 //! Only an optimisation: the row in the inbox is the truth. A lane that is full takes
 //! nothing (intake then wakes the worker); a row a lane and the worker both reach is

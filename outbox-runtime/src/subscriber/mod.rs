@@ -6,26 +6,21 @@
 //! state machine):
 //!
 //! * **Intake** ([`intake`]) reads the publisher's topic in the subscription's own
-//!   consumer group and writes each record it takes as an inbox row, keyed by the
-//!   event id (`ce_id`): a repeated delivery is skipped by the unique index, in the
-//!   same statement. The rows commit, then the offsets are stored: a crash before the
-//!   commit re-reads the records, one after it finds them in the inbox. A record that
-//!   cannot be used (no envelope, another source, a payload that is not text, a key
-//!   over the limit) is written dead with the reason; the publisher's events this
-//!   subscriber does not subscribe to are counted and left (the topic carries all of
-//!   them, its own consumer's too).
-//! * **Lanes** ([`lanes`]), the fast path: right after intake's commit, the rows it
-//!   wrote (all new) go to lanes by key, which settle them at once, a batch per
-//!   transaction, one key's rows in order. A row they cannot take (a full lane) is
-//!   left to the worker.
-//! * **Worker** ([`worker`]) runs the handlers from the inbox: it claims due heads of
-//!   key exactly as a relay does (`Backend::claim`, lease token, database clock) and
-//!   settles each through the consumer's settlement ([`crate::consumer`]), as if the
-//!   row had arrived as a record: row lock, checks, handler, consumed mark, one
-//!   transaction; after a failure the same retry, backoff, dead-letter and waiting
-//!   rules as the outbox. A key's later events wait behind its failing head (head of
-//!   key), other keys flow.
-//!
+//!   consumer group and writes what it has received as inbox rows keyed by the event id
+//!   (`ce_id`), a batch per transaction: a repeated delivery is skipped by the unique
+//!   index, in the same statement. When every row of the batch is new, their handlers
+//!   run in that same transaction (the consumer's batch settlement): inbox rows,
+//!   effects and consumed marks commit together, one commit per batch, as a
+//!   hand-written inbox does. Then the offsets are stored: a crash before the commit
+//!   re-reads the records, one after it finds them in the inbox. A record that cannot
+//!   be used (no envelope, another source, a payload that is not text, a key over the
+//!   limit) is written dead with the reason; the publisher's events this subscriber does
+//!   not subscribe to are counted and left (the topic carries all of them, its own
+//!   consumer's too).
+//! * **Lanes** ([`lanes`]): when a batch's handlers cannot all run in the intake's
+//!   transaction (one failed, a row was held elsewhere), the batch is written alone and
+//!   its new rows go to lanes by key, which settle them at once, one key's rows in
+//!   order. A row they cannot take (a full lane) is left to the worker.
 //! Exactly-once effect rests on the inbox row: it exists once per event id, and its
 //! `consumed` mark commits with the handler's effects. Any later delivery of the same
 //! event finds the row, or, once retention deleted it, the key's watermark
