@@ -100,7 +100,9 @@ pub fn outbox_service(args: TokenStream, input: TokenStream) -> TokenStream {
 ///   still decodes, each a plain serde type read from rows of that version and converted
 ///   into the next version (`From<TaskCreatedV1> for TaskCreatedV2`, ...,
 ///   `From<TaskCreatedV2> for TaskCreated`); every version below `version`, none twice,
-///   no gap up to `version - 1` (README, "Evolving an event").
+///   no gap up to `version - 1` (README, "Evolving an event");
+/// - `public` (a flag): other services may subscribe to the event
+///   (`#[outbox_handler(subscriber = ...)]`); without it, only its own service handles it.
 ///
 /// Events must be `'static` and non-generic. Implements `outbox_runtime::Event`, and
 /// the proofs that the event is published through and handled by its own service
@@ -152,10 +154,16 @@ pub fn outbox_event(args: TokenStream, input: TokenStream) -> TokenStream {
 ///   converts, as a transient failure); an `Err` retries the event with backoff;
 /// - the returned future must be `Send`.
 ///
-/// Option: `service = Type` (or `service = "name"`, as in [`macro@outbox_event`]) asserts
-/// at compile time that the event is owned by that service. Handlers always run in the
-/// consumer of the service that owns their event; the option only documents and checks
-/// it.
+/// Options (one of them at most):
+///
+/// - `service = Type` (or `service = "name"`, as in [`macro@outbox_event`]) asserts at
+///   compile time that the event is owned by that service; such a handler runs in the
+///   consumer of the service that owns its event, and the option only documents and
+///   checks it;
+/// - `subscriber = Type` (or `"name"`) makes it a subscription: the handler runs in that
+///   other service, on its own database, from its inbox (README, "Subscriptions"). The
+///   event must be `public`, the subscriber a declared service and not the event's
+///   owner; each is a compile error otherwise.
 ///
 /// Handlers are free fns (not methods). Mistakes in the shape are errors at the
 /// offending token: a missing `async`, a `self` receiver, a wrong number of arguments,
