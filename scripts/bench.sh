@@ -14,7 +14,9 @@
 #    password; likewise a fresh database per run; --mysql-url or OUTBOX_BENCH_MYSQL_URL
 #    to change), `both` runs every section on PostgreSQL and then a and b on MariaDB.
 #    MariaDB's are reported as their own sections, "a (MariaDB)" / "b (MariaDB)";
-#    sections c, d and e run on PostgreSQL only;
+#    sections c, d, e, g and h run on PostgreSQL only (h creates a second, fresh
+#    database there for its subscriber; `scripts/bench.sh --only h` runs it alone, in
+#    about 5 minutes);
 # 4. stops the broker and writes BENCHMARKS.md (the table, the machine, the settings;
 #    the hand-written analysis in bench/NOTES.md is appended).
 #

@@ -5,7 +5,7 @@
 //! with medians over repeats, and variants are interleaved (a, b, a, b, ...) because
 //! this machine's fsync speed changes every few minutes.
 //!
-//! Sections (`--only a,b,c,d,e`):
+//! Sections (`--only a,b,c,d,e,h`):
 //! - **a** business transaction (one UPDATE) with no outbox row / a hand-written INSERT
 //!   / `Outbox::publish` (own transaction and `OutboxTx`), commits/s at 1, 4, 16 writers;
 //! - **b** relay drain of a backlog: the framework's relay vs a hand-written
@@ -20,8 +20,10 @@
 //! - **f** peak RSS (VmHWM, reset per phase) of relay and consumer phases;
 //! - **g** the cost of metrics: the framework's drain (b) and latency at 1,000/s (c)
 //!   with a Prometheus recorder installed and without, interleaved ([`Toggle`]);
-//! - **h** subscriptions: the framework's subscriber vs a hand-written inbox consumer,
-//!   drain throughput and commit → subscriber handler latency ([`subscriber`]).
+//! - **h** subscriptions: `task` publishes [`TaskCreated`] (outbox + relay), and
+//!   `notification`, on a database of its own, handles it: the framework's subscriber
+//!   (intake → inbox → handler) vs a hand-written inbox consumer ([`subscriber`]),
+//!   backlog drain throughput and commit → effect commit latency.
 //!
 //! Databases (`--db postgres|mysql|both`): every section runs on PostgreSQL; sections a
 //! and b also run on MariaDB (reported as "a (MariaDB)", "b (MariaDB)"). What differs
@@ -69,7 +71,7 @@ type Res<T> = std::result::Result<T, BoxError>;
 pub struct Bench;
 
 /// The benchmark's event: a key and its position in the key's sequence.
-#[outbox_event(service = Bench, key = key, public)]
+#[outbox_event(service = Bench, key = key)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Tick {
     /// The ordering key.
@@ -98,6 +100,46 @@ fn saw(seq: u64) {
 #[outbox_handler]
 async fn on_tick(_ctx: &mut HandlerContext<Postgres>, e: Tick) -> Result<(), HandlerError> {
     saw(e.seq);
+    Ok(())
+}
+
+/// Section h's publisher (on the bench's database): table `task_outbox`, topic
+/// `outbox.task` (prefixed per run).
+#[outbox_service]
+pub struct Task;
+
+/// Section h's subscriber, on a database of its own: inbox `notification_inbox`.
+#[outbox_service]
+pub struct Notification;
+
+/// Section h's event: public, so other services may subscribe to it.
+#[outbox_event(service = Task, key = task_id, public)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskCreated {
+    /// The ordering key (1,000 keys).
+    pub task_id: String,
+    /// Unique per run.
+    pub seq: u64,
+    /// The publisher's database clock, µs since the epoch, read in the publishing
+    /// transaction just before its COMMIT (latency runs; 0 in the drain's backlog).
+    pub published_us: i64,
+}
+
+/// The effect both of section h's subscribers write, once per event, in the
+/// transaction that settles it (`written_at` defaults to `clock_timestamp()`).
+const EFFECT_INSERT: &str = "INSERT INTO effects (seq, published_us) VALUES ($1, $2)";
+
+/// The framework's subscriber handler of section h: the effect, through `ctx`.
+#[outbox_handler(subscriber = Notification)]
+async fn notification_on_task_created(
+    ctx: &mut HandlerContext<Postgres>,
+    e: TaskCreated,
+) -> Result<(), HandlerError> {
+    sqlx::query(EFFECT_INSERT)
+        .bind(e.seq as i64)
+        .bind(e.published_us)
+        .execute(ctx.conn())
+        .await?;
     Ok(())
 }
 
@@ -263,7 +305,8 @@ const HELP: &str = "outbox-bench [flags]   (normally run through scripts/bench.s
   --broker B          host:port of a Kafka broker, or `mock` (librdkafka mock cluster);
                       default $OUTBOX_BENCH_BROKERS or mock
   --only a,b,c,d,e,g,h  sections to run (f, peak memory, comes with b and c; g, the cost
-                      of a metrics recorder, is not in the default set; h, subscriptions)
+                      of a metrics recorder, is not in the default set; h, a subscriber
+                      vs a hand-written inbox consumer on a second database)
   --repeats N         repeats per variant (median reported; default 3)
   --backlog N         relay drain backlog (default 200000; 1000000 for the issue's figure)
   --large N           consumed rows in the large table (default 2000000)
@@ -272,12 +315,12 @@ const HELP: &str = "outbox-bench [flags]   (normally run through scripts/bench.s
   --relay-keys K1,K2  key counts of the many-relays run, one 1/2/4-relay comparison each
                       (default 10000,1000; --order-keys is an alias)
   --txn-secs S        seconds per business-transaction measurement (default 3)
-  --latency-secs S    seconds of steady load per latency measurement (default 10)
+  --latency-secs S    seconds of steady load per latency measurement, c and h (default 10)
   --rates R1,R2       latency rates in events/s (default 100,1000,5000)
   --partitions N      partitions of every topic (default 6)
   --out FILE          write the markdown report there (e.g. BENCHMARKS.md)
   --consumer-batch N  consumer_batch_size of section c's framework (default: the library's)
-  --sub-backlog N     section h: records in the subscriber's drain (default 20000)
+  --sub-backlog N     section h: events in the subscriber's drain (default 20000)
   --sub-rates R1,R2   section h: latency rates in events/s (default 500,1000)
   --quick             small sizes, for trying the harness
 Environment: OUTBOX_BENCH_PENDING_KEY_INDEX=1 adds a partial index (service, event_key, id)
@@ -692,6 +735,7 @@ impl BenchDb for Postgres {
         }
         if ctx.args.wants("h") {
             subscriber::section_h(ctx, report).await?;
+            report.write(&ctx.args, &ctx.broker, false)?;
         }
         Ok(())
     }
@@ -929,7 +973,7 @@ impl BenchDb for MySql {
     }
 
     async fn more_sections(ctx: &Ctx<MySql>, _report: &mut Report) -> Res<()> {
-        let skipped: Vec<&str> = ["c", "d", "e"]
+        let skipped: Vec<&str> = ["c", "d", "e", "g", "h"]
             .into_iter()
             .filter(|s| ctx.args.wants(s))
             .collect();

@@ -21,6 +21,14 @@
 //!   transaction (one failed, a row was held elsewhere), the batch is written alone and
 //!   its new rows go to lanes by key, which settle them at once, one key's rows in
 //!   order. A row they cannot take (a full lane) is left to the worker.
+//! * **Worker** ([`worker`]) runs the handlers from the inbox for what is left: it
+//!   claims due heads of key exactly as a relay does (`Backend::claim`, lease token,
+//!   database clock) and settles them through the consumer's settlement, as if the rows
+//!   had arrived as records: row lock, checks, handler, consumed mark, one transaction;
+//!   after a failure the same retry, backoff, dead-letter and waiting rules as the
+//!   outbox. A key's later events wait behind its failing head (head of key), other
+//!   keys flow.
+//!
 //! Exactly-once effect rests on the inbox row: it exists once per event id, and its
 //! `consumed` mark commits with the handler's effects. Any later delivery of the same
 //! event finds the row, or, once retention deleted it, the key's watermark
