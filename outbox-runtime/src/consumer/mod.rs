@@ -516,7 +516,7 @@ const LANE_DEPTH: usize = 16;
 
 /// The lane of a record: by key, so one key's records stay in order; keyless records by
 /// partition.
-fn lane_of<M: Message>(msg: &M, lanes: usize) -> usize {
+pub(crate) fn lane_of<M: Message>(msg: &M, lanes: usize) -> usize {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     match msg.key() {
         Some(k) => k.hash(&mut h),

@@ -145,8 +145,8 @@ async fn session<DB: Backend>(
             // they could not take (it polls for retries and deferrals anyway).
             let mut all_taken = true;
             if let Some(fresh) = fresh {
-                for (key, msg) in fresh {
-                    all_taken &= lanes.offer(key.as_deref(), msg);
+                for msg in fresh {
+                    all_taken &= lanes.offer(msg);
                 }
             } else {
                 all_taken = false;
@@ -166,9 +166,9 @@ async fn session<DB: Backend>(
     Ok(end)
 }
 
-/// The pending rows intake has just written, as records for the lanes (with their
-/// keys); `None` when some of the batch was not new (the worker sorts those out).
-type Fresh = Option<Vec<(Option<String>, OwnedMessage)>>;
+/// The pending rows intake has just written, as records for the lanes; `None` when
+/// some of the batch was not new (the worker sorts those out).
+type Fresh = Option<Vec<OwnedMessage>>;
 
 /// A database error while writing into the inbox.
 fn inbox_error(e: sqlx::Error) -> Error {
@@ -220,7 +220,7 @@ async fn write<DB: Backend>(
     let topic = route.topic().as_str();
     let service = route.service().as_str();
     // The records the settlement sees: built from the rows as written.
-    let pending: Vec<(Option<String>, OwnedMessage)> = rows
+    let msgs: Vec<OwnedMessage> = rows
         .iter()
         .filter(|r| r.dead.is_none())
         .map(|r| {
@@ -235,18 +235,16 @@ async fn write<DB: Backend>(
                 traceparent: None,
                 tracestate: None,
             };
-            let msg = super::worker::record_of(
+            super::worker::record_of(
                 topic,
                 service,
                 envelope,
                 r.trace_context.as_deref(),
                 r.payload.as_bytes(),
                 0,
-            );
-            (r.key.clone(), msg)
+            )
         })
         .collect();
-    let msgs: Vec<OwnedMessage> = pending.iter().map(|(_, m)| m.clone()).collect();
     // Keys as the watermarks hold them: "" for events without a key.
     let mut keys: Vec<String> = rows
         .iter()
@@ -354,7 +352,7 @@ async fn write<DB: Backend>(
                 }
                 return Some(match (handled, all_new) {
                     (true, _) => Some(Vec::new()),
-                    (false, true) => Some(pending),
+                    (false, true) => Some(msgs),
                     (false, false) => None,
                 });
             }

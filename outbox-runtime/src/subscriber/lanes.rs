@@ -10,7 +10,6 @@
 //! key has an older open row is deferred behind it by the settlement's predecessor
 //! check, and the worker takes it in order.
 
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use rdkafka::message::OwnedMessage;
@@ -31,12 +30,10 @@ pub(super) struct Lanes {
 }
 
 impl Lanes {
-    /// Queues `msg` on its key's lane. `false` if the lane is full or gone (the worker
-    /// takes the row instead).
-    pub(super) fn offer(&self, key: Option<&str>, msg: OwnedMessage) -> bool {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.unwrap_or_default().hash(&mut h);
-        let lane = (h.finish() % self.lanes.len().max(1) as u64) as usize;
+    /// Queues `msg` on its key's lane (the consumer's `lane_of`). `false` if the lane
+    /// is full or gone (the worker takes the row instead).
+    pub(super) fn offer(&self, msg: OwnedMessage) -> bool {
+        let lane = crate::consumer::lane_of(&msg, self.lanes.len());
         self.lanes
             .get(lane)
             .is_some_and(|l| l.try_send(msg).is_ok())
