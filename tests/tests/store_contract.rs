@@ -453,7 +453,7 @@ async fn heads_behind_a_deep_backlog<T: TestDatabase>() {
 }
 
 /// `claim_window` looks only at the first `window` due rows where the backend bounds it
-/// (PostgreSQL): heads behind a parked key's longer backlog are left to the full claim,
+/// (PostgreSQL, MySQL): heads behind a parked key's longer backlog are left to the full claim,
 /// which the relay falls back to. Elsewhere it is the full claim.
 async fn claim_window_is_bounded<T: TestDatabase>() {
     let db = setup::<T>().await;

@@ -592,7 +592,7 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// Whether several relays may claim concurrently (row locks with SKIP LOCKED).
     /// SQLite has none: there, one relay per service holds a lease.
     const CONCURRENT_RELAYS: bool;
-    /// Whether [`claim_window`](Self::claim_window) is bounded (PostgreSQL); if not it
+    /// Whether [`claim_window`](Self::claim_window) is bounded (PostgreSQL, MySQL); if not it
     /// is the full claim and the relay never needs to fall back to it.
     const BOUNDED_CLAIM: bool = false;
 
@@ -715,7 +715,7 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// the claim's order: bounded cost, however deep the backlog behind heads that are leased to
     /// other relays or parked. It can miss heads further back (behind a parked key's
     /// long backlog); the relay falls back to the full [`claim`](Self::claim) when that
-    /// finds more. The default (SQLite, MySQL) is the full claim
+    /// finds more. The default (SQLite) is the full claim
     /// ([`BOUNDED_CLAIM`](Self::BOUNDED_CLAIM) is `false`).
     #[allow(clippy::too_many_arguments)]
     fn claim_window<'p>(

@@ -37,6 +37,14 @@ use super::{Backend, ClaimedRow};
 const CLAIM_IDS: usize = 0;
 const CLAIM_LEASE: usize = 1;
 const CLAIM_READ: usize = 2;
+/// The windowed claim ([`Backend::claim_window`]) first reads the id of the window's
+/// last row, then claims up to it: a bound passed as a parameter is a range the
+/// optimizer walks, while the same bound as a subquery is only a filter on a walk of
+/// every pending row (measured on MariaDB, 100,000 pending rows on 1,000 keys whose
+/// heads another relay holds: 620-790 ms unbounded, 210-340 ms with the subquery,
+/// 20-40 ms with the parameter).
+const WINDOW_END: usize = 3;
+const CLAIM_IDS_UPTO: usize = 4;
 
 pub(crate) const SQL: SqlDialect = SqlDialect {
     name: "mysql",
@@ -61,6 +69,12 @@ pub(crate) const SQL: SqlDialect = SqlDialect {
         "SELECT o.id FROM {t} o WHERE {claimable} ORDER BY o.id LIMIT {p} FOR UPDATE SKIP LOCKED",
         "UPDATE {t} SET {lease} WHERE id {in_ids} AND status = {pending}",
         "SELECT {claimed} FROM {t} WHERE id {in_ids} AND lease_token = {p} ORDER BY id",
+        "SELECT MAX(win.id) FROM (SELECT w.id FROM {t} w WHERE w.service = {p} \
+            AND w.status = {pending} AND w.next_attempt_at <= {now} \
+            AND (w.locked_until IS NULL OR w.locked_until <= {now}) \
+            ORDER BY w.id LIMIT {p}) win",
+        "SELECT o.id FROM {t} o WHERE {claimable} AND o.id <= {p} ORDER BY o.id LIMIT {p} \
+            FOR UPDATE SKIP LOCKED",
     ],
 };
 
@@ -131,21 +145,45 @@ fn migrate_lock_name(table: &TableName) -> String {
     name
 }
 
-/// One claim attempt (see [`CLAIM_IDS`]).
+/// One claim attempt (see [`CLAIM_IDS`]); with a `window`, among the first `window`
+/// due, unleased rows only (see [`WINDOW_END`]).
 async fn claim_once(
     pool: &Pool<MySql>,
     s: &Statements,
     service: &ServiceName,
     limit: u32,
+    window: Option<u32>,
     lease_us: i64,
     token: i64,
 ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
     let mut tx = MySql::begin(pool).await?;
-    let ids: Vec<i64> = sqlx::query_scalar(s.own[CLAIM_IDS].text())
-        .bind(service.as_str())
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await?;
+    let ids: Vec<i64> = match window {
+        None => {
+            sqlx::query_scalar(s.own[CLAIM_IDS].text())
+                .bind(service.as_str())
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await?
+        }
+        Some(window) => {
+            let end: Option<i64> = sqlx::query_scalar(s.own[WINDOW_END].text())
+                .bind(service.as_str())
+                .bind(i64::from(window))
+                .fetch_one(&mut *tx)
+                .await?;
+            match end {
+                Some(end) => {
+                    sqlx::query_scalar(s.own[CLAIM_IDS_UPTO].text())
+                        .bind(service.as_str())
+                        .bind(end)
+                        .bind(i64::from(limit))
+                        .fetch_all(&mut *tx)
+                        .await?
+                }
+                None => Vec::new(),
+            }
+        }
+    };
     if ids.is_empty() {
         tx.rollback().await?;
         return Ok(Vec::new());
@@ -269,7 +307,26 @@ impl Backend for MySql {
         }
         let s = Self::statements(table);
         let lease_us = micros(lease);
-        with_retry(|| claim_once(pool, &s, service, limit, lease_us, token)).await
+        with_retry(|| claim_once(pool, &s, service, limit, None, lease_us, token)).await
+    }
+
+    const BOUNDED_CLAIM: bool = true;
+
+    async fn claim_window<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p TableName,
+        service: &'p ServiceName,
+        limit: u32,
+        window: u32,
+        lease: Duration,
+        token: i64,
+    ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let s = Self::statements(table);
+        let lease_us = micros(lease);
+        with_retry(|| claim_once(pool, &s, service, limit, Some(window), lease_us, token)).await
     }
 }
 
