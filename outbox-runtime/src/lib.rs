@@ -93,6 +93,7 @@ pub mod backend;
 mod catalog;
 #[cfg(feature = "cli")]
 pub mod cli;
+mod commit_watch;
 pub mod compat;
 mod config;
 #[cfg(feature = "console")]

@@ -9,7 +9,7 @@
 //! sqlx::query("UPDATE tasks SET done = true WHERE id = $1").bind(id).execute(&mut *tx).await?;
 //! outbox.publish(&mut tx, &TaskCompleted { task_id: id }).await?;
 //! tx.commit().await?;
-//! outbox.notify_committed(); // optional: wake relays now instead of at their next poll
+//! // The relays wake at once: the outbox notices the commit (its commit watch).
 //!
 //! // ... or with an OutboxTx, which wakes the relays itself after commit.
 //! let mut tx = outbox.begin().await?;
@@ -31,6 +31,7 @@ use sqlx::{Pool, Transaction};
 
 use crate::backend::{Backend, NewRow};
 use crate::catalog::{Catalog, Route};
+use crate::commit_watch::CommitWatch;
 use crate::config::OutboxConfig;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventId, PublishedThrough};
@@ -81,6 +82,7 @@ pub struct Outbox<S: Service, DB: Backend> {
     catalog: Catalog,
     config: Arc<OutboxConfig>,
     notifier: Notifier,
+    watch: CommitWatch,
     _service: PhantomData<fn() -> S>,
 }
 
@@ -92,6 +94,7 @@ impl<S: Service, DB: Backend> Clone for Outbox<S, DB> {
             catalog: self.catalog.clone(),
             config: self.config.clone(),
             notifier: self.notifier.clone(),
+            watch: self.watch.clone(),
             _service: PhantomData,
         }
     }
@@ -127,6 +130,7 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
             catalog: catalog.clone(),
             config,
             notifier: Notifier::new(),
+            watch: CommitWatch::new(),
             _service: PhantomData,
         })
     }
@@ -150,6 +154,8 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
 
     /// Writes `event` into the outbox on `conn`: pass your transaction (`&mut tx`). The
     /// event is delivered if and only if that transaction commits. Returns the event id.
+    /// The relays are woken when the transaction commits: the outbox's commit watch
+    /// notices it (see [`notify_committed`](Self::notify_committed)).
     /// With the `otel` feature, the row keeps the W3C trace context of the current
     /// `tracing` span, which the relay and the handler continue.
     ///
@@ -165,6 +171,21 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
 
     /// [`publish`](Self::publish) with per-call overrides.
     pub fn publish_with<'a, E: PublishedThrough<S>>(
+        &'a self,
+        conn: &'a mut DB::Connection,
+        event: &E,
+        options: PublishOptions,
+    ) -> BoxFuture<'a, Result<EventId>> {
+        let write = self.write_event(conn, event, options);
+        Box::pin(async move {
+            let id = write.await?;
+            self.watch_commit(&[id]);
+            Ok(id)
+        })
+    }
+
+    /// Writes one event (what `publish_with` does, without watching for the commit).
+    fn write_event<'a, E: PublishedThrough<S>>(
         &'a self,
         conn: &'a mut DB::Connection,
         event: &E,
@@ -208,6 +229,13 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
         conn: &mut DB::Connection,
         event: &RawEvent,
     ) -> Result<EventId> {
+        let id = self.write_raw(conn, event).await?;
+        self.watch_commit(&[id]);
+        Ok(id)
+    }
+
+    /// Writes one untyped event (`publish_raw` without watching for the commit).
+    async fn write_raw(&self, conn: &mut DB::Connection, event: &RawEvent) -> Result<EventId> {
         self.check_raw(event)?;
         self.insert(
             conn,
@@ -265,6 +293,21 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
     /// written; all or nothing with the transaction. Returns the ids in order (ids, and
     /// so each key's order, follow the slice).
     pub fn publish_all<'a, E: PublishedThrough<S>>(
+        &'a self,
+        conn: &'a mut DB::Connection,
+        events: &[E],
+    ) -> BoxFuture<'a, Result<Vec<EventId>>> {
+        let write = self.write_all(conn, events);
+        Box::pin(async move {
+            let ids = write.await?;
+            // One id tells when the transaction committed.
+            self.watch_commit(&ids[ids.len().saturating_sub(1)..]);
+            Ok(ids)
+        })
+    }
+
+    /// Writes many events (`publish_all` without watching for the commit).
+    fn write_all<'a, E: PublishedThrough<S>>(
         &'a self,
         conn: &'a mut DB::Connection,
         events: &[E],
@@ -385,10 +428,38 @@ impl<S: Service, DB: Backend> Outbox<S, DB> {
         Ok(id)
     }
 
+    /// Hands the event ids just written on the caller's own transaction to the commit
+    /// watch, which wakes the relays once they are committed.
+    fn watch_commit(&self, ids: &[EventId]) {
+        for id in ids {
+            self.watch.watch(
+                id.0,
+                &self.pool,
+                self.route.table(),
+                self.route.service(),
+                &self.notifier,
+                self.config.relay_poll_interval,
+            );
+        }
+    }
+
     /// Wakes the service's relays after you committed a transaction that published:
     /// in this process at once, and in other processes through LISTEN/NOTIFY on
-    /// PostgreSQL (coalesced, outside your transaction). Optional: relays also poll.
+    /// PostgreSQL (coalesced, outside your transaction).
+    ///
+    /// Optional: by default the outbox notices the commits of your own transactions
+    /// that published (its commit watch asks the database, 1 ms after a publish and
+    /// then less and less often, at most every 5 ms) and wakes the relays itself.
+    /// Calling this turns that watch off for this outbox and its clones: you then
+    /// wake the relays after each such commit, or they find the rows at their poll.
+    /// ([`Outbox::begin`]'s transactions always wake them at commit.)
     pub fn notify_committed(&self) {
+        self.watch.turn_off();
+        self.wake_relays();
+    }
+
+    /// Wakes the relays now, here and (PostgreSQL) in other processes.
+    fn wake_relays(&self) {
         wakeup::wake_local(self.route.table(), self.route.service());
         self.notifier
             .signal(&self.pool, self.route.table(), self.route.service());
@@ -432,7 +503,7 @@ impl<S: Service, DB: Backend> OutboxTx<'_, S, DB> {
         event: &E,
         options: PublishOptions,
     ) -> BoxFuture<'a, Result<EventId>> {
-        let insert = self.outbox.publish_with(&mut self.tx, event, options);
+        let insert = self.outbox.write_event(&mut self.tx, event, options);
         let published = &mut self.published;
         Box::pin(async move {
             let id = insert.await?;
@@ -446,7 +517,7 @@ impl<S: Service, DB: Backend> OutboxTx<'_, S, DB> {
         &'a mut self,
         events: &[E],
     ) -> BoxFuture<'a, Result<Vec<EventId>>> {
-        let insert = self.outbox.publish_all(&mut self.tx, events);
+        let insert = self.outbox.write_all(&mut self.tx, events);
         let published = &mut self.published;
         Box::pin(async move {
             let ids = insert.await?;
@@ -457,7 +528,7 @@ impl<S: Service, DB: Backend> OutboxTx<'_, S, DB> {
 
     /// Publishes an untyped event in this transaction.
     pub async fn publish_raw(&mut self, event: &RawEvent) -> Result<EventId> {
-        let id = self.outbox.publish_raw(&mut self.tx, event).await?;
+        let id = self.outbox.write_raw(&mut self.tx, event).await?;
         self.published += 1;
         Ok(id)
     }
@@ -476,7 +547,7 @@ impl<S: Service, DB: Backend> OutboxTx<'_, S, DB> {
             .await
             .map_err(|e| Error::db("committing a transaction that published events", e))?;
         if self.published > 0 {
-            self.outbox.notify_committed();
+            self.outbox.wake_relays();
         }
         Ok(())
     }

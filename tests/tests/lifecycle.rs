@@ -2,16 +2,18 @@
 //!
 //! - A relay with a one-minute poll interval still relays at once when woken: in-process
 //!   after a local commit (every backend), and through LISTEN/NOTIFY when the commit
-//!   happened elsewhere (PostgreSQL).
+//!   happened elsewhere (PostgreSQL); and after the commit of the caller's own sqlx
+//!   transaction, which the outbox's commit watch notices (every backend).
 //! - Shutting the runtime down in the middle of a stream (on the application's own
 //!   signal, `run_until`) loses nothing and applies nothing twice: a new runtime
 //!   finishes the work.
 
 use std::time::{Duration, Instant};
 
+use outbox_runtime::backend::NewRow;
 use outbox_runtime::{Backend, KafkaConfig, Outbox, OutboxConfig, OutboxRuntime, Status};
 use outbox_tests::broker::TestBroker;
-use outbox_tests::db::{TestPg, TestSqlite};
+use outbox_tests::db::{TestMySql, TestPg, TestSqlite};
 use outbox_tests::e2e::{
     all_rows, assert_key_order, effects_per_event, eventually, prepare, test_config, TestBackend,
 };
@@ -96,11 +98,21 @@ async fn postgres_listen_notify_wakes_a_relay_for_a_commit_made_elsewhere() {
     let db = TestPg::create().await;
     let pool = db.pool().clone();
     let took = woken_within(db.pool().clone(), |outbox| async move {
-        // Publish in a plain sqlx transaction and do not call notify_committed: nothing
-        // in this process knows about the commit ...
+        // Write the row as another process's publisher would: nothing in this process
+        // knows about the commit (not even an outbox's commit watch) ...
+        let payload = serde_json::to_string(&event("elsewhere", 0)).unwrap();
+        let row = NewRow {
+            event_id: outbox_runtime::EventId::new().0,
+            service: outbox.route().service(),
+            event_type: <TaskCreated as outbox_runtime::Event>::EVENT_TYPE,
+            version: <TaskCreated as outbox_runtime::Event>::VERSION as i32,
+            key: Some("elsewhere"),
+            payload: &payload,
+            max_retries: 5,
+            trace_context: None,
+        };
         let mut tx = pool.begin().await.unwrap();
-        outbox
-            .publish(&mut tx, &event("elsewhere", 0))
+        sqlx::Postgres::insert(&mut tx, outbox.route().table(), &row)
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -115,6 +127,51 @@ async fn postgres_listen_notify_wakes_a_relay_for_a_commit_made_elsewhere() {
         took < Duration::from_secs(20),
         "woken after {took:?}; the poll interval is 60 s"
     );
+    db.cleanup().await;
+}
+
+/// Publishes in the caller's own sqlx transaction, which stays open for `open`, and
+/// never calls `notify_committed`: the outbox's commit watch must notice the commit and
+/// wake the relay (its poll interval is a minute), also after its first checks found
+/// nothing.
+async fn own_transaction_is_noticed<DB: TestBackend>(pool: sqlx::Pool<DB>, open: Duration) {
+    let committed = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let at = committed.clone();
+    let p = pool.clone();
+    woken_within(pool, |outbox| async move {
+        let mut tx = p.begin().await.unwrap();
+        outbox.publish(&mut *tx, &event("own", 0)).await.unwrap();
+        // A transaction that does more work after publishing (not synchronisation).
+        tokio::time::sleep(open).await;
+        tx.commit().await.unwrap();
+        *at.lock().unwrap() = Some(Instant::now());
+    })
+    .await;
+    let took = committed.lock().unwrap().expect("committed").elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "consumed {took:?} after the commit; the poll interval is 60 s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_own_transaction_wakes_the_relay_without_notify_committed() {
+    let db = TestPg::create().await;
+    own_transaction_is_noticed(db.pool().clone(), Duration::from_millis(700)).await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_own_transaction_wakes_the_relay_without_notify_committed() {
+    let db = TestMySql::create().await;
+    own_transaction_is_noticed(db.pool().clone(), Duration::from_millis(300)).await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_own_transaction_wakes_the_relay_without_notify_committed() {
+    let db = TestSqlite::create().await;
+    own_transaction_is_noticed(db.pool().clone(), Duration::ZERO).await;
     db.cleanup().await;
 }
 

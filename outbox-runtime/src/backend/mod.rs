@@ -944,6 +944,16 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         limit: u32,
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'p;
 
+    /// Which of `event_ids` are rows of `service` that this pool can see: committed
+    /// (the publisher's commit watch asks, to wake relays once a transaction it did not
+    /// see end has committed). Any order.
+    fn committed_events<'p>(
+        pool: &'p Pool<Self>,
+        table: &'p TableName,
+        service: &'p ServiceName,
+        event_ids: &'p [Uuid],
+    ) -> impl Future<Output = Result<Vec<Uuid>, sqlx::Error>> + Send + 'p;
+
     /// One row by event id, for operators and tests.
     fn fetch<'p>(
         pool: &'p Pool<Self>,

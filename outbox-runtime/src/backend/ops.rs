@@ -739,6 +739,25 @@ macro_rules! store_ops {
             Ok(done.rows_affected())
         }
 
+        async fn committed_events<'p>(
+            pool: &'p sqlx::Pool<Self>,
+            table: &'p $crate::route::TableName,
+            service: &'p $crate::route::ServiceName,
+            event_ids: &'p [uuid::Uuid],
+        ) -> Result<Vec<uuid::Uuid>, sqlx::Error> {
+            use sqlx::Row as _;
+            let s = Self::statements(table);
+            let mut found = Vec::new();
+            for chunk in event_ids.chunks(Self::ID_CHUNK) {
+                let sql = s.find_by_events.get(chunk.len());
+                let q = sqlx::query(&sql).bind(service.as_str());
+                for r in Self::bind_uuids(q, chunk).fetch_all(pool).await? {
+                    found.push(r.try_get("event_id")?);
+                }
+            }
+            Ok(found)
+        }
+
         async fn fetch<'p>(
             pool: &'p sqlx::Pool<Self>,
             table: &'p $crate::route::TableName,

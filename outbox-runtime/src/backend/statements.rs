@@ -179,7 +179,7 @@ pub(crate) struct Statements {
     pub lock_by_events: Sql,
     /// event id, service (the plain read before a lock by id).
     pub find_by_event: Sql,
-    /// service, event ids.
+    /// service, event ids; returns id, event_id.
     pub find_by_events: Sql,
     /// id, service.
     pub lock_by_id: Sql,
@@ -303,7 +303,9 @@ impl Statements {
             lock_by_events: r("SELECT event_id, {row_state} FROM {t} \
                 WHERE event_id {in_list} AND service = {p}{skip_locked}"),
             find_by_event: r("SELECT id FROM {t} WHERE event_id = {p} AND service = {p}"),
-            find_by_events: r("SELECT id FROM {t} WHERE service = {p} AND event_id {in_list}"),
+            find_by_events: r(
+                "SELECT id, event_id FROM {t} WHERE service = {p} AND event_id {in_list}",
+            ),
             lock_by_id: r(
                 "SELECT {row_state} FROM {t} WHERE id = {p} AND service = {p}{for_update}",
             ),
