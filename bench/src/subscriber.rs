@@ -5,11 +5,11 @@
 //!
 //! - **framework**: an [`OutboxRuntime`] for `notification` running its subscription
 //!   (intake → `notification_inbox` → handler [`notification_on_task_created`]);
-//! - **hand-written inbox consumer** ([`baseline`]): what a careful team writes without
+//! - **hand-written inbox consumer** ([`txconsumer`] settling with [`InboxEffect`]): what a careful team writes without
 //!   the framework. A StreamConsumer with the same Kafka settings (`enable.auto.offset.store`
 //!   false, auto commit on) in its own group; records go to one worker per partition (in
 //!   order); a worker takes what is already queued for its partition (up to
-//!   [`BASELINE_BATCH`]) and, in ONE transaction, per record: `INSERT INTO processed
+//!   [`txconsumer::BATCH`]) and, in ONE transaction, per record: `INSERT INTO processed
 //!   (event_id) VALUES ($ce_id) ON CONFLICT DO NOTHING`, the effect INSERT if the id was
 //!   new; COMMIT; then stores the offset of the batch's last record.
 //!   (`OUTBOX_BENCH_H_SERIAL=1`, an experiment: one worker for all partitions.)
@@ -27,10 +27,9 @@
 use super::*;
 
 use rdkafka::message::OwnedMessage;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-/// Most records the hand-written consumer's partition worker settles per transaction.
-const BASELINE_BATCH: usize = 256;
+use crate::txconsumer::{self, ce_id, Settle};
 
 /// Events per transaction when publishing the drain's backlog.
 const FILL_TX: u64 = 1_000;
@@ -261,67 +260,18 @@ async fn start(ctx: &Ctx<Postgres>, pool: &PgPool, catalog: &Catalog, who: Sub) 
                     .group
             );
             let (stop, stopped) = watch::channel(false);
-            let task = tokio::spawn(baseline(ctx.kafka(), group, topic, pool.clone(), stopped));
+            let task = tokio::spawn(txconsumer::run(
+                ctx.kafka(),
+                group,
+                topic,
+                pool.clone(),
+                InboxEffect,
+                serial(),
+                stopped,
+            ));
             Ok(Running::Baseline(stop, task))
         }
     }
-}
-
-/// The hand-written inbox consumer: one StreamConsumer (the framework's Kafka settings:
-/// offsets stored by hand, committed automatically), one worker per partition.
-async fn baseline(
-    kafka: KafkaConfig,
-    group: String,
-    topic: String,
-    pool: PgPool,
-    mut stop: watch::Receiver<bool>,
-) -> Res<()> {
-    let consumer: Arc<StreamConsumer> = Arc::new(
-        kafka
-            .consumer_config(&group, OutboxConfig::default().max_payload_bytes)
-            .create()?,
-    );
-    consumer.subscribe(&[&topic])?;
-    let mut lanes: HashMap<i32, mpsc::Sender<OwnedMessage>> = HashMap::new();
-    let mut workers = Vec::new();
-    let result: Res<()> = async {
-        loop {
-            let m = tokio::select! {
-                _ = stop.changed() => return Ok(()),
-                m = consumer.recv() => m,
-            };
-            let m = match m {
-                Ok(m) => m.detach(),
-                Err(e) => {
-                    log(format!("h: hand-written consumer: {e}"));
-                    continue;
-                }
-            };
-            // Experiment (OUTBOX_BENCH_H_SERIAL=1): one worker for every partition, one
-            // transaction at a time, as the framework's intake loop.
-            let lane = if serial() { 0 } else { m.partition() };
-            let lane = lanes.entry(lane).or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(4 * BASELINE_BATCH);
-                workers.push(tokio::spawn(partition_worker(
-                    consumer.clone(),
-                    pool.clone(),
-                    rx,
-                )));
-                tx
-            });
-            if lane.send(m).await.is_err() {
-                return Err("a partition worker stopped".into());
-            }
-        }
-    }
-    .await;
-    drop(lanes);
-    for w in workers {
-        w.await??;
-    }
-    // Closing the consumer (leaving the group) blocks.
-    tokio::task::spawn_blocking(move || drop(consumer)).await?;
-    result
 }
 
 /// `OUTBOX_BENCH_H_SERIAL=1`: the hand-written consumer runs one worker for all
@@ -330,34 +280,13 @@ fn serial() -> bool {
     std::env::var("OUTBOX_BENCH_H_SERIAL").is_ok_and(|v| v == "1")
 }
 
-/// The event id of a record: its `ce_id` header (CloudEvents Kafka binary mode).
-fn ce_id(m: &OwnedMessage) -> Option<uuid::Uuid> {
-    m.headers()?
-        .iter()
-        .find(|h| h.key == "ce_id")
-        .and_then(|h| h.value)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|s| uuid::Uuid::parse_str(s).ok())
-}
+/// The hand-written inbox consumer's settlement, per record: `INSERT INTO processed
+/// (event_id) … ON CONFLICT DO NOTHING`, and the effect if the id was new.
+struct InboxEffect;
 
-/// One partition's records, in order: what is already queued (up to
-/// [`BASELINE_BATCH`]) in one transaction, then the offset.
-async fn partition_worker(
-    consumer: Arc<StreamConsumer>,
-    pool: PgPool,
-    mut rx: mpsc::Receiver<OwnedMessage>,
-) -> Res<()> {
-    let mut batch = Vec::with_capacity(BASELINE_BATCH);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < BASELINE_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        let mut tx = pool.begin().await?;
-        for m in &batch {
+impl Settle for InboxEffect {
+    async fn settle(&self, tx: &mut PgConnection, batch: &[OwnedMessage]) -> Res<()> {
+        for m in batch {
             let id = ce_id(m).ok_or("a record without a ce_id header")?;
             let new =
                 sqlx::query("INSERT INTO processed (event_id) VALUES ($1) ON CONFLICT DO NOTHING")
@@ -375,19 +304,8 @@ async fn partition_worker(
                     .await?;
             }
         }
-        tx.commit().await?;
-        // The offset of each partition's last record in the batch (one partition, but
-        // for the experiment of [`serial`]).
-        let mut last: HashMap<i32, &OwnedMessage> = HashMap::new();
-        for m in &batch {
-            last.insert(m.partition(), m);
-        }
-        for m in last.values() {
-            consumer.store_offset(m.topic(), m.partition(), m.offset())?;
-        }
-        batch.clear();
+        Ok(())
     }
-    Ok(())
 }
 
 /// Publishes `n` events through `task`'s outbox (1,000 per transaction) and drains them
@@ -406,7 +324,7 @@ async fn fill(ctx: &Ctx<Postgres>, catalog: &Catalog, n: u64) -> Res<()> {
         tx.commit().await?;
         done += events.len() as u64;
     }
-    let (rate, _) = framework_drain(ctx, &route, n as i64, 1).await?;
+    let rate = framework_drain(ctx, &route, n as i64, 1).await?.per_sec;
     log(format!(
         "h: backlog of {n} events published onto {} ({rate:.0} events/s)",
         route.topic()
@@ -758,7 +676,7 @@ async fn run(ctx: &Ctx<Postgres>, db: &SubDb, report: &mut Report) -> Res<()> {
             partitions = ctx.args.partitions,
             batch = config.consumer_batch_size,
             lanes = config.consumer_lanes,
-            bb = BASELINE_BATCH,
+            bb = txconsumer::BATCH,
             rates = ctx
                 .args
                 .sub_rates
