@@ -10,13 +10,18 @@
 # 3. runs the benchmark against PostgreSQL on 127.0.0.1:5432 (user postgres, trust;
 #    a fresh database per run, dropped at the end) and that broker;
 #    `--db postgres|mysql|both` (default postgres) picks the databases: `mysql` runs
-#    sections a and b against MariaDB on 127.0.0.1:3306 instead (user root, no
+#    sections a, b and i against MariaDB on 127.0.0.1:3306 instead (user root, no
 #    password; likewise a fresh database per run; --mysql-url or OUTBOX_BENCH_MYSQL_URL
-#    to change), `both` runs every section on PostgreSQL and then a and b on MariaDB.
-#    MariaDB's are reported as their own sections, "a (MariaDB)" / "b (MariaDB)";
-#    sections c, d, e, g and h run on PostgreSQL only (h creates a second, fresh
-#    database there for its subscriber; `scripts/bench.sh --only h` runs it alone, in
-#    about 5 minutes);
+#    to change), `both` runs every section on PostgreSQL and then a, b and i on
+#    MariaDB. MariaDB's are reported as their own sections, "a (MariaDB)" / "b (MariaDB)"
+#    / "i (MariaDB)"; sections c, d, e, g, h and j run on PostgreSQL only (h creates a
+#    second, fresh database there for its subscriber; `scripts/bench.sh --only h` runs
+#    it alone, in about 5 minutes);
+#    the baselines of issue #17: `--only i,j,c --db both` runs the drain against a lean
+#    hand-written outbox (i), steady-rate commit -> received against it, quiet and with
+#    a CPU hog (j: a child `sh` spinning on one core, killed after each block; `--hog
+#    off|on|both`, `--steady-rates`, `--steady-deadline`) and commit -> handler against
+#    a transactional raw consumer (c), in about 40 minutes with the defaults;
 # 4. stops the broker and writes BENCHMARKS.md (the table, the machine, the settings;
 #    the hand-written analysis in bench/NOTES.md is appended).
 #

@@ -5,15 +5,15 @@
 //! with medians over repeats, and variants are interleaved (a, b, a, b, ...) because
 //! this machine's fsync speed changes every few minutes.
 //!
-//! Sections (`--only a,b,c,d,e,h`):
+//! Sections (`--only a,b,c,d,e,h,i,j`):
 //! - **a** business transaction (one UPDATE) with no outbox row / a hand-written INSERT
 //!   / `Outbox::publish` (own transaction and `OutboxTx`), commits/s at 1, 4, 16 writers;
 //! - **b** relay drain of a backlog: the framework's relay vs a hand-written
 //!   claim → produce → wait → mark loop;
 //! - **c** commit → handler latency at steady rates, framework (relay + consumer) vs a
 //!   raw pipeline (LISTEN/NOTIFY-woken claim loop, rdkafka produce, plain consumer), the
-//!   raw one with librdkafka's defaults and with the framework's Kafka settings (the
-//!   baseline of the ratios);
+//!   raw one with librdkafka's defaults, with the framework's Kafka settings, and with a
+//!   transactional consumer ([`txconsumer`]: the baseline of the goal's ratios);
 //! - **d** 1 vs 2 vs 4 relays on many keys and on few keys (`--relay-keys`): throughput
 //!   and per-key order violations read back from the topic;
 //! - **e** drain rate with a large table (mostly consumed rows) vs a small one;
@@ -23,12 +23,18 @@
 //! - **h** subscriptions: `task` publishes [`TaskCreated`] (outbox + relay), and
 //!   `notification`, on a database of its own, handles it: the framework's subscriber
 //!   (intake → inbox → handler) vs a hand-written inbox consumer ([`subscriber`]),
-//!   backlog drain throughput and commit → effect commit latency.
+//!   backlog drain throughput and commit → effect commit latency;
+//! - **i** relay drain of a backlog: the framework's relay vs a lean hand-written outbox
+//!   on a minimal table of its own ([`lean`]), with claims and log bytes per event;
+//! - **j** commit → record received at steady rates, relay only, quiet and with a CPU
+//!   hog: the framework vs the lean outbox ([`steady`]): percentiles, what was delivered,
+//!   the backlog when publishing stopped.
 //!
-//! Databases (`--db postgres|mysql|both`): every section runs on PostgreSQL; sections a
-//! and b also run on MariaDB (reported as "a (MariaDB)", "b (MariaDB)"). What differs
-//! per database (the hand-written baselines' SQL, bulk loads, setup) is the [`BenchDb`]
-//! trait; the sections are generic over it.
+//! Databases (`--db postgres|mysql|both`): every section runs on PostgreSQL; sections a,
+//! b and i also run on MariaDB (reported as "a (MariaDB)", "b (MariaDB)", "i (MariaDB)").
+//! What differs per database (the hand-written baselines' SQL, bulk loads, setup) is the
+//! [`BenchDb`] trait (and [`LeanDb`] for the lean outbox); the sections are generic over
+//! it.
 //!
 //! Not a test and never run in CI (CI only compiles it).
 
@@ -2503,8 +2509,9 @@ fn machine(servers: &[String], broker: &str, args: &Args) -> String {
         "- date: {}\n- machine: {} cores ({cpu}), {mem} RAM, {}\n{servers}\
          - broker: {broker}; librdkafka {rdk}; {}\n- settings: repeats {}, backlog {}, large table {}, \
          small table {}, many-relays backlog {} on {:?} keys, {} s per transaction measurement, {} s \
-         per latency measurement, rates {:?}, {} partitions per topic; framework: `OutboxConfig::default()`{} \
-         and the framework's Kafka defaults\n",
+         per latency measurement, rates {:?} (c), {:?} (j, CPU hog {}, records counted within {} s of the \
+         last publish), {} partitions per topic; framework: `OutboxConfig::default()`{} and the \
+         framework's Kafka defaults\n",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         cmd("uname", &["-sr"]),
@@ -2518,6 +2525,13 @@ fn machine(servers: &[String], broker: &str, args: &Args) -> String {
         args.txn_secs,
         args.latency_secs,
         args.rates,
+        args.steady_rates,
+        match args.hog.as_slice() {
+            [false] => "off",
+            [true] => "on",
+            _ => "off and on",
+        },
+        args.steady_deadline,
         args.partitions,
         args.consumer_batch
             .map(|n| format!(" except `consumer_batch_size` {n} in section c"))

@@ -2,7 +2,7 @@
 //! hand-written outbox ([`lean`]), on a quiet machine and with a CPU hog ([`Hog`]).
 //!
 //! Per run: writers publish at `rate`/s for `--latency-secs` (each event its own
-//! transaction: lean `INSERT` + COMMIT, the insert trigger notifying; framework
+//! transaction: lean `INSERT` + COMMIT, then `pg_notify`; framework
 //! `OutboxTx` publish + COMMIT), one relay drains (lean: [`lean::spawn_woken`];
 //! framework: `OutboxRuntime` with relays only, `OutboxConfig::default()`), and a plain
 //! rdkafka StreamConsumer (the framework's consumer settings, no database work) notes
@@ -124,7 +124,9 @@ async fn run_lean(ctx: &Ctx<Postgres>, rate: u64) -> Res<Run> {
             let (pool, topic) = (pool.clone(), topic.clone());
             async move {
                 let (key, payload) = tick_row(seq)?;
-                let mut tx = pool.begin().await?;
+                // One connection for the transaction and the NOTIFY after it.
+                let mut conn = pool.acquire().await?;
+                let mut tx = conn.begin().await?;
                 sqlx::query(
                     "INSERT INTO lean_outbox (topic, key, payload) VALUES ($1, $2, $3::jsonb)",
                 )
@@ -135,6 +137,7 @@ async fn run_lean(ctx: &Ctx<Postgres>, rate: u64) -> Res<Run> {
                 .await?;
                 tx.commit().await?;
                 committed(seq);
+                sqlx::query(lean::NOTIFY).execute(&mut *conn).await?;
                 Ok(())
             }
         }
@@ -251,7 +254,8 @@ pub(crate) async fn section_j(ctx: &Ctx<Postgres>, report: &mut Report) -> Res<(
              delivers everything the lean loop delivers, with p50 and p99 ≤ 1.2× its figures. \
              Medians over repeats of each run's p50/p99/max (of the records received); contenders \
              alternate. Writers: one transaction per event, up to 64 at a time on the bench's \
-             pool (lean: `INSERT` + COMMIT, a statement-level trigger does `pg_notify`; \
+             pool (lean: `INSERT` + COMMIT, then `pg_notify` on the pool, as section c's raw \
+             pipeline does: notifying inside the transaction serialises commits; \
              framework: `OutboxTx` publish + COMMIT, which wakes the relay in-process). Relays, \
              each on a pool of 8: the lean loop ({}) and the framework's `OutboxRuntime` with \
              relays only (`OutboxConfig::default()`). Receiver: a plain rdkafka StreamConsumer \
