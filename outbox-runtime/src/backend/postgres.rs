@@ -20,13 +20,19 @@ impl super::sealed::Sealed for Postgres {}
 
 /// The claim, with `$bound` spliced in among the conditions on `o` (see [`claim_sql`]).
 /// Its parameters are numbered by hand: their order is documented for operators.
+///
+/// The claimed ids are an array (an InitPlan) that the UPDATE looks up by primary key.
+/// As a join (`UPDATE … FROM (SELECT …) AS due WHERE t.id = due.id`), the generic plan
+/// PostgreSQL switches a prepared statement to after five runs hash-joined the claimed
+/// rows with a sequential scan of the whole table: 140-470 ms per claim on 200,000
+/// rows, against 6-13 ms by primary key.
 macro_rules! claim_template {
     ($bound:literal) => {
         concat!(
             "UPDATE {t} AS t \
                 SET lease_token = $3, locked_until = now() + make_interval(secs => $4), \
                     updated_at = now() \
-               FROM (SELECT o.id FROM {t} o \
+              WHERE t.id = ANY(ARRAY(SELECT o.id FROM {t} o \
                       WHERE o.service = $1 AND o.status = {pending} AND o.next_attempt_at <= now() \
                         AND (o.locked_until IS NULL OR o.locked_until <= now()) ",
             $bound,
@@ -36,8 +42,7 @@ macro_rules! claim_template {
                                  AND p.status = {pending} AND p.id < o.id)) \
                       ORDER BY o.next_attempt_at, o.id \
                       LIMIT $2 \
-                      FOR NO KEY UPDATE SKIP LOCKED) AS due \
-              WHERE t.id = due.id \
+                      FOR NO KEY UPDATE SKIP LOCKED)) \
              RETURNING t.id, t.event_id, t.event_type, t.event_version, t.event_key, t.payload, \
                        t.attempts, t.created_at, t.trace_context"
         )
