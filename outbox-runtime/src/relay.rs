@@ -350,6 +350,17 @@ impl<DB: Backend> Relay<DB> {
         Ok(Some(Claimed { rows, token, span }))
     }
 
+    /// Claims the next batch and, if the broker was `ready` when the round began,
+    /// enqueues it at once; otherwise it is held for the caller to decide (the round
+    /// that finishes meanwhile may find the producer failing).
+    async fn claim_next(&self, ready: bool) -> Result<Option<Next>> {
+        Ok(match self.claim_batch().await? {
+            None => None,
+            Some(batch) if ready => Some(Next::Enqueued(self.enqueue(batch).await)),
+            Some(batch) => Some(Next::Held(batch)),
+        })
+    }
+
     fn claim_state(&self) -> std::sync::MutexGuard<'_, ClaimState> {
         self.claim.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -725,11 +736,15 @@ impl<DB: Backend> Relay<DB> {
         let mut outage_generation: Option<u64> = None;
         let mut failed_rounds = 0u32;
         // Pipelining: the batch whose delivery reports are still coming is finished
-        // (awaited, then marked) while the next batch is claimed. Per-key order holds:
-        // until it is marked, every row of the batch in flight is still pending under
-        // our lease, so the claim (head of key only) cannot take a successor of any of
-        // its keys; a successor claimed after the mark is enqueued after the
-        // predecessor's acknowledgement. At most two batches are leased at a time.
+        // (awaited, then marked) while the next batch is claimed and enqueued. Per-key
+        // order holds: until it is marked, every row of the batch in flight is still
+        // pending under our lease, so the claim (head of key only) cannot take a
+        // successor of any of its keys, and the two batches share no key; a successor
+        // claimed after the mark is enqueued after the predecessor's acknowledgement.
+        // The next batch is enqueued as soon as it is claimed, not after the batch
+        // before is marked: a steady trickle of commits then waits for one claim, not
+        // for a claim plus the previous round's delivery reports and mark. At most two
+        // batches are leased at a time.
         let mut in_flight: Option<InFlight> = None;
         loop {
             if *shutdown.borrow() {
@@ -787,10 +802,10 @@ impl<DB: Backend> Relay<DB> {
             let woken = wakeups.arm();
             let (finished, claimed) = match in_flight.take() {
                 Some(batch) => {
-                    let (f, c) = tokio::join!(self.finish(batch), self.claim_batch());
+                    let (f, c) = tokio::join!(self.finish(batch), self.claim_next(ready));
                     (Some(f), c)
                 }
-                None => (None, self.claim_batch().await),
+                None => (None, self.claim_next(ready).await),
             };
             let mut failed = false;
             match finished {
@@ -834,8 +849,9 @@ impl<DB: Backend> Relay<DB> {
                 self.beat.database_ok();
             }
             match claimed {
-                Ok(Some(batch)) if ready => in_flight = Some(self.enqueue(batch).await),
-                Ok(Some(batch)) => {
+                Ok(Some(Next::Enqueued(batch))) => in_flight = Some(batch),
+                Ok(Some(Next::Held(batch))) if ready => in_flight = Some(self.enqueue(batch).await),
+                Ok(Some(Next::Held(batch))) => {
                     // Claimed while the round before was failing: give it back untouched.
                     if let Err(e) = self
                         .give_back(
@@ -884,6 +900,14 @@ impl<DB: Backend> Relay<DB> {
         let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
         Ok(())
     }
+}
+
+/// What [`Relay::claim_next`] did with the batch it claimed.
+enum Next {
+    /// Enqueued on the producer: in flight.
+    Enqueued(InFlight),
+    /// Claimed while the broker was not known to be ready: not produced.
+    Held(Claimed),
 }
 
 /// A claimed batch, not yet produced.
