@@ -850,9 +850,9 @@ impl<DB: Backend> Relay<DB> {
             }
             match claimed {
                 Ok(Some(Next::Enqueued(batch))) => in_flight = Some(batch),
-                Ok(Some(Next::Held(batch))) if ready => in_flight = Some(self.enqueue(batch).await),
                 Ok(Some(Next::Held(batch))) => {
-                    // Claimed while the round before was failing: give it back untouched.
+                    // Claimed while the broker was not known to be ready (`ready` only
+                    // turns false during a round): give it back untouched.
                     if let Err(e) = self
                         .give_back(
                             &batch.ids(),
