@@ -351,8 +351,10 @@ impl<DB: Backend> Relay<DB> {
     }
 
     /// Claims the next batch and, if the broker was `ready` when the round began,
-    /// enqueues it at once; otherwise it is held for the caller to decide (the round
-    /// that finishes meanwhile may find the producer failing).
+    /// enqueues it at once; otherwise (the broker was failing) returns it unproduced,
+    /// for the caller to give back. A batch enqueued while the round before turns out
+    /// to fail is not taken back: its own delivery reports fail too, and the next
+    /// round gives its rows back then.
     async fn claim_next(&self, ready: bool) -> Result<Option<Next>> {
         Ok(match self.claim_batch().await? {
             None => None,
