@@ -353,8 +353,8 @@ impl<DB: Backend> Relay<DB> {
     /// Claims the next batch and, if the broker was `ready` when the round began,
     /// enqueues it at once; otherwise (the broker was failing) returns it unproduced,
     /// for the caller to give back. A batch enqueued while the round before turns out
-    /// to fail is not taken back: its own delivery reports fail too, and the next
-    /// round gives its rows back then.
+    /// to fail is not taken back: the next round settles it from its own delivery
+    /// reports like any batch (published if acknowledged, given back if not).
     async fn claim_next(&self, ready: bool) -> Result<Option<Next>> {
         Ok(match self.claim_batch().await? {
             None => None,
