@@ -23,6 +23,17 @@ use sqlx::{MySql, Postgres, Sqlite};
 const WORKER: &str = env!("CARGO_BIN_EXE_chaos-worker");
 const LEASE: Duration = Duration::from_millis(2_000);
 
+/// Waits until no row of `task` is pending and some are published.
+async fn all_published<B: ChaosBackend>(env: &ChaosEnv<B>, what: &str, timeout: Duration) {
+    let table = env.table.parse().unwrap();
+    let service = "task".parse().unwrap();
+    poll(what, timeout, || async {
+        let c = B::counts(env.pool(), &table, &service).await.ok()?;
+        (c.pending == 0 && c.published > 0).then_some(())
+    })
+    .await;
+}
+
 /// b. The relay process frozen at `point` on its 3rd round, under load, SIGKILLed; a
 /// fresh relay process finishes (rows leased by the dead one wait for the lease).
 async fn relay_crash<B: ChaosBackend>(point: &str) {
@@ -193,19 +204,7 @@ async fn zombie_relay<B: ChaosBackend>() {
 
     // B (in this process) takes over once A's lease expired: everything published.
     let b = env.runtime(&broker, 1, false, chaos_config()).await;
-    let pool = env.pool().clone();
-    let table = env.table.clone();
-    poll(
-        "B to publish everything",
-        Duration::from_secs(60),
-        || async {
-            let c = B::counts(&pool, &table.parse().unwrap(), &"task".parse().unwrap())
-                .await
-                .ok()?;
-            (c.pending == 0 && c.published > 0).then_some(())
-        },
-    )
-    .await;
+    all_published(&env, "B to publish everything", Duration::from_secs(60)).await;
 
     // A wakes up and marks with its stale token: fenced.
     a.cont();
@@ -250,6 +249,60 @@ chaos_tests!(zombie_relay() {
     chaos_c_zombie_relay: Postgres,
     chaos_c_zombie_relay_mysql: MySql,
     chaos_c_zombie_relay_sqlite: Sqlite,
+});
+
+/// c. A relay paused inside its claim transaction, after its claim locked rows and
+/// before it commits: the database ends that transaction within its idle bound (5 s on
+/// both servers), so another relay claims and publishes those rows too, instead of
+/// skipping them for as long as the first one is paused. Not SQLite: a paused process
+/// holding its write transaction stops every writer of the file.
+async fn relay_paused_in_claim<B: ChaosBackend>() {
+    init_tracing();
+    let broker = TestBroker::mock().await;
+    let env = ChaosEnv::<B>::new(&broker, 3).await;
+    let outbox = env.outbox();
+    let mut load = Load::new(150, 15);
+    load.rollback_pct = 0;
+    let load = load.run(&outbox).await;
+
+    // A: frozen in its first claim, holding the claimed rows' locks, then stopped.
+    let mut a = env
+        .worker(&broker, "relay")
+        .lease(LEASE)
+        .freeze("store.claim_locked", 0, 0)
+        .spawn(WORKER);
+    a.wait_frozen(Duration::from_secs(30)).await;
+    let frozen = std::time::Instant::now();
+    a.stop();
+
+    // B publishes everything: the paused claim was rolled back, its rows never leased.
+    let b = env.runtime(&broker, 1, false, chaos_config()).await;
+    all_published(
+        &env,
+        "B to publish everything while A is paused in its claim",
+        Duration::from_secs(30),
+    )
+    .await;
+    let took = frozen.elapsed();
+    a.kill();
+
+    let consumer = env.runtime(&broker, 0, true, chaos_config()).await;
+    env.settled(Duration::from_secs(60)).await;
+    let dups = consumer_duplicates(&[&consumer]);
+    b.shutdown().await.expect("shutdown");
+    consumer.shutdown().await.expect("shutdown");
+    let name = format!("c-relay-paused-in-claim[{}]", B::BACKEND_NAME);
+    let report = env.check(&name, dups).await;
+    println!("{name}: load {load:?}; B published everything {took:.1?} after A froze in its claim");
+    report.assert_pass();
+    assert!(report.dead.is_empty());
+    assert_eq!(report.unledgered_rows, 0);
+    env.db.cleanup().await;
+}
+
+chaos_tests!(relay_paused_in_claim() {
+    chaos_c_relay_paused_in_claim: Postgres,
+    chaos_c_relay_paused_in_claim_mysql: MySql,
 });
 
 /// b. Relay and consumer processes SIGKILLed at random moments under load (not at a

@@ -1516,6 +1516,39 @@ mod mysql_specific {
         db.cleanup().await;
     }
 
+    /// The claim bounds its own idle time with the session's `wait_timeout` and puts
+    /// the session's value back afterwards, claim or no claim: a pooled connection keeps
+    /// the setting its `after_connect` gave it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn claim_restores_wait_timeout() {
+        let db = setup::<TestMySql>().await;
+        let pool = db.pool();
+        let one = MySqlPoolOptions::new()
+            .max_connections(1)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute("SET SESSION wait_timeout = 1234").await?;
+                    Ok(())
+                })
+            })
+            .connect_with((*pool.connect_options()).clone())
+            .await
+            .expect("pool");
+        let wait_timeout = || async {
+            sqlx::query_scalar::<_, u64>("SELECT @@SESSION.wait_timeout")
+                .fetch_one(&one)
+                .await
+                .expect("wait_timeout")
+        };
+        assert!(claim(&one, &SVC, 10, LONG, token()).await.is_empty());
+        assert_eq!(wait_timeout().await, 1234, "after an empty claim");
+        publish(pool, &SVC, None).await;
+        assert_eq!(claim(&one, &SVC, 10, LONG, token()).await.len(), 1);
+        assert_eq!(wait_timeout().await, 1234, "after a claim");
+        one.close().await;
+        db.cleanup().await;
+    }
+
     /// A lock-wait timeout (1205) of a pool-level transition is retried, counted, and
     /// succeeds once the lock is gone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -20,8 +20,9 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use sqlx::mysql::MySqlConnection;
 use sqlx::mysql::MySqlDatabaseError;
-use sqlx::{MySql, Pool};
+use sqlx::{Connection, MySql, Pool};
 use uuid::Uuid;
 
 use crate::route::{ServiceName, TableName};
@@ -145,8 +146,32 @@ fn migrate_lock_name(table: &TableName) -> String {
     name
 }
 
+/// Opens the claim transaction with a 5 s bound on how long it may sit idle (its
+/// process paused: SIGSTOP, a frozen VM, a debugger) before the server closes its
+/// connection and rolls it back. Until then every other relay's claim skips the rows it
+/// locked (`SKIP LOCKED`), so a paused relay would hold them unpublished for as long as
+/// it is paused; a healthy claim goes from statement to statement in milliseconds.
+/// MySQL has no transaction-scoped idle timeout (PostgreSQL's
+/// `idle_in_transaction_session_timeout`, see the PostgreSQL backend), so the claim
+/// lowers the session's `wait_timeout`, which bounds every wait for the client's next
+/// command, and keeps the session's own value (a pool's `after_connect` may have set
+/// one) to restore.
+const CLAIM_BEGIN: &str = "SET @outbox_wait_timeout = @@SESSION.wait_timeout, \
+    SESSION wait_timeout = 5; \
+    SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION";
+
+/// Puts the session's `wait_timeout` back once the claim transaction has ended.
+const CLAIM_END: &str = "SET SESSION wait_timeout = @outbox_wait_timeout";
+
 /// One claim attempt (see [`CLAIM_IDS`]); with a `window`, among the first `window`
-/// due, unleased rows only (see [`WINDOW_END`]).
+/// due, unleased rows only (see [`WINDOW_END`]). The transaction runs with the idle
+/// bound of [`CLAIM_BEGIN`], lifted on its connection afterwards.
+///
+/// # Cancel safety
+/// Dropped mid-claim, the transaction is rolled back when its connection is next used,
+/// but the connection goes back to the pool with the short `wait_timeout`: the server
+/// may close it while it idles there, and the pool replaces it (it is tested before
+/// it is handed out).
 async fn claim_once(
     pool: &Pool<MySql>,
     s: &Statements,
@@ -156,7 +181,29 @@ async fn claim_once(
     lease_us: i64,
     token: i64,
 ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
-    let mut tx = MySql::begin(pool).await?;
+    let mut conn = pool.acquire().await?;
+    let claimed = claim_in(&mut conn, s, service, limit, window, lease_us, token).await;
+    let restored = sqlx::query(CLAIM_END).execute(&mut *conn).await;
+    if restored.is_err() {
+        // Never hand a connection with the short idle bound back to the pool.
+        conn.close_on_drop();
+    }
+    let rows = claimed?;
+    restored?;
+    Ok(rows)
+}
+
+/// The claim transaction of [`claim_once`], on `conn`.
+async fn claim_in(
+    conn: &mut MySqlConnection,
+    s: &Statements,
+    service: &ServiceName,
+    limit: u32,
+    window: Option<u32>,
+    lease_us: i64,
+    token: i64,
+) -> Result<Vec<ClaimedRow>, sqlx::Error> {
+    let mut tx = conn.begin_with(CLAIM_BEGIN).await?;
     let ids: Vec<i64> = match window {
         None => {
             sqlx::query_scalar(s.own[CLAIM_IDS].text())
@@ -191,6 +238,8 @@ async fn claim_once(
     let sql = s.own[CLAIM_LEASE].get(ids.len());
     let lease = sqlx::query(&sql).bind(token).bind(lease_us);
     MySql::bind_ids(lease, &ids).execute(&mut *tx).await?;
+    // Tests freeze a relay here, holding the claimed rows' locks.
+    failpoint!("store.claim_locked");
     let sql = s.own[CLAIM_READ].get(ids.len());
     let rows = MySql::bind_ids(sqlx::query(&sql), &ids)
         .bind(token)

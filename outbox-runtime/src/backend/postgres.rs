@@ -167,6 +167,8 @@ async fn claim_heads(
     .execute(&mut *tx)
     .await?;
     let rows = query.fetch_all(&mut *tx).await?;
+    // Tests freeze a relay here, holding the claim turn and the claimed rows' locks.
+    failpoint!("store.claim_locked");
     tx.commit().await?;
     claimed_rows(&rows)
 }
