@@ -29,7 +29,7 @@ use crate::route::{ServiceName, TableName};
 
 use super::ops::{micros, store_ops, Dialect, Query};
 use super::rows::claimed_rows;
-use super::statements::{Bounded, SqlDialect, Statements};
+use super::statements::{Bounded, HeadOfKey, SqlDialect, Statements};
 use super::{Backend, ClaimedRow};
 
 /// The claim, a short READ COMMITTED transaction of three statements: the ids (locked,
@@ -59,6 +59,7 @@ pub(crate) const SQL: SqlDialect = SqlDialect {
     in_list: "IN ({list})",
     for_update: " FOR UPDATE",
     skip_locked: " FOR UPDATE SKIP LOCKED",
+    head_of_key: HeadOfKey::FirstId,
     bounded: Bounded::OrderLimit,
     skip_duplicate: ("INSERT IGNORE INTO", ""),
     // Assignments run left to right: `raised_at` compares with the old id.

@@ -10,7 +10,7 @@ use crate::route::{ServiceName, TableName};
 
 use super::ops::{store_ops, Dialect, Query};
 use super::rows::claimed_rows;
-use super::statements::{self, Bounded, SqlDialect};
+use super::statements::{self, Bounded, HeadOfKey, SqlDialect};
 use super::{Backend, ClaimedRow, WakeStream};
 
 /// Serialises concurrent `migrate` calls (CREATE … IF NOT EXISTS races on the catalog).
@@ -75,6 +75,7 @@ pub(crate) const SQL: SqlDialect = SqlDialect {
     in_list: "= ANY({p})",
     for_update: " FOR UPDATE",
     skip_locked: " FOR UPDATE SKIP LOCKED",
+    head_of_key: HeadOfKey::NoneBefore,
     bounded: Bounded::Subquery,
     skip_duplicate: ("INSERT INTO", " ON CONFLICT (event_id) DO NOTHING"),
     raise_watermark: "INSERT INTO {t}_seen (service, event_key, last_event_id, raised_at) \

@@ -28,7 +28,7 @@ use crate::route::{ServiceName, TableName};
 
 use super::ops::{micros, store_ops, Dialect, Query};
 use super::rows::claimed_rows;
-use super::statements::{Bounded, SqlDialect};
+use super::statements::{Bounded, HeadOfKey, SqlDialect};
 use super::{Backend, ClaimedRow};
 
 /// The database clock as unix microseconds: `julianday('now')` is kept in whole
@@ -55,6 +55,7 @@ pub(crate) const SQL: SqlDialect = SqlDialect {
     // The caller's BEGIN IMMEDIATE already holds the database's one write lock.
     for_update: "",
     skip_locked: "",
+    head_of_key: HeadOfKey::NoneBefore,
     bounded: Bounded::Subquery,
     skip_duplicate: ("INSERT INTO", " ON CONFLICT (event_id) DO NOTHING"),
     raise_watermark: "INSERT INTO {t}_seen (service, event_key, last_event_id, raised_at) \

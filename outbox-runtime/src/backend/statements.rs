@@ -19,6 +19,7 @@
 //! | `{dead_filter}` | the operator's [`super::DeadFilter`] on dead rows of a service |
 //! | `{row}`, `{row_state}`, `{claimed}` | the columns the row decoders read |
 //! | `{claimable}` | heads of key among due, unleased rows of a service (alias `o`) |
+//! | `{head_of_key}` | `o` is its key's oldest pending row, as the dialect tests it ([`HeadOfKey`]) |
 //! | `{for_update}`, `{skip_locked}` | row locks, where the database has them |
 //!
 //! Status values are literals in the rendered text (not parameters): PostgreSQL's
@@ -55,6 +56,8 @@ pub(crate) struct SqlDialect {
     pub for_update: &'static str,
     /// Locks the rows that no other transaction holds, without waiting.
     pub skip_locked: &'static str,
+    /// The claim's head-of-key test of row `o` (see `{head_of_key}`).
+    pub head_of_key: HeadOfKey,
     /// How an UPDATE or DELETE is bounded to the first rows.
     pub bounded: Bounded,
     /// An INSERT that skips rows whose event id exists: how it begins and ends
@@ -105,8 +108,35 @@ const CLAIMED: &str = "id, event_id, event_type, event_version, event_key, paylo
     created_at, trace_context";
 const CLAIMABLE: &str = "o.service = {p} AND o.status = {pending} \
     AND o.next_attempt_at <= {now} AND (o.locked_until IS NULL OR o.locked_until <= {now}) \
-    AND (o.event_key IS NULL OR NOT EXISTS (SELECT 1 FROM {t} p WHERE p.service = o.service \
-    AND p.event_key = o.event_key AND p.status = {pending} AND p.id < o.id))";
+    AND (o.event_key IS NULL OR {head_of_key})";
+
+/// How the claim tells that pending row `o` is the oldest pending row of its key.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum HeadOfKey {
+    /// No pending row of the key with a lower id: a range on the key index's `id`
+    /// (PostgreSQL and SQLite stop at the first entry).
+    NoneBefore,
+    /// `o.id` is the key's first pending id, read from the key index in id order with
+    /// `LIMIT 1`. MariaDB runs the `NOT EXISTS` form as a lookup of every pending row of
+    /// the key, then filters `p.id < o.id`: a claim of 500 heads over 1,000 keys 200
+    /// rows deep took 20 ms against 5.5 ms in this form (same rows claimed).
+    FirstId,
+}
+
+impl HeadOfKey {
+    fn sql(self) -> &'static str {
+        match self {
+            HeadOfKey::NoneBefore => {
+                "NOT EXISTS (SELECT 1 FROM {t} p WHERE p.service = o.service \
+                AND p.event_key = o.event_key AND p.status = {pending} AND p.id < o.id)"
+            }
+            HeadOfKey::FirstId => {
+                "o.id = (SELECT p.id FROM {t} p WHERE p.service = o.service \
+                AND p.event_key = o.event_key AND p.status = {pending} ORDER BY p.id LIMIT 1)"
+            }
+        }
+    }
+}
 
 /// Dead rows of a service that match an operator's filter. Parameters: service, then
 /// each filter field twice (NULL test, value): event type, reason, error pattern, key,
@@ -637,6 +667,7 @@ impl Renderer<'_> {
             "row_state" => self.expand(ROW_STATE),
             "claimed" => self.out.push_str(CLAIMED),
             "claimable" => self.expand(CLAIMABLE),
+            "head_of_key" => self.expand(d.head_of_key.sql()),
             "for_update" => self.out.push_str(d.for_update),
             "skip_locked" => self.out.push_str(d.skip_locked),
             // Templates are constants, checked by the tests below; an unknown token is
