@@ -14,7 +14,7 @@ use outbox_runtime::Status;
 use outbox_tests::broker::TestBroker;
 use outbox_tests::chaos::{
     chaos_config, ci_size, consumer_duplicates, init_tracing, poll, soak, ChaosBackend, ChaosEnv,
-    Load,
+    Load, LoadReport,
 };
 use outbox_tests::chaos_tests;
 use outbox_tests::db::TestDatabase;
@@ -22,6 +22,16 @@ use sqlx::{MySql, Postgres, Sqlite};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_chaos-worker");
 const LEASE: Duration = Duration::from_millis(2_000);
+
+/// A fresh environment on `broker` with 150 events committed over 15 keys (none rolled
+/// back), before any relay runs.
+async fn committed_150<B: ChaosBackend>(broker: &TestBroker) -> (ChaosEnv<B>, LoadReport) {
+    let env = ChaosEnv::<B>::new(broker, 3).await;
+    let mut load = Load::new(150, 15);
+    load.rollback_pct = 0;
+    let load = load.run(&env.outbox()).await;
+    (env, load)
+}
 
 /// Waits until no row of `task` is pending and some are published.
 async fn all_published<B: ChaosBackend>(env: &ChaosEnv<B>, what: &str, timeout: Duration) {
@@ -185,11 +195,7 @@ chaos_tests!(consumer_crash("consumer.before_offset_store", soak(10, 50)) {
 async fn zombie_relay<B: ChaosBackend>() {
     init_tracing();
     let broker = TestBroker::mock().await;
-    let env = ChaosEnv::<B>::new(&broker, 3).await;
-    let outbox = env.outbox();
-    let mut load = Load::new(150, 15);
-    load.rollback_pct = 0;
-    let load = load.run(&outbox).await;
+    let (env, load) = committed_150::<B>(&broker).await;
 
     // A: freezes after producing its first batch (3 s), and is stopped meanwhile.
     let mut a = env
@@ -259,11 +265,7 @@ chaos_tests!(zombie_relay() {
 async fn relay_paused_in_claim<B: ChaosBackend>() {
     init_tracing();
     let broker = TestBroker::mock().await;
-    let env = ChaosEnv::<B>::new(&broker, 3).await;
-    let outbox = env.outbox();
-    let mut load = Load::new(150, 15);
-    load.rollback_pct = 0;
-    let load = load.run(&outbox).await;
+    let (env, load) = committed_150::<B>(&broker).await;
 
     // A: frozen in its first claim, holding the claimed rows' locks, then stopped.
     let mut a = env
