@@ -20,7 +20,6 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sqlx::mysql::MySqlConnection;
 use sqlx::mysql::MySqlDatabaseError;
 use sqlx::{Connection, MySql, Pool};
 use uuid::Uuid;
@@ -183,7 +182,55 @@ async fn claim_once(
     token: i64,
 ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
     let mut conn = pool.acquire().await?;
-    let claimed = claim_in(&mut conn, s, service, limit, window, lease_us, token).await;
+    // The transaction, in a block of its own so that the restore below runs whatever
+    // it returned.
+    let claimed: Result<Vec<ClaimedRow>, sqlx::Error> = async {
+        let mut tx = Connection::begin_with(&mut *conn, CLAIM_BEGIN).await?;
+        let ids: Vec<i64> = match window {
+            None => {
+                sqlx::query_scalar(s.own[CLAIM_IDS].text())
+                    .bind(service.as_str())
+                    .bind(i64::from(limit))
+                    .fetch_all(&mut *tx)
+                    .await?
+            }
+            Some(window) => {
+                let end: Option<i64> = sqlx::query_scalar(s.own[WINDOW_END].text())
+                    .bind(service.as_str())
+                    .bind(i64::from(window))
+                    .fetch_one(&mut *tx)
+                    .await?;
+                match end {
+                    Some(end) => {
+                        sqlx::query_scalar(s.own[CLAIM_IDS_UPTO].text())
+                            .bind(service.as_str())
+                            .bind(end)
+                            .bind(i64::from(limit))
+                            .fetch_all(&mut *tx)
+                            .await?
+                    }
+                    None => Vec::new(),
+                }
+            }
+        };
+        if ids.is_empty() {
+            tx.rollback().await?;
+            return Ok(Vec::new());
+        }
+        let sql = s.own[CLAIM_LEASE].get(ids.len());
+        let lease = sqlx::query(&sql).bind(token).bind(lease_us);
+        MySql::bind_ids(lease, &ids).execute(&mut *tx).await?;
+        // Tests freeze a relay here, holding the claimed rows' locks.
+        failpoint!("store.claim_locked");
+        let sql = s.own[CLAIM_READ].get(ids.len());
+        let rows = MySql::bind_ids(sqlx::query(&sql), &ids)
+            .bind(token)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        claimed_rows(&rows)
+    }
+    .await;
     let restored = sqlx::query(CLAIM_END).execute(&mut *conn).await;
     if restored.is_err() {
         // Never hand a connection with the short idle bound back to the pool.
@@ -192,62 +239,6 @@ async fn claim_once(
     let rows = claimed?;
     restored?;
     Ok(rows)
-}
-
-/// The claim transaction of [`claim_once`], on `conn`.
-async fn claim_in(
-    conn: &mut MySqlConnection,
-    s: &Statements,
-    service: &ServiceName,
-    limit: u32,
-    window: Option<u32>,
-    lease_us: i64,
-    token: i64,
-) -> Result<Vec<ClaimedRow>, sqlx::Error> {
-    let mut tx = conn.begin_with(CLAIM_BEGIN).await?;
-    let ids: Vec<i64> = match window {
-        None => {
-            sqlx::query_scalar(s.own[CLAIM_IDS].text())
-                .bind(service.as_str())
-                .bind(i64::from(limit))
-                .fetch_all(&mut *tx)
-                .await?
-        }
-        Some(window) => {
-            let end: Option<i64> = sqlx::query_scalar(s.own[WINDOW_END].text())
-                .bind(service.as_str())
-                .bind(i64::from(window))
-                .fetch_one(&mut *tx)
-                .await?;
-            match end {
-                Some(end) => {
-                    sqlx::query_scalar(s.own[CLAIM_IDS_UPTO].text())
-                        .bind(service.as_str())
-                        .bind(end)
-                        .bind(i64::from(limit))
-                        .fetch_all(&mut *tx)
-                        .await?
-                }
-                None => Vec::new(),
-            }
-        }
-    };
-    if ids.is_empty() {
-        tx.rollback().await?;
-        return Ok(Vec::new());
-    }
-    let sql = s.own[CLAIM_LEASE].get(ids.len());
-    let lease = sqlx::query(&sql).bind(token).bind(lease_us);
-    MySql::bind_ids(lease, &ids).execute(&mut *tx).await?;
-    // Tests freeze a relay here, holding the claimed rows' locks.
-    failpoint!("store.claim_locked");
-    let sql = s.own[CLAIM_READ].get(ids.len());
-    let rows = MySql::bind_ids(sqlx::query(&sql), &ids)
-        .bind(token)
-        .fetch_all(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    claimed_rows(&rows)
 }
 
 impl Dialect for MySql {
