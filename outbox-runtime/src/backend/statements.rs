@@ -275,6 +275,13 @@ pub(crate) struct Statements {
     pub own: Vec<Sql>,
 }
 
+/// Every statement that moves a row out of pending clears its lease with this, and only
+/// the claim sets one (on pending rows): a row whose `lease_token` is a relay's token is
+/// pending. The relay's fenced statements on a batch of ids test the token alone. With
+/// `status = {pending}` beside it, PostgreSQL may plan them on the due index (partial on
+/// that status) instead of the primary key: planned while the table had few pending
+/// rows, such a plan scans every pending row per statement, and a mark took 40-350 ms
+/// at 5,000 events/s instead of a few (auto_explain, section c of BENCHMARKS.md).
 const UNLEASE: &str = "locked_until = NULL, lease_token = 0, updated_at = {now}";
 
 const PURGE: BoundedOp = BoundedOp {
@@ -319,11 +326,11 @@ impl Statements {
             ),
             mark_published: r(
                 "UPDATE {t} SET status = {published}, published_at = {now}, \
-                {unlease} WHERE id {in_ids} AND lease_token = {p} AND status = {pending}",
+                {unlease} WHERE id {in_ids} AND lease_token = {p}",
             ),
             release: r(
                 "UPDATE {t} SET next_attempt_at = {now_plus}, last_error = {p}, \
-                {unlease} WHERE id {in_ids} AND lease_token = {p} AND status = {pending}",
+                {unlease} WHERE id {in_ids} AND lease_token = {p}",
             ),
             mark_dead_leased: r("UPDATE {t} SET status = {dead}, attempts = attempts + 1, \
                 last_error = {p}, dead_reason = {p}, dead_at = {now}, {unlease} \
@@ -810,7 +817,7 @@ mod tests {
             s.release.text(),
             "UPDATE t SET next_attempt_at = now() + make_interval(secs => $1), last_error = $2, \
              locked_until = NULL, lease_token = 0, updated_at = now() \
-             WHERE id = ANY($3) AND lease_token = $4 AND status = 0"
+             WHERE id = ANY($3) AND lease_token = $4"
         );
         assert_eq!(
             s.purge.text(),
