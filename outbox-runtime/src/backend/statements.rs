@@ -277,11 +277,12 @@ pub(crate) struct Statements {
 
 /// Every statement that moves a row out of pending clears its lease with this, and only
 /// the claim sets one (on pending rows): a row whose `lease_token` is a relay's token is
-/// pending. The relay's fenced statements on a batch of ids test the token alone. With
-/// `status = {pending}` beside it, PostgreSQL may plan them on the due index (partial on
-/// that status) instead of the primary key: planned while the table had few pending
-/// rows, such a plan scans every pending row per statement, and a mark took 40-350 ms
-/// at 5,000 events/s instead of a few (auto_explain, section c of BENCHMARKS.md).
+/// pending. The relay's fenced statements test the token alone. With
+/// `status = {pending}` beside it, PostgreSQL planned them on the due index (partial on
+/// that status) instead of the primary key while the table was young (never
+/// analyzed); such a plan scans every pending row per id of the list, and a mark took
+/// 40-350 ms at 5,000 events/s instead of a few (auto_explain, section c of
+/// BENCHMARKS.md).
 const UNLEASE: &str = "locked_until = NULL, lease_token = 0, updated_at = {now}";
 
 const PURGE: BoundedOp = BoundedOp {
@@ -334,7 +335,7 @@ impl Statements {
             ),
             mark_dead_leased: r("UPDATE {t} SET status = {dead}, attempts = attempts + 1, \
                 last_error = {p}, dead_reason = {p}, dead_at = {now}, {unlease} \
-                WHERE id = {p} AND lease_token = {p} AND status = {pending}"),
+                WHERE id = {p} AND lease_token = {p}"),
             lock_by_event: r("SELECT {row_state} FROM {t} \
                 WHERE event_id = {p} AND service = {p}{for_update}"),
             lock_by_events: r("SELECT event_id, {row_state} FROM {t} \
