@@ -161,7 +161,7 @@ pub use admin::{
     ServiceOverview,
 };
 pub use backend::{
-    AuditEntry, Backend, Backlog, DeadFilter, DeadReason, KeyCounts, Marked, OutboxRow, ParkedKey,
+    AuditEntry, Backend, Backlog, DeadFilter, DeadReason, KeyCounts, OutboxRow, ParkedKey,
     SqlValue, Status, StatusCounts, WaitingCount,
 };
 pub use catalog::{

@@ -75,10 +75,6 @@ pub struct RelayStats {
     /// Rows whose mark found the lease gone (another relay or a consumer got there
     /// first); nothing was overwritten.
     pub fenced: AtomicU64,
-    /// Acknowledged rows the mark found held by another transaction (a consumer of the
-    /// same database settling them, usually) and marked after, alone
-    /// ([`Backend::mark_published_unheld`]; PostgreSQL only).
-    pub held_at_mark: AtomicU64,
     /// Claim rounds that found rows.
     pub rounds: AtomicU64,
     /// Rounds that failed on the database or the broker.
@@ -592,46 +588,17 @@ impl<DB: Backend> Relay<DB> {
         });
     }
 
-    /// Marks acknowledged rows published: first the rows no other transaction holds,
-    /// without waiting, then the held ones alone (a consumer settling them, which
-    /// usually leaves nothing to mark). A batch's mark that waited for one held row
-    /// would keep the rest locked meanwhile, and the consumer batches that need them
-    /// waiting behind it.
+    /// Marks acknowledged rows published, retrying a few times: the records are in the
+    /// topic already, and a mark given up leaves the rows leased until the lease ends
+    /// (then they are published a second time). A deadlock victim or a dropped
+    /// connection succeeds on the next try; the mark is fenced, so a retry is safe.
     async fn mark_published(&self, ids: &[i64], token: i64) -> Result<u64> {
-        let table = self.route.table();
-        let marked = self
-            .retry_mark(ids, || {
-                DB::mark_published_unheld(&self.pool, table, ids, token)
-            })
-            .await?;
-        if marked.held.is_empty() {
-            return Ok(marked.published);
-        }
-        let held = &marked.held[..];
-        self.stats
-            .held_at_mark
-            .fetch_add(held.len() as u64, Ordering::Relaxed);
-        let late = self
-            .retry_mark(held, || DB::mark_published(&self.pool, table, held, token))
-            .await?;
-        Ok(marked.published + late)
-    }
-
-    /// Runs one of the marks, retrying a few times: the records are in the topic
-    /// already, and a mark given up leaves the rows leased until the lease ends (then
-    /// they are published a second time). A deadlock victim or a dropped connection
-    /// succeeds on the next try; the mark is fenced, so a retry is safe.
-    async fn retry_mark<T, F, Fut>(&self, ids: &[i64], mut mark: F) -> Result<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<T, sqlx::Error>>,
-    {
         let route = &self.route;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match mark().await {
-                Ok(done) => return Ok(done),
+            match DB::mark_published(&self.pool, route.table(), ids, token).await {
+                Ok(marked) => return Ok(marked),
                 Err(e) if attempt < MARK_ATTEMPTS => {
                     self.metrics.db_retries.increment(1);
                     // Logged as a warning once, by the caller, if every try fails.

@@ -1913,68 +1913,6 @@ mod postgres_specific {
         db.cleanup().await;
     }
 
-    /// The relay's mark skips the rows another transaction holds (a consumer settling
-    /// them) instead of waiting, and names them; marking those alone afterwards
-    /// changes nothing if the holder settled them and marks them if it rolled back.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn mark_skips_held_rows_and_names_them() {
-        let db = setup::<TestPg>().await;
-        let pool = db.pool();
-        for (holder_commits, expect_late) in [(true, 0), (false, 1)] {
-            let mut events = Vec::new();
-            for i in 0..4 {
-                events.push(publish(pool, &SVC, Some(&format!("k{holder_commits}{i}"))).await);
-            }
-            let t = token();
-            let ids = row_ids(&claim(pool, &SVC, 10, LONG, t).await);
-            assert_eq!(ids.len(), 4);
-            let held_event = events[2];
-            let mut holder = Postgres::begin(pool).await.expect("begin");
-            let held = Postgres::lock_for_consume(&mut *holder, &TABLE, &SVC, held_event)
-                .await
-                .expect("lock")
-                .expect("found");
-
-            let marked = tokio::time::timeout(
-                DEADLINE,
-                Postgres::mark_published_unheld(pool, &TABLE, &ids, t),
-            )
-            .await
-            .expect("the mark waited for the held row")
-            .expect("mark");
-            assert_eq!(marked.published, 3);
-            assert_eq!(marked.held, vec![held.id]);
-            for (e, id) in events.iter().zip(&ids) {
-                let want = if *id == held.id {
-                    Status::Pending
-                } else {
-                    Status::Published
-                };
-                assert_eq!(fetch(pool, *e).await.status, want);
-            }
-
-            if holder_commits {
-                Postgres::mark_consumed(&mut *holder, &TABLE, &[held.id])
-                    .await
-                    .expect("consumed");
-                holder.commit().await.expect("commit");
-            } else {
-                holder.rollback().await.expect("rollback");
-            }
-            let late = Postgres::mark_published(pool, &TABLE, &marked.held, t)
-                .await
-                .expect("mark the held row");
-            assert_eq!(late, expect_late, "holder commits: {holder_commits}");
-            let want = if holder_commits {
-                Status::Consumed
-            } else {
-                Status::Published
-            };
-            assert_eq!(fetch(pool, held_event).await.status, want);
-        }
-        db.cleanup().await;
-    }
-
     /// The relay's fenced statements on a batch of ids (marks, give-back) find their
     /// rows by primary key and read nothing of the due index. With a status test beside
     /// the token, PostgreSQL planned them on the due index (partial on that status) when
@@ -2053,19 +1991,13 @@ mod postgres_specific {
                 .await
                 .expect("release");
         }
-        for chunk in &chunks[8..16] {
+        for chunk in &chunks[8..] {
             assert_eq!(
                 Postgres::mark_published(&pool, &TABLE, chunk, t)
                     .await
                     .expect("mark"),
                 25
             );
-        }
-        for chunk in &chunks[16..] {
-            let marked = Postgres::mark_published_unheld(&pool, &TABLE, chunk, t)
-                .await
-                .expect("mark");
-            assert_eq!((marked.published, marked.held.len()), (25, 0));
         }
         let after = poll_until("the marks in the statistics", || async {
             let now = stats().await;

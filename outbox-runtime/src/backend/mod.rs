@@ -210,17 +210,6 @@ pub struct NewInboxRow<'a> {
     pub dead: Option<(&'a str, DeadReason)>,
 }
 
-/// What [`Backend::mark_published_unheld`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Marked {
-    /// Rows marked published.
-    pub published: u64,
-    /// Rows still pending under the lease that another transaction held (a consumer
-    /// settling them, usually): not marked, and not waited for.
-    pub held: Vec<i64>,
-}
-
 /// A row claimed by a relay: everything needed to produce it.
 #[derive(Debug, Clone)]
 pub struct ClaimedRow {
@@ -754,28 +743,6 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         ids: &'p [i64],
         token: i64,
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send + 'p;
-
-    /// [`mark_published`](Self::mark_published) of the rows no other transaction holds,
-    /// without waiting for the others, which it returns as [`Marked::held`].
-    ///
-    /// A relay marks this way first, then the held rows alone. A mark that waits for a
-    /// row a consumer holds keeps every other row of the batch locked until that
-    /// consumer commits, and every consumer batch that needs one of them waits too.
-    /// Only PostgreSQL skips held rows; elsewhere this is `mark_published` (`held`
-    /// empty).
-    fn mark_published_unheld<'p>(
-        pool: &'p Pool<Self>,
-        table: &'p TableName,
-        ids: &'p [i64],
-        token: i64,
-    ) -> impl Future<Output = Result<Marked, sqlx::Error>> + Send + 'p {
-        async move {
-            Ok(Marked {
-                published: Self::mark_published(pool, table, ids, token).await?,
-                held: Vec::new(),
-            })
-        }
-    }
 
     /// Gives claimed rows back after a transient broker failure, fenced by the lease:
     /// due again after `delay`, `last_error = error`, attempts unchanged (a broker outage

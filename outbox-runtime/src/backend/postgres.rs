@@ -11,7 +11,7 @@ use crate::route::{ServiceName, TableName};
 use super::ops::{store_ops, Dialect, Query};
 use super::rows::claimed_rows;
 use super::statements::{self, Bounded, HeadOfKey, SqlDialect};
-use super::{Backend, ClaimedRow, Marked, WakeStream};
+use super::{Backend, ClaimedRow, WakeStream};
 
 /// Serialises concurrent `migrate` calls (CREATE … IF NOT EXISTS races on the catalog).
 const MIGRATE_LOCK: i64 = 0x6f7574626f78; // "outbox"
@@ -63,30 +63,6 @@ const CLAIM_WINDOWED: &str = claim_template!(
       ORDER BY win.next_attempt_at DESC, win.id DESC LIMIT 1) "
 );
 
-/// [`Backend::mark_published_unheld`]: `$1` ids (bigint[]), `$2` lease token. Marks the
-/// rows it can lock without waiting and returns how many, and the ids that were still
-/// pending under the lease but held by another transaction. Every part of a statement
-/// reads one snapshot, taken before the UPDATE: there, a marked row is still pending,
-/// so the ids pending and not marked are the held ones (or ones a consumer committed
-/// since, which the follow-up mark then finds settled). Ids by `ANY(ARRAY(…))`, not a
-/// join, for the reason given on the claim; the token alone says the row is pending
-/// (see `UNLEASE` in `statements.rs` for why no status test).
-const MARK_UNHELD: &str = "WITH marked AS ( \
-       UPDATE {t} SET status = {published}, published_at = {now}, {unlease} \
-        WHERE id = ANY(ARRAY(SELECT f.id FROM {t} f \
-                WHERE f.id = ANY($1) AND f.lease_token = $2 \
-                FOR NO KEY UPDATE SKIP LOCKED)) \
-       RETURNING id) \
-     SELECT (SELECT count(*) FROM marked), \
-            ARRAY(SELECT o.id FROM {t} o \
-                   WHERE o.id = ANY($1) AND o.lease_token = $2 \
-                     AND o.id NOT IN (SELECT id FROM marked))";
-
-/// Indexes of [`SqlDialect::own`].
-const CLAIM_AT: usize = 0;
-const CLAIM_WINDOWED_AT: usize = 1;
-const MARK_UNHELD_AT: usize = 2;
-
 pub(crate) const SQL: SqlDialect = SqlDialect {
     name: "postgres",
     numbered: true,
@@ -106,7 +82,7 @@ pub(crate) const SQL: SqlDialect = SqlDialect {
         VALUES ({p}, {p}, {p}, {now}) ON CONFLICT (service, event_key) DO UPDATE \
         SET last_event_id = excluded.last_event_id, raised_at = excluded.raised_at \
         WHERE {t}_seen.last_event_id < excluded.last_event_id",
-    own: &[CLAIM, CLAIM_WINDOWED, MARK_UNHELD],
+    own: &[CLAIM, CLAIM_WINDOWED],
 };
 
 /// Seconds for `make_interval`, capped at 100 years so a huge `Duration` cannot make
@@ -169,12 +145,7 @@ async fn claim_heads(
     token: i64,
 ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
     let s = Postgres::statements(table);
-    let at = if window.is_some() {
-        CLAIM_WINDOWED_AT
-    } else {
-        CLAIM_AT
-    };
-    let mut query = sqlx::query(s.own[at].text())
+    let mut query = sqlx::query(s.own[usize::from(window.is_some())].text())
         .bind(service.as_str())
         .bind(i64::from(limit))
         .bind(token)
@@ -283,24 +254,6 @@ impl Backend for Postgres {
         token: i64,
     ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
         claim_heads(pool, table, service, limit, Some(window), lease, token).await
-    }
-
-    async fn mark_published_unheld<'p>(
-        pool: &'p Pool<Self>,
-        table: &'p TableName,
-        ids: &'p [i64],
-        token: i64,
-    ) -> Result<Marked, sqlx::Error> {
-        let s = Postgres::statements(table);
-        let (published, held): (i64, Vec<i64>) = sqlx::query_as(s.own[MARK_UNHELD_AT].text())
-            .bind(ids)
-            .bind(token)
-            .fetch_one(pool)
-            .await?;
-        Ok(Marked {
-            published: u64::try_from(published).unwrap_or(0),
-            held,
-        })
     }
 
     async fn notify<'p>(
