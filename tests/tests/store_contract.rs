@@ -1921,26 +1921,6 @@ mod postgres_specific {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn fenced_marks_read_no_due_index() {
         let db = setup::<TestPg>().await;
-        let admin = db.pool().clone();
-        let fill = |status: i16, n: i64| {
-            let admin = admin.clone();
-            let sql = format!(
-                "INSERT INTO {} (event_id, service, event_type, event_version, event_key, \
-                                 payload, max_retries, status) \
-                 SELECT gen_random_uuid(), $1, 'OrderPlaced', 1, 'k' || g, '{{}}', 3, $2 \
-                   FROM generate_series(1, $3::bigint) AS g",
-                *TABLE
-            );
-            async move {
-                sqlx::query(&sql)
-                    .bind(SVC.as_str())
-                    .bind(status)
-                    .bind(n)
-                    .execute(&admin)
-                    .await
-                    .expect("fill");
-            }
-        };
         // A young table that was never analyzed (as every new table is for its first
         // minutes): PostgreSQL then sizes the due index by its pages, finds it small,
         // and prefers it to the primary key for `id = ANY(…) AND status = 0`.
@@ -1951,8 +1931,19 @@ mod postgres_specific {
         .execute(db.pool())
         .await
         .expect("no autovacuum");
-        fill(2, 1_000).await;
-        fill(0, 1_000).await;
+        // 1,000 consumed rows, then 1,000 pending ones.
+        sqlx::query(&format!(
+            "INSERT INTO {} (event_id, service, event_type, event_version, event_key, \
+                             payload, max_retries, status) \
+             SELECT gen_random_uuid(), $1, 'OrderPlaced', 1, 'k' || g, '{{}}', 3, \
+                    CASE WHEN g <= 1000 THEN 2 ELSE 0 END \
+               FROM generate_series(1, 2000) AS g",
+            *TABLE
+        ))
+        .bind(SVC.as_str())
+        .execute(db.pool())
+        .await
+        .expect("fill");
         // One connection, so the statements run often enough on it for PostgreSQL to
         // switch them to their generic plans.
         let pool = sqlx::postgres::PgPoolOptions::new()
