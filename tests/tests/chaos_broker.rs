@@ -568,6 +568,121 @@ async fn probe_l_zombie_on_tansu() {
     zombie_fenced_producer::<Postgres>(None).await;
 }
 
+/// q. A round fails while the next batch is already in flight, and the broker comes
+/// back while that batch waits for its delivery reports. Mock cluster, a relay worker
+/// process: 600 events on 300 keys wait (a backlog of two claims: heads of key only, 200
+/// per claim); every Produce request answers `NotEnoughReplicas` (retriable: librdkafka
+/// retries until the 5 s `message.timeout.ms`) when the relay starts. Its first batch A
+/// is enqueued; its second claim, B, pipelined beside A's finish, is frozen 4 s (so B is
+/// enqueued after A was sent and before A times out); A times out and is given back; the
+/// errors stop at once, while B is in flight.
+///
+/// No consumer runs until the relay alone has published every row: a consumer in the
+/// same database would consume B's rows from its records and hide a batch the relay
+/// never settled. The relay's lease is 120 s, so a batch left leased (dropped with the
+/// failed round, or never marked from its own reports) keeps its rows pending past the
+/// `BACK_LIMIT` deadline. Then a consumer worker runs and the oracle checks the whole.
+/// Checked: every row published within `BACK_LIMIT` of the errors' end, A given back, B
+/// delivered from flight (not given back), the oracle, "stuck 0", nothing dead.
+async fn pipelined_round_fails<B: ChaosBackend>() {
+    init_tracing();
+    let broker = TestBroker::mock().await;
+    let mock = broker.mock_cluster().expect("the mock cluster");
+    let env = ChaosEnv::<B>::new(&broker, 3).await;
+    let load = Load::new(600, 300).run(&env.outbox()).await;
+
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 2_000],
+    );
+    let mut relay = env
+        .worker(&broker, "relay")
+        .lease(Duration::from_secs(120))
+        .freeze("relay.after_claim", 1, 4_000)
+        .spawn(WORKER);
+    relay.wait_frozen(Duration::from_secs(30)).await;
+    let t_frozen = Instant::now();
+    let failed = relay
+        .wait_stats("batch A given back", Duration::from_secs(30), |s| {
+            s.released > 0
+        })
+        .await;
+    mock.clear_request_errors(RDKafkaApiKey::Produce);
+    let t_clear = Instant::now();
+    let a_failed_after = t_clear - t_frozen;
+    let (pool, table) = (env.pool().clone(), env.table.clone());
+    let counts = || async {
+        B::counts(&pool, &table.parse().unwrap(), &"task".parse().unwrap())
+            .await
+            .expect("counts")
+    };
+    let deadline = t_clear + BACK_LIMIT;
+    let mut left = counts().await;
+    while left.pending > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling the table
+        left = counts().await;
+    }
+    let published_in = t_clear.elapsed();
+    let r = last_stats(&mut relay).await;
+
+    let mut consumer = env.worker(&broker, "consumer").spawn(WORKER);
+    let quiesced = env.quiesce(Duration::from_secs(60)).await;
+    let c = last_stats(&mut consumer).await;
+
+    let name = format!("q-pipelined-round-fails[{}]", B::BACKEND_NAME);
+    let report = env.check(&name, c.duplicates).await;
+    println!("{report}");
+    println!(
+        "{name}: load {load:?}; A given back {:.2} s after B's claim froze (released {} \
+         then); every row published {:.2} s after the errors stopped ({} left pending)",
+        a_failed_after.as_secs_f64(),
+        failed.released,
+        published_in.as_secs_f64(),
+        left.pending
+    );
+    println!("{name}: relay when A was given back: {}", counters(&failed));
+    println!("{name}: relay: {}", counters(&r));
+    println!("{name}: consumer: {}", counters(&c));
+
+    let mut f = Failures::default();
+    f.check(left.pending == 0, || {
+        format!(
+            "{} rows still pending {BACK_LIMIT:?} after the errors stopped: a batch was \
+             left leased (the lease is 120 s); relay: {}",
+            left.pending,
+            counters(&r)
+        )
+    });
+    // A (200 heads of key) failed: B's claim froze before A could time out, so the
+    // errors were still on when A's round ended.
+    f.check(failed.released >= 200, || {
+        format!(
+            "the relay gave back {} rows, not batch A's 200",
+            failed.released
+        )
+    });
+    // B was settled from its own delivery reports once the errors stopped: the only
+    // rows given back are A's, twice (once failed, once claimed again while the relay
+    // knew its producer was failing, and handed back unproduced).
+    f.check(r.released <= 400, || {
+        format!(
+            "the relay gave back {} rows in all: B's too, not delivered from flight",
+            r.released
+        )
+    });
+    f.stuck(&quiesced);
+    f.oracle(&report);
+    f.check(report.dead.is_empty(), || {
+        format!("{} events dead", report.dead.len())
+    });
+    f.assert_none(&name);
+    env.db.cleanup().await;
+}
+
+chaos_tests!(pipelined_round_fails() {
+    chaos_q_pipelined_round_fails: Postgres,
+});
+
 /// The size of the outsider's record in scenario m: above librdkafka's default
 /// `receive.message.max.bytes` (100,000,000), which tansu accepts.
 const BIG_RECORD: usize = 120 << 20;
