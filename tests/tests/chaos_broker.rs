@@ -1,15 +1,15 @@
 //! Fault suite, the broker's side as production sees it: relays and consumers in worker
 //! processes of their own (`chaos-worker`), a real broker (a private tansu) SIGKILLed and
-//! started again with empty memory, a zombie relay whose producer gets fenced, and
-//! records written onto the task topic by outsiders (a record too big to fetch, forged
-//! records carrying real event ids). Each scenario ends with the ledger oracle's check
+//! started again with empty memory, a zombie relay whose producer gets fenced, a round
+//! that fails while the next batch is in flight, and records written onto the task topic
+//! by outsiders (a record too big to fetch, forged records carrying real event ids). Each scenario ends with the ledger oracle's check
 //! and "stuck 0" (every committed event consumed, or dead with a reason, within a
 //! deadline), prints its `ORACLE ...` line and the figures RELIABILITY.md reports.
 //!
 //! The bodies are generic over the backend (`ChaosBackend`); they run on PostgreSQL.
-//! Scenarios k, m and n need tansu (`scripts/tansu.sh install`; skipped without it unless
-//! `OUTBOX_TEST_REQUIRE_KAFKA=1`); l runs on librdkafka's mock cluster, whose fault
-//! injection can fence a producer.
+//! Scenarios k, m, n and q's tansu variant need tansu (`scripts/tansu.sh install`;
+//! skipped without it unless `OUTBOX_TEST_REQUIRE_KAFKA=1`); l and q run on librdkafka's
+//! mock cluster too, whose fault injection can fence a producer or fail every produce.
 //!
 //! Every check that fails is collected and reported together, naming the counter or the
 //! rows that broke the expectation.
@@ -568,73 +568,130 @@ async fn probe_l_zombie_on_tansu() {
     zombie_fenced_producer::<Postgres>(None).await;
 }
 
+/// How scenario q makes the broker fail and come back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outage {
+    /// Mock cluster: every Produce request answers `NotEnoughReplicas` (retriable:
+    /// librdkafka retries until the 5 s `message.timeout.ms`), then the errors stop.
+    ProduceErrors,
+    /// A private tansu SIGKILLed, then started again with empty memory (its topic
+    /// recreated at once, as an operator would).
+    TansuRestart,
+}
+
 /// q. A round fails while the next batch is already in flight, and the broker comes
-/// back while that batch waits for its delivery reports. Mock cluster, a relay worker
-/// process: 600 events on 300 keys wait (a backlog of two claims: heads of key only, 200
-/// per claim); every Produce request answers `NotEnoughReplicas` (retriable: librdkafka
-/// retries until the 5 s `message.timeout.ms`) when the relay starts. Its first batch A
-/// is enqueued; its second claim, B, pipelined beside A's finish, is frozen 4 s (so B is
-/// enqueued after A was sent and before A times out); A times out and is given back; the
-/// errors stop at once, while B is in flight.
+/// back while that batch waits for its delivery reports. A relay worker process, 600
+/// events on 300 keys waiting (a backlog of two claims: heads of key only, 200 per
+/// claim). Its first batch A is enqueued while the broker fails; its second claim, B,
+/// pipelined beside A's finish, is held 4 s at `relay.after_claim`, so B is enqueued
+/// after A and before A times out; A times out and is given back; the broker comes
+/// back at once, while B is in flight.
+///
+/// - `ProduceErrors` (mock cluster): the errors are on when the relay starts; B's claim
+///   is the freeze.
+/// - `TansuRestart` (a real broker): A's claim is held 3 s (`FAILPOINTS`: the first two
+///   claims sleep 3 s, then 4 s) while the test kills tansu; started again when A is
+///   given back. The restarted broker has lost the producer's id, so B may fail too and
+///   be given back: only the outcome is checked, not the path.
 ///
 /// No consumer runs until the relay alone has published every row: a consumer in the
 /// same database would consume B's rows from its records and hide a batch the relay
 /// never settled. The relay's lease is 120 s, so a batch left leased (dropped with the
 /// failed round, or never marked from its own reports) keeps its rows pending past the
 /// `BACK_LIMIT` deadline. Then a consumer worker runs and the oracle checks the whole.
-/// Checked: every row published within `BACK_LIMIT` of the errors' end, A given back, B
-/// delivered from flight (not given back), the oracle, "stuck 0", nothing dead.
-async fn pipelined_round_fails<B: ChaosBackend>() {
+/// Checked: every row published within `BACK_LIMIT` of the broker's return, A given
+/// back, the oracle, "stuck 0", nothing dead; on the mock, B delivered from flight (not
+/// given back).
+async fn pipelined_round_fails<B: ChaosBackend>(outage: Outage) {
     init_tracing();
-    let broker = TestBroker::mock().await;
-    let mock = broker.mock_cluster().expect("the mock cluster");
+    let mut tansu = match outage {
+        Outage::ProduceErrors => None,
+        Outage::TansuRestart => {
+            match PrivateTansu::start_or_skip("chaos_q_pipelined_round_fails_tansu").await {
+                Some(t) => Some(t),
+                None => return,
+            }
+        }
+    };
+    let broker = match &tansu {
+        Some(t) => t.broker(),
+        None => TestBroker::mock().await,
+    };
     let env = ChaosEnv::<B>::new(&broker, 3).await;
     let load = Load::new(600, 300).run(&env.outbox()).await;
 
-    mock.request_errors(
-        RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 2_000],
-    );
-    let mut relay = env
-        .worker(&broker, "relay")
-        .lease(Duration::from_secs(120))
-        .freeze("relay.after_claim", 1, 4_000)
-        .spawn(WORKER);
-    relay.wait_frozen(Duration::from_secs(30)).await;
-    let t_frozen = Instant::now();
+    let relay = env.worker(&broker, "relay").lease(Duration::from_secs(120));
+    let mut relay = match (&mut tansu, broker.mock_cluster()) {
+        (None, Some(mock)) => {
+            mock.request_errors(
+                RDKafkaApiKey::Produce,
+                &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 2_000],
+            );
+            let mut relay = relay.freeze("relay.after_claim", 1, 4_000).spawn(WORKER);
+            relay.wait_frozen(Duration::from_secs(30)).await;
+            relay
+        }
+        (Some(t), _) => {
+            let relay = relay
+                .env(
+                    "FAILPOINTS",
+                    "relay.after_claim=1*sleep(3000)->1*sleep(4000)",
+                )
+                .spawn(WORKER);
+            // A's claim counted (`rounds` rises just before the failpoint): the broker
+            // dies while A waits to be enqueued.
+            relay
+                .wait_stats("A claimed", Duration::from_secs(30), |s| s.rounds >= 1)
+                .await;
+            t.kill();
+            relay
+        }
+        (None, None) => unreachable!("a broker without its mock cluster"),
+    };
+    let t_fault = Instant::now();
     let failed = relay
         .wait_stats("batch A given back", Duration::from_secs(30), |s| {
             s.released > 0
         })
         .await;
-    mock.clear_request_errors(RDKafkaApiKey::Produce);
-    let t_clear = Instant::now();
-    let a_failed_after = t_clear - t_frozen;
+    let a_failed_after = t_fault.elapsed();
+    let back = match (&mut tansu, broker.mock_cluster()) {
+        (Some(t), _) => {
+            let back = t.restart(Duration::from_secs(30)).await;
+            broker.create_topic(&env.topic, 3).await;
+            back
+        }
+        (None, Some(mock)) => {
+            mock.clear_request_errors(RDKafkaApiKey::Produce);
+            Instant::now()
+        }
+        (None, None) => unreachable!("a broker without its mock cluster"),
+    };
     let (pool, table) = (env.pool().clone(), env.table.clone());
     let counts = || async {
         B::counts(&pool, &table.parse().unwrap(), &"task".parse().unwrap())
             .await
             .expect("counts")
     };
-    let deadline = t_clear + BACK_LIMIT;
+    let deadline = back + BACK_LIMIT;
     let mut left = counts().await;
     while left.pending > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await; // polling the table
         left = counts().await;
     }
-    let published_in = t_clear.elapsed();
+    let published_in = back.elapsed();
     let r = last_stats(&mut relay).await;
 
     let mut consumer = env.worker(&broker, "consumer").spawn(WORKER);
     let quiesced = env.quiesce(Duration::from_secs(60)).await;
     let c = last_stats(&mut consumer).await;
 
-    let name = format!("q-pipelined-round-fails[{}]", B::BACKEND_NAME);
+    let name = format!("q-pipelined-round-fails({outage:?})[{}]", B::BACKEND_NAME);
     let report = env.check(&name, c.duplicates).await;
     println!("{report}");
     println!(
-        "{name}: load {load:?}; A given back {:.2} s after B's claim froze (released {} \
-         then); every row published {:.2} s after the errors stopped ({} left pending)",
+        "{name}: load {load:?}; A given back {:.2} s after the fault began (released {} \
+         then); every row published {:.2} s after the broker's return ({} left pending)",
         a_failed_after.as_secs_f64(),
         failed.released,
         published_in.as_secs_f64(),
@@ -647,29 +704,31 @@ async fn pipelined_round_fails<B: ChaosBackend>() {
     let mut f = Failures::default();
     f.check(left.pending == 0, || {
         format!(
-            "{} rows still pending {BACK_LIMIT:?} after the errors stopped: a batch was \
+            "{} rows still pending {BACK_LIMIT:?} after the broker's return: a batch was \
              left leased (the lease is 120 s); relay: {}",
             left.pending,
             counters(&r)
         )
     });
-    // A (200 heads of key) failed: B's claim froze before A could time out, so the
-    // errors were still on when A's round ended.
+    // A (200 heads of key) failed: B's claim was held until after A had been sent, so
+    // the fault was still on when A's round ended.
     f.check(failed.released >= 200, || {
         format!(
             "the relay gave back {} rows, not batch A's 200",
             failed.released
         )
     });
-    // B was settled from its own delivery reports once the errors stopped: the only
-    // rows given back are A's, twice (once failed, once claimed again while the relay
-    // knew its producer was failing, and handed back unproduced).
-    f.check(r.released <= 400, || {
-        format!(
-            "the relay gave back {} rows in all: B's too, not delivered from flight",
-            r.released
-        )
-    });
+    if outage == Outage::ProduceErrors {
+        // B was settled from its own delivery reports once the errors stopped: the
+        // only rows given back are A's, twice (once failed, once claimed again while
+        // the relay knew its producer was failing, and handed back unproduced).
+        f.check(r.released <= 400, || {
+            format!(
+                "the relay gave back {} rows in all: B's too, not delivered from flight",
+                r.released
+            )
+        });
+    }
     f.stuck(&quiesced);
     f.oracle(&report);
     f.check(report.dead.is_empty(), || {
@@ -679,8 +738,12 @@ async fn pipelined_round_fails<B: ChaosBackend>() {
     env.db.cleanup().await;
 }
 
-chaos_tests!(pipelined_round_fails() {
+chaos_tests!(pipelined_round_fails(Outage::ProduceErrors) {
     chaos_q_pipelined_round_fails: Postgres,
+});
+
+chaos_tests!(pipelined_round_fails(Outage::TansuRestart) {
+    chaos_q_pipelined_round_fails_tansu: Postgres,
 });
 
 /// The size of the outsider's record in scenario m: above librdkafka's default
