@@ -621,9 +621,11 @@ async fn pipelined_round_fails<B: ChaosBackend>(outage: Outage) {
     let load = Load::new(600, 300).run(&env.outbox()).await;
 
     let relay = env.worker(&broker, "relay").lease(Duration::from_secs(120));
-    let mut relay = match (&mut tansu, broker.mock_cluster()) {
-        (None, Some(mock)) => {
-            mock.request_errors(
+    // Tansu when there is one, else the mock cluster.
+    let mock = || broker.mock_cluster().expect("the mock cluster");
+    let mut relay = match &mut tansu {
+        None => {
+            mock().request_errors(
                 RDKafkaApiKey::Produce,
                 &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 2_000],
             );
@@ -631,7 +633,7 @@ async fn pipelined_round_fails<B: ChaosBackend>(outage: Outage) {
             relay.wait_frozen(Duration::from_secs(30)).await;
             relay
         }
-        (Some(t), _) => {
+        Some(t) => {
             let relay = relay
                 .env(
                     "FAILPOINTS",
@@ -646,7 +648,6 @@ async fn pipelined_round_fails<B: ChaosBackend>(outage: Outage) {
             t.kill();
             relay
         }
-        (None, None) => unreachable!("a broker without its mock cluster"),
     };
     let t_fault = Instant::now();
     let failed = relay
@@ -655,17 +656,16 @@ async fn pipelined_round_fails<B: ChaosBackend>(outage: Outage) {
         })
         .await;
     let a_failed_after = t_fault.elapsed();
-    let back = match (&mut tansu, broker.mock_cluster()) {
-        (Some(t), _) => {
+    let back = match &mut tansu {
+        Some(t) => {
             let back = t.restart(Duration::from_secs(30)).await;
             broker.create_topic(&env.topic, 3).await;
             back
         }
-        (None, Some(mock)) => {
-            mock.clear_request_errors(RDKafkaApiKey::Produce);
+        None => {
+            mock().clear_request_errors(RDKafkaApiKey::Produce);
             Instant::now()
         }
-        (None, None) => unreachable!("a broker without its mock cluster"),
     };
     let (pool, table) = (env.pool().clone(), env.table.clone());
     let counts = || async {
