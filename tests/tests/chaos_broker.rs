@@ -175,6 +175,17 @@ async fn duplicated_rows<B: ChaosBackend>(env: &ChaosEnv<B>, report: &Report) ->
     text
 }
 
+/// A private tansu for `test` when `real` (with its broker), else the mock cluster;
+/// `None` when tansu is wanted and not installed (the test is skipped).
+async fn tansu_or_mock(real: bool, test: &str) -> Option<(Option<PrivateTansu>, TestBroker)> {
+    if !real {
+        return Some((None, TestBroker::mock().await));
+    }
+    let tansu = PrivateTansu::start_or_skip(test).await?;
+    let broker = tansu.broker();
+    Some((Some(tansu), broker))
+}
+
 /// The last counters of a worker, after a graceful stop (or what it wrote last).
 async fn last_stats(w: &mut Worker) -> WorkerStats {
     match w.terminate(Duration::from_secs(15)).await {
@@ -396,16 +407,9 @@ chaos_tests!(broker_restart() {
 /// 0" are checked, and the figures say what became of Z's stale batch.
 async fn zombie_fenced_producer<B: ChaosBackend>(error: Option<RDKafkaRespErr>) {
     init_tracing();
-    let tansu = match error {
-        Some(_) => None,
-        None => match PrivateTansu::start_or_skip("probe_l_zombie_on_tansu").await {
-            Some(t) => Some(t),
-            None => return,
-        },
-    };
-    let broker = match &tansu {
-        Some(t) => t.broker(),
-        None => TestBroker::mock().await,
+    let Some((_tansu, broker)) = tansu_or_mock(error.is_none(), "probe_l_zombie_on_tansu").await
+    else {
+        return;
     };
     let env = ChaosEnv::<B>::new(&broker, 3).await;
     let lease = Duration::from_millis(2_000);
@@ -604,18 +608,13 @@ enum Outage {
 /// given back).
 async fn pipelined_round_fails<B: ChaosBackend>(outage: Outage) {
     init_tracing();
-    let mut tansu = match outage {
-        Outage::ProduceErrors => None,
-        Outage::TansuRestart => {
-            match PrivateTansu::start_or_skip("chaos_q_pipelined_round_fails_tansu").await {
-                Some(t) => Some(t),
-                None => return,
-            }
-        }
-    };
-    let broker = match &tansu {
-        Some(t) => t.broker(),
-        None => TestBroker::mock().await,
+    let Some((mut tansu, broker)) = tansu_or_mock(
+        outage == Outage::TansuRestart,
+        "chaos_q_pipelined_round_fails_tansu",
+    )
+    .await
+    else {
+        return;
     };
     let env = ChaosEnv::<B>::new(&broker, 3).await;
     let load = Load::new(600, 300).run(&env.outbox()).await;
