@@ -238,6 +238,17 @@ impl<B: ChaosBackend> ChaosEnv<B> {
         B::url(&self.db)
     }
 
+    /// Service `task`'s rows by status.
+    pub async fn counts(&self) -> outbox_runtime::StatusCounts {
+        B::counts(
+            self.pool(),
+            &self.table.parse().unwrap(),
+            &"task".parse().unwrap(),
+        )
+        .await
+        .expect("counting rows by status")
+    }
+
     /// Pending rows leased by a relay (unexpired leases only when `unexpired`).
     pub async fn leased(&self, unexpired: bool) -> i64 {
         B::leased(self.pool(), &self.table, unexpired)

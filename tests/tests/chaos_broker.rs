@@ -234,29 +234,17 @@ async fn broker_restart<B: ChaosBackend>() {
     // The consumer falls behind (SIGSTOP) until 300 acknowledged records wait
     // unconsumed: records the broker will lose.
     consumer.stop();
-    let (pool, table) = (env.pool().clone(), env.table.clone());
     poll(
         "300 acknowledged records waiting",
         Duration::from_secs(30),
-        || async {
-            let c = B::counts(&pool, &table.parse().unwrap(), &"task".parse().unwrap())
-                .await
-                .ok()?;
-            (c.published >= 300).then_some(())
-        },
+        || async { (env.counts().await.published >= 300).then_some(()) },
     )
     .await;
     let before = (
         relay.fresh_stats(Duration::from_secs(5)).await,
         consumer.stats().unwrap_or_default(),
     );
-    let at_kill = B::counts(
-        env.pool(),
-        &env.table.parse().unwrap(),
-        &"task".parse().unwrap(),
-    )
-    .await
-    .expect("counts");
+    let at_kill = env.counts().await;
 
     tansu.kill();
     consumer.cont();
@@ -620,7 +608,7 @@ async fn pipelined_round_fails<B: ChaosBackend>(outage: Outage) {
     let load = Load::new(600, 300).run(&env.outbox()).await;
 
     let relay = env.worker(&broker, "relay").lease(Duration::from_secs(120));
-    // Tansu when there is one, else the mock cluster.
+    // Without a tansu the broker is the mock cluster, whose faults are injected.
     let mock = || broker.mock_cluster().expect("the mock cluster");
     let mut relay = match &mut tansu {
         None => {
@@ -666,17 +654,11 @@ async fn pipelined_round_fails<B: ChaosBackend>(outage: Outage) {
             Instant::now()
         }
     };
-    let (pool, table) = (env.pool().clone(), env.table.clone());
-    let counts = || async {
-        B::counts(&pool, &table.parse().unwrap(), &"task".parse().unwrap())
-            .await
-            .expect("counts")
-    };
     let deadline = back + BACK_LIMIT;
-    let mut left = counts().await;
+    let mut left = env.counts().await;
     while left.pending > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await; // polling the table
-        left = counts().await;
+        left = env.counts().await;
     }
     let published_in = back.elapsed();
     let r = last_stats(&mut relay).await;
