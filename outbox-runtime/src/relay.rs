@@ -708,8 +708,9 @@ impl<DB: Backend> Relay<DB> {
     }
 
     /// Runs until `shutdown` turns true: relays due rows, sleeps until a wake-up (a
-    /// local commit, a NOTIFY on PostgreSQL) or the poll interval, and after a failure
-    /// probes the broker before it claims again.
+    /// local commit, a NOTIFY on PostgreSQL) or the poll interval once a claim finds
+    /// nothing after its last round was marked, and after a failure probes the broker
+    /// before it claims again.
     ///
     /// # Cancel safety
     ///
@@ -810,10 +811,13 @@ impl<DB: Backend> Relay<DB> {
                 None => (None, self.claim_next(ready).await),
             };
             let mut failed = false;
+            // Whether the finished round settled rows, unblocking their keys' next events.
+            let mut unblocked = false;
             match finished {
                 None => {}
                 Some(Ok(f)) => {
                     self.beat.database_ok();
+                    unblocked = f.report.published > 0 || f.report.dead > 0;
                     if let Some((generation, why)) = &f.unusable {
                         self.beat.failing(Side::Broker, why);
                         self.replace_producer(*generation, why);
@@ -888,6 +892,13 @@ impl<DB: Backend> Relay<DB> {
             error_streak = 0;
             self.beat.progress();
             if in_flight.is_some() || !ready {
+                continue;
+            }
+            if unblocked {
+                // The claim beside the round ran while the round's rows were still
+                // leased, so it could not take their keys' next events: claim once more
+                // before going idle. Without this, a backlog on fewer keys than a batch
+                // drained one round per poll interval (300 keys: 281 events/s).
                 continue;
             }
             // Idle until a wake-up, the poll interval or shutdown.

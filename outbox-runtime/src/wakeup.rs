@@ -67,7 +67,8 @@ pub(crate) fn local_waker(table: &TableName, service: &ServiceName) -> Arc<Notif
 
 /// After a relay marked rows published (which unblocks their keys' next events): wakes
 /// the other relays of `(table, service)` in this process, if there are others. A lone
-/// relay claims again by itself; waking it too cost it an empty claim per round.
+/// relay claims again by itself after a round that settled rows (`Relay::run`); waking
+/// it too cost it a second empty claim per round.
 pub(crate) fn wake_siblings(table: &TableName, service: &ServiceName) {
     let (notify, relays) = with_waker(table, service, |w| {
         (Arc::clone(&w.notify), w.relays.load(Ordering::Relaxed))

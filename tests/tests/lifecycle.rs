@@ -26,6 +26,25 @@ fn slow_poll() -> OutboxConfig {
     }
 }
 
+/// `task`'s relay alone (no consumer), polling once a minute.
+async fn slow_relay<DB: TestBackend>(
+    pool: &sqlx::Pool<DB>,
+    catalog: &outbox_runtime::Catalog,
+    broker: &TestBroker,
+) -> outbox_runtime::RuntimeHandle {
+    OutboxRuntime::new(
+        catalog.clone(),
+        pool.clone(),
+        KafkaConfig::new(broker.bootstrap_servers()),
+    )
+    .config(slow_poll())
+    .services(["task"])
+    .consumers(false)
+    .start()
+    .await
+    .unwrap()
+}
+
 fn event(key: &str, seq: u32) -> TaskCreated {
     TaskCreated {
         task_id: key.into(),
@@ -344,17 +363,7 @@ async fn idle_claims_per_commit<DB: TestBackend>(pool: sqlx::Pool<DB>) -> f64 {
     const EVENTS: u32 = 40;
     let broker = TestBroker::mock().await;
     let catalog = prepare(&pool, &broker).await;
-    let runtime = OutboxRuntime::new(
-        catalog.clone(),
-        pool.clone(),
-        KafkaConfig::new(broker.bootstrap_servers()),
-    )
-    .config(slow_poll())
-    .services(["task"])
-    .consumers(false)
-    .start()
-    .await
-    .unwrap();
+    let runtime = slow_relay(&pool, &catalog, &broker).await;
     let outbox = Outbox::<Task, DB>::with_config(pool.clone(), &catalog, slow_poll()).unwrap();
     let stats = runtime.relay_stats("task")[0].clone();
     let idles = || stats.idles.load(std::sync::atomic::Ordering::Relaxed);
@@ -392,5 +401,71 @@ async fn postgres_one_commit_costs_one_idle_claim() {
     let per_commit = idle_claims_per_commit(db.pool().clone()).await;
     println!("idle claims per commit: {per_commit:.2}");
     assert!(per_commit <= 1.25, "{per_commit:.2} idle claims per commit");
+    db.cleanup().await;
+}
+
+/// A lone relay drains a backlog on fewer keys than a batch without waiting for the
+/// poll: each round takes one event per key (the head), and the claim beside the round
+/// runs while those heads are still leased, so it finds nothing; the relay must claim
+/// again once the round is marked rather than go idle. The backlog is committed before
+/// the runtime starts, so no commit wakes it, and the poll interval is a minute.
+async fn a_lone_relay_drains_few_keys_without_the_poll<DB: TestBackend>(pool: sqlx::Pool<DB>) {
+    const KEYS: u32 = 3;
+    const PER_KEY: u32 = 15;
+    let broker = TestBroker::mock().await;
+    let catalog = prepare(&pool, &broker).await;
+    let outbox = Outbox::<Task, DB>::with_config(pool.clone(), &catalog, slow_poll()).unwrap();
+    let mut tx = outbox.begin().await.unwrap();
+    for seq in 0..PER_KEY {
+        for k in 0..KEYS {
+            tx.publish(&event(&format!("few{k}"), seq)).await.unwrap();
+        }
+    }
+    tx.commit().await.unwrap();
+
+    let started = Instant::now();
+    let runtime = slow_relay(&pool, &catalog, &broker).await;
+    // One round per key depth: PER_KEY rounds. Waiting for the poll, that is 14 minutes.
+    eventually("the backlog published", Duration::from_secs(30), || {
+        let (pool, catalog) = (pool.clone(), catalog.clone());
+        async move {
+            let rows = all_rows(&pool, &catalog).await;
+            rows.values()
+                .all(|r| r.status == Status::Published)
+                .then_some(())
+        }
+    })
+    .await;
+    println!(
+        "{} events on {KEYS} keys published in {:?}",
+        KEYS * PER_KEY,
+        started.elapsed()
+    );
+    let stats = runtime.relay_stats("task")[0].clone();
+    assert!(
+        stats.rounds.load(std::sync::atomic::Ordering::Relaxed) >= u64::from(PER_KEY),
+        "one round per event of a key"
+    );
+    runtime.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_lone_relay_drains_few_keys_without_the_poll() {
+    let db = TestPg::create().await;
+    a_lone_relay_drains_few_keys_without_the_poll(db.pool().clone()).await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_a_lone_relay_drains_few_keys_without_the_poll() {
+    let db = TestMySql::create().await;
+    a_lone_relay_drains_few_keys_without_the_poll(db.pool().clone()).await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_lone_relay_drains_few_keys_without_the_poll() {
+    let db = TestSqlite::create().await;
+    a_lone_relay_drains_few_keys_without_the_poll(db.pool().clone()).await;
     db.cleanup().await;
 }
