@@ -409,10 +409,12 @@ async fn postgres_one_commit_costs_one_idle_claim() {
 /// runs while those heads are still leased, so it finds nothing; the relay must claim
 /// again once the round is marked rather than go idle. The backlog is committed before
 /// the runtime starts, so no commit wakes it, and the poll interval is a minute.
-async fn a_lone_relay_drains_few_keys_without_the_poll<DB: TestBackend>(pool: sqlx::Pool<DB>) {
+async fn a_lone_relay_drains_few_keys_without_the_poll<DB: TestBackend>(
+    pool: sqlx::Pool<DB>,
+    broker: TestBroker,
+) {
     const KEYS: u32 = 3;
     const PER_KEY: u32 = 15;
-    let broker = TestBroker::mock().await;
     let catalog = prepare(&pool, &broker).await;
     let outbox = Outbox::<Task, DB>::with_config(pool.clone(), &catalog, slow_poll()).unwrap();
     let mut tx = outbox.begin().await.unwrap();
@@ -452,20 +454,36 @@ async fn a_lone_relay_drains_few_keys_without_the_poll<DB: TestBackend>(pool: sq
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_a_lone_relay_drains_few_keys_without_the_poll() {
     let db = TestPg::create().await;
-    a_lone_relay_drains_few_keys_without_the_poll(db.pool().clone()).await;
+    a_lone_relay_drains_few_keys_without_the_poll(db.pool().clone(), TestBroker::mock().await)
+        .await;
     db.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mysql_a_lone_relay_drains_few_keys_without_the_poll() {
     let db = TestMySql::create().await;
-    a_lone_relay_drains_few_keys_without_the_poll(db.pool().clone()).await;
+    a_lone_relay_drains_few_keys_without_the_poll(db.pool().clone(), TestBroker::mock().await)
+        .await;
     db.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_a_lone_relay_drains_few_keys_without_the_poll() {
     let db = TestSqlite::create().await;
-    a_lone_relay_drains_few_keys_without_the_poll(db.pool().clone()).await;
+    a_lone_relay_drains_few_keys_without_the_poll(db.pool().clone(), TestBroker::mock().await)
+        .await;
+    db.cleanup().await;
+}
+
+/// The same on a real broker (tansu), where delivery reports take real round trips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_lone_relay_drains_few_keys_without_the_poll_tansu() {
+    let Some(broker) =
+        TestBroker::tansu_or_skip("postgres_a_lone_relay_drains_few_keys_without_the_poll_tansu")
+    else {
+        return;
+    };
+    let db = TestPg::create().await;
+    a_lone_relay_drains_few_keys_without_the_poll(db.pool().clone(), broker).await;
     db.cleanup().await;
 }
