@@ -1652,11 +1652,11 @@ async fn section_d(ctx: &Ctx<Postgres>, report: &mut Report) -> Res<()> {
                 let Drained {
                     per_sec: r,
                     fenced: f,
-                    ..
+                    rounds,
                 } = framework_drain(ctx, &route, n, counts[i]).await?;
                 let (got, v, d) = read_back(ctx, route.topic().as_str(), n as usize).await?;
                 log(format!(
-                    "d: {keys} keys, {} relay(s) {r:>8.0} events/s; read back {got}, order violations {v}, duplicates {d}, fenced {f}",
+                    "d: {keys} keys, {} relay(s) {r:>8.0} events/s in {rounds} rounds; read back {got}, order violations {v}, duplicates {d}, fenced {f}",
                     counts[i]
                 ));
                 if got < n as usize {

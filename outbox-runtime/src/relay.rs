@@ -51,7 +51,7 @@ use sqlx::Pool;
 use tracing::field::Empty;
 use tracing::{Instrument, Span};
 
-use crate::backend::{Backend, ClaimedRow};
+use crate::backend::{Backend, ClaimScope, ClaimedRow};
 use crate::catalog::Route;
 use crate::config::OutboxConfig;
 use crate::envelope::Envelope;
@@ -91,6 +91,10 @@ pub struct RelayStats {
     /// Rows made pending again because the partition log they were published to went
     /// back (records lost with the broker).
     pub redelivered_lost: AtomicU64,
+    /// Claims not bounded by the window (full claims, and claims past the window) on
+    /// PostgreSQL and MySQL: each may walk every due row. 0 on SQLite, whose claims
+    /// are all full.
+    pub full_claims: AtomicU64,
 }
 
 /// What one round did.
@@ -126,11 +130,42 @@ pub struct Relay<DB: Backend> {
 struct ClaimState {
     /// The last claim came back short: claim within a window of the oldest due rows.
     bounded: bool,
-    /// When the relay last fell back from the window to the full claim.
-    last_full: Option<Instant>,
-    /// Whether that fallback found rows the window had missed.
-    full_productive: bool,
+    /// Full claims in a row (in full mode or as the window's fallback) that came back
+    /// short: each doubles the wait before the next one ([`FULL_CLAIM_BACKOFF`]).
+    short_fulls: u32,
+    /// No full claim before this instant; `None`: one may run now.
+    full_not_before: Option<Instant>,
 }
+
+impl ClaimState {
+    fn full_due(&self) -> bool {
+        self.full_not_before.is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// A full claim found rows: full claims may run again at once.
+    fn full_found(&mut self) {
+        self.short_fulls = 0;
+        self.full_not_before = None;
+    }
+
+    /// A full claim came back short (it walked every due row): the next one waits
+    /// `poll × 2^(n-1)`, at most `poll ×` [`FULL_CLAIM_BACKOFF`], after the `n`-th in a row.
+    fn full_came_back_short(&mut self, poll: Duration) {
+        self.short_fulls = self.short_fulls.saturating_add(1);
+        let backoff = Backoff {
+            base: poll,
+            cap: poll.saturating_mul(FULL_CLAIM_BACKOFF),
+        };
+        self.full_not_before = Instant::now().checked_add(backoff.delay(self.short_fulls));
+    }
+}
+
+/// The longest wait between full claims that keep coming back short, in poll intervals.
+/// A full claim that cannot fill its batch walks every due row (hundreds of
+/// milliseconds on a backlog of 100,000, under the service's claim turn): with several
+/// relays on few keys, where most heads are leased to the other relays, retrying it
+/// every poll interval took most of the claim turn's time.
+const FULL_CLAIM_BACKOFF: u32 = 16;
 
 /// Tries of one mark-published before the round fails.
 const MARK_ATTEMPTS: u32 = 4;
@@ -289,16 +324,19 @@ impl<DB: Backend> Relay<DB> {
         // is the cheapest way through a backlog of many keys. When it comes back short,
         // the next claims are bounded to a window of the oldest due rows: with many
         // relays on few keys, the heads are mostly leased to the other relays, and a
-        // full claim would walk the whole backlog to find almost nothing.
+        // full claim would walk the whole backlog to find almost nothing. Full claims
+        // that come back short are retried after a growing wait (see [`ClaimState`]).
+        let poll = self.config.relay_poll_interval;
+        let window = limit.saturating_mul(CLAIM_WINDOW);
         let bounded = DB::BOUNDED_CLAIM && self.claim_state().bounded;
         let started = Instant::now();
         let mut rows = if bounded {
-            DB::claim_window(
+            DB::claim_in(
                 &self.pool,
                 route.table(),
                 route.service(),
                 limit,
-                limit.saturating_mul(CLAIM_WINDOW),
+                ClaimScope::Window(window),
                 lease,
                 token,
             )
@@ -317,27 +355,48 @@ impl<DB: Backend> Relay<DB> {
         .map_err(context)?;
         self.metrics.claim.record(started.elapsed().as_secs_f64());
         let full = rows.len() == limit as usize;
-        if bounded && !full && self.full_scan_due() {
+        if DB::BOUNDED_CLAIM && !bounded {
+            self.stats.full_claims.fetch_add(1, Ordering::Relaxed);
+            let mut state = self.claim_state();
+            if full {
+                state.full_found();
+            } else {
+                state.full_came_back_short(poll);
+            }
+        }
+        if bounded && !full && self.claim_state().full_due() {
             // The window can hide heads behind a long run of waiting rows (a parked
-            // head's successors): a full claim finds them. Run again at once while it
-            // keeps finding rows, else at most once per poll interval.
-            let more = DB::claim(
+            // head's successors): a claim past the window finds them. Run again at once
+            // while it keeps finding rows. (Past the window only: heads that appeared
+            // inside it since, as a mark committed, are the next window's, and finding
+            // them here would make every claim walk the backlog.)
+            let more = DB::claim_in(
                 &self.pool,
                 route.table(),
                 route.service(),
                 limit - rows.len() as u32,
+                ClaimScope::PastWindow(window),
                 lease,
                 token,
             )
             .await
             .map_err(context)?;
-            self.full_scan_done(!more.is_empty());
+            self.stats.full_claims.fetch_add(1, Ordering::Relaxed);
+            let mut state = self.claim_state();
+            if more.is_empty() {
+                state.full_came_back_short(poll);
+            } else {
+                state.full_found();
+            }
+            drop(state);
             rows.extend(more);
             rows.sort_by_key(|r| r.id);
         }
         if DB::BOUNDED_CLAIM {
-            // Bounded from now on while claims come back short.
-            self.claim_state().bounded = rows.len() < limit as usize;
+            // Bounded while claims come back short; full again once a claim fills and
+            // a full claim is due.
+            let mut state = self.claim_state();
+            state.bounded = rows.len() < limit as usize || !state.full_due();
         }
         if rows.is_empty() {
             return Ok(None);
@@ -365,20 +424,6 @@ impl<DB: Backend> Relay<DB> {
 
     fn claim_state(&self) -> std::sync::MutexGuard<'_, ClaimState> {
         self.claim.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn full_scan_due(&self) -> bool {
-        let state = self.claim_state();
-        state.full_productive
-            || state
-                .last_full
-                .is_none_or(|t| t.elapsed() >= self.config.relay_poll_interval)
-    }
-
-    fn full_scan_done(&self, productive: bool) {
-        let mut state = self.claim_state();
-        state.last_full = Some(Instant::now());
-        state.full_productive = productive;
     }
 
     /// Enqueues a claimed batch on the current producer, in id order (no waiting for

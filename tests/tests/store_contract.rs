@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
+use outbox_runtime::backend::ClaimScope::{PastWindow, Window};
 use outbox_runtime::backend::{
     AttemptsFence, Backend, ClaimedRow, DeadReason, NewRow, OutboxRow, Status,
 };
@@ -129,6 +130,19 @@ async fn claim_until<DB: Backend>(pool: &Pool<DB>, event_id: Uuid) -> (ClaimedRo
             .map(|r| (r, t))
     })
     .await
+}
+
+/// Key `p`, `depth` rows deep, its head parked for a long time (given back with a
+/// long delay, as after a failed delivery).
+async fn park_deep_key<DB: Backend>(pool: &Pool<DB>, depth: u32) {
+    let p1 = publish(pool, &SVC, Some("p")).await;
+    for _ in 1..depth {
+        publish(pool, &SVC, Some("p")).await;
+    }
+    let (head, t) = claim_until(pool, p1).await;
+    DB::release(pool, &TABLE, &[head.id], t, LONG, "broker down")
+        .await
+        .expect("release");
 }
 
 /// `b - a` in microseconds.
@@ -452,26 +466,20 @@ async fn heads_behind_a_deep_backlog<T: TestDatabase>() {
     db.cleanup().await;
 }
 
-/// `claim_window` looks only at the first `window` due rows where the backend bounds it
-/// (PostgreSQL, MySQL): heads behind a parked key's longer backlog are left to the full claim,
-/// which the relay falls back to. Elsewhere it is the full claim.
+/// A windowed claim (`ClaimScope::Window`) looks only at the first `window` due rows
+/// where the backend bounds it (PostgreSQL, MySQL): heads behind a parked key's longer
+/// backlog are left to the claim past the window, which the relay falls back to.
+/// Elsewhere it is the full claim.
 async fn claim_window_is_bounded<T: TestDatabase>() {
     let db = setup::<T>().await;
     let pool = db.pool();
     const LIMIT: u32 = 4;
-    let p1 = publish(pool, &SVC, Some("p")).await;
-    for _ in 1..10 * LIMIT {
-        publish(pool, &SVC, Some("p")).await;
-    }
-    let (head, t) = claim_until(pool, p1).await;
-    T::DB::release(pool, &TABLE, &[head.id], t, LONG, "broker down")
-        .await
-        .expect("release");
+    park_deep_key(pool, 10 * LIMIT).await;
     let q1 = publish(pool, &SVC, Some("q")).await;
 
-    let windowed = T::DB::claim_window(pool, &TABLE, &SVC, LIMIT, 2 * LIMIT, LONG, token())
+    let windowed = T::DB::claim_in(pool, &TABLE, &SVC, LIMIT, Window(2 * LIMIT), LONG, token())
         .await
-        .expect("claim_window");
+        .expect("windowed claim");
     if T::DB::BOUNDED_CLAIM {
         assert!(
             windowed.is_empty(),
@@ -483,6 +491,36 @@ async fn claim_window_is_bounded<T: TestDatabase>() {
         );
     } else {
         assert_eq!(event_ids(&windowed), vec![q1]);
+    }
+    db.cleanup().await;
+}
+
+/// A claim past the window (`ClaimScope::PastWindow`) takes only heads past the first
+/// `window` due rows where the backend bounds claims (PostgreSQL, MySQL): a head inside
+/// the window is left to the windowed claim, so rows found here were hidden from it.
+/// Elsewhere it is the full claim.
+async fn claim_past_window_takes_only_hidden_heads<T: TestDatabase>() {
+    let db = setup::<T>().await;
+    let pool = db.pool();
+    const LIMIT: u32 = 4;
+    park_deep_key(pool, 10 * LIMIT).await;
+    let q1 = publish(pool, &SVC, Some("q")).await;
+    let past = |window: u32| async move {
+        T::DB::claim_in(pool, &TABLE, &SVC, LIMIT, PastWindow(window), LONG, token())
+            .await
+            .expect("claim past the window")
+    };
+    if T::DB::BOUNDED_CLAIM {
+        // A window past the whole backlog holds q1: not this claim's.
+        assert!(
+            past(100 * LIMIT).await.is_empty(),
+            "q1 is inside the window"
+        );
+        // The parked key's successors fill a window of 2 × LIMIT: q1 is hidden past it.
+        assert_eq!(event_ids(&past(2 * LIMIT).await), vec![q1]);
+    } else {
+        assert_eq!(event_ids(&past(2 * LIMIT).await), vec![q1]);
+        assert!(past(100 * LIMIT).await.is_empty(), "q1 is leased");
     }
     db.cleanup().await;
 }
@@ -1449,6 +1487,7 @@ outbox_tests::every_backend!(
     head_of_key,
     heads_behind_a_deep_backlog,
     claim_window_is_bounded,
+    claim_past_window_takes_only_hidden_heads,
     release_backs_off_without_attempt,
     consumer_failures_fenced_by_attempts,
     terminal_states_and_defer,

@@ -210,6 +210,21 @@ pub struct NewInboxRow<'a> {
     pub dead: Option<(&'a str, DeadReason)>,
 }
 
+/// Which due rows a claim looks at ([`Backend::claim_in`]), in the claim's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimScope {
+    /// Every due row: [`Backend::claim`].
+    All,
+    /// The first `n` due, unleased rows. It can miss heads further back (behind a
+    /// parked key's long backlog): those are [`PastWindow`](Self::PastWindow)'s.
+    Window(u32),
+    /// Past the first `n` due, unleased rows: the heads [`Window`](Self::Window) cannot
+    /// see. Rows that become heads inside the window meanwhile (a mark committed since)
+    /// are left to the next windowed claim, so rows found here were hidden. It walks
+    /// the due rows past the window, as the full claim does.
+    PastWindow(u32),
+}
+
 /// A row claimed by a relay: everything needed to produce it.
 #[derive(Debug, Clone)]
 pub struct ClaimedRow {
@@ -592,7 +607,7 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
     /// Whether several relays may claim concurrently (row locks with SKIP LOCKED).
     /// SQLite has none: there, one relay per service holds a lease.
     const CONCURRENT_RELAYS: bool;
-    /// Whether [`claim_window`](Self::claim_window) is bounded (PostgreSQL, MySQL); if not it
+    /// Whether [`claim_in`](Self::claim_in) honours its scope (PostgreSQL, MySQL); if not it
     /// is the full claim and the relay never needs to fall back to it.
     const BOUNDED_CLAIM: bool = false;
 
@@ -711,23 +726,21 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         token: i64,
     ) -> impl Future<Output = Result<Vec<ClaimedRow>, sqlx::Error>> + Send + 'p;
 
-    /// [`claim`](Self::claim), looking only at the first `window` due, unleased rows in
-    /// the claim's order: bounded cost, however deep the backlog behind heads that are leased to
-    /// other relays or parked. It can miss heads further back (behind a parked key's
-    /// long backlog); the relay falls back to the full [`claim`](Self::claim) when that
-    /// finds more. The default (SQLite) is the full claim
-    /// ([`BOUNDED_CLAIM`](Self::BOUNDED_CLAIM) is `false`).
+    /// [`claim`](Self::claim) among the due rows of `scope` (see [`ClaimScope`]): with a
+    /// window, bounded cost however deep the backlog behind heads that are leased to
+    /// other relays or parked. The default (SQLite) is the full claim whatever the
+    /// scope ([`BOUNDED_CLAIM`](Self::BOUNDED_CLAIM) is `false`).
     #[allow(clippy::too_many_arguments)]
-    fn claim_window<'p>(
+    fn claim_in<'p>(
         pool: &'p Pool<Self>,
         table: &'p TableName,
         service: &'p ServiceName,
         limit: u32,
-        window: u32,
+        scope: ClaimScope,
         lease: Duration,
         token: i64,
     ) -> impl Future<Output = Result<Vec<ClaimedRow>, sqlx::Error>> + Send + 'p {
-        let _ = window;
+        let _ = scope;
         Self::claim(pool, table, service, limit, lease, token)
     }
 

@@ -29,7 +29,7 @@ use crate::route::{ServiceName, TableName};
 use super::ops::{micros, store_ops, Dialect, Query};
 use super::rows::claimed_rows;
 use super::statements::{Bounded, HeadOfKey, SqlDialect, Statements};
-use super::{Backend, ClaimedRow};
+use super::{Backend, ClaimScope, ClaimedRow};
 
 /// The claim, a short READ COMMITTED transaction of three statements: the ids (locked,
 /// skipping rows other claims hold), the lease by primary key, and the read-back of
@@ -37,7 +37,7 @@ use super::{Backend, ClaimedRow};
 const CLAIM_IDS: usize = 0;
 const CLAIM_LEASE: usize = 1;
 const CLAIM_READ: usize = 2;
-/// The windowed claim ([`Backend::claim_window`]) first reads the id of the window's
+/// The windowed claim ([`ClaimScope::Window`]) first reads the id of the window's
 /// last row, then claims up to it: a bound passed as a parameter is a range the
 /// optimizer walks, while the same bound as a subquery is only a filter on a walk of
 /// every pending row (measured on MariaDB, 100,000 pending rows on 1,000 keys whose
@@ -45,6 +45,8 @@ const CLAIM_READ: usize = 2;
 /// 20-40 ms with the parameter).
 const WINDOW_END: usize = 3;
 const CLAIM_IDS_UPTO: usize = 4;
+/// The claim past the window ([`ClaimScope::PastWindow`]): after its last row.
+const CLAIM_IDS_PAST: usize = 5;
 
 pub(crate) const SQL: SqlDialect = SqlDialect {
     name: "mysql",
@@ -75,6 +77,8 @@ pub(crate) const SQL: SqlDialect = SqlDialect {
             AND (w.locked_until IS NULL OR w.locked_until <= {now}) \
             ORDER BY w.id LIMIT {p}) win",
         "SELECT o.id FROM {t} o WHERE {claimable} AND o.id <= {p} ORDER BY o.id LIMIT {p} \
+            FOR UPDATE SKIP LOCKED",
+        "SELECT o.id FROM {t} o WHERE {claimable} AND o.id > {p} ORDER BY o.id LIMIT {p} \
             FOR UPDATE SKIP LOCKED",
     ],
 };
@@ -163,8 +167,7 @@ const CLAIM_BEGIN: &str = "SET @outbox_wait_timeout = @@SESSION.wait_timeout, \
 /// Puts the session's `wait_timeout` back once the claim transaction has ended.
 const CLAIM_END: &str = "SET SESSION wait_timeout = @outbox_wait_timeout";
 
-/// One claim attempt (see [`CLAIM_IDS`]); with a `window`, among the first `window`
-/// due, unleased rows only (see [`WINDOW_END`]). The transaction runs with the idle
+/// One claim attempt (see [`CLAIM_IDS`]) of the rows of `scope`. The transaction runs with the idle
 /// bound of [`CLAIM_BEGIN`], lifted on its connection afterwards.
 ///
 /// # Cancel safety
@@ -177,7 +180,7 @@ async fn claim_once(
     s: &Statements,
     service: &ServiceName,
     limit: u32,
-    window: Option<u32>,
+    scope: ClaimScope,
     lease_us: i64,
     token: i64,
 ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
@@ -186,23 +189,27 @@ async fn claim_once(
     // it returned.
     let claimed: Result<Vec<ClaimedRow>, sqlx::Error> = async {
         let mut tx = Connection::begin_with(&mut *conn, CLAIM_BEGIN).await?;
-        let ids: Vec<i64> = match window {
-            None => {
+        let ids: Vec<i64> = match scope {
+            ClaimScope::All => {
                 sqlx::query_scalar(s.own[CLAIM_IDS].text())
                     .bind(service.as_str())
                     .bind(i64::from(limit))
                     .fetch_all(&mut *tx)
                     .await?
             }
-            Some(window) => {
+            ClaimScope::Window(window) | ClaimScope::PastWindow(window) => {
                 let end: Option<i64> = sqlx::query_scalar(s.own[WINDOW_END].text())
                     .bind(service.as_str())
                     .bind(i64::from(window))
                     .fetch_one(&mut *tx)
                     .await?;
+                let claim = match scope {
+                    ClaimScope::PastWindow(_) => CLAIM_IDS_PAST,
+                    _ => CLAIM_IDS_UPTO,
+                };
                 match end {
                     Some(end) => {
-                        sqlx::query_scalar(s.own[CLAIM_IDS_UPTO].text())
+                        sqlx::query_scalar(s.own[claim].text())
                             .bind(service.as_str())
                             .bind(end)
                             .bind(i64::from(limit))
@@ -343,32 +350,40 @@ impl Backend for MySql {
         lease: Duration,
         token: i64,
     ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let s = Self::statements(table);
-        let lease_us = micros(lease);
-        with_retry(|| claim_once(pool, &s, service, limit, None, lease_us, token)).await
+        claim_scoped(pool, table, service, limit, ClaimScope::All, lease, token).await
     }
 
     const BOUNDED_CLAIM: bool = true;
 
-    async fn claim_window<'p>(
+    async fn claim_in<'p>(
         pool: &'p Pool<Self>,
         table: &'p TableName,
         service: &'p ServiceName,
         limit: u32,
-        window: u32,
+        scope: ClaimScope,
         lease: Duration,
         token: i64,
     ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let s = Self::statements(table);
-        let lease_us = micros(lease);
-        with_retry(|| claim_once(pool, &s, service, limit, Some(window), lease_us, token)).await
+        claim_scoped(pool, table, service, limit, scope, lease, token).await
     }
+}
+
+/// A claim of the rows of `scope`, retried after a deadlock or lock-wait timeout.
+async fn claim_scoped(
+    pool: &Pool<MySql>,
+    table: &TableName,
+    service: &ServiceName,
+    limit: u32,
+    scope: ClaimScope,
+    lease: Duration,
+    token: i64,
+) -> Result<Vec<ClaimedRow>, sqlx::Error> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let s = MySql::statements(table);
+    let lease_us = micros(lease);
+    with_retry(|| claim_once(pool, &s, service, limit, scope, lease_us, token)).await
 }
 
 #[cfg(test)]

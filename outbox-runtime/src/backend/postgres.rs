@@ -11,7 +11,7 @@ use crate::route::{ServiceName, TableName};
 use super::ops::{store_ops, Dialect, Query};
 use super::rows::claimed_rows;
 use super::statements::{self, Bounded, HeadOfKey, SqlDialect};
-use super::{Backend, ClaimedRow, WakeStream};
+use super::{Backend, ClaimScope, ClaimedRow, WakeStream};
 
 /// Serialises concurrent `migrate` calls (CREATE … IF NOT EXISTS races on the catalog).
 const MIGRATE_LOCK: i64 = 0x6f7574626f78; // "outbox"
@@ -27,7 +27,7 @@ impl super::sealed::Sealed for Postgres {}
 /// rows with a sequential scan of the whole table: 140-470 ms per claim on 200,000
 /// rows, against 6-13 ms by primary key.
 macro_rules! claim_template {
-    ($bound:literal) => {
+    ($($bound:tt)*) => {
         concat!(
             "UPDATE {t} AS t \
                 SET lease_token = $3, locked_until = now() + make_interval(secs => $4), \
@@ -35,7 +35,7 @@ macro_rules! claim_template {
               WHERE t.id = ANY(ARRAY(SELECT o.id FROM {t} o \
                       WHERE o.service = $1 AND o.status = {pending} AND o.next_attempt_at <= now() \
                         AND (o.locked_until IS NULL OR o.locked_until <= now()) ",
-            $bound,
+            $($bound)*
             "AND (o.event_key IS NULL OR NOT EXISTS ( \
                               SELECT 1 FROM {t} p \
                                WHERE p.service = o.service AND p.event_key = o.event_key \
@@ -49,19 +49,26 @@ macro_rules! claim_template {
     };
 }
 
+/// The window's last row, (next_attempt_at, id), as an InitPlan: the due index walked
+/// up to the `$5`-th due, unleased row. No row (NULL) when nothing is due.
+macro_rules! window_end {
+    () => {
+        "(SELECT win.next_attempt_at, win.id FROM ( \
+           SELECT w.next_attempt_at, w.id FROM {t} w \
+            WHERE w.service = $1 AND w.status = {pending} AND w.next_attempt_at <= now() \
+              AND (w.locked_until IS NULL OR w.locked_until <= now()) \
+            ORDER BY w.next_attempt_at, w.id LIMIT $5) win \
+          ORDER BY win.next_attempt_at DESC, win.id DESC LIMIT 1) "
+    };
+}
+
 /// [`claim_sql`] without a window.
-const CLAIM: &str = claim_template!("");
-/// [`claim_sql`] with a window. The bound is an InitPlan: the due index is walked up
-/// to the window's last row, compared as (next_attempt_at, id) so rows that share a due
-/// time (one transaction's rows share `now()`) are cut at the window's last id too.
-const CLAIM_WINDOWED: &str = claim_template!(
-    "AND (o.next_attempt_at, o.id) <= (SELECT win.next_attempt_at, win.id FROM ( \
-       SELECT w.next_attempt_at, w.id FROM {t} w \
-        WHERE w.service = $1 AND w.status = {pending} AND w.next_attempt_at <= now() \
-          AND (w.locked_until IS NULL OR w.locked_until <= now()) \
-        ORDER BY w.next_attempt_at, w.id LIMIT $5) win \
-      ORDER BY win.next_attempt_at DESC, win.id DESC LIMIT 1) "
-);
+const CLAIM: &str = claim_template!();
+/// [`claim_sql`] with a window, compared as (next_attempt_at, id) so rows that share a
+/// due time (one transaction's rows share `now()`) are cut at the window's last id too.
+const CLAIM_WINDOWED: &str = claim_template!("AND (o.next_attempt_at, o.id) <= ", window_end!(),);
+/// The claim past the window ([`ClaimScope::PastWindow`]).
+const CLAIM_PAST_WINDOW: &str = claim_template!("AND (o.next_attempt_at, o.id) > ", window_end!(),);
 
 pub(crate) const SQL: SqlDialect = SqlDialect {
     name: "postgres",
@@ -82,7 +89,7 @@ pub(crate) const SQL: SqlDialect = SqlDialect {
         VALUES ({p}, {p}, {p}, {now}) ON CONFLICT (service, event_key) DO UPDATE \
         SET last_event_id = excluded.last_event_id, raised_at = excluded.raised_at \
         WHERE {t}_seen.last_event_id < excluded.last_event_id",
-    own: &[CLAIM, CLAIM_WINDOWED],
+    own: &[CLAIM, CLAIM_WINDOWED, CLAIM_PAST_WINDOW],
 };
 
 /// Seconds for `make_interval`, capped at 100 years so a huge `Duration` cannot make
@@ -94,7 +101,7 @@ fn secs(d: Duration) -> f64 {
 /// The relay's claim statement on PostgreSQL, for `table`: heads of key among the
 /// due, unleased rows of one service, in due order (`next_attempt_at`, then id; the
 /// migration's `{table}_due_idx`), leased to a token; with `windowed`, only among the
-/// first `$5` of those rows (the relay's default, [`Backend::claim_window`]).
+/// first `$5` of those rows (the relay's default, [`ClaimScope::Window`]).
 ///
 /// Parameters: `$1` service (text), `$2` limit (bigint), `$3` lease token (bigint),
 /// `$4` lease in seconds (double precision), `$5` window (bigint, only if `windowed`).
@@ -133,19 +140,24 @@ fn claim_lock_key(table: &TableName, service: &ServiceName) -> String {
 /// from statement to statement in milliseconds.
 const CLAIM_IDLE_TIMEOUT: &str = "5s";
 
-/// Runs [`claim_sql`] (with a window if `window` is given) in its own short
+/// Runs a claim of `scope` ([`claim_sql`] for the first two) in its own short
 /// transaction, after [`take_claim_turn`].
 async fn claim_heads(
     pool: &Pool<Postgres>,
     table: &TableName,
     service: &ServiceName,
     limit: u32,
-    window: Option<u32>,
+    scope: ClaimScope,
     lease: Duration,
     token: i64,
 ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
     let s = Postgres::statements(table);
-    let mut query = sqlx::query(s.own[usize::from(window.is_some())].text())
+    let (statement, window) = match scope {
+        ClaimScope::All => (0, None),
+        ClaimScope::Window(w) => (1, Some(w)),
+        ClaimScope::PastWindow(w) => (2, Some(w)),
+    };
+    let mut query = sqlx::query(s.own[statement].text())
         .bind(service.as_str())
         .bind(i64::from(limit))
         .bind(token)
@@ -241,19 +253,19 @@ impl Backend for Postgres {
         lease: Duration,
         token: i64,
     ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
-        claim_heads(pool, table, service, limit, None, lease, token).await
+        claim_heads(pool, table, service, limit, ClaimScope::All, lease, token).await
     }
 
-    async fn claim_window<'p>(
+    async fn claim_in<'p>(
         pool: &'p Pool<Self>,
         table: &'p TableName,
         service: &'p ServiceName,
         limit: u32,
-        window: u32,
+        scope: ClaimScope,
         lease: Duration,
         token: i64,
     ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
-        claim_heads(pool, table, service, limit, Some(window), lease, token).await
+        claim_heads(pool, table, service, limit, scope, lease, token).await
     }
 
     async fn notify<'p>(
