@@ -506,11 +506,13 @@ async fn sqlite_a_lone_relay_drains_few_keys_without_the_poll() {
 /// the window had hidden, and so ran beside every round (on 100 keys × 1,000: 700 ms
 /// per claim, 422 events/s). That second half is `store_contract`'s
 /// `claim_past_window_takes_only_hidden_heads`.
-async fn a_relay_on_deep_keys_claims_within_the_window<DB: TestBackend>(pool: sqlx::Pool<DB>) {
+async fn a_relay_on_deep_keys_claims_within_the_window<DB: TestBackend>(
+    pool: sqlx::Pool<DB>,
+    broker: TestBroker,
+) {
     const KEYS: u32 = 4;
     const PER_KEY: u32 = 100;
     const POLL: Duration = Duration::from_millis(20);
-    let broker = TestBroker::mock().await;
     let catalog = prepare(&pool, &broker).await;
     let config = OutboxConfig {
         relay_poll_interval: POLL,
@@ -551,14 +553,30 @@ async fn a_relay_on_deep_keys_claims_within_the_window<DB: TestBackend>(pool: sq
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_a_relay_on_deep_keys_claims_within_the_window() {
     let db = TestPg::create().await;
-    a_relay_on_deep_keys_claims_within_the_window(db.pool().clone()).await;
+    a_relay_on_deep_keys_claims_within_the_window(db.pool().clone(), TestBroker::mock().await)
+        .await;
     db.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mysql_a_relay_on_deep_keys_claims_within_the_window() {
     let db = TestMySql::create().await;
-    a_relay_on_deep_keys_claims_within_the_window(db.pool().clone()).await;
+    a_relay_on_deep_keys_claims_within_the_window(db.pool().clone(), TestBroker::mock().await)
+        .await;
+    db.cleanup().await;
+}
+
+/// The same on a real broker (tansu), where a round's delivery reports take real
+/// round trips, so its mark often commits while the next claim runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_relay_on_deep_keys_claims_within_the_window_tansu() {
+    let Some(broker) =
+        TestBroker::tansu_or_skip("postgres_a_relay_on_deep_keys_claims_within_the_window_tansu")
+    else {
+        return;
+    };
+    let db = TestPg::create().await;
+    a_relay_on_deep_keys_claims_within_the_window(db.pool().clone(), broker).await;
     db.cleanup().await;
 }
 
