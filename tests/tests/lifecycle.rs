@@ -32,12 +32,22 @@ async fn slow_relay<DB: TestBackend>(
     catalog: &outbox_runtime::Catalog,
     broker: &TestBroker,
 ) -> outbox_runtime::RuntimeHandle {
+    relay_only(pool, catalog, broker, slow_poll()).await
+}
+
+/// `task`'s relay alone (no consumer), with `config`.
+async fn relay_only<DB: TestBackend>(
+    pool: &sqlx::Pool<DB>,
+    catalog: &outbox_runtime::Catalog,
+    broker: &TestBroker,
+    config: OutboxConfig,
+) -> outbox_runtime::RuntimeHandle {
     OutboxRuntime::new(
         catalog.clone(),
         pool.clone(),
         KafkaConfig::new(broker.bootstrap_servers()),
     )
-    .config(slow_poll())
+    .config(config)
     .services(["task"])
     .consumers(false)
     .start()
@@ -522,17 +532,7 @@ async fn a_relay_on_deep_keys_claims_within_the_window<DB: TestBackend>(
     publish_backlog(&pool, &catalog, "deep", KEYS, PER_KEY).await;
 
     let started = Instant::now();
-    let runtime = OutboxRuntime::new(
-        catalog.clone(),
-        pool.clone(),
-        KafkaConfig::new(broker.bootstrap_servers()),
-    )
-    .config(config)
-    .services(["task"])
-    .consumers(false)
-    .start()
-    .await
-    .unwrap();
+    let runtime = relay_only(&pool, &catalog, &broker, config).await;
     all_published(&pool, &catalog, Duration::from_secs(60)).await;
     let elapsed = started.elapsed();
     let stats = runtime.relay_stats("task")[0].clone();
