@@ -209,6 +209,8 @@ struct Args {
     partitions: i32,
     /// `OutboxConfig::consumer_batch_size` of section c's framework (None: the default).
     consumer_batch: Option<usize>,
+    /// `OutboxConfig::consumer_lanes` of section c's framework (None: the default).
+    consumer_lanes: Option<usize>,
     /// Section h: records in the drain's backlog.
     sub_backlog: u64,
     /// Section h: publish rates of the latency runs.
@@ -257,6 +259,7 @@ impl Args {
             out: None,
             partitions: 6,
             consumer_batch: None,
+            consumer_lanes: None,
             sub_backlog: 20_000,
             sub_rates: vec![500, 1000],
             steady_rates: vec![1000, 2000, 5000],
@@ -284,6 +287,7 @@ impl Args {
                 "--partitions" => a.partitions = val()?.parse()?,
                 "--out" => a.out = Some(val()?),
                 "--consumer-batch" => a.consumer_batch = Some(val()?.parse()?),
+                "--consumer-lanes" => a.consumer_lanes = Some(val()?.parse()?),
                 "--sub-backlog" => a.sub_backlog = val()?.parse()?,
                 "--sub-rates" => a.sub_rates = list(&val()?)?,
                 "--steady-rates" => a.steady_rates = list(&val()?)?,
@@ -364,6 +368,7 @@ const HELP: &str = "outbox-bench [flags]   (normally run through scripts/bench.s
   --partitions N      partitions of every topic (default 6)
   --out FILE          write the markdown report there (e.g. BENCHMARKS.md)
   --consumer-batch N  consumer_batch_size of section c's framework (default: the library's)
+  --consumer-lanes N  consumer_lanes of section c's framework (default: the library's)
   --sub-backlog N     section h: events in the subscriber's drain (default 20000)
   --sub-rates R1,R2   section h: latency rates in events/s (default 500,1000)
   --steady-rates R1,R2  section j: rates in events/s (default 1000,2000,5000; --latency-secs
@@ -1921,6 +1926,9 @@ async fn latency_framework(ctx: &Ctx<Postgres>, rate: u64) -> Res<((f64, f64, f6
     if let Some(n) = ctx.args.consumer_batch {
         config.consumer_batch_size = n;
     }
+    if let Some(n) = ctx.args.consumer_lanes {
+        config.consumer_lanes = n;
+    }
     let handle = OutboxRuntime::new(catalog.clone(), rt_pool.clone(), ctx.kafka())
         .config(config)
         .services(["bench"])
@@ -2533,9 +2541,15 @@ fn machine(servers: &[String], broker: &str, args: &Args) -> String {
         },
         args.steady_deadline,
         args.partitions,
-        args.consumer_batch
-            .map(|n| format!(" except `consumer_batch_size` {n} in section c"))
-            .unwrap_or_default(),
+        [
+            args.consumer_batch.map(|n| format!("`consumer_batch_size` {n}")),
+            args.consumer_lanes.map(|n| format!("`consumer_lanes` {n}")),
+        ]
+        .into_iter()
+        .flatten()
+        .reduce(|a, b| format!("{a} and {b}"))
+        .map(|s| format!(" except {s} in section c"))
+        .unwrap_or_default(),
     )
 }
 

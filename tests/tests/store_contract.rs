@@ -842,8 +842,9 @@ async fn terminal_states_and_defer<T: TestDatabase>() {
     db.cleanup().await;
 }
 
-/// The consumer's ordering check: an older row of the same service and key that is
-/// pending or published holds the younger one back; consumed or dead does not.
+/// The consumer's ordering check, read by its lock: the nearest older row of the same
+/// service and key that is pending or published holds the younger one back; consumed or
+/// dead does not.
 async fn open_predecessors<T: TestDatabase>() {
     let db = setup::<T>().await;
     let pool = db.pool();
@@ -851,45 +852,43 @@ async fn open_predecessors<T: TestDatabase>() {
     let k1 = publish(pool, &SVC, Some("k")).await;
     let k2 = publish(pool, &SVC, Some("k")).await;
     let j1 = publish(pool, &SVC, Some("j")).await;
-    let (k1_id, k2_id, j1_id) = (
-        fetch(pool, k1).await.id,
-        fetch(pool, k2).await.id,
-        fetch(pool, j1).await.id,
-    );
+    let k3 = publish(pool, &SVC, Some("k")).await;
+    let free = publish(pool, &SVC, None).await;
+    let (k1_id, k2_id) = (fetch(pool, k1).await.id, fetch(pool, k2).await.id);
 
-    let has = |key: &'static str, id: i64| async move {
+    let before = |event: Uuid| async move {
         let mut tx = T::DB::begin(pool).await.expect("begin");
-        let v = T::DB::has_open_predecessor(&mut *tx, &TABLE, &SVC, key, id)
+        let row = T::DB::lock_for_consume(&mut *tx, &TABLE, &SVC, event)
             .await
-            .expect("predecessor");
+            .expect("lock")
+            .expect("row");
         tx.commit().await.expect("commit");
-        v
+        row.open_before
     };
-    assert!(has("k", k2_id).await, "pending predecessor");
-    assert!(!has("k", k1_id).await, "the head has none");
-    assert!(!has("j", j1_id).await, "other keys do not count");
+    assert_eq!(before(k2).await, Some(k1_id), "pending predecessor");
+    assert_eq!(before(k3).await, Some(k2_id), "the nearest one");
+    assert_eq!(before(k1).await, None, "the head has none");
+    assert_eq!(before(j1).await, None, "other keys do not count");
+    assert_eq!(before(free).await, None, "a keyless row has none");
 
     let t = token();
     let claimed = claim(pool, &SVC, 10, LONG, t).await;
-    assert_eq!(event_ids(&claimed), vec![k1, j1]);
+    assert_eq!(event_ids(&claimed), vec![k1, j1, free]);
     assert_eq!(
         T::DB::mark_published(pool, &TABLE, &[k1_id], t)
             .await
             .expect("mark"),
         1
     );
-    assert!(has("k", k2_id).await, "published predecessor");
+    assert_eq!(before(k2).await, Some(k1_id), "published predecessor");
 
     let mut tx = T::DB::begin(pool).await.expect("begin");
     T::DB::mark_consumed(&mut *tx, &TABLE, &[k1_id])
         .await
         .expect("consumed");
     tx.commit().await.expect("commit");
-    assert!(!has("k", k2_id).await, "consumed predecessor");
-
-    let k3 = publish(pool, &SVC, Some("k")).await;
-    let k3_id = fetch(pool, k3).await.id;
-    assert!(has("k", k3_id).await, "k2 pending");
+    assert_eq!(before(k2).await, None, "consumed predecessor");
+    assert_eq!(before(k3).await, Some(k2_id), "k2 pending");
     assert!(T::DB::mark_dead(
         pool,
         &TABLE,
@@ -900,13 +899,13 @@ async fn open_predecessors<T: TestDatabase>() {
     )
     .await
     .expect("dead"));
-    assert!(!has("k", k3_id).await, "dead predecessor");
+    assert_eq!(before(k3).await, None, "dead predecessor");
     db.cleanup().await;
 }
 
 /// A consumer batch's up-front lock never waits: it returns the states of the rows it
-/// could lock (of its service), leaving out rows another transaction holds; the batch's
-/// open-rows read and its one consumed mark for several rows.
+/// could lock (of its service), leaving out rows another transaction holds, each with
+/// its nearest open predecessor; and the batch's one consumed mark for several rows.
 async fn batch_lock_and_batch_reads<T: TestDatabase>() {
     let db = setup::<T>().await;
     let pool = db.pool();
@@ -938,49 +937,25 @@ async fn batch_lock_and_batch_reads<T: TestDatabase>() {
         .await
         .expect("batch lock (must not wait for the held row)");
     locked.sort_by_key(|(_, r)| r.id);
-    let got: Vec<(Uuid, i64, Option<&str>)> = locked
+    let got: Vec<(Uuid, i64, Option<&str>, Option<i64>)> = locked
         .iter()
-        .map(|(e, r)| (*e, r.id, r.key.as_deref()))
+        .map(|(e, r)| (*e, r.id, r.key.as_deref(), r.open_before))
         .collect();
-    let mut want = vec![(k1, k1_id, Some("k"))];
+    let mut want = vec![(k1, k1_id, Some("k"), None)];
     if one_writer {
-        want.push((k2, k2_id, Some("k")));
+        want.push((k2, k2_id, Some("k"), Some(k1_id)));
     }
-    want.push((free, free_id, None));
+    want.push((free, free_id, None, None));
     assert_eq!(
         got, want,
         "the free rows of the service, none held by another"
     );
     assert!(locked.iter().all(|(_, r)| r.status == Status::Pending));
 
-    // The open rows of key "k" (its service only), below a bound.
-    let mut open =
-        T::DB::open_rows_of_keys(&mut *tx, &TABLE, &SVC, &["k".to_owned()], k2_id + 1, 10)
-            .await
-            .expect("open rows");
-    open.sort();
-    assert_eq!(open, vec![("k".to_owned(), k1_id), ("k".to_owned(), k2_id)]);
-    let open = T::DB::open_rows_of_keys(&mut *tx, &TABLE, &SVC, &["k".to_owned()], k2_id, 10)
-        .await
-        .expect("open rows");
-    assert_eq!(open, vec![("k".to_owned(), k1_id)], "below is exclusive");
-    let open = T::DB::open_rows_of_keys(&mut *tx, &TABLE, &SVC, &["k".to_owned()], k2_id + 1, 1)
-        .await
-        .expect("open rows");
-    assert_eq!(open.len(), 1, "at most limit rows");
-
     // One consumed mark for several rows.
     T::DB::mark_consumed(&mut *tx, &TABLE, &[k1_id, free_id])
         .await
         .expect("consumed");
-    let open = T::DB::open_rows_of_keys(&mut *tx, &TABLE, &SVC, &["k".to_owned()], k2_id + 1, 10)
-        .await
-        .expect("open rows");
-    assert_eq!(
-        open,
-        vec![("k".to_owned(), k2_id)],
-        "consumed rows are closed"
-    );
     tx.commit().await.expect("commit");
     if let Some(holder) = holder {
         holder.commit().await.expect("commit");
@@ -1049,13 +1024,13 @@ async fn services_share_a_table<T: TestDatabase>() {
         .await
         .expect("lock")
         .is_none());
-    // b1 (billing, key k, older, pending) does not hold back billing's... nor orders' a2
-    // beyond orders' own a1.
-    assert!(
-        !T::DB::has_open_predecessor(&mut *tx, &TABLE, &OTHER_SVC, "k", b1_id)
-            .await
-            .expect("pred")
-    );
+    // b1 (billing, key k, oldest) has no predecessor: orders' rows of key k are not
+    // billing's.
+    let b1_row = T::DB::lock_for_consume(&mut *tx, &TABLE, &OTHER_SVC, b1)
+        .await
+        .expect("lock")
+        .expect("row");
+    assert_eq!((b1_row.id, b1_row.open_before), (b1_id, None));
     tx.commit().await.expect("commit");
 
     let a1_id = fetch(pool, a1).await.id;
@@ -1069,11 +1044,16 @@ async fn services_share_a_table<T: TestDatabase>() {
     T::DB::mark_consumed(&mut *tx, &TABLE, &[a1_id])
         .await
         .expect("consumed");
-    let pred = T::DB::has_open_predecessor(&mut *tx, &TABLE, &SVC, "k", a2_id)
+    let a2_row = T::DB::lock_for_consume(&mut *tx, &TABLE, &SVC, a2)
         .await
-        .expect("pred");
+        .expect("lock")
+        .expect("row");
     tx.commit().await.expect("commit");
-    assert!(!pred, "billing's open b1 is not orders' predecessor");
+    assert_eq!(
+        (a2_row.id, a2_row.open_before),
+        (a2_id, None),
+        "billing's open b1 is not orders' predecessor"
+    );
     assert_eq!(
         fetch(pool, b1).await.status,
         Status::Pending,
@@ -1370,13 +1350,13 @@ async fn defer_sends_lost_predecessors_again<T: TestDatabase>() {
     let a3 = publish(pool, &SVC, Some("a")).await;
 
     // a2's record arrives; a1 is open.
-    let a2_id = fetch(pool, a2).await.id;
+    let (a1_id, a2_id) = (fetch(pool, a1).await.id, fetch(pool, a2).await.id);
     let mut tx = T::DB::begin(pool).await.expect("begin");
-    assert!(
-        T::DB::has_open_predecessor(&mut *tx, &TABLE, &SVC, "a", a2_id)
-            .await
-            .expect("predecessors")
-    );
+    let a2_row = T::DB::lock_for_consume(&mut *tx, &TABLE, &SVC, a2)
+        .await
+        .expect("lock")
+        .expect("row");
+    assert_eq!(a2_row.open_before, Some(a1_id));
     let republished = T::DB::defer(&mut *tx, &TABLE, &SVC, "a", a2_id, LONG)
         .await
         .expect("defer");

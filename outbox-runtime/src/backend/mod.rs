@@ -280,6 +280,11 @@ pub struct RowState {
     pub created_at: DateTime<Utc>,
     /// When the broker acknowledged it, if it did (database clock).
     pub published_at: Option<DateTime<Utc>>,
+    /// The nearest older row of the same service and key that was still open (pending
+    /// or published) when this one was locked, read in the lock's own statement: while
+    /// there is one, this event must wait to keep its key's order. `None` for a keyless
+    /// row.
+    pub open_before: Option<i64>,
 }
 
 /// A whole row, for operators and tests.
@@ -803,30 +808,6 @@ pub trait Backend: sqlx::Database + sealed::Sealed + Sized {
         service: &'c ServiceName,
         event_ids: &'c [Uuid],
     ) -> impl Future<Output = Result<Vec<(Uuid, RowState)>, sqlx::Error>> + Send + 'c;
-
-    /// Consumer side: whether an older row of the same service and key is still
-    /// pending or published (so this one must wait to keep per-key order).
-    fn has_open_predecessor<'c>(
-        conn: &'c mut Self::Connection,
-        table: &'c TableName,
-        service: &'c ServiceName,
-        key: &'c str,
-        id: i64,
-    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send + 'c;
-
-    /// Consumer side, for a batch: the open (pending or published) rows of `service`
-    /// whose key is one of `keys` and whose id is below `below`, as `(key, id)`, at most
-    /// `limit` of them in no particular order (a caller that gets `limit` rows must not
-    /// rely on the answer being complete). One statement instead of a
-    /// [`has_open_predecessor`](Self::has_open_predecessor) per record.
-    fn open_rows_of_keys<'c>(
-        conn: &'c mut Self::Connection,
-        table: &'c TableName,
-        service: &'c ServiceName,
-        keys: &'c [String],
-        below: i64,
-        limit: u32,
-    ) -> impl Future<Output = Result<Vec<(String, i64)>, sqlx::Error>> + Send + 'c;
 
     /// Consumer side, in the handler's transaction: marks the rows consumed (from
     /// pending or published; `lease_token = 0`), one row for a single record, a batch's

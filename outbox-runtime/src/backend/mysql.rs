@@ -273,10 +273,6 @@ impl Dialect for MySql {
         ids.iter().fold(q, |q, id| q.bind(*id))
     }
 
-    fn bind_keys<'q>(q: Query<'q, Self>, keys: &'q [String]) -> Query<'q, Self> {
-        keys.iter().fold(q, |q, k| q.bind(k.as_str()))
-    }
-
     fn retry<T, F, Fut>(op: F) -> impl Future<Output = Result<T, sqlx::Error>> + Send
     where
         T: Send,

@@ -52,9 +52,6 @@ pub(crate) trait Dialect: Backend {
     /// Binds the event ids of an `{in_list}`.
     fn bind_uuids<'q>(q: Query<'q, Self>, ids: &'q [Uuid]) -> Query<'q, Self>;
 
-    /// Binds the keys of an `{in_list}`.
-    fn bind_keys<'q>(q: Query<'q, Self>, keys: &'q [String]) -> Query<'q, Self>;
-
     /// Runs a statement of a pool-level method, repeating it on the errors that are
     /// worth repeating (the default: none).
     fn retry<T, F, Fut>(mut op: F) -> impl Future<Output = Result<T, sqlx::Error>> + Send
@@ -436,51 +433,6 @@ macro_rules! store_ops {
                 }
             }
             Ok(states)
-        }
-
-        async fn has_open_predecessor<'c>(
-            conn: &'c mut <Self as sqlx::Database>::Connection,
-            table: &'c $crate::route::TableName,
-            service: &'c $crate::route::ServiceName,
-            key: &'c str,
-            id: i64,
-        ) -> Result<bool, sqlx::Error> {
-            let s = Self::statements(table);
-            let found = sqlx::query(s.open_predecessor.text())
-                .bind(service.as_str())
-                .bind(key)
-                .bind(id)
-                .fetch_optional(conn)
-                .await?;
-            Ok(found.is_some())
-        }
-
-        async fn open_rows_of_keys<'c>(
-            conn: &'c mut <Self as sqlx::Database>::Connection,
-            table: &'c $crate::route::TableName,
-            service: &'c $crate::route::ServiceName,
-            keys: &'c [String],
-            below: i64,
-            limit: u32,
-        ) -> Result<Vec<(String, i64)>, sqlx::Error> {
-            use sqlx::Row as _;
-            let s = Self::statements(table);
-            let mut open = Vec::new();
-            // `limit` applies per chunk, which only makes an incomplete answer less likely.
-            for chunk in keys.chunks(Self::LIST_CHUNK) {
-                let sql = s.open_rows_of_keys.get(chunk.len());
-                let q = sqlx::query(&sql).bind(service.as_str());
-                let rows = Self::bind_keys(q, chunk)
-                    .bind(below)
-                    .bind(i64::from(limit))
-                    .fetch_all(&mut *conn)
-                    .await?;
-                for r in &rows {
-                    let key: $crate::backend::rows::DbText = r.try_get("event_key")?;
-                    open.push((key.0, r.try_get("id")?));
-                }
-            }
-            Ok(open)
         }
 
         async fn mark_consumed<'c>(

@@ -208,10 +208,6 @@ impl Dialect for Postgres {
     fn bind_uuids<'q>(q: Query<'q, Self>, ids: &'q [Uuid]) -> Query<'q, Self> {
         q.bind(ids)
     }
-
-    fn bind_keys<'q>(q: Query<'q, Self>, keys: &'q [String]) -> Query<'q, Self> {
-        q.bind(keys)
-    }
 }
 
 impl Backend for Postgres {

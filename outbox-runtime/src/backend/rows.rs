@@ -186,6 +186,7 @@ where
             published_at: self
                 .try_get::<Option<DbTime>, _>("published_at")?
                 .map(|t| t.0),
+            open_before: self.try_get("open_before")?,
         })
     }
 }

@@ -148,10 +148,6 @@ impl Dialect for Sqlite {
     fn bind_uuids<'q>(q: Query<'q, Self>, ids: &'q [Uuid]) -> Query<'q, Self> {
         ids.iter().fold(q, |q, id| q.bind(*id))
     }
-
-    fn bind_keys<'q>(q: Query<'q, Self>, keys: &'q [String]) -> Query<'q, Self> {
-        keys.iter().fold(q, |q, k| q.bind(k.as_str()))
-    }
 }
 
 impl Backend for Sqlite {

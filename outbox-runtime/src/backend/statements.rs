@@ -17,7 +17,7 @@
 //! | `{lease}` | takes the lease: token and expiry parameters |
 //! | `{pending}` … `{discarded}`, `{open}`, `{done}` | status values, from [`Status`] |
 //! | `{dead_filter}` | the operator's [`super::DeadFilter`] on dead rows of a service |
-//! | `{row}`, `{row_state}`, `{claimed}` | the columns the row decoders read |
+//! | `{row}`, `{row_state}`, `{claimed}` | the columns the row decoders read (`{row_state}`: of alias `o`) |
 //! | `{claimable}` | heads of key among due, unleased rows of a service (alias `o`) |
 //! | `{head_of_key}` | `o` is its key's oldest pending row, as the dialect tests it ([`HeadOfKey`]) |
 //! | `{for_update}`, `{skip_locked}` | row locks, where the database has them |
@@ -101,9 +101,13 @@ struct BoundedOp {
 const ROW: &str = "id, event_id, service, event_type, event_version, event_key, payload, \
     status, attempts, max_retries, next_attempt_at, last_error, created_at, updated_at, \
     published_at, consumed_at, dead_at, waiting_since, trace_context, dead_reason, parked_at";
-const ROW_STATE: &str = "id, status, attempts, max_retries, event_key, event_type, \
-    event_version, payload, CASE WHEN next_attempt_at <= {now} THEN 1 ELSE 0 END AS due, \
-    CASE WHEN waiting_since IS NULL THEN 0 ELSE 1 END AS waiting, created_at, published_at";
+// The consumer's lock reads the row and, in the same statement, its key's nearest older
+// open row (`open_before`), so the predecessor check costs no statement of its own.
+const ROW_STATE: &str = "o.id, o.status, o.attempts, o.max_retries, o.event_key, o.event_type, \
+    o.event_version, o.payload, CASE WHEN o.next_attempt_at <= {now} THEN 1 ELSE 0 END AS due, \
+    CASE WHEN o.waiting_since IS NULL THEN 0 ELSE 1 END AS waiting, o.created_at, \
+    o.published_at, (SELECT MAX(b.id) FROM {t} b WHERE b.service = o.service \
+    AND b.event_key = o.event_key AND b.id < o.id AND b.status {open}) AS open_before";
 const CLAIMED: &str = "id, event_id, event_type, event_version, event_key, payload, attempts, \
     created_at, trace_context";
 const CLAIMABLE: &str = "o.service = {p} AND o.status = {pending} \
@@ -215,10 +219,6 @@ pub(crate) struct Statements {
     pub lock_by_id: Sql,
     /// ids.
     pub lock_by_ids: Sql,
-    /// service, key, id.
-    pub open_predecessor: Sql,
-    /// service, keys, below, limit.
-    pub open_rows_of_keys: Sql,
     /// ids.
     pub mark_consumed: Sql,
     /// service, key, id.
@@ -336,22 +336,19 @@ impl Statements {
             mark_dead_leased: r("UPDATE {t} SET status = {dead}, attempts = attempts + 1, \
                 last_error = {p}, dead_reason = {p}, dead_at = {now}, {unlease} \
                 WHERE id = {p} AND lease_token = {p}"),
-            lock_by_event: r("SELECT {row_state} FROM {t} \
-                WHERE event_id = {p} AND service = {p}{for_update}"),
-            lock_by_events: r("SELECT event_id, {row_state} FROM {t} \
-                WHERE event_id {in_list} AND service = {p}{skip_locked}"),
+            lock_by_event: r("SELECT {row_state} FROM {t} o \
+                WHERE o.event_id = {p} AND o.service = {p}{for_update}"),
+            lock_by_events: r("SELECT o.event_id, {row_state} FROM {t} o \
+                WHERE o.event_id {in_list} AND o.service = {p}{skip_locked}"),
             find_by_event: r("SELECT id FROM {t} WHERE event_id = {p} AND service = {p}"),
             find_by_events: r(
                 "SELECT id, event_id FROM {t} WHERE service = {p} AND event_id {in_list}",
             ),
-            lock_by_id: r(
-                "SELECT {row_state} FROM {t} WHERE id = {p} AND service = {p}{for_update}",
+            lock_by_id: r("SELECT {row_state} FROM {t} o \
+                WHERE o.id = {p} AND o.service = {p}{for_update}"),
+            lock_by_ids: r(
+                "SELECT o.event_id, {row_state} FROM {t} o WHERE o.id {in_ids}{skip_locked}",
             ),
-            lock_by_ids: r("SELECT event_id, {row_state} FROM {t} WHERE id {in_ids}{skip_locked}"),
-            open_predecessor: r("SELECT 1 FROM {t} WHERE service = {p} AND event_key = {p} \
-                AND id < {p} AND status {open} LIMIT 1"),
-            open_rows_of_keys: r("SELECT event_key, id FROM {t} WHERE service = {p} \
-                AND event_key {in_list} AND id < {p} AND status {open} LIMIT {p}"),
             mark_consumed: r("UPDATE {t} SET status = {consumed}, consumed_at = {now}, \
                 {unlease} WHERE id {in_ids} AND status {open}"),
             republish_predecessors: r("UPDATE {t} SET status = {pending}, \
@@ -762,8 +759,6 @@ mod tests {
             &s.find_by_events,
             &s.lock_by_id,
             &s.lock_by_ids,
-            &s.open_predecessor,
-            &s.open_rows_of_keys,
             &s.mark_consumed,
             &s.republish_predecessors,
             &s.defer,

@@ -26,18 +26,15 @@ use crate::runtime::ShutdownSignal;
 /// transaction held, before settling its records one by one.
 const BATCH_LOCK_ATTEMPTS: usize = 3;
 
-/// Most open rows of its keys a batch reads up front (beyond that, a parked key's
-/// backlog: each record asks the database).
-const BATCH_OPEN_ROWS: u32 = 1024;
-
 /// What a batch transaction knows besides what it wrote.
 pub(super) struct Batch {
     /// The rows' states as locked at the start, by event id; taken by the first record
     /// of each event (a repeat sees what the first one did).
     locked: HashMap<Uuid, RowState>,
-    /// Open rows of the batch's keys below its highest row id, by key, as read after the
-    /// lock; `None` when there were too many to read (then each record asks the database).
-    open: Option<HashMap<String, Vec<i64>>>,
+    /// Each row the batch locked, by id: its key's nearest older open row when locked
+    /// ([`RowState::open_before`]). A row's open predecessors are that row and, if the
+    /// batch holds it too, its own, and so on down the chain.
+    before: HashMap<i64, Option<i64>>,
     /// Rows handled so far; they are marked consumed in one statement before COMMIT.
     handled: HashSet<i64>,
     /// Events handled so far, so a repeat in the same batch is a duplicate.
@@ -59,24 +56,27 @@ impl<DB: Backend> Scope<DB> for Batch {
         match self.locked.remove(&event_id.0) {
             Some(row) => Ok(Located::Row(row)),
             // A repeat of an event the batch did not handle: ask again.
-            None => super::settle::Alone.row(c, tx, event_id).await,
+            None => {
+                let located = super::settle::Alone.row(c, tx, event_id).await?;
+                if let Located::Row(row) = &located {
+                    self.before.insert(row.id, row.open_before);
+                }
+                Ok(located)
+            }
         }
     }
 
-    async fn open_predecessor(
-        &mut self,
-        c: &Consumer<DB>,
-        tx: &mut Transaction<'static, DB>,
-        key: &str,
-        id: i64,
-    ) -> Result<bool> {
-        // Open when the batch began and not handled in it since.
-        match &self.open {
-            Some(open) => Ok(open
-                .get(key)
-                .is_some_and(|ids| ids.iter().any(|j| *j < id && !self.handled.contains(j)))),
-            None => super::settle::Alone.open_predecessor(c, tx, key, id).await,
+    fn open_predecessor(&self, row: &RowState) -> bool {
+        // Down the chain of open predecessors while this batch has handled them: the
+        // first one it has not handled is still open. (Ids only go down, so it ends.)
+        let mut below = row.open_before;
+        while let Some(id) = below {
+            match self.before.get(&id) {
+                Some(next) if self.handled.contains(&id) => below = *next,
+                _ => return true,
+            }
         }
+        false
     }
 
     async fn handled(
@@ -144,8 +144,8 @@ impl<DB: Backend> Consumer<DB> {
     /// with no row) or its rows stayed locked by others: the transaction was rolled
     /// back and the records must be processed one by one.
     ///
-    /// Statements per batch: the lock (which also reads the rows), one read of the open
-    /// rows of its keys, one consumed mark for all, COMMIT; plus the handlers' own.
+    /// Statements per batch: the lock (which also reads the rows and each one's nearest
+    /// open predecessor), one consumed mark for all, COMMIT; plus the handlers' own.
     async fn process_batch<M: Message>(
         &self,
         records: &[Record<'_, M>],
@@ -224,10 +224,10 @@ impl<DB: Backend> Consumer<DB> {
             return Ok(Some(Vec::new()));
         };
         let mut work = HandlerContext::begin(tx);
-        let open = self.open_rows(work.transaction(), first, &locked).await?;
+        let before = locked.values().map(|r| (r.id, r.open_before)).collect();
         let mut batch = Batch {
             locked,
-            open,
+            before,
             handled: HashSet::new(),
             handled_events: HashSet::new(),
             logs: Vec::new(),
@@ -304,42 +304,5 @@ impl<DB: Backend> Consumer<DB> {
             }
         }
         Ok(None)
-    }
-
-    /// The open rows of the keys of a batch's `locked` rows, below the highest of them
-    /// (`None` if there are more than [`BATCH_OPEN_ROWS`]).
-    async fn open_rows<M: Message>(
-        &self,
-        tx: &mut Transaction<'static, DB>,
-        first: &Record<'_, M>,
-        locked: &HashMap<Uuid, RowState>,
-    ) -> Result<Option<HashMap<String, Vec<i64>>>> {
-        let mut keys: Vec<String> = locked.values().filter_map(|r| r.key.clone()).collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let mut open: HashMap<String, Vec<i64>> = HashMap::new();
-        let Some(below) = locked.values().map(|r| r.id).max() else {
-            return Ok(Some(open));
-        };
-        if keys.is_empty() {
-            return Ok(Some(open));
-        }
-        let rows = DB::open_rows_of_keys(
-            &mut **tx,
-            self.route.table(),
-            self.route.service(),
-            &keys,
-            below,
-            BATCH_OPEN_ROWS,
-        )
-        .await
-        .map_err(|e| self.db_error("reading the open rows of the batch with", first, e))?;
-        if rows.len() >= BATCH_OPEN_ROWS as usize {
-            return Ok(None);
-        }
-        for (key, id) in rows {
-            open.entry(key).or_default().push(id);
-        }
-        Ok(Some(open))
     }
 }

@@ -18,10 +18,11 @@
 //!
 //! Under load a lane settles the records queued behind each other in one transaction
 //! (steps 2–4 for each, one COMMIT: [`OutboxConfig::consumer_batch_size`]): one statement
-//! locks and reads all their rows, skipping rows another transaction holds (a relay
-//! marking them, usually: the batch then rolls back, waits for that row alone and tries
-//! again, so it never waits while holding locks and cannot deadlock with a relay), one
-//! reads the open rows of their keys for step 3, one marks them all consumed. Anything
+//! locks and reads all their rows, each with its key's nearest older open row for step 3
+//! (the lock of a record alone reads it too), skipping rows another transaction holds (a
+//! relay marking them, usually: the batch then rolls back, waits for that row alone and
+//! tries again, so it never waits while holding locks and cannot deadlock with a relay),
+//! one marks them all consumed. Anything
 //! off the happy path (step 5, a dead letter, a database error) rolls the whole batch
 //! back and its records are settled one per transaction as above, so every handler's
 //! database effects commit exactly once with its consumed mark.

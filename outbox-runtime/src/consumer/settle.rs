@@ -68,14 +68,9 @@ pub(super) trait Scope<DB: Backend> {
         event_id: EventId,
     ) -> Result<Located>;
 
-    /// Whether a row of `key` older than `id` is still open.
-    async fn open_predecessor(
-        &mut self,
-        c: &Consumer<DB>,
-        tx: &mut Transaction<'static, DB>,
-        key: &str,
-        id: i64,
-    ) -> Result<bool>;
+    /// Whether an older row of `row`'s key is still open, from what its lock read
+    /// ([`RowState::open_before`]) and what this transaction has handled since.
+    fn open_predecessor(&self, row: &RowState) -> bool;
 
     /// Records that the handler of `row` (event `event_id`) succeeded in `tx`.
     async fn handled(
@@ -108,22 +103,8 @@ impl<DB: Backend> Scope<DB> for Alone {
         Ok(row.map_or(Located::Missing, Located::Row))
     }
 
-    async fn open_predecessor(
-        &mut self,
-        c: &Consumer<DB>,
-        tx: &mut Transaction<'static, DB>,
-        key: &str,
-        id: i64,
-    ) -> Result<bool> {
-        let route = &c.route;
-        DB::has_open_predecessor(tx, route.table(), route.service(), key, id)
-            .await
-            .map_err(|e| {
-                Error::db(
-                    format!("checking the predecessors of row {id} in {}", route.table()),
-                    e,
-                )
-            })
+    fn open_predecessor(&self, row: &RowState) -> bool {
+        row.open_before.is_some()
     }
 
     async fn handled(
@@ -269,10 +250,7 @@ impl<DB: Backend> Consumer<DB> {
             return Ok(Step::InTx(Outcome::NotDue));
         }
         if let Some(key) = &row.key {
-            if scope
-                .open_predecessor(self, work.transaction(), key, row.id)
-                .await?
-            {
+            if scope.open_predecessor(&row) {
                 self.defer(work.transaction(), scope, key, &row, event_id)
                     .await?;
                 return Ok(Step::InTx(Outcome::Deferred));
