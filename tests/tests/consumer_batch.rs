@@ -201,6 +201,14 @@ async fn batches_settle_every_event_once<DB: TestBackend>(pool: sqlx::Pool<DB>) 
         "the transient failure and the panic were retried"
     );
     assert_eq!(stats.dead.load(Ordering::Relaxed), 1);
+    // A batch handles a key's events one after the other (each one's open predecessor
+    // is the one it just handled): only the successors of the two events retried wait.
+    let waited = (PER_KEY - 11) + (PER_KEY - 13);
+    let deferred = stats.deferred.load(Ordering::Relaxed);
+    assert!(
+        deferred <= u64::from(waited),
+        "deferred {deferred} records, more than the {waited} successors of retried events"
+    );
 }
 
 /// A batch that meets a row another transaction holds (as a relay's mark would) waits
