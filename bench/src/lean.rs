@@ -280,6 +280,9 @@ pub(crate) struct LeanRelay<DB: LeanDb> {
     pub(crate) claimed: u64,
     /// Claims that found nothing.
     pub(crate) empty: u64,
+    /// How long each claim and each mark took, in ms (for `--stage-times`).
+    pub(crate) claim_ms: Vec<f64>,
+    pub(crate) mark_ms: Vec<f64>,
 }
 
 impl<DB: LeanDb> LeanRelay<DB> {
@@ -291,13 +294,17 @@ impl<DB: LeanDb> LeanRelay<DB> {
             rounds: 0,
             claimed: 0,
             empty: 0,
+            claim_ms: Vec::new(),
+            mark_ms: Vec::new(),
         })
     }
 
     /// One round; the rows it claimed (0: nothing due).
     pub(crate) async fn round(&mut self) -> Res<usize> {
         let token: i64 = rand::random::<i64>() | 1;
+        let started = Instant::now();
         let rows = DB::lean_claim(&self.pool, token).await?;
+        self.claim_ms.push(started.elapsed().as_secs_f64() * 1e3);
         if rows.is_empty() {
             self.empty += 1;
             return Ok(0);
@@ -311,7 +318,9 @@ impl<DB: LeanDb> LeanRelay<DB> {
             futs.push(send_retrying(&self.producer, rec).await?);
         }
         let ok = acknowledged(rows.iter().map(|r| r.id), futs).await;
+        let started = Instant::now();
         DB::lean_mark(&self.pool, &ok, token).await?;
+        self.mark_ms.push(started.elapsed().as_secs_f64() * 1e3);
         if ok.len() != rows.len() {
             return Err(format!(
                 "lean loop: {} of {} rows not acknowledged",

@@ -67,6 +67,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOpti
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Pool, QueryBuilder, Row};
 
+mod cpu;
 mod lean;
 mod steady;
 mod subscriber;
@@ -211,6 +212,9 @@ struct Args {
     consumer_batch: Option<usize>,
     /// `OutboxConfig::consumer_lanes` of section c's framework (None: the default).
     consumer_lanes: Option<usize>,
+    /// Log the framework's stage histograms (claim, mark, commit → ack, ack → handled)
+    /// after each framework run of sections c and j.
+    stage_times: bool,
     /// Section h: records in the drain's backlog.
     sub_backlog: u64,
     /// Section h: publish rates of the latency runs.
@@ -260,6 +264,7 @@ impl Args {
             partitions: 6,
             consumer_batch: None,
             consumer_lanes: None,
+            stage_times: false,
             sub_backlog: 20_000,
             sub_rates: vec![500, 1000],
             steady_rates: vec![1000, 2000, 5000],
@@ -288,6 +293,7 @@ impl Args {
                 "--out" => a.out = Some(val()?),
                 "--consumer-batch" => a.consumer_batch = Some(val()?.parse()?),
                 "--consumer-lanes" => a.consumer_lanes = Some(val()?.parse()?),
+                "--stage-times" => a.stage_times = true,
                 "--sub-backlog" => a.sub_backlog = val()?.parse()?,
                 "--sub-rates" => a.sub_rates = list(&val()?)?,
                 "--steady-rates" => a.steady_rates = list(&val()?)?,
@@ -369,6 +375,9 @@ const HELP: &str = "outbox-bench [flags]   (normally run through scripts/bench.s
   --out FILE          write the markdown report there (e.g. BENCHMARKS.md)
   --consumer-batch N  consumer_batch_size of section c's framework (default: the library's)
   --consumer-lanes N  consumer_lanes of section c's framework (default: the library's)
+  --stage-times       c and j: install a metrics recorder for the framework's runs and log
+                      its stage times after each (claim, mark, commit -> acknowledged,
+                      acknowledged -> handled: p50/p99 in ms); the figures cost a little
   --sub-backlog N     section h: events in the subscriber's drain (default 20000)
   --sub-rates R1,R2   section h: latency rates in events/s (default 500,1000)
   --steady-rates R1,R2  section j: rates in events/s (default 1000,2000,5000; --latency-secs
@@ -1918,7 +1927,10 @@ fn outbox_tx_publisher(
 }
 
 /// The framework: runtime (relay + consumer, own pool), publishers via `OutboxTx`.
-async fn latency_framework(ctx: &Ctx<Postgres>, rate: u64) -> Res<((f64, f64, f64, usize), f64)> {
+async fn latency_framework(
+    ctx: &Ctx<Postgres>,
+    rate: u64,
+) -> Res<((f64, f64, f64, usize), f64, cpu::PerEvents)> {
     let (catalog, route) = fresh_catalog(ctx).await?;
     let rt_pool = small_pool(ctx, 8).await?;
     reset_peak_rss();
@@ -1929,6 +1941,7 @@ async fn latency_framework(ctx: &Ctx<Postgres>, rate: u64) -> Res<((f64, f64, f6
     if let Some(n) = ctx.args.consumer_lanes {
         config.consumer_lanes = n;
     }
+    stage_times_start(ctx)?;
     let handle = OutboxRuntime::new(catalog.clone(), rt_pool.clone(), ctx.kafka())
         .config(config)
         .services(["bench"])
@@ -1938,8 +1951,10 @@ async fn latency_framework(ctx: &Ctx<Postgres>, rate: u64) -> Res<((f64, f64, f6
     let warm = SEQ.fetch_add(1, Ordering::Relaxed);
     publish(warm).await?;
     wait_handled(warm, "framework").await?;
+    let before = cpu::Sample::take();
     let seqs = steady(rate, ctx.args.latency_secs, publish).await?;
     let l = latencies(&seqs, HANDLED_WAIT).await;
+    let cpu = before.per_events(&cpu::Sample::take(), seqs.len());
     let mem = peak_rss_mib();
     // Counters, for reading a slow run.
     let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
@@ -1957,7 +1972,8 @@ async fn latency_framework(ctx: &Ctx<Postgres>, rate: u64) -> Res<((f64, f64, f6
     }
     handle.shutdown().await?;
     rt_pool.close().await;
-    Ok((l, mem))
+    stage_times_log(ctx, &format!("c: {rate:>5}/s framework"))?;
+    Ok((l, mem, cpu))
 }
 
 /// The pipelines of section c, in table order.
@@ -2057,7 +2073,7 @@ async fn latency_raw(
     ctx: &Ctx<Postgres>,
     rate: u64,
     pipeline: Pipeline,
-) -> Res<((f64, f64, f64, usize), f64)> {
+) -> Res<((f64, f64, f64, usize), f64, cpu::PerEvents)> {
     let tuned = pipeline != Pipeline::RawDefaults;
     DEADLOCKS.store(0, Ordering::Relaxed);
     txconsumer::BUSY.store(0, Ordering::Relaxed);
@@ -2114,8 +2130,10 @@ async fn latency_raw(
     let warm = SEQ.fetch_add(1, Ordering::Relaxed);
     publish(warm).await?;
     wait_handled(warm, "raw").await?;
+    let before = cpu::Sample::take();
     let seqs = steady(rate, ctx.args.latency_secs, publish).await?;
     let l = latencies(&seqs, HANDLED_WAIT).await;
+    let cpu = before.per_events(&cpu::Sample::take(), seqs.len());
     let mem = peak_rss_mib();
     let _ = stop.send(true);
     relay.await??;
@@ -2131,7 +2149,7 @@ async fn latency_raw(
             pipeline.short()
         ));
     }
-    Ok((l, mem))
+    Ok((l, mem, cpu))
 }
 
 /// A recorder that hands out real Prometheus handles while on and no-op handles while
@@ -2215,6 +2233,52 @@ fn metrics_on(on: bool) -> Res<()> {
     Ok(())
 }
 
+/// With `--stage-times`: turns the recorder on for the framework run about to start.
+fn stage_times_start(ctx: &Ctx<Postgres>) -> Res<()> {
+    if ctx.args.stage_times {
+        metrics_on(true)?;
+    }
+    Ok(())
+}
+
+/// With `--stage-times`: logs the p50/p99 of the framework's stage histograms
+/// accumulated so far, prefixed by `what`, and turns the recorder off.
+fn stage_times_log(ctx: &Ctx<Postgres>, what: &str) -> Res<()> {
+    if !ctx.args.stage_times {
+        return Ok(());
+    }
+    let Some(toggle) = TOGGLE.get() else {
+        return Ok(());
+    };
+    let text = toggle.inner.handle().render();
+    let stages = [
+        "outbox_claim_seconds",
+        "outbox_mark_seconds",
+        "outbox_commit_to_ack_seconds",
+        "outbox_ack_to_handled_seconds",
+        "outbox_commit_to_handled_seconds",
+    ];
+    let mut line = String::new();
+    for stage in stages {
+        let q = |quantile: &str| {
+            text.lines()
+                .find(|l| l.starts_with(stage) && l.contains(&format!("quantile=\"{quantile}\"")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        if let (Some(p50), Some(p99)) = (q("0.5"), q("0.99")) {
+            let short = stage
+                .trim_start_matches("outbox_")
+                .trim_end_matches("_seconds");
+            let _ = write!(line, "  {short} {:.1}/{:.1}", p50 * 1e3, p99 * 1e3);
+        }
+    }
+    log(format!(
+        "{what}: stage times p50/p99 ms (cumulative over this process):{line}"
+    ));
+    metrics_on(false)
+}
+
 /// Section g: the framework's drain and its latency at 1,000 events/s with a Prometheus
 /// recorder installed and without, interleaved (on, off, off, on, ...).
 async fn section_g(ctx: &Ctx<Postgres>, report: &mut Report) -> Res<()> {
@@ -2240,7 +2304,7 @@ async fn section_g(ctx: &Ctx<Postgres>, report: &mut Report) -> Res<()> {
                 .route_with_fresh_topic(ctx.route.table().as_str())
                 .await?;
             let r = framework_drain(ctx, &route, n, 1).await?.per_sec;
-            let (l, _) = latency_framework(ctx, 1000).await?;
+            let (l, _, _) = latency_framework(ctx, 1000).await?;
             log(format!(
                 "g: recorder {:<3} drain {r:>8.0} events/s  1000/s p50 {:>6.1} ms p99 {:>6.1} ms",
                 if on { "on" } else { "off" },
@@ -2300,20 +2364,23 @@ async fn section_c(ctx: &Ctx<Postgres>, report: &mut Report) -> Res<()> {
     let mut mem = [0f64; Pipeline::ALL.len()];
     for &rate in &ctx.args.rates {
         let mut res: [Vec<(f64, f64, f64, usize)>; Pipeline::ALL.len()] = Default::default();
+        let mut cpus: [Vec<cpu::PerEvents>; Pipeline::ALL.len()] = Default::default();
         for rep in 0..ctx.args.repeats {
             // Rotate the starting pipeline, so none always runs first.
             for i in 0..n {
                 let p = Pipeline::ALL[(i + rep) % n];
-                let (l, m) = match p {
+                let (l, m, c) = match p {
                     Pipeline::Framework => latency_framework(ctx, rate).await?,
                     raw => latency_raw(ctx, rate, raw).await?,
                 };
                 mem[p as usize] = mem[p as usize].max(m);
                 log(format!(
-                    "c: {rate:>5}/s {:<10} p50 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms  missing {}  peak RSS {m:.0} MiB",
-                    p.short(), l.0, l.1, l.2, l.3
+                    "c: {rate:>5}/s {:<10} p50 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms  missing {}  peak RSS {m:.0} MiB  \
+                     CPU ms per 1,000 events {}",
+                    p.short(), l.0, l.1, l.2, l.3, c.cell()
                 ));
                 res[p as usize].push(l);
+                cpus[p as usize].push(c);
             }
         }
         let med = |v: &Vec<(f64, f64, f64, usize)>, f: fn(&(f64, f64, f64, usize)) -> f64| {
@@ -2345,6 +2412,7 @@ async fn section_c(ctx: &Ctx<Postgres>, report: &mut Report) -> Res<()> {
                 format!("{:.2}", s[0] / tx[0]),
                 format!("{:.2}", s[1] / tx[1]),
                 format!("{}", s[3]),
+                cpu::PerEvents::median(&cpus[p as usize]).cell(),
             ]);
         }
     }
@@ -2371,6 +2439,7 @@ async fn section_c(ctx: &Ctx<Postgres>, report: &mut Report) -> Res<()> {
             "p50 × raw (transactional)",
             "p99 × raw (transactional)",
             "not handled in 30 s",
+            "CPU ms per 1,000 events: all (bench / database / broker)",
         ],
         rows,
         &format!(
@@ -2391,7 +2460,7 @@ async fn section_c(ctx: &Ctx<Postgres>, report: &mut Report) -> Res<()> {
              (row lock, predecessor check, consumed mark, COMMIT, shared by the records queued \
              in a lane, up to `consumer_batch_size`). Latency is measured at handler entry (the \
              transactional raw consumer: once its batch's rows are locked, before the mark and \
-             COMMIT). 1,000 keys.",
+             COMMIT). 1,000 keys. {}",
             txconsumer::DESCRIPTION,
             setting(&producer, "linger.ms"),
             setting(&producer, "enable.idempotence"),
@@ -2400,6 +2469,7 @@ async fn section_c(ctx: &Ctx<Postgres>, report: &mut Report) -> Res<()> {
             setting(&consumer, "fetch.wait.max.ms"),
             setting(&consumer, "session.timeout.ms"),
             setting(&consumer, "heartbeat.interval.ms"),
+            cpu::NOTE,
         ),
     );
     for p in Pipeline::ALL {

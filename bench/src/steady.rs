@@ -78,6 +78,8 @@ struct Run {
     /// Claims that found rows, and the rows they took.
     rounds: u64,
     claimed: u64,
+    /// CPU used per 1,000 events, from the first publish to the last record received.
+    cpu: cpu::PerEvents,
 }
 
 /// Publishes at `rate` through `publish`, then measures: the writers' rate, the backlog
@@ -90,12 +92,14 @@ where
     let warm = SEQ.fetch_add(1, Ordering::Relaxed);
     publish(warm).await?;
     wait_handled(warm, "j").await?;
+    let before = cpu::Sample::take();
     let start = Instant::now();
     let seqs = steady(rate, ctx.args.latency_secs, publish).await?;
     let writers = seqs.len() as f64 / start.elapsed().as_secs_f64();
     let backlog = Postgres::pending(&ctx.pool, table).await?;
     let wait = Duration::from_secs_f64(ctx.args.steady_deadline);
     let (p50, p99, max, missing) = latencies(&seqs, wait).await;
+    let cpu = before.per_events(&cpu::Sample::take(), seqs.len());
     Ok(Run {
         p50,
         p99,
@@ -104,6 +108,7 @@ where
         missing,
         backlog,
         writers,
+        cpu,
         ..Run::default()
     })
 }
@@ -152,6 +157,20 @@ async fn run_lean(ctx: &Ctx<Postgres>, rate: u64) -> Res<Run> {
         "j: {rate:>5}/s lean relay: rounds {} claimed {} empty claims {}",
         relay.rounds, relay.claimed, relay.empty
     ));
+    if ctx.args.stage_times {
+        let p = |v: &[f64], q: f64| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            percentile(&v, q)
+        };
+        log(format!(
+            "j: {rate:>5}/s lean: stage times p50/p99 ms:  claim {:.1}/{:.1}  mark {:.1}/{:.1}",
+            p(&relay.claim_ms, 50.0),
+            p(&relay.claim_ms, 99.0),
+            p(&relay.mark_ms, 50.0),
+            p(&relay.mark_ms, 99.0)
+        ));
+    }
     Ok(Run {
         rounds: relay.rounds,
         claimed: relay.claimed,
@@ -164,6 +183,7 @@ async fn run_lean(ctx: &Ctx<Postgres>, rate: u64) -> Res<Run> {
 async fn run_framework(ctx: &Ctx<Postgres>, rate: u64) -> Res<Run> {
     let (catalog, route) = fresh_catalog(ctx).await?;
     let rt_pool = small_pool(ctx, 8).await?;
+    stage_times_start(ctx)?;
     let handle = OutboxRuntime::new(catalog.clone(), rt_pool.clone(), ctx.kafka())
         .config(OutboxConfig::default())
         .services([Bench::NAME])
@@ -188,6 +208,7 @@ async fn run_framework(ctx: &Ctx<Postgres>, rate: u64) -> Res<Run> {
     handle.shutdown().await?;
     consumer.await??;
     rt_pool.close().await;
+    stage_times_log(ctx, &format!("j: {rate:>5}/s framework"))?;
     Ok(Run {
         rounds,
         claimed,
@@ -216,10 +237,10 @@ pub(crate) async fn section_j(ctx: &Ctx<Postgres>, report: &mut Report) -> Res<(
                     };
                     log(format!(
                         "j: {rate:>5}/s hog {:<3} {:<9} p50 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms  \
-                         writers {:>5.0}/s  backlog {:>6}  not received {} of {}",
+                         writers {:>5.0}/s  backlog {:>6}  not received {} of {}  CPU ms per 1,000 events {}",
                         if hogged { "on" } else { "off" },
                         if who == Contender::Lean { "lean" } else { "framework" },
-                        r.p50, r.p99, r.max, r.writers, r.backlog, r.missing, r.published
+                        r.p50, r.p99, r.max, r.writers, r.backlog, r.missing, r.published, r.cpu.cell()
                     ));
                     runs[who as usize].push(r);
                 }
@@ -247,6 +268,7 @@ pub(crate) async fn section_j(ctx: &Ctx<Postgres>, report: &mut Report) -> Res<(
             "backlog when publishing stopped (median)",
             "claims (median)",
             "mean claim (rows)",
+            "CPU ms per 1,000 events: all (bench / database / broker)",
         ],
         rows,
         &format!(
@@ -262,10 +284,11 @@ pub(crate) async fn section_j(ctx: &Ctx<Postgres>, report: &mut Report) -> Res<(
              with the framework's consumer settings that only decodes the payload; latency is \
              commit returned → record received, 1,000 keys, {} partitions. Backlog: rows still \
              pending the moment the last writer committed. CPU hog: a child process spinning \
-             on one of the 2 cores for the whole block of runs.",
+             on one of the 2 cores for the whole block of runs. {}",
             "claim 500 `FOR UPDATE SKIP LOCKED` → produce → wait for every report → mark; \
              LISTEN + 1 s poll",
             ctx.args.partitions,
+            cpu::NOTE,
         ),
     );
     Ok(())
@@ -301,6 +324,7 @@ fn table_rows(rate: u64, hogged: bool, runs: &[Vec<Run>; 2]) -> Vec<Vec<String>>
                 format!("{:.0}", med(v, |r| r.backlog as f64)),
                 format!("{:.0}", med(v, |r| r.rounds as f64)),
                 format!("{:.0}", claimed as f64 / rounds.max(1) as f64),
+                cpu::PerEvents::median(&v.iter().map(|r| r.cpu).collect::<Vec<_>>()).cell(),
             ]
         })
         .collect()
