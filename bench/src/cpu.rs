@@ -9,8 +9,6 @@
 //! server's main process, whose `cutime`/`cstime` then hold its whole lifetime, so the
 //! difference between two samples still counts what it used in between.
 
-use std::time::Instant;
-
 /// The process groups, by `comm` (the bench itself by pid).
 const DATABASES: [&str; 2] = ["postgres", "mariadbd"];
 const BROKERS: [&str; 1] = ["tansu"];
@@ -18,7 +16,6 @@ const BROKERS: [&str; 1] = ["tansu"];
 /// CPU seconds used so far by each group, at one instant.
 #[derive(Clone, Copy)]
 pub(crate) struct Sample {
-    at: Instant,
     bench: f64,
     database: f64,
     broker: f64,
@@ -90,7 +87,6 @@ impl Sample {
             }
         }
         Sample {
-            at: Instant::now(),
             bench: bench as f64 / tick,
             database: database as f64 / tick,
             broker: broker as f64 / tick,
@@ -100,7 +96,6 @@ impl Sample {
     /// CPU used from `self` to `later`, per 1,000 of `events`.
     pub(crate) fn per_events(&self, later: &Sample, events: usize) -> PerEvents {
         let per = 1_000_000.0 / events.max(1) as f64; // seconds → ms, per 1,000 events
-        debug_assert!(later.at >= self.at);
         PerEvents {
             bench: (later.bench - self.bench).max(0.0) * per,
             database: (later.database - self.database).max(0.0) * per,
