@@ -108,17 +108,33 @@ where
         runtime.health().is_ready().then_some(())
     })
     .await;
-    eventually(
-        "the event published during the outage handled",
+    // Bounded from outside, so that a timeout reports where the event stopped (the row,
+    // the relay's and the consumer's counters, the health): it timed out once in CI.
+    let handled = tokio::time::timeout(
         Duration::from_secs(60),
-        || async {
-            let r = T::DB::fetch(&pool, &"notification_outbox".parse().unwrap(), during.0)
-                .await
-                .unwrap()?;
-            (r.status == Status::Consumed).then_some(())
-        },
+        eventually(
+            "the event published during the outage handled",
+            Duration::from_secs(120),
+            || async {
+                let r = T::DB::fetch(&pool, &"notification_outbox".parse().unwrap(), during.0)
+                    .await
+                    .unwrap()?;
+                (r.status == Status::Consumed).then_some(())
+            },
+        ),
     )
     .await;
+    if handled.is_err() {
+        let row = T::DB::fetch(&pool, &"notification_outbox".parse().unwrap(), during.0).await;
+        panic!(
+            "[{}] the event published during the outage was not handled within 60 s of the \
+             broker's return; row: {row:?}; relay: {:?}; consumer: {:?}; health: {:?}",
+            T::LABEL,
+            runtime.relay_stats("notification"),
+            runtime.consumer_stats("notification"),
+            runtime.health()
+        );
+    }
     println!(
         "[{}] broker problem: {:?}; health after: {:?}",
         T::LABEL,
