@@ -71,16 +71,9 @@ where
         .components
         .iter()
         .all(|c| c.service == "notification" && c.running));
-    eventually(
-        "the first event handled",
-        Duration::from_secs(30),
-        || async {
-            let r = T::DB::fetch(&pool, &"notification_outbox".parse().unwrap(), first.0)
-                .await
-                .unwrap()?;
-            (r.status == Status::Consumed).then_some(())
-        },
-    )
+    eventually("the first event handled", Duration::from_secs(30), || {
+        consumed(&pool, first.0)
+    })
     .await;
 
     broker.mock_cluster().unwrap().broker_down(1).unwrap();
@@ -115,17 +108,12 @@ where
         eventually(
             "the event published during the outage handled",
             Duration::from_secs(120),
-            || async {
-                let r = T::DB::fetch(&pool, &"notification_outbox".parse().unwrap(), during.0)
-                    .await
-                    .unwrap()?;
-                (r.status == Status::Consumed).then_some(())
-            },
+            || consumed(&pool, during.0),
         ),
     )
     .await;
     if handled.is_err() {
-        let row = T::DB::fetch(&pool, &"notification_outbox".parse().unwrap(), during.0).await;
+        let row = T::DB::fetch(&pool, &table(), during.0).await;
         panic!(
             "[{}] the event published during the outage was not handled within 60 s of the \
              broker's return; row: {row:?}; relay: {:?}; consumer: {:?}; health: {:?}",
@@ -143,6 +131,16 @@ where
     );
     runtime.shutdown().await.unwrap();
     db.cleanup().await;
+}
+
+fn table() -> outbox_runtime::TableName {
+    "notification_outbox".parse().unwrap()
+}
+
+/// `Some` once the event `id` is consumed.
+async fn consumed<DB: Backend>(pool: &sqlx::Pool<DB>, id: uuid::Uuid) -> Option<()> {
+    let row = DB::fetch(pool, &table(), id).await.unwrap()?;
+    (row.status == Status::Consumed).then_some(())
 }
 
 fn runtime_outbox<DB: outbox_runtime::Backend>(
